@@ -1,0 +1,456 @@
+//! `proxy.toml`: the schema, its defaults and its validation.
+//!
+//! Loading happens in two steps. Serde reads the file into typed structs,
+//! with unknown keys refused and every parse error carrying the dotted path
+//! of the key that caused it (via `serde_path_to_error`). Then [`validate`]
+//! checks what types alone cannot say: that listeners name clusters that
+//! exist, that addresses parse, that a cluster has a source of members.
+//! Every error names the file and the key, so an operator never has to guess
+//! which line of a long config was wrong.
+//!
+//! This module never opens a socket or starts a task: the result is plain
+//! data, built once and handed to the parts that need it.
+
+mod units;
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+pub use units::{ByteSize, Duration};
+
+/// The whole configuration of one rolegate process.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub admin: AdminConfig,
+    #[serde(default)]
+    pub log: LogConfig,
+    #[serde(default)]
+    pub clusters: BTreeMap<String, ClusterConfig>,
+    #[serde(default)]
+    pub listeners: Vec<ListenerConfig>,
+    #[serde(default)]
+    pub limits: Limits,
+}
+
+/// `[admin]`: the HTTP endpoint for metrics and health.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    #[serde(default = "default_admin_listen")]
+    pub listen: String,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        Self {
+            listen: default_admin_listen(),
+        }
+    }
+}
+
+fn default_admin_listen() -> String {
+    "127.0.0.1:9432".to_owned()
+}
+
+/// `[log]`: how rolegate writes its own log lines.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    #[serde(default)]
+    pub format: LogFormat,
+    /// A `tracing` filter such as `info` or `rolegate=debug`; `RUST_LOG` wins.
+    #[serde(default)]
+    pub level: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+/// `[clusters.NAME]`: where the members of one PostgreSQL cluster are.
+///
+/// A static cluster lists its members by address (`primary`, `replicas`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// Static mode: the address of the read-write member.
+    #[serde(default)]
+    pub primary: Option<String>,
+    /// Static mode: the addresses of the read-only members.
+    #[serde(default)]
+    pub replicas: Vec<String>,
+}
+
+/// `[[listeners]]`: one client-facing address and the role it serves.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerConfig {
+    pub listen: String,
+    pub cluster: String,
+    pub role: ListenerRole,
+    /// What a `replica` listener does when no replica is eligible.
+    #[serde(default)]
+    pub replica_fallback: ReplicaFallback,
+}
+
+/// The kind of member a listener sends its sessions to; mirrors libpq's
+/// `target_session_attrs`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ListenerRole {
+    Primary,
+    Replica,
+    PreferReplica,
+    Any,
+}
+
+impl ListenerRole {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Primary => "primary",
+            Self::Replica => "replica",
+            Self::PreferReplica => "prefer-replica",
+            Self::Any => "any",
+        }
+    }
+}
+
+impl fmt::Display for ListenerRole {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ReplicaFallback {
+    /// Hold the session until a replica is eligible (up to `hold_timeout`).
+    #[default]
+    Hold,
+    /// Send the session to the primary instead.
+    Primary,
+}
+
+/// `[limits]`: bounds on what clients may cost.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Limits {
+    #[serde(default = "default_max_client_connections")]
+    pub max_client_connections: usize,
+    /// From accept to the first ReadyForQuery, authentication included.
+    #[serde(default = "default_handshake_timeout")]
+    pub handshake_timeout: Duration,
+    /// How long a new session waits for a target to exist.
+    #[serde(default = "default_hold_timeout")]
+    pub hold_timeout: Duration,
+    #[serde(default = "default_connect_timeout")]
+    pub connect_timeout: Duration,
+    /// How long a SIGTERM lets sessions finish before ending them.
+    #[serde(default = "default_shutdown_timeout")]
+    pub shutdown_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_client_connections: default_max_client_connections(),
+            handshake_timeout: default_handshake_timeout(),
+            hold_timeout: default_hold_timeout(),
+            connect_timeout: default_connect_timeout(),
+            shutdown_timeout: default_shutdown_timeout(),
+        }
+    }
+}
+
+fn default_max_client_connections() -> usize {
+    10_000
+}
+fn default_handshake_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_hold_timeout() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_connect_timeout() -> Duration {
+    Duration::from_secs(3)
+}
+fn default_shutdown_timeout() -> Duration {
+    Duration::from_secs(30)
+}
+
+/// A configuration error: which file, which key, what is wrong.
+#[derive(Debug, thiserror::Error)]
+#[error("{file}: {key}: {message}")]
+pub struct ConfigError {
+    pub file: PathBuf,
+    /// Dotted path of the offending key, e.g. `limits.hold_timeout`.
+    pub key: String,
+    pub message: String,
+}
+
+impl Config {
+    /// Reads, parses and validates the file at `path`.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            file: path.to_owned(),
+            key: "(file)".to_owned(),
+            message: format!("cannot read the config file: {e}"),
+        })?;
+        Self::parse(&text, path)
+    }
+
+    /// Parses and validates `text`; `path` is used in error messages only.
+    pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        let error = |key: String, message: String| ConfigError {
+            file: path.to_owned(),
+            key,
+            message,
+        };
+        let deserializer = toml::Deserializer::parse(text)
+            .map_err(|e| error("(syntax)".to_owned(), describe_toml_error(&e, text)))?;
+        let config: Config = serde_path_to_error::deserialize(deserializer).map_err(|e| {
+            let key = e.path().to_string();
+            let key = if key == "." {
+                "(top level)".to_owned()
+            } else {
+                key
+            };
+            error(key, describe_toml_error(e.inner(), text))
+        })?;
+        validate(&config).map_err(|(key, message)| error(key, message))?;
+        Ok(config)
+    }
+
+    pub fn cluster(&self, name: &str) -> Option<&ClusterConfig> {
+        self.clusters.get(name)
+    }
+}
+
+fn describe_toml_error(e: &toml::de::Error, text: &str) -> String {
+    match e.span() {
+        Some(span) => {
+            let line = text[..span.start.min(text.len())].matches('\n').count() + 1;
+            format!("{} (line {line})", e.message())
+        }
+        None => e.message().to_owned(),
+    }
+}
+
+/// Checks the rules that the types alone cannot express.
+/// Returns the dotted key and a message on the first violation.
+fn validate(config: &Config) -> Result<(), (String, String)> {
+    parse_socket_addr(&config.admin.listen).map_err(|m| ("admin.listen".to_owned(), m))?;
+
+    if config.clusters.is_empty() {
+        return Err((
+            "clusters".to_owned(),
+            "no cluster is configured; add a [clusters.NAME] table".to_owned(),
+        ));
+    }
+    for (name, cluster) in &config.clusters {
+        validate_cluster(name, cluster)?;
+    }
+
+    if config.listeners.is_empty() {
+        return Err((
+            "listeners".to_owned(),
+            "no listener is configured; add a [[listeners]] table".to_owned(),
+        ));
+    }
+    let mut seen = BTreeMap::new();
+    for (i, listener) in config.listeners.iter().enumerate() {
+        let key = |field: &str| format!("listeners[{i}].{field}");
+        let addr = parse_socket_addr(&listener.listen).map_err(|m| (key("listen"), m))?;
+        if let Some(other) = seen.insert(addr, i) {
+            return Err((
+                key("listen"),
+                format!("{addr} is already used by listeners[{other}]"),
+            ));
+        }
+        if !config.clusters.contains_key(&listener.cluster) {
+            return Err((
+                key("cluster"),
+                format!(
+                    "no cluster named {:?} is configured (known: {})",
+                    listener.cluster,
+                    config
+                        .clusters
+                        .keys()
+                        .cloned()
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            ));
+        }
+        if listener.replica_fallback == ReplicaFallback::Primary
+            && listener.role != ListenerRole::Replica
+        {
+            return Err((
+                key("replica_fallback"),
+                "only a listener with role = \"replica\" has a fallback".to_owned(),
+            ));
+        }
+    }
+
+    let limits = &config.limits;
+    if limits.max_client_connections == 0 {
+        return Err((
+            "limits.max_client_connections".to_owned(),
+            "must be at least 1".to_owned(),
+        ));
+    }
+    for (key, value) in [
+        ("handshake_timeout", limits.handshake_timeout),
+        ("connect_timeout", limits.connect_timeout),
+    ] {
+        if value.get().is_zero() {
+            return Err((format!("limits.{key}"), "must be longer than 0s".to_owned()));
+        }
+    }
+    Ok(())
+}
+
+fn validate_cluster(name: &str, cluster: &ClusterConfig) -> Result<(), (String, String)> {
+    let key = |field: &str| format!("clusters.{name}.{field}");
+    if cluster.primary.is_none() && cluster.replicas.is_empty() {
+        return Err((
+            key("primary"),
+            "the cluster has no members: set `primary` and/or `replicas`".to_owned(),
+        ));
+    }
+    if let Some(primary) = &cluster.primary {
+        parse_host_port(primary).map_err(|m| (key("primary"), m))?;
+    }
+    for (i, replica) in cluster.replicas.iter().enumerate() {
+        parse_host_port(replica).map_err(|m| (format!("clusters.{name}.replicas[{i}]"), m))?;
+    }
+    Ok(())
+}
+
+/// Parses `ip:port` for a local bind address.
+pub fn parse_socket_addr(text: &str) -> Result<SocketAddr, String> {
+    text.parse()
+        .map_err(|_| format!("{text:?} is not an address of the form IP:PORT"))
+}
+
+/// Parses `host:port` (host may be a name, an IPv4 or a bracketed IPv6).
+pub fn parse_host_port(text: &str) -> Result<(String, u16), String> {
+    let bad = || format!("{text:?} is not an address of the form HOST:PORT");
+    let (host, port) = text.rsplit_once(':').ok_or_else(bad)?;
+    let host = host
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host);
+    if host.is_empty() {
+        return Err(bad());
+    }
+    let port: u16 = port.parse().map_err(|_| bad())?;
+    if port == 0 {
+        return Err(bad());
+    }
+    Ok((host.to_owned(), port))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+        [clusters.demo]
+        primary = "127.0.0.1:5441"
+        replicas = ["127.0.0.1:5442", "127.0.0.1:5443"]
+
+        [[listeners]]
+        listen = "127.0.0.1:6432"
+        cluster = "demo"
+        role = "primary"
+    "#;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(text, Path::new("proxy.toml"))
+    }
+
+    #[test]
+    fn minimal_config_gets_defaults() {
+        let config = parse(MINIMAL).expect("valid");
+        assert_eq!(config.limits.max_client_connections, 10_000);
+        assert_eq!(config.limits.hold_timeout.get().as_secs(), 30);
+        assert_eq!(config.admin.listen, "127.0.0.1:9432");
+        assert_eq!(config.listeners[0].role, ListenerRole::Primary);
+    }
+
+    #[test]
+    fn unknown_key_is_named_with_its_path() {
+        let text = format!("{MINIMAL}\n[limits]\nmax_clients = 3\n");
+        let err = parse(&text).expect_err("unknown key");
+        assert_eq!(err.key, "limits.max_clients");
+        assert!(err.message.contains("max_clients"), "{err}");
+        assert!(err.to_string().starts_with("proxy.toml: "), "{err}");
+    }
+
+    #[test]
+    fn bad_duration_names_the_key() {
+        let text = format!("{MINIMAL}\n[limits]\nhold_timeout = \"ten seconds\"\n");
+        let err = parse(&text).expect_err("bad duration");
+        assert_eq!(err.key, "limits.hold_timeout");
+    }
+
+    #[test]
+    fn bad_role_names_the_listener() {
+        let text = MINIMAL.replace("role = \"primary\"", "role = \"writer\"");
+        let err = parse(&text).expect_err("bad role");
+        assert_eq!(err.key, "listeners[0].role");
+    }
+
+    #[test]
+    fn listener_must_name_a_known_cluster() {
+        let text = MINIMAL.replace("cluster = \"demo\"", "cluster = \"nope\"");
+        let err = parse(&text).expect_err("unknown cluster");
+        assert_eq!(err.key, "listeners[0].cluster");
+    }
+
+    #[test]
+    fn bad_member_address_names_its_index() {
+        let text = MINIMAL.replace("127.0.0.1:5443", "localhost");
+        let err = parse(&text).expect_err("bad address");
+        assert_eq!(err.key, "clusters.demo.replicas[1]");
+    }
+
+    #[test]
+    fn syntax_error_gives_a_line() {
+        let err = parse("[limits\n").expect_err("syntax");
+        assert_eq!(err.key, "(syntax)");
+        assert!(err.message.contains("line 1"), "{err}");
+    }
+
+    #[test]
+    fn duplicate_listen_address_is_refused() {
+        let text = format!(
+            "{MINIMAL}\n[[listeners]]\nlisten = \"127.0.0.1:6432\"\ncluster = \"demo\"\nrole = \"replica\"\n"
+        );
+        let err = parse(&text).expect_err("duplicate");
+        assert_eq!(err.key, "listeners[1].listen");
+    }
+
+    #[test]
+    fn host_port_forms() {
+        assert_eq!(
+            parse_host_port("db.example:5432"),
+            Ok(("db.example".to_owned(), 5432))
+        );
+        assert_eq!(parse_host_port("[::1]:5432"), Ok(("::1".to_owned(), 5432)));
+        assert!(parse_host_port(":5432").is_err());
+        assert!(parse_host_port("host:0").is_err());
+        assert!(parse_host_port("host:99999").is_err());
+    }
+}

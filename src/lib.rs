@@ -1,0 +1,23 @@
+//! rolegate: a role-aware PostgreSQL wire-protocol proxy for Patroni
+//! clusters.
+//!
+//! # Layout
+//!
+//! The module tree follows a connection:
+//!
+//! - [`config`]: `proxy.toml`, its defaults and validation.
+//! - [`protocol`]: the wire format, bytes to messages and back; no I/O.
+//! - [`server`]: accept, handshake, session, backend connect,
+//!   authentication relay, byte relay, cancel routing.
+//! - [`router`]: which member a session goes to, and whether it still fits.
+//! - [`topology`]: the published [`topology::ClusterView`] of each cluster.
+//! - [`proxy`]: assembles the parts and runs them until a signal.
+//! - [`logging`]: the `tracing` subscriber.
+
+pub mod config;
+pub mod logging;
+pub mod protocol;
+pub mod proxy;
+pub mod router;
+pub mod server;
+pub mod topology;

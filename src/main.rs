@@ -1,0 +1,98 @@
+//! The `rolegate` command: run the proxy, or check a config file.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use rolegate::config::{Config, LogFormat};
+
+#[derive(Parser)]
+#[command(
+    name = "rolegate",
+    version,
+    about = "A role-aware PostgreSQL proxy for Patroni clusters"
+)]
+struct Cli {
+    /// The configuration file.
+    #[arg(short, long, env = "ROLEGATE_CONFIG", default_value = "proxy.toml")]
+    config: PathBuf,
+    /// Log format; overrides `[log] format`.
+    #[arg(long, value_enum)]
+    log_format: Option<LogFormat>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the proxy (the default).
+    Run,
+    /// Validate a config file and exit: 0 when valid, 2 when not.
+    CheckConfig {
+        /// The file to check (defaults to --config).
+        file: Option<PathBuf>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Some(Command::CheckConfig { file }) => check_config(&file.unwrap_or(cli.config)),
+        Some(Command::Run) | None => run(&cli.config, cli.log_format),
+    }
+}
+
+fn check_config(path: &std::path::Path) -> ExitCode {
+    match Config::load(path) {
+        Ok(config) => {
+            println!(
+                "{}: ok ({} cluster(s), {} listener(s))",
+                path.display(),
+                config.clusters.len(),
+                config.listeners.len()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("{e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn run(path: &std::path::Path, log_format: Option<LogFormat>) -> ExitCode {
+    let config = match Config::load(path) {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("rolegate: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    rolegate::logging::init(
+        log_format.unwrap_or(config.log.format),
+        config.log.level.as_deref(),
+    );
+    if rustls::crypto::ring::default_provider()
+        .install_default()
+        .is_err()
+    {
+        tracing::warn!("a TLS crypto provider was already installed");
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("rolegate: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(rolegate::proxy::run(config)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

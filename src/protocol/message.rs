@@ -1,0 +1,127 @@
+//! Whole typed messages (`tag`, `length`, body), as exchanged while a
+//! session authenticates.
+//!
+//! Until the first ReadyForQuery rolegate reads every message in both
+//! directions: it must see authentication requests to know when the client
+//! is expected to answer, BackendKeyData to route cancels, and the end of
+//! the handshake. The decoder checks the length against a caller-given
+//! maximum before it waits for (or allocates) the body, keeps the raw bytes
+//! for forwarding, and is cancel-safe: nothing is consumed until a whole
+//! message is buffered.
+
+use bytes::{Bytes, BytesMut};
+
+use super::error::{ProtocolError, SqlState};
+use super::frame::HEADER_LEN;
+
+/// Longest client message accepted during authentication. PostgreSQL
+/// itself caps password and SASL packets at 65,535 bytes
+/// (`PG_MAX_AUTH_TOKEN_LENGTH`); allow headroom for GSS tokens.
+pub const MAX_CLIENT_AUTH_MESSAGE: usize = 1 << 17;
+/// Longest backend message accepted before ReadyForQuery (notices and
+/// errors can carry long texts; anything bigger is not a real handshake).
+pub const MAX_BACKEND_HANDSHAKE_MESSAGE: usize = 1 << 20;
+
+/// One complete message with its header.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Message {
+    /// The whole message, type byte and length included.
+    pub raw: Bytes,
+}
+
+impl Message {
+    pub fn tag(&self) -> u8 {
+        self.raw[0]
+    }
+
+    pub fn body(&self) -> &[u8] {
+        &self.raw[HEADER_LEN..]
+    }
+}
+
+/// Message type bytes rolegate looks at.
+pub mod tag {
+    pub const AUTHENTICATION: u8 = b'R';
+    pub const BACKEND_KEY_DATA: u8 = b'K';
+    pub const ERROR_RESPONSE: u8 = b'E';
+    pub const READY_FOR_QUERY: u8 = b'Z';
+    pub const PASSWORD: u8 = b'p';
+    pub const TERMINATE: u8 = b'X';
+}
+
+/// Decodes one message from `buf`, or returns `Ok(None)` when more bytes
+/// are needed. `side` names the sender in error messages.
+pub fn decode_message(
+    buf: &mut BytesMut,
+    max_len: usize,
+    side: &str,
+) -> Result<Option<Message>, ProtocolError> {
+    if buf.len() < HEADER_LEN {
+        return Ok(None);
+    }
+    let len = u32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]) as usize;
+    if len < 4 || len > max_len {
+        return Err(ProtocolError::new(
+            SqlState::PROTOCOL_VIOLATION,
+            format!(
+                "invalid message length {len} from the {side} for message type {:?} (allowed: 4 to {max_len})",
+                char::from(buf[0])
+            ),
+        ));
+    }
+    if buf.len() < len + 1 {
+        return Ok(None);
+    }
+    Ok(Some(Message {
+        raw: buf.split_to(len + 1).freeze(),
+    }))
+}
+
+/// The request code of an Authentication message body, if it has one.
+pub fn auth_request_code(body: &[u8]) -> Option<u32> {
+    let code: [u8; 4] = body.get(..4)?.try_into().ok()?;
+    Some(u32::from_be_bytes(code))
+}
+
+/// Authentication request codes ("AuthenticationXXX" messages).
+pub mod auth {
+    pub const OK: u32 = 0;
+    pub const SASL: u32 = 10;
+    pub const SASL_FINAL: u32 = 12;
+
+    /// Whether the backend now waits for a message from the client.
+    pub fn expects_client_response(code: u32) -> bool {
+        !matches!(code, OK | SASL_FINAL)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decodes_and_keeps_the_rest() {
+        let mut buf = BytesMut::from(&b"R\0\0\0\x08\0\0\0\0Z\0\0"[..]);
+        let msg = decode_message(&mut buf, 100, "server")
+            .expect("valid")
+            .expect("complete");
+        assert_eq!(msg.tag(), b'R');
+        assert_eq!(auth_request_code(msg.body()), Some(auth::OK));
+        assert_eq!(&buf[..], b"Z\0\0");
+        assert_eq!(decode_message(&mut buf, 100, "server"), Ok(None));
+    }
+
+    #[test]
+    fn hostile_lengths() {
+        for len in [0u32, 3, 101, u32::MAX] {
+            let mut buf = BytesMut::from(&[b'p'][..]);
+            buf.extend_from_slice(&len.to_be_bytes());
+            assert!(decode_message(&mut buf, 100, "client").is_err(), "{len}");
+        }
+    }
+
+    #[test]
+    fn short_auth_body_has_no_code() {
+        assert_eq!(auth_request_code(b"\0\0"), None);
+    }
+}

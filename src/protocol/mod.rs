@@ -1,0 +1,12 @@
+//! The PostgreSQL wire format: bytes to messages and back.
+//!
+//! Nothing here does I/O or decides policy. Decoders take a buffer, check
+//! every length against a named maximum before trusting it, and either
+//! return a complete message or ask for more bytes without consuming any.
+
+pub mod error;
+pub mod frame;
+pub mod message;
+pub mod startup;
+
+pub use error::{ProtocolError, SqlState};

@@ -1,0 +1,108 @@
+//! Assembles a running proxy from a [`Config`] and runs it until a signal.
+//!
+//! Start-up binds every listener before accepting on any, so a port clash
+//! fails the whole start with the key that named the port. Shutdown is two
+//! stages: SIGTERM or SIGINT stops accepting and lets sessions finish for up
+//! to `shutdown_timeout`; then (or at a second signal) the remaining
+//! sessions are ended with FATAL 57P01 at a message boundary.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use tokio::net::TcpListener;
+use tokio::signal::unix::{signal, SignalKind};
+use tracing::{info, warn};
+
+use crate::config::{parse_socket_addr, Config};
+use crate::router::Router;
+use crate::server::{listener, ListenerContext, Shared};
+use crate::topology::Topology;
+
+/// How long ended sessions get to write their last error and close.
+const FINAL_CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Runs the proxy described by `config` until SIGTERM or SIGINT.
+pub async fn run(config: Config) -> anyhow::Result<()> {
+    let topology = Topology::start(&config)?;
+    let shared = Arc::new(Shared::new(config.limits.clone()));
+
+    let mut accept_loops = Vec::new();
+    for (i, listener_config) in config.listeners.iter().enumerate() {
+        let key = format!("listeners[{i}].listen");
+        let addr = parse_socket_addr(&listener_config.listen)
+            .map_err(|e| anyhow::anyhow!("{key}: {e}"))?;
+        let socket = TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("{key}: cannot listen on {addr}"))?;
+        let views = topology
+            .watch(&listener_config.cluster)
+            .with_context(|| format!("listeners[{i}].cluster: unknown cluster"))?;
+        let context = Arc::new(ListenerContext {
+            listen: socket.local_addr().unwrap_or(addr),
+            cluster: listener_config.cluster.as_str().into(),
+            router: Router::new(
+                listener_config.role,
+                listener_config.replica_fallback,
+                views,
+            ),
+        });
+        info!(
+            listen = %context.listen,
+            cluster = %context.cluster,
+            role = %listener_config.role,
+            "listening"
+        );
+        accept_loops.push((socket, context));
+    }
+    let accept_tasks: Vec<_> = accept_loops
+        .into_iter()
+        .map(|(socket, context)| {
+            tokio::spawn(listener::serve(socket, context, Arc::clone(&shared)))
+        })
+        .collect();
+    info!(version = env!("CARGO_PKG_VERSION"), "rolegate is ready");
+
+    let mut terminate =
+        signal(SignalKind::terminate()).context("cannot install the SIGTERM handler")?;
+    let mut interrupt =
+        signal(SignalKind::interrupt()).context("cannot install the SIGINT handler")?;
+    let received = tokio::select! {
+        _ = terminate.recv() => "SIGTERM",
+        _ = interrupt.recv() => "SIGINT",
+    };
+
+    let drain = shared.limits.shutdown_timeout.get();
+    info!(
+        signal = received,
+        sessions = shared.tasks.len(),
+        "shutting down: no new connections; waiting up to {} for sessions to finish",
+        shared.limits.shutdown_timeout
+    );
+    shared.shutdown.stop_accepting.cancel();
+    for task in accept_tasks {
+        let _ = task.await;
+    }
+    shared.tasks.close();
+    let drained = tokio::select! {
+        () = shared.tasks.wait() => true,
+        () = tokio::time::sleep(drain) => false,
+        _ = terminate.recv() => false,
+        _ = interrupt.recv() => false,
+    };
+    if !drained {
+        warn!(
+            sessions = shared.tasks.len(),
+            "ending the remaining sessions with FATAL 57P01"
+        );
+        shared.shutdown.end_sessions.cancel();
+        if tokio::time::timeout(FINAL_CLOSE_TIMEOUT, shared.tasks.wait())
+            .await
+            .is_err()
+        {
+            warn!(sessions = shared.tasks.len(), "sessions still open at exit");
+        }
+    }
+    info!("rolegate stopped");
+    Ok(())
+}

@@ -1,0 +1,97 @@
+//! Accept loops: one per configured listener.
+//!
+//! Each accepted connection takes a slot of `max_client_connections`
+//! before a session task is spawned. Without a slot, the client is still
+//! answered properly: rolegate reads its opening (refusing TLS and GSS as
+//! usual) and replies FATAL 53300, so the client sees "too many
+//! connections" where it expects the server's answer. Those refusals have
+//! their own small budget; beyond it the error is written at once.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tracing::{debug, error, info};
+
+use super::handshake::{read_opening, Opening};
+use super::session::{self, send_error};
+use super::{ListenerContext, Shared};
+use crate::protocol::{ProtocolError, SqlState};
+
+/// Refusals (over the connection limit) handled concurrently.
+const MAX_CONCURRENT_REFUSALS: usize = 256;
+/// How long a refused client may take to send its opening.
+const REFUSAL_READ_TIMEOUT: Duration = Duration::from_secs(2);
+/// Pause after an accept error (e.g. out of file descriptors).
+const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
+
+/// Accepts connections until shutdown begins.
+pub async fn serve(listener: TcpListener, context: Arc<ListenerContext>, shared: Arc<Shared>) {
+    let slots = Arc::clone(&shared.client_slots);
+    let refusals = Arc::new(Semaphore::new(MAX_CONCURRENT_REFUSALS));
+    let stop = shared.shutdown.stop_accepting.clone();
+    loop {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            () = stop.cancelled() => break,
+        };
+        let (stream, peer) = match accepted {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                error!(listener = %context.listen, "accept failed: {e}");
+                tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        match Arc::clone(&slots).try_acquire_owned() {
+            Ok(slot) => {
+                let context = Arc::clone(&context);
+                let task_shared = Arc::clone(&shared);
+                shared.tasks.spawn(async move {
+                    session::run(stream, peer, context, task_shared).await;
+                    drop(slot);
+                });
+            }
+            Err(_) => {
+                debug!(client = %peer, listener = %context.listen, "refusing: max_client_connections reached");
+                let limit = shared.limits.max_client_connections;
+                match Arc::clone(&refusals).try_acquire_owned() {
+                    Ok(permit) => {
+                        shared.tasks.spawn(async move {
+                            refuse(stream, peer, limit).await;
+                            drop(permit);
+                        });
+                    }
+                    Err(_) => {
+                        shared.tasks.spawn(async move {
+                            let mut stream = stream;
+                            send_error(&mut stream, &too_many(limit)).await;
+                        });
+                    }
+                }
+            }
+        }
+    }
+    info!(listener = %context.listen, "stopped accepting connections");
+}
+
+async fn refuse(mut stream: TcpStream, peer: SocketAddr, limit: usize) {
+    match tokio::time::timeout(REFUSAL_READ_TIMEOUT, read_opening(&mut stream)).await {
+        Ok(Ok(Opening::Startup { .. })) => send_error(&mut stream, &too_many(limit)).await,
+        Ok(Ok(Opening::Cancel(_))) => {
+            debug!(client = %peer, "dropped a cancel request while over the connection limit")
+        }
+        Ok(Err(_)) | Err(_) => {}
+    }
+}
+
+fn too_many(limit: usize) -> ProtocolError {
+    ProtocolError::new(
+        SqlState::TOO_MANY_CONNECTIONS,
+        format!("sorry, too many clients already: rolegate serves at most {limit} connections (max_client_connections)"),
+    )
+    .with_hint("Retry later, or raise limits.max_client_connections.")
+}

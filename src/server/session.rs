@@ -1,0 +1,338 @@
+//! One client session, from its first packet to its end.
+//!
+//! The steps follow the connection path: read the opening (or forward a
+//! cancel), route to a member (holding while the cluster offers none),
+//! connect, relay authentication, then relay bytes until the client or the
+//! backend ends, the view says the backend no longer fits the listener's
+//! role, or rolegate shuts down. Every way a session can fail ends with an
+//! ErrorResponse the client can read, unless the client itself is gone.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+use tokio::time::timeout_at;
+use tracing::{debug, info, warn, Instrument};
+
+use super::authenticate::{relay_authentication, AuthError};
+use super::backend;
+use super::cancel::{forward_cancel, CancelTarget};
+use super::handshake::{read_opening, HandshakeError, Opening};
+use super::relay::{Relay, RelayEnd};
+use super::{ListenerContext, Shared};
+use crate::config::ListenerRole;
+use crate::protocol::startup::{CancelKey, StartupMessage};
+use crate::protocol::{ProtocolError, SqlState};
+use crate::router::{check_fit, Misfit};
+use crate::topology::{ClusterView, Member};
+
+/// How long rolegate tries to deliver its own error to a client.
+const ERROR_WRITE_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Serves one accepted client connection to its end.
+pub async fn run<S>(
+    mut client: S,
+    peer: SocketAddr,
+    listener: Arc<ListenerContext>,
+    shared: Arc<Shared>,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send,
+{
+    let handshake_deadline = Instant::now() + shared.limits.handshake_timeout.get();
+    let opening = match timeout_at(handshake_deadline.into(), read_opening(&mut client)).await {
+        Ok(Ok(opening)) => opening,
+        Ok(Err(HandshakeError::Protocol(e))) => {
+            debug!(client = %peer, listener = %listener.listen, "refused a malformed opening: {e}");
+            send_error(&mut client, &e).await;
+            return;
+        }
+        Ok(Err(e)) => {
+            debug!(client = %peer, listener = %listener.listen, "handshake ended: {e}");
+            return;
+        }
+        Err(_) => {
+            debug!(client = %peer, listener = %listener.listen, "handshake timed out");
+            send_error(&mut client, &handshake_timeout_error(&shared)).await;
+            return;
+        }
+    };
+    match opening {
+        Opening::Cancel(key) => cancel(&key, peer, &shared).await,
+        Opening::Startup { startup, buffered } => {
+            let span = tracing::info_span!(
+                "session",
+                listener = %listener.listen,
+                client = %peer,
+                user = %startup.user(),
+                database = %startup.database(),
+                member = tracing::field::Empty,
+            );
+            Session {
+                listener: &listener,
+                shared: &shared,
+                handshake_deadline,
+            }
+            .serve(client, startup, buffered)
+            .instrument(span)
+            .await;
+        }
+    }
+}
+
+/// Why a session ended, for its closing log line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum EndReason {
+    Client,
+    Backend,
+    Demotion,
+    Shutdown,
+}
+
+impl EndReason {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Client => "client",
+            Self::Backend => "backend",
+            Self::Demotion => "demotion",
+            Self::Shutdown => "shutdown",
+        }
+    }
+}
+
+struct Session<'a> {
+    listener: &'a ListenerContext,
+    shared: &'a Shared,
+    handshake_deadline: Instant,
+}
+
+impl Session<'_> {
+    async fn serve<S>(&self, mut client: S, startup: StartupMessage, buffered: BytesMut)
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send,
+    {
+        let started = Instant::now();
+        let shutdown = &self.shared.shutdown.end_sessions;
+        let connected = tokio::select! {
+            connected = self.connect() => connected,
+            () = shutdown.cancelled() => Err(shutdown_error()),
+        };
+        let (mut backend, member, held) = match connected {
+            Ok(connected) => connected,
+            Err(e) => {
+                info!(sqlstate = %e.sqlstate, "session refused: {}", e.message);
+                send_error(&mut client, &e).await;
+                return;
+            }
+        };
+        tracing::Span::current().record("member", &*member.name);
+
+        // Time spent held waiting for a target is not the client's delay.
+        let deadline = self.handshake_deadline + held;
+        let cluster = &*self.listener.cluster;
+        let auth = timeout_at(deadline.into(), async {
+            backend
+                .write_all(&startup.raw)
+                .await
+                .map_err(|e| AuthError::Backend(lost_backend(&member, cluster, &e.to_string())))?;
+            relay_authentication(&mut client, &mut backend, buffered, &member.name).await
+        })
+        .await;
+        let auth = match auth {
+            Ok(Ok(auth)) => auth,
+            Ok(Err(e)) => {
+                debug!("authentication ended: {e}");
+                if let AuthError::Client(e) | AuthError::Backend(e) = &e {
+                    send_error(&mut client, e).await;
+                }
+                return;
+            }
+            Err(_) => {
+                info!("handshake timed out during authentication");
+                send_error(&mut client, &handshake_timeout_error(self.shared)).await;
+                return;
+            }
+        };
+        let _cancel_registration = auth.backend_key.map(|backend_key| {
+            self.shared.cancels.register(CancelTarget {
+                member: member.name.clone(),
+                host: member.host.clone(),
+                port: member.port,
+                backend_key,
+            })
+        });
+        debug!(held_ms = held.as_millis() as u64, "session open");
+
+        let role = self.listener.router.role();
+        let mut relay = Relay::new(auth.to_backend, auth.to_client);
+        let ended = tokio::select! {
+            end = relay.run(&mut client, &mut backend) => Ended::Relay(end),
+            misfit = wait_for_misfit(self.listener.router.subscribe(), role, &member.name) => {
+                Ended::Misfit(misfit)
+            }
+            () = shutdown.cancelled() => Ended::Shutdown,
+        };
+        let reason = match ended {
+            Ended::Relay(RelayEnd::ClientClosed) => EndReason::Client,
+            Ended::Relay(RelayEnd::ClientError(e)) => {
+                debug!("client connection failed: {e}");
+                EndReason::Client
+            }
+            Ended::Relay(RelayEnd::BackendClosed) | Ended::Relay(RelayEnd::BackendError(_)) => {
+                if !relay.backend_sent_error_last() {
+                    let error = lost_backend(&member, cluster, "the server closed the connection");
+                    relay
+                        .finish_with(&mut client, &mut backend, &error.to_fatal())
+                        .await;
+                }
+                EndReason::Backend
+            }
+            Ended::Misfit(misfit) => {
+                let error = misfit.to_error(cluster);
+                info!("ending session: {}", error.message);
+                relay
+                    .finish_with(&mut client, &mut backend, &error.to_fatal())
+                    .await;
+                EndReason::Demotion
+            }
+            Ended::Shutdown => {
+                relay
+                    .finish_with(&mut client, &mut backend, &shutdown_error().to_fatal())
+                    .await;
+                EndReason::Shutdown
+            }
+        };
+        info!(
+            reason = reason.as_str(),
+            duration_ms = started.elapsed().as_millis() as u64,
+            bytes_from_client = relay.bytes_to_backend,
+            bytes_to_client = relay.bytes_to_client,
+            "session ended"
+        );
+    }
+
+    /// Routes and connects, trying further candidates for reads and
+    /// waiting for a new view (within the hold time) when every candidate
+    /// failed. Returns the backend, its member and the time spent held.
+    async fn connect(&self) -> Result<(TcpStream, Member, Duration), ProtocolError> {
+        let limits = &self.shared.limits;
+        let started = Instant::now();
+        let hold_until = started + limits.hold_timeout.get();
+        let router = &self.listener.router;
+        loop {
+            let route = router
+                .route(hold_until.saturating_duration_since(Instant::now()))
+                .await?;
+            let mut failure = None;
+            for member in route.candidates {
+                match backend::connect(
+                    &member,
+                    &self.listener.cluster,
+                    limits.connect_timeout.get(),
+                )
+                .await
+                {
+                    Ok(stream) => return Ok((stream, member, route.held)),
+                    Err(e) => {
+                        warn!("{}", e.message);
+                        failure = Some(e);
+                    }
+                }
+            }
+            let failure = failure.unwrap_or_else(|| {
+                ProtocolError::new(SqlState::INTERNAL_ERROR, "routing produced no candidate")
+            });
+            if !route.view.dynamic {
+                return Err(failure);
+            }
+            let remaining = hold_until.saturating_duration_since(Instant::now());
+            let mut views = router.subscribe();
+            let newer =
+                tokio::time::timeout(remaining, views.wait_for(|v| !Arc::ptr_eq(v, &route.view)))
+                    .await;
+            if !matches!(newer, Ok(Ok(_))) {
+                return Err(failure);
+            }
+        }
+    }
+}
+
+enum Ended {
+    Relay(RelayEnd),
+    Misfit(Misfit),
+    Shutdown,
+}
+
+/// Resolves when a view arrives under which the session's member no longer
+/// fits its listener's role. The current view is checked first.
+async fn wait_for_misfit(
+    mut views: watch::Receiver<Arc<ClusterView>>,
+    role: ListenerRole,
+    member: &str,
+) -> Misfit {
+    views.mark_changed();
+    loop {
+        if views.changed().await.is_err() {
+            // The source is gone: no view will ever say otherwise.
+            return std::future::pending().await;
+        }
+        let view = views.borrow_and_update().clone();
+        if let Err(misfit) = check_fit(role, &view, member) {
+            return misfit;
+        }
+    }
+}
+
+async fn cancel(key: &CancelKey, peer: SocketAddr, shared: &Shared) {
+    match shared.cancels.lookup(key) {
+        Some(target) => match forward_cancel(&target, shared.limits.connect_timeout.get()).await {
+            Ok(()) => {
+                info!(client = %peer, member = %target.member, pid = key.pid, "forwarded cancel request")
+            }
+            Err(e) => {
+                warn!(client = %peer, member = %target.member, "could not forward cancel request: {e}")
+            }
+        },
+        None => debug!(client = %peer, pid = key.pid, "cancel request for an unknown key"),
+    }
+}
+
+/// Writes `error` as a FATAL ErrorResponse, giving up after a short time
+/// (the client may not be reading).
+pub(super) async fn send_error<S: AsyncWrite + Unpin>(client: &mut S, error: &ProtocolError) {
+    let bytes = error.to_fatal();
+    let _ = tokio::time::timeout(ERROR_WRITE_TIMEOUT, async {
+        client.write_all(&bytes).await?;
+        client.flush().await
+    })
+    .await;
+}
+
+fn handshake_timeout_error(shared: &Shared) -> ProtocolError {
+    ProtocolError::new(
+        SqlState::CONNECTION_FAILURE,
+        format!(
+            "closing the connection: the handshake did not complete within {} (handshake_timeout)",
+            shared.limits.handshake_timeout
+        ),
+    )
+}
+
+fn shutdown_error() -> ProtocolError {
+    ProtocolError::new(
+        SqlState::ADMIN_SHUTDOWN,
+        "terminating connection because rolegate is shutting down",
+    )
+    .with_hint("Reconnect; the connection will be served by a running rolegate.")
+}
+
+fn lost_backend(member: &Member, cluster: &str, what: &str) -> ProtocolError {
+    ProtocolError::new(
+        SqlState::CONNECTION_FAILURE,
+        format!("lost the connection to member {member} of cluster \"{cluster}\": {what}"),
+    )
+    .with_hint("Reconnect and retry; a transaction whose COMMIT was not acknowledged may or may not have committed.")
+}
