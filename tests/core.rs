@@ -1,0 +1,610 @@
+//! The data path against real PostgreSQL 15 servers: routing, relayed
+//! authentication, cancel, limits, hostile first packets, shutdown.
+//!
+//! One primary and two "replicas" (independent servers: a static cluster
+//! trusts its config, so replication is not what is tested here) are
+//! started once for the whole binary; tests that need special limits start
+//! their own rolegate in front of them.
+
+mod support;
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use libtest_mimic::{Arguments, Failed, Trial};
+use nix::sys::signal::Signal;
+
+use support::pg::PgServer;
+use support::rolegate::Rolegate;
+use support::{connect, conninfo, free_port, runtime, sqlstate, wire};
+
+struct Env {
+    root: PathBuf,
+    primary: PgServer,
+    replicas: [PgServer; 2],
+}
+
+impl Env {
+    fn start() -> Self {
+        let root = std::env::temp_dir().join(format!("rolegate-core-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        std::fs::create_dir_all(&root).expect("create test root");
+        let starters: Vec<_> = ["primary", "replica1", "replica2"]
+            .into_iter()
+            .map(|name| {
+                let root = root.clone();
+                std::thread::spawn(move || PgServer::start(&root, name))
+            })
+            .collect();
+        let mut servers = starters
+            .into_iter()
+            .map(|t| t.join().expect("start postgres"));
+        let primary = servers.next().expect("primary");
+        let replicas = [servers.next().expect("r1"), servers.next().expect("r2")];
+        Self {
+            root,
+            primary,
+            replicas,
+        }
+    }
+
+    /// A config for a static cluster of the three servers with an rw and
+    /// an ro listener, plus `extra` appended (e.g. a `[limits]` table).
+    fn config(&self, rw: u16, ro: u16, extra: &str) -> String {
+        format!(
+            r#"
+[clusters.main]
+primary = "{}"
+replicas = ["{}", "{}"]
+
+[[listeners]]
+listen = "127.0.0.1:{rw}"
+cluster = "main"
+role = "primary"
+
+[[listeners]]
+listen = "127.0.0.1:{ro}"
+cluster = "main"
+role = "replica"
+{extra}
+"#,
+            self.primary.address(),
+            self.replicas[0].address(),
+            self.replicas[1].address()
+        )
+    }
+
+    /// Starts a rolegate with its own two ports.
+    fn rolegate(&self, name: &str, extra: &str) -> (Rolegate, u16, u16) {
+        let (rw, ro) = (free_port(), free_port());
+        let rolegate = Rolegate::start(&self.root, name, &self.config(rw, ro, extra), &[rw, ro]);
+        (rolegate, rw, ro)
+    }
+}
+
+fn main() {
+    let args = Arguments::from_args();
+    if args.list {
+        libtest_mimic::run(&args, trials(None)).exit();
+    }
+    let env = Arc::new(Env::start());
+    let root = env.root.clone();
+    let conclusion = libtest_mimic::run(&args, trials(Some(&env)));
+    // The last handle: the servers stop here, by PID.
+    drop(env);
+    let _ = std::fs::remove_dir_all(root);
+    conclusion.exit();
+}
+
+type TestFn = fn(&Env) -> Result<(), Failed>;
+
+fn trials(env: Option<&Arc<Env>>) -> Vec<Trial> {
+    let tests: &[(&str, TestFn)] = &[
+        (
+            "rw_listener_reaches_the_primary",
+            rw_listener_reaches_the_primary,
+        ),
+        (
+            "ro_listener_alternates_between_replicas",
+            ro_listener_alternates_between_replicas,
+        ),
+        (
+            "psql_works_through_both_listeners",
+            psql_works_through_both_listeners,
+        ),
+        (
+            "wrong_scram_password_gives_the_servers_28p01",
+            wrong_scram_password_gives_the_servers_28p01,
+        ),
+        (
+            "md5_and_trust_authentication_relay",
+            md5_and_trust_authentication_relay,
+        ),
+        (
+            "cancel_reaches_the_right_replica",
+            cancel_reaches_the_right_replica,
+        ),
+        (
+            "too_many_connections_gives_53300",
+            too_many_connections_gives_53300,
+        ),
+        (
+            "unreachable_backend_gives_08001_naming_the_member",
+            unreachable_backend_gives_08001_naming_the_member,
+        ),
+        (
+            "hostile_first_packets_leave_other_sessions_alone",
+            hostile_first_packets_leave_other_sessions_alone,
+        ),
+        (
+            "protocol_32_startup_is_forwarded_unchanged",
+            protocol_32_startup_is_forwarded_unchanged,
+        ),
+        (
+            "handshake_timeout_cuts_silent_clients",
+            handshake_timeout_cuts_silent_clients,
+        ),
+        (
+            "sigterm_drains_then_ends_sessions_with_57p01",
+            sigterm_drains_then_ends_sessions_with_57p01,
+        ),
+        (
+            "check_config_names_the_key_and_file",
+            check_config_names_the_key_and_file,
+        ),
+    ];
+    tests
+        .iter()
+        .map(|&(name, test)| {
+            let env = env.cloned();
+            Trial::test(name, move || match env {
+                Some(env) => test(&env),
+                None => Ok(()),
+            })
+        })
+        .collect()
+}
+
+fn check(condition: bool, message: impl Into<String>) -> Result<(), Failed> {
+    if condition {
+        Ok(())
+    } else {
+        Err(message.into().into())
+    }
+}
+
+async fn server_port(conninfo: &str) -> Result<u16, Failed> {
+    let client = connect(conninfo)
+        .await
+        .map_err(|e| format!("connect: {e}"))?;
+    let row = client
+        .query_one("select inet_server_port()", &[])
+        .await
+        .map_err(|e| format!("query: {e}"))?;
+    let port: i32 = row.get(0);
+    Ok(port as u16)
+}
+
+fn rw_listener_reaches_the_primary(env: &Env) -> Result<(), Failed> {
+    let (_rolegate, rw, _ro) = env.rolegate("rw", "");
+    runtime().block_on(async {
+        for _ in 0..3 {
+            let port = server_port(&conninfo(rw, "app", "app")).await?;
+            check(
+                port == env.primary.port,
+                format!("rw reached {port}, not the primary"),
+            )?;
+        }
+        Ok(())
+    })
+}
+
+fn ro_listener_alternates_between_replicas(env: &Env) -> Result<(), Failed> {
+    let (_rolegate, _rw, ro) = env.rolegate("ro", "");
+    runtime().block_on(async {
+        let mut ports = Vec::new();
+        for _ in 0..4 {
+            ports.push(server_port(&conninfo(ro, "app", "app")).await?);
+        }
+        let (a, b) = (env.replicas[0].port, env.replicas[1].port);
+        check(
+            ports == [a, b, a, b] || ports == [b, a, b, a],
+            format!("ro sessions went to {ports:?}; expected alternation of {a} and {b}"),
+        )
+    })
+}
+
+fn psql(port: u16, user: &str, password: &str, sql: &str) -> std::process::Output {
+    std::process::Command::new("psql")
+        .arg(conninfo(port, user, password))
+        .args(["-AtX", "-v", "ON_ERROR_STOP=1", "-c", sql])
+        .env("PGCONNECT_TIMEOUT", "10")
+        .output()
+        .expect("run psql")
+}
+
+fn psql_works_through_both_listeners(env: &Env) -> Result<(), Failed> {
+    let (_rolegate, rw, ro) = env.rolegate("psql", "");
+    let out = psql(
+        rw,
+        "app",
+        "app",
+        "select inet_server_port(), pg_backend_pid() > 0",
+    );
+    check(out.status.success(), String::from_utf8_lossy(&out.stderr))?;
+    check(
+        String::from_utf8_lossy(&out.stdout).trim() == format!("{}|t", env.primary.port),
+        format!("psql rw printed {:?}", String::from_utf8_lossy(&out.stdout)),
+    )?;
+    // A transaction, a multi-row result and an error inside one session.
+    let out = psql(
+        ro,
+        "app",
+        "app",
+        "begin; select count(*) from generate_series(1, 100000); select 1/0;",
+    );
+    check(!out.status.success(), "division by zero must fail")?;
+    check(
+        String::from_utf8_lossy(&out.stderr).contains("division by zero"),
+        String::from_utf8_lossy(&out.stderr),
+    )
+}
+
+fn wrong_scram_password_gives_the_servers_28p01(env: &Env) -> Result<(), Failed> {
+    let (_rolegate, rw, _ro) = env.rolegate("password", "");
+    runtime().block_on(async {
+        let err = connect(&conninfo(rw, "app", "wrong"))
+            .await
+            .err()
+            .ok_or("a wrong password must fail")?;
+        check(
+            sqlstate(&err).as_deref() == Some("28P01"),
+            format!("got {err}"),
+        )
+    })?;
+    let out = psql(rw, "app", "wrong", "select 1");
+    check(
+        String::from_utf8_lossy(&out.stderr)
+            .contains("password authentication failed for user \"app\""),
+        String::from_utf8_lossy(&out.stderr),
+    )
+}
+
+fn md5_and_trust_authentication_relay(env: &Env) -> Result<(), Failed> {
+    let (_rolegate, rw, _ro) = env.rolegate("methods", "");
+    runtime().block_on(async {
+        for (user, password) in [("md5user", "md5pw"), ("trustuser", "ignored")] {
+            let client = connect(&conninfo(rw, user, password))
+                .await
+                .map_err(|e| format!("{user}: {e}"))?;
+            let row = client.query_one("select current_user::text", &[]).await?;
+            check(row.get::<_, String>(0) == user, "current_user")?;
+        }
+        let err = connect(&conninfo(rw, "md5user", "nope"))
+            .await
+            .err()
+            .ok_or("md5 wrong password")?;
+        check(
+            sqlstate(&err).as_deref() == Some("28P01"),
+            format!("md5: {err}"),
+        )
+    })
+}
+
+fn cancel_reaches_the_right_replica(env: &Env) -> Result<(), Failed> {
+    let (_rolegate, _rw, ro) = env.rolegate("cancel", "");
+    runtime().block_on(async {
+        // Two sessions so the two replicas are both in use.
+        let first = connect(&conninfo(ro, "app", "app")).await?;
+        let second = connect(&conninfo(ro, "app", "app")).await?;
+        for client in [&first, &second] {
+            let token = client.cancel_token();
+            let started = Instant::now();
+            let canceller = tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                token.cancel_query(tokio_postgres::NoTls).await
+            });
+            let err = client
+                .simple_query("select pg_sleep(30)")
+                .await
+                .err()
+                .ok_or("the sleep must be cancelled")?;
+            canceller.await?.map_err(|e| format!("cancel: {e}"))?;
+            check(
+                sqlstate(&err).as_deref() == Some("57014"),
+                format!("got {err}"),
+            )?;
+            check(
+                started.elapsed() < Duration::from_secs(15),
+                "cancel took too long",
+            )?;
+            client.simple_query("select 1").await?;
+        }
+        Ok(())
+    })
+}
+
+fn too_many_connections_gives_53300(env: &Env) -> Result<(), Failed> {
+    let (_rolegate, rw, _ro) = env.rolegate("limit", "[limits]\nmax_client_connections = 2\n");
+    runtime().block_on(async {
+        let a = connect(&conninfo(rw, "app", "app")).await?;
+        let b = connect(&conninfo(rw, "app", "app")).await?;
+        let err = connect(&conninfo(rw, "app", "app"))
+            .await
+            .err()
+            .ok_or("third must fail")?;
+        check(
+            sqlstate(&err).as_deref() == Some("53300"),
+            format!("got {err}"),
+        )?;
+        a.simple_query("select 1").await?;
+        drop(a);
+        // The freed slot serves a new client (the slot is released when
+        // rolegate sees the close, so allow it a moment).
+        let mut last = None;
+        for _ in 0..50 {
+            match connect(&conninfo(rw, "app", "app")).await {
+                Ok(c) => {
+                    c.simple_query("select 1").await?;
+                    b.simple_query("select 1").await?;
+                    return Ok(());
+                }
+                Err(e) => last = Some(e),
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        Err(format!("no recovery after a slot was freed: {last:?}").into())
+    })
+}
+
+fn unreachable_backend_gives_08001_naming_the_member(env: &Env) -> Result<(), Failed> {
+    let dead = free_port();
+    let (rw, ro) = (free_port(), free_port());
+    let config = format!(
+        "[clusters.gone]\nprimary = \"127.0.0.1:{dead}\"\n\n[[listeners]]\nlisten = \"127.0.0.1:{rw}\"\ncluster = \"gone\"\nrole = \"primary\"\n\n[[listeners]]\nlisten = \"127.0.0.1:{ro}\"\ncluster = \"gone\"\nrole = \"replica\"\n"
+    );
+    let _rolegate = Rolegate::start(&env.root, "unreachable", &config, &[rw, ro]);
+    runtime().block_on(async {
+        let err = connect(&conninfo(rw, "app", "app"))
+            .await
+            .err()
+            .ok_or("must fail")?;
+        let db = err
+            .as_db_error()
+            .ok_or(format!("not a server error: {err}"))?;
+        check(db.code().code() == "08001", format!("got {err}"))?;
+        check(
+            db.message().contains(&format!("127.0.0.1:{dead}")),
+            format!("message does not name the member: {}", db.message()),
+        )?;
+        // No replica in a static cluster: 57P03 at once, not a hang.
+        let err = connect(&conninfo(ro, "app", "app"))
+            .await
+            .err()
+            .ok_or("must fail")?;
+        check(
+            sqlstate(&err).as_deref() == Some("57P03"),
+            format!("got {err}"),
+        )
+    })
+}
+
+fn hostile_first_packets_leave_other_sessions_alone(env: &Env) -> Result<(), Failed> {
+    let (_rolegate, rw, _ro) = env.rolegate("hostile", "[limits]\nhandshake_timeout = \"2s\"\n");
+    let rt = runtime();
+    let healthy = rt.block_on(connect(&conninfo(rw, "app", "app")))?;
+    rt.block_on(healthy.simple_query("select 1"))?;
+
+    // 10 KB+ first packet: refused from its length alone.
+    let mut big = 10_001u32.to_be_bytes().to_vec();
+    big.extend(vec![b'a'; 10_001 - 4]);
+    let state = wire::send_and_read_error(rw, &big);
+    check(
+        state.as_deref() == Some("08P01"),
+        format!("oversized packet: {state:?}"),
+    )?;
+
+    // A huge declared length with little data.
+    let state = wire::send_and_read_error(rw, &0x7fff_fff0u32.to_be_bytes());
+    check(
+        state.as_deref() == Some("08P01"),
+        format!("huge length: {state:?}"),
+    )?;
+
+    // Truncated: a length promising more than is ever sent.
+    let packet = wire::startup_packet(3, 0, &[("user", "app")]);
+    let mut stream = wire::connect(rw);
+    stream.write_all(&packet[..packet.len() - 3])?;
+    let started = Instant::now();
+    check(
+        wire::closes(&mut stream),
+        "a truncated packet must end in a close",
+    )?;
+    check(
+        started.elapsed() < Duration::from_secs(10),
+        "closed by handshake_timeout",
+    )?;
+
+    // Unsupported protocol version.
+    let state = wire::send_and_read_error(rw, &wire::startup_packet(4, 0, &[("user", "app")]));
+    check(
+        state.as_deref() == Some("0A000"),
+        format!("protocol 4.0: {state:?}"),
+    )?;
+
+    // No user.
+    let state = wire::send_and_read_error(rw, &wire::startup_packet(3, 0, &[("database", "app")]));
+    check(
+        state.as_deref() == Some("28000"),
+        format!("no user: {state:?}"),
+    )?;
+
+    let rows = rt.block_on(healthy.query_one("select 41 + 1", &[]))?;
+    check(
+        rows.get::<_, i32>(0) == 42,
+        "the healthy session still works",
+    )
+}
+
+fn protocol_32_startup_is_forwarded_unchanged(env: &Env) -> Result<(), Failed> {
+    let (_rolegate, rw, _ro) = env.rolegate("v32", "");
+    let mut stream = wire::connect(rw);
+    stream.write_all(&wire::startup_packet(
+        3,
+        2,
+        &[
+            ("user", "trustuser"),
+            ("database", "app"),
+            ("_pq_.unknown", "x"),
+        ],
+    ))?;
+    let mut tags = Vec::new();
+    let mut negotiated = None;
+    while let Some(msg) = wire::read_msg(&mut stream) {
+        tags.push(msg.tag);
+        if msg.tag == b'v' {
+            negotiated = Some(msg.body.clone());
+        }
+        if msg.tag == b'Z' || msg.tag == b'E' {
+            break;
+        }
+    }
+    // PostgreSQL 15 answers a 3.2 request with NegotiateProtocolVersion
+    // (newest version 3.0, one unrecognised `_pq_` option): proof that the
+    // startup packet reached it byte for byte.
+    let body = negotiated.ok_or(format!("no NegotiateProtocolVersion; got {tags:?}"))?;
+    check(
+        body[..4] == [0, 3, 0, 0],
+        format!("negotiated version {:?}", &body[..4]),
+    )?;
+    check(body[4..8] == [0, 0, 0, 1], "one unrecognised option")?;
+    check(
+        tags.last() == Some(&b'Z'),
+        format!("session not ready: {tags:?}"),
+    )
+}
+
+fn handshake_timeout_cuts_silent_clients(env: &Env) -> Result<(), Failed> {
+    let (_rolegate, rw, _ro) = env.rolegate("timeout", "[limits]\nhandshake_timeout = \"1s\"\n");
+    // Silent from the start.
+    let mut silent = wire::connect(rw);
+    let started = Instant::now();
+    let first = wire::read_msg(&mut silent);
+    check(
+        first.as_ref().and_then(|m| m.field(b'C')).as_deref() == Some("08006"),
+        format!("silent client got {first:?}"),
+    )?;
+    check(
+        started.elapsed() < Duration::from_secs(5),
+        "cut within the timeout",
+    )?;
+
+    // Silent in the middle of SCRAM: the server asked, the client never
+    // answers.
+    let mut stalled = wire::connect(rw);
+    stalled.write_all(&wire::startup_packet(
+        3,
+        0,
+        &[("user", "app"), ("database", "app")],
+    ))?;
+    let started = Instant::now();
+    let request = wire::read_msg(&mut stalled).ok_or("no auth request")?;
+    check(request.tag == b'R', "an authentication request")?;
+    let next = wire::read_msg(&mut stalled);
+    check(
+        next.as_ref().and_then(|m| m.field(b'C')).as_deref() == Some("08006"),
+        format!("stalled client got {next:?}"),
+    )?;
+    check(
+        started.elapsed() < Duration::from_secs(5),
+        "cut within the timeout",
+    )?;
+    check(wire::closes(&mut stalled), "closed after the error")
+}
+
+fn sigterm_drains_then_ends_sessions_with_57p01(env: &Env) -> Result<(), Failed> {
+    let (mut rolegate, rw, _ro) = env.rolegate("drain", "[limits]\nshutdown_timeout = \"3s\"\n");
+    runtime().block_on(async {
+        let finishing = connect(&conninfo(rw, "app", "app")).await?;
+        let lingering = connect(&conninfo(rw, "app", "app")).await?;
+        rolegate.signal(Signal::SIGTERM);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        // Draining: open sessions keep working, new ones are not accepted.
+        finishing.simple_query("select 1").await?;
+        check(
+            connect(&conninfo(rw, "app", "app")).await.is_err(),
+            "a new connection must not be accepted while draining",
+        )?;
+        drop(finishing);
+        // The lingering session is ended at shutdown_timeout with 57P01.
+        let started = Instant::now();
+        let mut ended = None;
+        while started.elapsed() < Duration::from_secs(10) {
+            match lingering.simple_query("select 1").await {
+                Ok(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+                Err(e) => {
+                    ended = Some(e);
+                    break;
+                }
+            }
+        }
+        let err = ended.ok_or("the lingering session was never ended")?;
+        check(
+            sqlstate(&err).as_deref() == Some("57P01") || err.is_closed(),
+            format!("got {err}"),
+        )?;
+        check(
+            rolegate
+                .log()
+                .contains("ending the remaining sessions with FATAL 57P01"),
+            "the log tells about ending sessions",
+        )
+    })?;
+    let status = rolegate
+        .wait_exit(Duration::from_secs(10))
+        .ok_or("rolegate did not exit")?;
+    check(status.success(), format!("exit status {status}"))
+}
+
+fn check_config_names_the_key_and_file(env: &Env) -> Result<(), Failed> {
+    let dir = env.root.join("check-config");
+    std::fs::create_dir_all(&dir)?;
+    let good = dir.join("good.toml");
+    std::fs::write(&good, env.config(free_port(), free_port(), ""))?;
+    let bad = dir.join("bad.toml");
+    std::fs::write(
+        &bad,
+        env.config(
+            free_port(),
+            free_port(),
+            "[limits]\nhold_timeout = \"soon\"\n",
+        ),
+    )?;
+    let run = |file: &PathBuf| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_rolegate"))
+            .arg("check-config")
+            .arg(file)
+            .output()
+            .expect("run rolegate check-config")
+    };
+    check(run(&good).status.success(), "good config passes")?;
+    let out = run(&bad);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    check(
+        out.status.code() == Some(2),
+        format!("exit {:?}", out.status),
+    )?;
+    check(
+        stderr.contains("bad.toml") && stderr.contains("limits.hold_timeout"),
+        format!("error must name file and key: {stderr}"),
+    )?;
+    let version = std::process::Command::new(env!("CARGO_BIN_EXE_rolegate"))
+        .arg("--version")
+        .output()?;
+    check(
+        String::from_utf8_lossy(&version.stdout).contains(env!("CARGO_PKG_VERSION")),
+        "--version prints the version",
+    )
+}

@@ -1,0 +1,68 @@
+//! Shared harness for the integration tests: real PostgreSQL servers, a
+//! real rolegate process, real clients, all on loopback.
+//!
+//! Every process started here is stopped by its PID when its handle drops;
+//! every wait is bounded in time.
+
+#![allow(dead_code)]
+
+pub mod pg;
+pub mod process;
+pub mod rolegate;
+pub mod wire;
+
+use std::net::TcpListener;
+use std::time::{Duration, Instant};
+
+/// A loopback port that was free a moment ago.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("bind a free port")
+}
+
+/// Polls `check` every 50 ms until it returns `Some` or `limit` passes.
+pub fn wait_until<T>(limit: Duration, what: &str, mut check: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(value) = check() {
+            return value;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {limit:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A single-threaded runtime for one test's async code.
+pub fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime")
+}
+
+/// A libpq-style connection string to `port` on loopback.
+pub fn conninfo(port: u16, user: &str, password: &str) -> String {
+    format!(
+        "host=127.0.0.1 port={port} user={user} password={password} dbname=app connect_timeout=10"
+    )
+}
+
+/// Connects with tokio-postgres and drives the connection in the
+/// background.
+pub async fn connect(conninfo: &str) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+    let (client, connection) = tokio_postgres::connect(conninfo, tokio_postgres::NoTls).await?;
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    Ok(client)
+}
+
+/// The SQLSTATE of a tokio-postgres error, if the server sent one.
+pub fn sqlstate(e: &tokio_postgres::Error) -> Option<String> {
+    e.as_db_error().map(|d| d.code().code().to_owned())
+}
