@@ -12,6 +12,8 @@ use std::time::Duration;
 use anyhow::Context as _;
 use tokio::net::TcpListener;
 use tokio::signal::unix::{signal, SignalKind};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::config::{parse_socket_addr, Config};
@@ -24,8 +26,9 @@ const FINAL_CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Runs the proxy described by `config` until SIGTERM or SIGINT.
 pub async fn run(config: Config) -> anyhow::Result<()> {
-    let topology = Topology::start(&config)?;
     let shared = Arc::new(Shared::new(config.limits.clone()));
+    let background = CancellationToken::new();
+    let mut topology = Topology::start(&config, &background)?;
 
     let mut accept_loops = Vec::new();
     for (i, listener_config) in config.listeners.iter().enumerate() {
@@ -67,9 +70,15 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         signal(SignalKind::terminate()).context("cannot install the SIGTERM handler")?;
     let mut interrupt =
         signal(SignalKind::interrupt()).context("cannot install the SIGINT handler")?;
+    let followers = std::mem::take(&mut topology.tasks);
     let received = tokio::select! {
         _ = terminate.recv() => "SIGTERM",
         _ = interrupt.recv() => "SIGINT",
+        ended = first_to_end(followers) => {
+            // A follower never ends on its own: without it the cluster's
+            // view would silently freeze. Stop loudly instead.
+            anyhow::bail!("{ended} unexpectedly; exiting");
+        }
     };
 
     let drain = shared.limits.shutdown_timeout.get();
@@ -103,6 +112,16 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             warn!(sessions = shared.tasks.len(), "sessions still open at exit");
         }
     }
+    background.cancel();
     info!("rolegate stopped");
     Ok(())
+}
+
+/// Resolves when the first follower ends; never, if there are none.
+async fn first_to_end(mut followers: JoinSet<String>) -> String {
+    match followers.join_next().await {
+        Some(Ok(cluster)) => format!("the follower of cluster \"{cluster}\" stopped"),
+        Some(Err(e)) => format!("a cluster follower failed: {e}"),
+        None => std::future::pending().await,
+    }
 }

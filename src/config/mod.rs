@@ -79,7 +79,9 @@ pub enum LogFormat {
 
 /// `[clusters.NAME]`: where the members of one PostgreSQL cluster are.
 ///
-/// A static cluster lists its members by address (`primary`, `replicas`).
+/// A cluster is either *static* (`primary`, `replicas`: members listed by
+/// address and trusted as configured) or *Patroni-managed* (`etcd` and/or
+/// `patroni`: members and roles discovered and followed live).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ClusterConfig {
@@ -89,6 +91,143 @@ pub struct ClusterConfig {
     /// Static mode: the addresses of the read-only members.
     #[serde(default)]
     pub replicas: Vec<String>,
+
+    /// Patroni's `scope` (the cluster name in etcd); defaults to the table name.
+    #[serde(default)]
+    pub scope: Option<String>,
+    /// Patroni's `namespace`.
+    #[serde(default = "default_namespace")]
+    pub namespace: String,
+    /// etcd v3 endpoints, e.g. `http://127.0.0.1:2379` (`https://` for TLS).
+    #[serde(default)]
+    pub etcd: Vec<String>,
+    #[serde(default)]
+    pub etcd_user: Option<String>,
+    #[serde(default)]
+    pub etcd_password: Option<String>,
+    /// PEM CA bundle that signed the etcd servers' certificates.
+    #[serde(default)]
+    pub etcd_ca: Option<PathBuf>,
+    /// PEM client certificate and key for etcd's mutual TLS.
+    #[serde(default)]
+    pub etcd_cert: Option<PathBuf>,
+    #[serde(default)]
+    pub etcd_key: Option<PathBuf>,
+    /// Patroni REST URLs; used to discover members when `etcd` is not set.
+    #[serde(default)]
+    pub patroni: Vec<String>,
+    /// How the leader is confirmed; defaults to `etcd+patroni` with etcd,
+    /// `patroni` without.
+    #[serde(default)]
+    pub leader_policy: Option<LeaderPolicy>,
+    /// What to trust while etcd is unreachable.
+    #[serde(default)]
+    pub on_etcd_loss: EtcdLossPolicy,
+    /// Interval of the Patroni REST checks of every member.
+    #[serde(default = "default_health_interval")]
+    pub health_interval: Duration,
+    /// Timeout of one REST check.
+    #[serde(default = "default_health_timeout")]
+    pub health_timeout: Duration,
+    /// Replicas lagging more than this take no new read sessions.
+    #[serde(default)]
+    pub max_replica_lag: Option<ByteSize>,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        Self {
+            primary: None,
+            replicas: Vec::new(),
+            scope: None,
+            namespace: default_namespace(),
+            etcd: Vec::new(),
+            etcd_user: None,
+            etcd_password: None,
+            etcd_ca: None,
+            etcd_cert: None,
+            etcd_key: None,
+            patroni: Vec::new(),
+            leader_policy: None,
+            on_etcd_loss: EtcdLossPolicy::default(),
+            health_interval: default_health_interval(),
+            health_timeout: default_health_timeout(),
+            max_replica_lag: None,
+        }
+    }
+}
+
+impl ClusterConfig {
+    pub fn is_static(&self) -> bool {
+        self.etcd.is_empty() && self.patroni.is_empty()
+    }
+
+    /// The leader policy in force when etcd is reachable.
+    pub fn effective_leader_policy(&self) -> LeaderPolicy {
+        match (self.leader_policy, self.etcd.is_empty()) {
+            (Some(policy), _) => policy,
+            (None, false) => LeaderPolicy::EtcdAndPatroni,
+            (None, true) => LeaderPolicy::Patroni,
+        }
+    }
+}
+
+fn default_namespace() -> String {
+    "/service/".to_owned()
+}
+fn default_health_interval() -> Duration {
+    Duration::from_secs(1)
+}
+fn default_health_timeout() -> Duration {
+    Duration::from_secs(1)
+}
+
+/// Which sources must agree before a member counts as the leader.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub enum LeaderPolicy {
+    /// The etcd leader key names it and its REST check says primary.
+    #[serde(rename = "etcd+patroni")]
+    EtcdAndPatroni,
+    /// The etcd leader key alone (with the member's own role in etcd).
+    #[serde(rename = "etcd")]
+    Etcd,
+    /// Exactly one member answers Patroni's `/primary` check.
+    #[serde(rename = "patroni")]
+    Patroni,
+}
+
+impl LeaderPolicy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::EtcdAndPatroni => "etcd+patroni",
+            Self::Etcd => "etcd",
+            Self::Patroni => "patroni",
+        }
+    }
+}
+
+/// What the leader decision rests on while etcd cannot be reached.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EtcdLossPolicy {
+    /// Patroni's REST checks alone (as HAProxy does).
+    #[default]
+    Patroni,
+    /// Keep the last confirmed leader while its REST check still passes:
+    /// indefinitely under Patroni's `failsafe_mode`, else for at most `ttl`.
+    Freeze,
+    /// No writes until etcd is back.
+    Refuse,
+}
+
+impl EtcdLossPolicy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Patroni => "patroni",
+            Self::Freeze => "freeze",
+            Self::Refuse => "refuse",
+        }
+    }
 }
 
 /// `[[listeners]]`: one client-facing address and the role it serves.
@@ -322,11 +461,26 @@ fn validate(config: &Config) -> Result<(), (String, String)> {
 
 fn validate_cluster(name: &str, cluster: &ClusterConfig) -> Result<(), (String, String)> {
     let key = |field: &str| format!("clusters.{name}.{field}");
-    if cluster.primary.is_none() && cluster.replicas.is_empty() {
+    let is_static = cluster.primary.is_some() || !cluster.replicas.is_empty();
+    if is_static && !cluster.is_static() {
+        let field = if cluster.primary.is_some() {
+            "primary"
+        } else {
+            "replicas"
+        };
         return Err((
-            key("primary"),
-            "the cluster has no members: set `primary` and/or `replicas`".to_owned(),
+            key(field),
+            "a cluster is either static (`primary`/`replicas`) or Patroni-managed (`etcd`/`patroni`), not both".to_owned(),
         ));
+    }
+    if !is_static && cluster.is_static() {
+        return Err((
+            key("etcd"),
+            "the cluster has no members: set `etcd` (or `patroni`) for a Patroni cluster, or `primary`/`replicas` for a static one".to_owned(),
+        ));
+    }
+    if !cluster.is_static() {
+        return validate_patroni_cluster(name, cluster);
     }
     if let Some(primary) = &cluster.primary {
         parse_host_port(primary).map_err(|m| (key("primary"), m))?;
@@ -335,6 +489,70 @@ fn validate_cluster(name: &str, cluster: &ClusterConfig) -> Result<(), (String, 
         parse_host_port(replica).map_err(|m| (format!("clusters.{name}.replicas[{i}]"), m))?;
     }
     Ok(())
+}
+
+fn validate_patroni_cluster(name: &str, cluster: &ClusterConfig) -> Result<(), (String, String)> {
+    let key = |field: &str| format!("clusters.{name}.{field}");
+    for (i, endpoint) in cluster.etcd.iter().enumerate() {
+        parse_http_url(endpoint).map_err(|m| (format!("clusters.{name}.etcd[{i}]"), m))?;
+    }
+    for (i, endpoint) in cluster.patroni.iter().enumerate() {
+        parse_http_url(endpoint).map_err(|m| (format!("clusters.{name}.patroni[{i}]"), m))?;
+    }
+    let policy = cluster.effective_leader_policy();
+    if cluster.etcd.is_empty() && policy != LeaderPolicy::Patroni {
+        return Err((
+            key("leader_policy"),
+            format!(
+                "\"{}\" needs etcd, but `etcd` is not set; use \"patroni\" or add etcd endpoints",
+                policy.as_str()
+            ),
+        ));
+    }
+    if cluster.etcd_user.is_some() != cluster.etcd_password.is_some() {
+        return Err((
+            key("etcd_user"),
+            "`etcd_user` and `etcd_password` go together".to_owned(),
+        ));
+    }
+    if cluster.etcd_cert.is_some() != cluster.etcd_key.is_some() {
+        return Err((
+            key("etcd_cert"),
+            "`etcd_cert` and `etcd_key` go together".to_owned(),
+        ));
+    }
+    for (field, path) in [
+        ("etcd_ca", &cluster.etcd_ca),
+        ("etcd_cert", &cluster.etcd_cert),
+        ("etcd_key", &cluster.etcd_key),
+    ] {
+        if let Some(path) = path {
+            if !path.is_file() {
+                return Err((
+                    key(field),
+                    format!("{} is not a readable file", path.display()),
+                ));
+            }
+        }
+    }
+    if cluster.health_interval.get().is_zero() || cluster.health_timeout.get().is_zero() {
+        return Err((
+            key("health_interval"),
+            "health_interval and health_timeout must be longer than 0s".to_owned(),
+        ));
+    }
+    Ok(())
+}
+
+/// Parses an `http://` or `https://` URL with a host.
+pub fn parse_http_url(text: &str) -> Result<url::Url, String> {
+    let url = url::Url::parse(text).map_err(|e| format!("{text:?} is not a URL ({e})"))?;
+    if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
+        return Err(format!(
+            "{text:?} must be an http:// or https:// URL with a host"
+        ));
+    }
+    Ok(url)
 }
 
 /// Parses `ip:port` for a local bind address.
@@ -440,6 +658,56 @@ mod tests {
         );
         let err = parse(&text).expect_err("duplicate");
         assert_eq!(err.key, "listeners[1].listen");
+    }
+
+    #[test]
+    fn patroni_cluster_defaults() {
+        let text = MINIMAL.replace(
+            "primary = \"127.0.0.1:5441\"\n        replicas = [\"127.0.0.1:5442\", \"127.0.0.1:5443\"]",
+            "etcd = [\"http://127.0.0.1:2379\"]",
+        );
+        let config = parse(&text).expect("valid");
+        let cluster = &config.clusters["demo"];
+        assert!(!cluster.is_static());
+        assert_eq!(
+            cluster.effective_leader_policy(),
+            LeaderPolicy::EtcdAndPatroni
+        );
+        assert_eq!(cluster.namespace, "/service/");
+        assert_eq!(cluster.on_etcd_loss, EtcdLossPolicy::Patroni);
+    }
+
+    #[test]
+    fn static_and_patroni_keys_do_not_mix() {
+        let text = MINIMAL.replace(
+            "replicas = [",
+            "etcd = [\"http://127.0.0.1:2379\"]\n        replicas = [",
+        );
+        let err = parse(&text).expect_err("mixed");
+        assert_eq!(err.key, "clusters.demo.primary");
+    }
+
+    #[test]
+    fn etcd_policy_needs_etcd() {
+        let text = MINIMAL.replace(
+            "primary = \"127.0.0.1:5441\"\n        replicas = [\"127.0.0.1:5442\", \"127.0.0.1:5443\"]",
+            "patroni = [\"http://127.0.0.1:8041\"]\n        leader_policy = \"etcd\"",
+        );
+        let err = parse(&text).expect_err("etcd policy without etcd");
+        assert_eq!(err.key, "clusters.demo.leader_policy");
+        let text = text.replace("leader_policy = \"etcd\"", "leader_policy = \"raft\"");
+        let err = parse(&text).expect_err("unknown policy");
+        assert_eq!(err.key, "clusters.demo.leader_policy");
+    }
+
+    #[test]
+    fn bad_etcd_url_names_its_index() {
+        let text = MINIMAL.replace(
+            "primary = \"127.0.0.1:5441\"\n        replicas = [\"127.0.0.1:5442\", \"127.0.0.1:5443\"]",
+            "etcd = [\"http://127.0.0.1:2379\", \"127.0.0.1:2379\"]",
+        );
+        let err = parse(&text).expect_err("bad url");
+        assert_eq!(err.key, "clusters.demo.etcd[1]");
     }
 
     #[test]

@@ -1,10 +1,20 @@
 //! Who is who in each cluster: sources of truth, fused into one
 //! [`ClusterView`] per cluster and published to readers.
 //!
-//! `topology` knows nothing of client sessions. It hands out
-//! `watch::Receiver<Arc<ClusterView>>`s; the router reads them for new
-//! sessions and each session watches its own to learn it must end.
+//! A static cluster's view is built once from the config. A Patroni
+//! cluster is followed by a task ([`follower`]) that reads etcd
+//! ([`etcd`], [`dcs`]) and Patroni's REST checks ([`rest`]) and combines
+//! them with the rules in [`fuse`]. Either way, readers get a
+//! `watch::Receiver<Arc<ClusterView>>`: the router reads it for new
+//! sessions and each session watches it to learn it must end. `topology`
+//! knows nothing of client sessions.
 
+pub mod dcs;
+pub mod etcd;
+pub mod follower;
+pub mod fuse;
+pub mod patroni_data;
+pub mod rest;
 pub mod static_cluster;
 pub mod view;
 
@@ -12,6 +22,8 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use tokio::sync::watch;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 
@@ -23,23 +35,39 @@ pub struct Topology {
     /// Senders of views that never change; kept so receivers never see a
     /// closed channel.
     _static_senders: Vec<watch::Sender<Arc<ClusterView>>>,
+    /// The followers of Patroni clusters; each returns its cluster's name.
+    pub tasks: JoinSet<String>,
 }
 
 impl Topology {
-    /// Builds the view sources of every cluster in `config`.
-    pub fn start(config: &Config) -> anyhow::Result<Self> {
+    /// Starts the view source of every cluster in `config`. Followers run
+    /// until `shutdown` is cancelled.
+    pub fn start(config: &Config, shutdown: &CancellationToken) -> anyhow::Result<Self> {
         let mut views = HashMap::new();
         let mut senders = Vec::new();
+        let mut tasks = JoinSet::new();
         for (name, cluster) in &config.clusters {
-            let view = static_cluster::static_view(name, cluster)
-                .map_err(|e| anyhow::anyhow!("clusters.{name}: {e}"))?;
-            let (tx, rx) = watch::channel(Arc::new(view));
-            senders.push(tx);
-            views.insert(name.clone(), rx);
+            if cluster.is_static() {
+                let view = static_cluster::static_view(name, cluster)
+                    .map_err(|e| anyhow::anyhow!("clusters.{name}: {e}"))?;
+                let (tx, rx) = watch::channel(Arc::new(view));
+                senders.push(tx);
+                views.insert(name.clone(), rx);
+            } else {
+                let (rx, follow) = follower::start(name, cluster, shutdown.child_token())
+                    .map_err(|e| anyhow::anyhow!("clusters.{name}: {e}"))?;
+                views.insert(name.clone(), rx);
+                let name = name.clone();
+                tasks.spawn(async move {
+                    follow.await;
+                    name
+                });
+            }
         }
         Ok(Self {
             views,
             _static_senders: senders,
+            tasks,
         })
     }
 

@@ -45,6 +45,7 @@ mod tests {
         let config = ClusterConfig {
             primary: Some("127.0.0.1:5441".into()),
             replicas: vec!["127.0.0.1:5442".into(), "db3:5443".into()],
+            ..ClusterConfig::default()
         };
         let view = static_view("demo", &config).expect("valid");
         assert_eq!(view.leader().map(|m| m.port), Some(5441));
@@ -58,6 +59,7 @@ mod tests {
         let config = ClusterConfig {
             primary: None,
             replicas: vec!["127.0.0.1:5442".into()],
+            ..ClusterConfig::default()
         };
         let view = static_view("ro", &config).expect("valid");
         assert!(view.leader().is_none());

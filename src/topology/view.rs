@@ -63,7 +63,7 @@ impl fmt::Display for Member {
 }
 
 /// The fused, immutable view of one cluster at one moment.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ClusterView {
     pub cluster: Arc<str>,
     pub members: Vec<Member>,

@@ -1,0 +1,605 @@
+//! The rules that combine etcd's and Patroni REST's answers into one
+//! [`ClusterView`].
+//!
+//! The leader is *confirmed* only when the sources the policy names agree:
+//!
+//! | policy          | confirmed leader                                              |
+//! |-----------------|---------------------------------------------------------------|
+//! | `etcd`          | the leader key names it, and its own record says primary and running |
+//! | `etcd+patroni`  | as `etcd`, and its REST `/primary` check passed after the key moved to it, and no other member answers `/primary` |
+//! | `patroni`       | exactly one member answers `/primary`                         |
+//!
+//! While etcd is unreachable, `on_etcd_loss` picks the rule: `patroni`
+//! (REST alone), `freeze` (the last confirmed leader while its REST check
+//! passes, for at most the leader key's `ttl` unless Patroni runs with
+//! `failsafe_mode`), or `refuse` (no writes). When the sources disagree,
+//! nobody is writable: rolegate refuses writes rather than guess.
+//!
+//! A replica takes new reads when its record says replica, running and
+//! streaming, it is not tagged `noloadbalance`, and (where REST is in use)
+//! its `/replica` check passes, lag limit included; under the `etcd` policy
+//! the lag is computed from the WAL positions in etcd. Pure functions only.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use tokio::time::{Duration, Instant};
+
+use super::dcs::DcsState;
+use super::patroni_data::RestStatus;
+use super::view::{ClusterView, Member, MemberRole};
+use crate::config::{EtcdLossPolicy, LeaderPolicy};
+
+/// Consecutive failed REST checks before a member counts as unreachable:
+/// one lost packet does not change a verdict.
+pub const REST_FAILURES_TO_UNREACHABLE: u32 = 2;
+
+/// The result of one REST check of a member.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RestCheck {
+    pub at: Instant,
+    /// `Some(true)` for 200 from `/primary`, `Some(false)` for another
+    /// status, `None` when there was no answer.
+    pub primary: Option<bool>,
+    pub replica: Option<bool>,
+    pub status: Option<RestStatus>,
+    pub error: Option<String>,
+}
+
+/// What rolegate believes about a member's REST checks.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RestState {
+    pub primary: Option<bool>,
+    pub replica: Option<bool>,
+    pub status: Option<RestStatus>,
+    /// False after [`REST_FAILURES_TO_UNREACHABLE`] checks without answer.
+    pub reachable: bool,
+    pub failures: u32,
+    pub checked_at: Option<Instant>,
+    pub last_error: Option<String>,
+}
+
+impl RestState {
+    /// Folds a new check into the state. An answer (any HTTP status) is
+    /// Patroni's word and applies at once; a missing answer counts toward
+    /// the unreachable threshold and otherwise keeps the last verdict.
+    pub fn record(&mut self, check: RestCheck) {
+        self.checked_at = Some(check.at);
+        if check.primary.is_some() || check.replica.is_some() {
+            self.primary = check.primary.or(self.primary);
+            self.replica = check.replica.or(self.replica);
+            if check.status.is_some() {
+                self.status = check.status;
+            }
+            self.reachable = true;
+            self.failures = 0;
+            self.last_error = check.error;
+        } else {
+            self.failures = self.failures.saturating_add(1);
+            self.last_error = check.error;
+            if self.failures >= REST_FAILURES_TO_UNREACHABLE {
+                self.reachable = false;
+                self.primary = None;
+                self.replica = None;
+            }
+        }
+    }
+
+    fn claims_primary(&self) -> bool {
+        self.primary == Some(true)
+    }
+}
+
+/// The state of the etcd source.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EtcdStatus {
+    NotConfigured,
+    /// Not yet read once.
+    Connecting,
+    Up,
+    Down {
+        since: Instant,
+    },
+}
+
+/// Everything the fuser decides from.
+pub struct FuseInput<'a> {
+    pub cluster: &'a Arc<str>,
+    pub policy: LeaderPolicy,
+    pub on_etcd_loss: EtcdLossPolicy,
+    pub max_replica_lag: Option<u64>,
+    /// Members and leader key: from etcd, or from Patroni's `/cluster`.
+    pub directory: &'a DcsState,
+    pub etcd: EtcdStatus,
+    pub rest: &'a HashMap<String, RestState>,
+    /// When the leader key last changed; REST confirmations must be newer.
+    pub leader_since: Option<Instant>,
+    /// The leader of the previous view, for `on_etcd_loss = "freeze"`.
+    pub previous_leader: Option<&'a str>,
+    pub now: Instant,
+}
+
+/// The rule in force at this moment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rule {
+    Policy(LeaderPolicy),
+    Freeze {
+        deadline: Option<Instant>,
+    },
+    Refuse,
+    /// etcd has not been read yet: nothing is known.
+    Waiting,
+}
+
+impl Rule {
+    /// Whether REST checks gate members under this rule.
+    fn uses_rest(self) -> bool {
+        !matches!(self, Rule::Policy(LeaderPolicy::Etcd))
+    }
+}
+
+pub fn rule(input: &FuseInput<'_>) -> Rule {
+    match input.etcd {
+        EtcdStatus::NotConfigured => Rule::Policy(LeaderPolicy::Patroni),
+        EtcdStatus::Connecting => Rule::Waiting,
+        EtcdStatus::Up => Rule::Policy(input.policy),
+        EtcdStatus::Down { since } => match input.on_etcd_loss {
+            EtcdLossPolicy::Patroni => Rule::Policy(LeaderPolicy::Patroni),
+            EtcdLossPolicy::Refuse => Rule::Refuse,
+            EtcdLossPolicy::Freeze => {
+                let failsafe = input.directory.config.failsafe_mode == Some(true);
+                let ttl = Duration::from_secs(input.directory.config.ttl_secs());
+                Rule::Freeze {
+                    deadline: (!failsafe).then_some(since + ttl),
+                }
+            }
+        },
+    }
+}
+
+/// Builds the view for `input`.
+pub fn fuse(input: &FuseInput<'_>) -> ClusterView {
+    let rule = rule(input);
+    let leader = confirmed_leader(input, rule);
+    let uses_rest = rule.uses_rest();
+    let directory = input.directory;
+    let leader_wal = directory.leader_wal_position();
+    let mut members = Vec::with_capacity(directory.members.len());
+    for (name, record) in &directory.members {
+        let Some((host, port)) = record.postgres_address() else {
+            continue;
+        };
+        let rest = input.rest.get(name);
+        let is_leader = leader.as_ref().ok().is_some_and(|l| l == name);
+        let replica_role = record.is_replica_role() && record.is_running();
+        let role = if is_leader {
+            MemberRole::Primary
+        } else if replica_role {
+            MemberRole::Replica
+        } else {
+            MemberRole::Unknown
+        };
+        let rest_reachable = rest.is_none_or(|r| r.reachable || r.checked_at.is_none());
+        let healthy = record.is_running() && (!uses_rest || rest_reachable);
+        let lag_ok = uses_rest
+            || match (input.max_replica_lag, leader_wal, record.xlog_location) {
+                (Some(max), Some(leader), Some(own)) => leader.saturating_sub(own) <= max,
+                (Some(_), _, None) => false,
+                _ => true,
+            };
+        let rest_replica_ok = !uses_rest || rest.is_some_and(|r| r.replica == Some(true));
+        let readable = role == MemberRole::Replica
+            && healthy
+            && record.is_streaming()
+            && !record.tag("noloadbalance")
+            && lag_ok
+            && rest_replica_ok;
+        members.push(Member {
+            name: name.as_str().into(),
+            host: host.into(),
+            port,
+            role,
+            healthy,
+            readable,
+        });
+    }
+    let (leader_name, reason) = match leader {
+        Ok(name) => (Some(name), None),
+        Err(reason) => (None, Some(reason)),
+    };
+    let view = ClusterView::new(
+        Arc::clone(input.cluster),
+        members,
+        leader_name.as_deref(),
+        true,
+    );
+    match reason {
+        Some(reason) => view.with_no_leader_reason(reason),
+        None => view,
+    }
+}
+
+/// The confirmed leader's name, or why there is none.
+fn confirmed_leader(input: &FuseInput<'_>, rule: Rule) -> Result<String, String> {
+    let directory = input.directory;
+    let rest_of = |name: &str| input.rest.get(name);
+    let claimants = || -> Vec<&str> {
+        directory
+            .members
+            .keys()
+            .filter(|m| rest_of(m).is_some_and(RestState::claims_primary))
+            .map(String::as_str)
+            .collect()
+    };
+    match rule {
+        Rule::Waiting => Err("etcd has not been read yet".to_owned()),
+        Rule::Refuse => Err("etcd is unreachable and on_etcd_loss = \"refuse\"".to_owned()),
+        Rule::Policy(LeaderPolicy::Patroni) => match claimants().as_slice() {
+            [] => Err("no member passes Patroni's /primary check".to_owned()),
+            [one] => Ok((*one).to_owned()),
+            many => Err(format!(
+                "{} members pass Patroni's /primary check ({}); refusing writes",
+                many.len(),
+                many.join(", ")
+            )),
+        },
+        Rule::Policy(policy) => {
+            let leader = etcd_leader(directory)?;
+            if policy == LeaderPolicy::EtcdAndPatroni {
+                let fresh = rest_of(&leader).is_some_and(|r| {
+                    r.claims_primary()
+                        && r.checked_at
+                            .zip(input.leader_since)
+                            .is_none_or(|(checked, since)| checked >= since)
+                });
+                if !fresh {
+                    return Err(format!(
+                        "{leader} holds the leader key but its REST /primary check has not confirmed it yet"
+                    ));
+                }
+                let others: Vec<_> = claimants().into_iter().filter(|m| *m != leader).collect();
+                if !others.is_empty() {
+                    return Err(format!(
+                        "sources disagree: etcd names {leader} but {} also passes /primary; refusing writes",
+                        others.join(", ")
+                    ));
+                }
+            }
+            Ok(leader)
+        }
+        Rule::Freeze { deadline } => {
+            let previous = input
+                .previous_leader
+                .ok_or("etcd is unreachable and no leader was confirmed before")?;
+            if deadline.is_some_and(|d| input.now >= d) {
+                return Err(format!(
+                    "etcd has been unreachable longer than the leader key's ttl; {previous} may have been demoted"
+                ));
+            }
+            if !rest_of(previous).is_some_and(RestState::claims_primary) {
+                return Err(format!(
+                    "etcd is unreachable and {previous} no longer passes its /primary check"
+                ));
+            }
+            Ok(previous.to_owned())
+        }
+    }
+}
+
+fn etcd_leader(directory: &DcsState) -> Result<String, String> {
+    let leader = directory
+        .leader
+        .clone()
+        .ok_or("the leader key is empty (an election is in progress)")?;
+    let record = directory
+        .members
+        .get(&leader)
+        .ok_or_else(|| format!("the leader key names {leader}, which has no member record"))?;
+    if !record.is_primary_role() || !record.is_running() {
+        return Err(format!(
+            "{leader} holds the leader key but is not a running primary yet (role {}, state {})",
+            record.role.as_deref().unwrap_or("unknown"),
+            record.state.as_deref().unwrap_or("unknown")
+        ));
+    }
+    Ok(leader)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::topology::dcs::DcsState;
+    use crate::topology::patroni_data::{fixture, split_http_capture, RestStatus};
+
+    const PREFIX: &str = "/service/demo/";
+
+    fn directory() -> DcsState {
+        let text = fixture("etcd-get-prefix.txt");
+        let lines: Vec<_> = text.lines().collect();
+        DcsState::from_keys(
+            PREFIX,
+            lines
+                .chunks(2)
+                .filter(|c| c.len() == 2)
+                .map(|c| (c[0].as_bytes(), c[1].as_bytes())),
+        )
+    }
+
+    /// REST states as the fixtures captured them: pg1 primary, pg2 and pg3
+    /// replicas.
+    fn rest_from_fixtures(at: Instant) -> HashMap<String, RestState> {
+        let mut rest = HashMap::new();
+        for (member, primary_file, replica_file) in [
+            ("pg1", "node-pg1-read-write.txt", "node-pg1-read-only.txt"),
+            ("pg2", "node-pg2-master.txt", "node-pg2-replica.txt"),
+            ("pg3", "node-pg3-primary.txt", "node-pg3-replica.txt"),
+        ] {
+            let check = |file: &str| {
+                let text = std::fs::read_to_string(
+                    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                        .join("../shared/fixtures/patroni")
+                        .join(file),
+                )
+                .ok();
+                text.map(|t| {
+                    let (status, body) = split_http_capture(&t);
+                    (status == 200, RestStatus::parse(body.as_bytes()).ok())
+                })
+            };
+            let (primary, status) = check(primary_file).expect("primary fixture");
+            // pg3 has no replica capture under that name: it is a replica.
+            let replica = check(replica_file).map(|(ok, _)| ok).unwrap_or(!primary);
+            let mut state = RestState::default();
+            state.record(RestCheck {
+                at,
+                primary: Some(primary),
+                replica: Some(replica),
+                status,
+                error: None,
+            });
+            rest.insert(member.to_owned(), state);
+        }
+        rest
+    }
+
+    struct Case {
+        directory: DcsState,
+        rest: HashMap<String, RestState>,
+        policy: LeaderPolicy,
+        etcd: EtcdStatus,
+        on_etcd_loss: EtcdLossPolicy,
+        leader_since: Option<Instant>,
+        previous_leader: Option<&'static str>,
+        max_lag: Option<u64>,
+        now: Instant,
+    }
+
+    impl Case {
+        fn new() -> Self {
+            let now = Instant::now();
+            Self {
+                directory: directory(),
+                rest: rest_from_fixtures(now),
+                policy: LeaderPolicy::EtcdAndPatroni,
+                etcd: EtcdStatus::Up,
+                on_etcd_loss: EtcdLossPolicy::Patroni,
+                leader_since: None,
+                previous_leader: None,
+                max_lag: None,
+                now,
+            }
+        }
+
+        fn view(&self) -> ClusterView {
+            let cluster: Arc<str> = "demo".into();
+            fuse(&FuseInput {
+                cluster: &cluster,
+                policy: self.policy,
+                on_etcd_loss: self.on_etcd_loss,
+                max_replica_lag: self.max_lag,
+                directory: &self.directory,
+                etcd: self.etcd,
+                rest: &self.rest,
+                leader_since: self.leader_since,
+                previous_leader: self.previous_leader,
+                now: self.now,
+            })
+        }
+
+        fn leader(&self) -> Option<String> {
+            self.view().leader().map(|m| m.name.to_string())
+        }
+
+        fn readable(&self) -> Vec<String> {
+            self.view()
+                .readable_replicas()
+                .map(|m| m.name.to_string())
+                .collect()
+        }
+
+        fn set_rest(&mut self, member: &str, primary: Option<bool>, replica: Option<bool>) {
+            let state = self.rest.entry(member.to_owned()).or_default();
+            state.record(RestCheck {
+                at: self.now,
+                primary,
+                replica,
+                status: None,
+                error: None,
+            });
+        }
+    }
+
+    #[test]
+    fn healthy_cluster_under_every_policy() {
+        for policy in [
+            LeaderPolicy::EtcdAndPatroni,
+            LeaderPolicy::Etcd,
+            LeaderPolicy::Patroni,
+        ] {
+            let mut case = Case::new();
+            case.policy = policy;
+            assert_eq!(case.leader().as_deref(), Some("pg1"), "{policy:?}");
+            assert_eq!(case.readable(), ["pg2", "pg3"], "{policy:?}");
+            let view = case.view();
+            assert_eq!(view.member("pg1").map(|m| m.port), Some(5441));
+        }
+    }
+
+    #[test]
+    fn sources_disagree_means_no_writes() {
+        let mut case = Case::new();
+        case.set_rest("pg2", Some(true), Some(false));
+        assert_eq!(case.leader(), None);
+        let reason = case.view().no_leader_reason.unwrap_or_default();
+        assert!(
+            reason.contains("disagree") && reason.contains("pg2"),
+            "{reason}"
+        );
+        // Under the patroni policy, two claimants are just as refused.
+        case.policy = LeaderPolicy::Patroni;
+        assert_eq!(case.leader(), None);
+        // Under the etcd policy, REST is not consulted for the leader.
+        case.policy = LeaderPolicy::Etcd;
+        assert_eq!(case.leader().as_deref(), Some("pg1"));
+    }
+
+    #[test]
+    fn leader_key_holder_must_pass_rest_after_the_key_moved() {
+        let mut case = Case::new();
+        // The key moved to pg3 and pg3 promoted, per etcd.
+        case.directory.leader = Some("pg3".into());
+        if let Some(m) = case.directory.members.get_mut("pg3") {
+            m.role = Some("master".into());
+        }
+        if let Some(m) = case.directory.members.get_mut("pg1") {
+            m.role = Some("replica".into());
+        }
+        case.set_rest("pg1", Some(false), Some(true));
+        case.leader_since = Some(case.now + Duration::from_millis(10));
+        // pg3's REST state predates the key change: not confirmed.
+        case.set_rest("pg3", Some(true), Some(false));
+        assert_eq!(
+            case.leader(),
+            None,
+            "a REST answer older than the key does not confirm"
+        );
+        // The etcd policy trusts the record alone.
+        case.policy = LeaderPolicy::Etcd;
+        assert_eq!(case.leader().as_deref(), Some("pg3"));
+        case.policy = LeaderPolicy::EtcdAndPatroni;
+        case.now += Duration::from_millis(20);
+        case.set_rest("pg3", Some(true), Some(false));
+        assert_eq!(case.leader().as_deref(), Some("pg3"));
+        // A promoted replica keeps serving reads? No: it is the primary now.
+        assert_eq!(case.readable(), ["pg1", "pg2"]);
+    }
+
+    #[test]
+    fn leader_key_holder_still_promoting_is_not_writable() {
+        let mut case = Case::new();
+        case.directory.leader = Some("pg3".into());
+        if let Some(m) = case.directory.members.get_mut("pg3") {
+            m.role = Some("promoted".into());
+        }
+        case.policy = LeaderPolicy::Etcd;
+        assert_eq!(case.leader(), None);
+        let reason = case.view().no_leader_reason.unwrap_or_default();
+        assert!(reason.contains("promoted"), "{reason}");
+    }
+
+    #[test]
+    fn empty_leader_key_and_stopping_leader() {
+        let mut case = Case::new();
+        case.directory.leader = None;
+        assert_eq!(case.leader(), None);
+        let mut case = Case::new();
+        if let Some(m) = case.directory.members.get_mut("pg1") {
+            m.state = Some("stopping".into());
+        }
+        assert_eq!(
+            case.leader(),
+            None,
+            "a leader that is shutting down takes no writes"
+        );
+        assert!(!case.view().member("pg1").is_some_and(|m| m.healthy));
+    }
+
+    #[test]
+    fn one_lost_rest_answer_changes_nothing_two_do() {
+        let mut case = Case::new();
+        case.set_rest("pg2", None, None);
+        assert_eq!(case.readable(), ["pg2", "pg3"]);
+        case.set_rest("pg2", None, None);
+        assert_eq!(case.readable(), ["pg3"]);
+        assert!(!case.view().member("pg2").is_some_and(|m| m.healthy));
+        // The leader losing REST twice is no longer confirmed.
+        case.set_rest("pg1", None, None);
+        case.set_rest("pg1", None, None);
+        assert_eq!(case.leader(), None);
+    }
+
+    #[test]
+    fn replica_eligibility() {
+        let mut case = Case::new();
+        if let Some(m) = case.directory.members.get_mut("pg3") {
+            m.tags
+                .insert("noloadbalance".into(), serde_json::Value::Bool(true));
+        }
+        assert_eq!(case.readable(), ["pg2"]);
+        // Lagging per REST (Patroni applied ?lag=): no new reads, but the
+        // member stays healthy so its sessions continue.
+        case.set_rest("pg2", Some(false), Some(false));
+        assert!(case.readable().is_empty());
+        assert!(case.view().member("pg2").is_some_and(|m| m.healthy));
+        // Not streaming.
+        let mut case = Case::new();
+        if let Some(m) = case.directory.members.get_mut("pg2") {
+            m.replication_state = Some("in archive recovery".into());
+        }
+        assert_eq!(case.readable(), ["pg3"]);
+    }
+
+    #[test]
+    fn etcd_policy_computes_lag_from_wal_positions() {
+        let mut case = Case::new();
+        case.policy = LeaderPolicy::Etcd;
+        case.max_lag = Some(1024);
+        assert_eq!(case.readable(), ["pg2", "pg3"]);
+        if let Some(m) = case.directory.members.get_mut("pg2") {
+            m.xlog_location = Some(202_603_224 - 4096);
+        }
+        assert_eq!(case.readable(), ["pg3"]);
+    }
+
+    #[test]
+    fn etcd_loss_policies() {
+        let since = Instant::now();
+        let mut case = Case::new();
+        case.etcd = EtcdStatus::Down { since };
+        case.previous_leader = Some("pg1");
+        // patroni: REST alone.
+        assert_eq!(case.leader().as_deref(), Some("pg1"));
+        // refuse: no writes.
+        case.on_etcd_loss = EtcdLossPolicy::Refuse;
+        assert_eq!(case.leader(), None);
+        assert_eq!(case.readable(), ["pg2", "pg3"], "reads continue");
+        // freeze without failsafe: until ttl (20 s here).
+        case.on_etcd_loss = EtcdLossPolicy::Freeze;
+        case.now = since + Duration::from_secs(5);
+        assert_eq!(case.leader().as_deref(), Some("pg1"));
+        case.now = since + Duration::from_secs(21);
+        assert_eq!(case.leader(), None);
+        // freeze with failsafe: as long as REST confirms.
+        case.directory.config.failsafe_mode = Some(true);
+        assert_eq!(case.leader().as_deref(), Some("pg1"));
+        case.set_rest("pg1", Some(false), Some(false));
+        assert_eq!(case.leader(), None);
+    }
+
+    #[test]
+    fn nothing_before_the_first_read_of_etcd() {
+        let mut case = Case::new();
+        case.etcd = EtcdStatus::Connecting;
+        assert_eq!(case.leader(), None);
+    }
+}

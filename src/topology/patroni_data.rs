@@ -1,0 +1,312 @@
+//! What Patroni writes and answers, parsed leniently.
+//!
+//! Patroni publishes each member as JSON under `<namespace><scope>/members/
+//! <name>` in etcd, the cluster's dynamic configuration under `config`, and
+//! answers REST checks with a JSON status body. Field sets differ between
+//! Patroni versions (3.0 writes `role: "master"`, later versions
+//! `"primary"`; `replication_state` appeared after 3.0), so every field is
+//! optional and unknown fields are ignored. Parsing never panics on peer
+//! input: malformed JSON is an error value the caller logs.
+//!
+//! Reference: Patroni's docs, "REST API" and "Dynamic Configuration
+//! Settings"; samples in `shared/fixtures/patroni/`.
+
+use std::collections::BTreeMap;
+
+use serde::Deserialize;
+
+/// The value of `members/<name>` in etcd.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+pub struct MemberRecord {
+    #[serde(default)]
+    pub conn_url: Option<String>,
+    #[serde(default)]
+    pub api_url: Option<String>,
+    #[serde(default)]
+    pub state: Option<String>,
+    #[serde(default)]
+    pub role: Option<String>,
+    #[serde(default)]
+    pub xlog_location: Option<u64>,
+    #[serde(default)]
+    pub timeline: Option<u64>,
+    #[serde(default)]
+    pub replication_state: Option<String>,
+    #[serde(default)]
+    pub tags: BTreeMap<String, serde_json::Value>,
+}
+
+impl MemberRecord {
+    pub fn parse(json: &[u8]) -> Result<Self, String> {
+        serde_json::from_slice(json).map_err(|e| format!("malformed member JSON: {e}"))
+    }
+
+    /// Patroni says PostgreSQL is up.
+    pub fn is_running(&self) -> bool {
+        self.state.as_deref() == Some("running")
+    }
+
+    /// Patroni reports this member as the primary (3.0 says "master").
+    pub fn is_primary_role(&self) -> bool {
+        matches!(self.role.as_deref(), Some("master" | "primary"))
+    }
+
+    pub fn is_replica_role(&self) -> bool {
+        matches!(
+            self.role.as_deref(),
+            Some("replica" | "sync_standby" | "quorum_standby")
+        )
+    }
+
+    /// `replication_state` is reported from Patroni 3.0.3 on; where it is
+    /// absent the member counts as streaming.
+    pub fn is_streaming(&self) -> bool {
+        self.replication_state
+            .as_deref()
+            .is_none_or(|s| s == "streaming")
+    }
+
+    /// A boolean tag, accepting Patroni's `true` and `"true"` spellings.
+    pub fn tag(&self, name: &str) -> bool {
+        match self.tags.get(name) {
+            Some(serde_json::Value::Bool(b)) => *b,
+            Some(serde_json::Value::String(s)) => s.eq_ignore_ascii_case("true"),
+            _ => false,
+        }
+    }
+
+    /// Host and port of PostgreSQL, from `conn_url`
+    /// (`postgres://host:port/db`). The member name is never used for this.
+    pub fn postgres_address(&self) -> Option<(String, u16)> {
+        let url = url::Url::parse(self.conn_url.as_deref()?).ok()?;
+        let host = url.host_str()?;
+        let host = host
+            .strip_prefix('[')
+            .and_then(|h| h.strip_suffix(']'))
+            .unwrap_or(host);
+        Some((host.to_owned(), url.port().unwrap_or(5432)))
+    }
+}
+
+/// The parts of Patroni's dynamic `config` key that change rolegate's
+/// behaviour.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+pub struct DynamicConfig {
+    #[serde(default)]
+    pub ttl: Option<u64>,
+    #[serde(default)]
+    pub failsafe_mode: Option<bool>,
+}
+
+impl DynamicConfig {
+    pub fn parse(json: &[u8]) -> Result<Self, String> {
+        serde_json::from_slice(json).map_err(|e| format!("malformed config JSON: {e}"))
+    }
+
+    /// Patroni's default leader-key TTL is 30 s.
+    pub fn ttl_secs(&self) -> u64 {
+        self.ttl.unwrap_or(30)
+    }
+}
+
+/// The body of a REST health check (`/primary`, `/replica`, `/patroni`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+pub struct RestStatus {
+    #[serde(default)]
+    pub state: Option<String>,
+    #[serde(default)]
+    pub role: Option<String>,
+    #[serde(default)]
+    pub timeline: Option<u64>,
+    #[serde(default)]
+    pub replication_state: Option<String>,
+}
+
+impl RestStatus {
+    pub fn parse(json: &[u8]) -> Result<Self, String> {
+        serde_json::from_slice(json).map_err(|e| format!("malformed REST status: {e}"))
+    }
+}
+
+/// One member in Patroni's `GET /cluster` answer.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct ClusterListingMember {
+    pub name: String,
+    #[serde(default)]
+    pub role: Option<String>,
+    #[serde(default)]
+    pub state: Option<String>,
+    #[serde(default)]
+    pub api_url: Option<String>,
+    #[serde(default)]
+    pub host: Option<String>,
+    #[serde(default)]
+    pub port: Option<u16>,
+    #[serde(default)]
+    pub timeline: Option<u64>,
+    #[serde(default)]
+    pub tags: BTreeMap<String, serde_json::Value>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct ClusterListing {
+    pub members: Vec<ClusterListingMember>,
+}
+
+impl ClusterListing {
+    pub fn parse(json: &[u8]) -> Result<Self, String> {
+        serde_json::from_slice(json).map_err(|e| format!("malformed /cluster answer: {e}"))
+    }
+}
+
+impl ClusterListingMember {
+    /// The same member as etcd would describe it, so both discovery paths
+    /// feed one fuser. `/cluster` calls the leader "leader" (or
+    /// "standby_leader"); its role in etcd terms comes from REST checks.
+    pub fn to_record(&self) -> MemberRecord {
+        let role = match self.role.as_deref() {
+            Some("leader") => Some("master".to_owned()),
+            other => other.map(str::to_owned),
+        };
+        MemberRecord {
+            conn_url: self.host.as_ref().map(|h| {
+                let host = if h.contains(':') {
+                    format!("[{h}]")
+                } else {
+                    h.clone()
+                };
+                format!("postgres://{host}:{}/postgres", self.port.unwrap_or(5432))
+            }),
+            api_url: self.api_url.clone(),
+            state: self.state.clone(),
+            role,
+            xlog_location: None,
+            timeline: self.timeline,
+            replication_state: None,
+            tags: self.tags.clone(),
+        }
+    }
+}
+
+/// Splits a captured HTTP answer (`HTTP/1.0 200 OK`, headers, blank line,
+/// body) into status and body; for fixture-based tests.
+#[cfg(test)]
+pub(crate) fn split_http_capture(text: &str) -> (u16, &str) {
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .or_else(|| text.split_once("\n\n"));
+    (status, body.map(|(_, b)| b.trim()).unwrap_or(""))
+}
+
+#[cfg(test)]
+pub(crate) fn fixture(name: &str) -> String {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../shared/fixtures/patroni")
+        .join(name);
+    std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("fixture {}: {e}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Parses the `etcd-get-prefix.txt` capture: key line, value line.
+    fn etcd_keys() -> BTreeMap<String, String> {
+        let text = fixture("etcd-get-prefix.txt");
+        let lines: Vec<_> = text.lines().collect();
+        lines
+            .chunks(2)
+            .filter(|c| c.len() == 2)
+            .map(|c| (c[0].to_owned(), c[1].to_owned()))
+            .collect()
+    }
+
+    #[test]
+    fn etcd_member_records_from_a_real_cluster() {
+        let keys = etcd_keys();
+        let pg1 = MemberRecord::parse(keys["/service/demo/members/pg1"].as_bytes()).expect("pg1");
+        assert!(pg1.is_primary_role() && pg1.is_running() && pg1.is_streaming());
+        assert_eq!(pg1.postgres_address(), Some(("127.0.0.1".to_owned(), 5441)));
+        assert_eq!(
+            pg1.api_url.as_deref(),
+            Some("http://127.0.0.1:8041/patroni")
+        );
+        let pg2 = MemberRecord::parse(keys["/service/demo/members/pg2"].as_bytes()).expect("pg2");
+        assert!(pg2.is_replica_role());
+        assert_eq!(pg2.xlog_location, Some(202_603_224));
+        assert!(!pg2.tag("noloadbalance"));
+    }
+
+    #[test]
+    fn dynamic_config_from_a_real_cluster() {
+        let keys = etcd_keys();
+        let config = DynamicConfig::parse(keys["/service/demo/config"].as_bytes()).expect("config");
+        assert_eq!(config.ttl_secs(), 20);
+        assert_eq!(config.failsafe_mode, None);
+        let failsafe = DynamicConfig::parse(br#"{"failsafe_mode": true}"#).expect("parse");
+        assert_eq!(failsafe.failsafe_mode, Some(true));
+        assert_eq!(failsafe.ttl_secs(), 30);
+    }
+
+    #[test]
+    fn rest_bodies_from_a_real_cluster() {
+        let capture = fixture("node-pg3-primary.txt");
+        let (status, body) = split_http_capture(&capture);
+        assert_eq!(status, 503);
+        let parsed = RestStatus::parse(body.as_bytes()).expect("body");
+        assert_eq!(parsed.role.as_deref(), Some("replica"));
+        assert_eq!(parsed.state.as_deref(), Some("running"));
+        let (status, _) = split_http_capture(&fixture("node-pg2-replica.txt"));
+        assert_eq!(status, 200);
+    }
+
+    #[test]
+    fn cluster_listing_becomes_member_records() {
+        let capture = fixture("node-pg2-cluster.txt");
+        let (_, body) = split_http_capture(&capture);
+        let listing = ClusterListing::parse(body.as_bytes()).expect("listing");
+        assert_eq!(listing.members.len(), 3);
+        let leader = listing.members[0].to_record();
+        assert!(leader.is_primary_role());
+        assert_eq!(
+            leader.postgres_address(),
+            Some(("127.0.0.1".to_owned(), 5441))
+        );
+        assert!(listing.members[1].to_record().is_replica_role());
+    }
+
+    #[test]
+    fn tags_and_states() {
+        let record = MemberRecord::parse(
+            br#"{"conn_url":"postgres://[::1]:6000/postgres","role":"replica","state":"running",
+                 "replication_state":"in archive recovery","tags":{"noloadbalance":"true"}}"#,
+        )
+        .expect("parse");
+        assert!(record.tag("noloadbalance"));
+        assert!(!record.is_streaming());
+        assert_eq!(record.postgres_address(), Some(("::1".to_owned(), 6000)));
+    }
+
+    #[test]
+    fn hostile_json_is_an_error_not_a_panic() {
+        for input in [&b""[..], b"{", b"{\"xlog_location\": -1}", b"\xff\xfe"] {
+            assert!(MemberRecord::parse(input).is_err(), "{input:?}");
+        }
+        // serde reads an empty array as a record with no fields: it has no
+        // address, so the fuser leaves it out.
+        assert_eq!(
+            MemberRecord::parse(b"[]").map(|r| r.postgres_address()),
+            Ok(None)
+        );
+        assert!(RestStatus::parse(b"null").is_err());
+        assert!(MemberRecord::parse(br#"{"conn_url": "not a url"}"#)
+            .expect("parses")
+            .postgres_address()
+            .is_none());
+    }
+}
