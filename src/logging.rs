@@ -3,6 +3,8 @@
 //! The filter comes from `RUST_LOG` when set, else from `[log] level`,
 //! else `info`.
 
+use std::io::IsTerminal;
+
 use tracing_subscriber::EnvFilter;
 
 use crate::config::LogFormat;
@@ -14,6 +16,7 @@ pub fn init(format: LogFormat, level: Option<&str>) {
         .unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),
