@@ -6,10 +6,12 @@
 
 #![allow(dead_code)]
 
+pub mod lab;
 pub mod pg;
 pub mod process;
 pub mod rolegate;
 pub mod wire;
+pub mod writer;
 
 use std::net::TcpListener;
 use std::time::{Duration, Instant};
@@ -65,4 +67,19 @@ pub async fn connect(conninfo: &str) -> Result<tokio_postgres::Client, tokio_pos
 /// The SQLSTATE of a tokio-postgres error, if the server sent one.
 pub fn sqlstate(e: &tokio_postgres::Error) -> Option<String> {
     e.as_db_error().map(|d| d.code().code().to_owned())
+}
+
+/// Connects and hands back the connection's own result, which carries an
+/// error the server sent while the session was idle (e.g. a FATAL).
+pub async fn connect_watched(
+    conninfo: &str,
+) -> Result<
+    (
+        tokio_postgres::Client,
+        tokio::task::JoinHandle<Result<(), tokio_postgres::Error>>,
+    ),
+    tokio_postgres::Error,
+> {
+    let (client, connection) = tokio_postgres::connect(conninfo, tokio_postgres::NoTls).await?;
+    Ok((client, tokio::spawn(connection)))
 }

@@ -1,0 +1,530 @@
+//! rolegate in front of a real Patroni cluster: routing by role, following
+//! switchovers and failovers, etcd loss, stopped replicas, tags, REST-only
+//! discovery. Tests change the cluster, so they run one at a time, each
+//! leaving the cluster healthy for the next.
+
+mod support;
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use libtest_mimic::{Arguments, Failed, Trial};
+use tokio::sync::watch;
+
+use support::lab::{Lab, MEMBERS};
+use support::rolegate::Rolegate;
+use support::{connect, connect_watched, conninfo, free_port, runtime, sqlstate, writer};
+
+struct Env {
+    lab: Lab,
+    root: PathBuf,
+}
+
+impl Env {
+    /// Starts rolegate in front of the lab with the given cluster lines.
+    fn rolegate(&self, name: &str, cluster_extra: &str) -> (Rolegate, u16, u16) {
+        let (rw, ro) = (free_port(), free_port());
+        let config = self.lab.rolegate_config(
+            rw,
+            ro,
+            cluster_extra,
+            "[log]\nformat = \"json\"\n\n[limits]\nhold_timeout = \"30s\"\n",
+        );
+        let rolegate = Rolegate::start(&self.root, name, &config, &[rw, ro]);
+        (rolegate, rw, ro)
+    }
+
+    fn default_rolegate(&self, name: &str) -> (Rolegate, u16, u16) {
+        self.rolegate(name, &self.lab.etcd_line())
+    }
+}
+
+type TestFn = fn(&Env) -> Result<(), Failed>;
+
+fn main() {
+    let mut args = Arguments::from_args();
+    // Tests take turns with the one cluster.
+    args.test_threads = Some(1);
+    let tests: &[(&str, TestFn)] = &[
+        (
+            "rw_reaches_the_leader_and_ro_alternates_replicas",
+            rw_reaches_the_leader_and_ro_alternates_replicas,
+        ),
+        (
+            "rest_only_cluster_routes_by_role",
+            rest_only_cluster_routes_by_role,
+        ),
+        (
+            "switchover_ends_old_write_sessions_and_holds_new_ones",
+            switchover_ends_old_write_sessions_and_holds_new_ones,
+        ),
+        (
+            "killed_leader_writes_resume_on_the_new_leader",
+            killed_leader_writes_resume_on_the_new_leader,
+        ),
+        (
+            "stopped_replica_leaves_the_rotation_and_its_sessions_end",
+            stopped_replica_leaves_the_rotation_and_its_sessions_end,
+        ),
+        (
+            "noloadbalance_member_gets_no_reads",
+            noloadbalance_member_gets_no_reads,
+        ),
+        (
+            "etcd_loss_falls_back_to_rest_checks",
+            etcd_loss_falls_back_to_rest_checks,
+        ),
+    ];
+    let env = (!args.list).then(|| {
+        let root = std::env::temp_dir().join(format!("rolegate-patroni-{}", std::process::id()));
+        std::fs::create_dir_all(&root).expect("test root");
+        std::sync::Arc::new(Env {
+            lab: Lab::ensure_up(),
+            root,
+        })
+    });
+    let trials = tests
+        .iter()
+        .map(|&(name, test)| {
+            let env = env.clone();
+            Trial::test(name, move || {
+                let Some(env) = env else { return Ok(()) };
+                let result = test(&env);
+                // Whatever happened, hand the next test a healthy cluster.
+                env.lab.run(&["wait"]);
+                result
+            })
+        })
+        .collect();
+    let conclusion = libtest_mimic::run(&args, trials);
+    if let Some(env) = env {
+        let _ = std::fs::remove_dir_all(&env.root);
+    }
+    conclusion.exit();
+}
+
+fn check(condition: bool, message: impl Into<String>) -> Result<(), Failed> {
+    if condition {
+        Ok(())
+    } else {
+        Err(message.into().into())
+    }
+}
+
+/// The port of the server a new session on `port` reaches, and whether it
+/// is in recovery.
+async fn reached(port: u16) -> Result<(u16, bool), Failed> {
+    let client = connect(&conninfo(port, "app", "app")).await?;
+    let row = client
+        .query_one("select inet_server_port(), pg_is_in_recovery()", &[])
+        .await?;
+    Ok((row.get::<_, i32>(0) as u16, row.get(1)))
+}
+
+/// Polls until a new rw session reaches a member that is not in recovery
+/// and is not `not`; returns that member.
+async fn wait_for_writable_leader(
+    env: &Env,
+    rw: u16,
+    not: Option<&str>,
+    limit: Duration,
+) -> Result<String, Failed> {
+    let started = Instant::now();
+    loop {
+        if let Ok((port, false)) = reached(rw).await {
+            if let Some(member) = env.lab.member_of_port(port) {
+                if Some(member) != not {
+                    return Ok(member.to_owned());
+                }
+            }
+        }
+        if started.elapsed() > limit {
+            return Err(format!("no writable leader other than {not:?} within {limit:?}").into());
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Waits until the ro port spreads sessions over exactly `expected`.
+async fn wait_for_readers(
+    env: &Env,
+    ro: u16,
+    expected: &[&str],
+    limit: Duration,
+) -> Result<(), Failed> {
+    let started = Instant::now();
+    let mut want: Vec<_> = expected.to_vec();
+    want.sort();
+    loop {
+        let mut seen = Vec::new();
+        for _ in 0..(2 * expected.len()).max(2) {
+            if let Ok((port, true)) = reached(ro).await {
+                seen.extend(env.lab.member_of_port(port));
+            }
+        }
+        seen.sort();
+        seen.dedup();
+        if seen == want {
+            return Ok(());
+        }
+        if started.elapsed() > limit {
+            return Err(format!("ro sessions reached {seen:?}, expected {want:?}").into());
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
+fn replicas_of(leader: &str) -> Vec<&'static str> {
+    MEMBERS.into_iter().filter(|m| *m != leader).collect()
+}
+
+fn rw_reaches_the_leader_and_ro_alternates_replicas(env: &Env) -> Result<(), Failed> {
+    let (_rolegate, rw, ro) = env.default_rolegate("routing");
+    let leader = env.lab.leader();
+    runtime().block_on(async {
+        for _ in 0..3 {
+            let (port, recovery) = reached(rw).await?;
+            check(!recovery, "rw session in recovery")?;
+            check(
+                port == env.lab.pg_port(&leader),
+                format!("rw reached {port}, leader is {leader}"),
+            )?;
+        }
+        let mut ports = Vec::new();
+        for _ in 0..4 {
+            let (port, recovery) = reached(ro).await?;
+            check(recovery, "ro session not on a replica")?;
+            ports.push(port);
+        }
+        check(
+            ports[0] != ports[1] && ports[0] == ports[2] && ports[1] == ports[3],
+            format!("ro sessions did not alternate: {ports:?}"),
+        )?;
+        let mut members: Vec<_> = ports
+            .iter()
+            .filter_map(|p| env.lab.member_of_port(*p))
+            .collect();
+        members.sort();
+        members.dedup();
+        check(
+            members == replicas_of(&leader),
+            format!("ro reached {members:?}"),
+        )
+    })
+}
+
+fn rest_only_cluster_routes_by_role(env: &Env) -> Result<(), Failed> {
+    let (_rolegate, rw, ro) = env.rolegate("rest-only", &env.lab.patroni_line());
+    let leader = env.lab.leader();
+    runtime().block_on(async {
+        let member = wait_for_writable_leader(env, rw, None, Duration::from_secs(20)).await?;
+        check(
+            member == leader,
+            format!("rw reached {member}, leader is {leader}"),
+        )?;
+        wait_for_readers(env, ro, &replicas_of(&leader), Duration::from_secs(20)).await
+    })
+}
+
+/// Seconds between two JSON log lines' timestamps of the same day.
+fn seconds_of_day(timestamp: &str) -> Option<f64> {
+    let time = timestamp.split('T').nth(1)?.trim_end_matches('Z');
+    let mut parts = time.split(':');
+    let (h, m, s): (f64, f64, f64) = (
+        parts.next()?.parse().ok()?,
+        parts.next()?.parse().ok()?,
+        parts.next()?.parse().ok()?,
+    );
+    Some(h * 3600.0 + m * 60.0 + s)
+}
+
+/// From rolegate's JSON log: the time from the etcd leader-key change to
+/// the new leader's confirmation, and to the first session opened on it.
+fn leader_change_timings(log: &str, new_leader: &str) -> (Option<f64>, Option<f64>) {
+    let lines: Vec<serde_json::Value> = log
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    let at = |pred: &dyn Fn(&serde_json::Value) -> bool| {
+        lines
+            .iter()
+            .find(|l| pred(l))
+            .and_then(|l| l["timestamp"].as_str())
+            .and_then(seconds_of_day)
+    };
+    let key_moved = at(&|l| l["message"] == "etcd leader key changed" && l["to"] == new_leader);
+    let confirmed = at(&|l| l["message"] == "confirmed leader changed" && l["to"] == new_leader);
+    let first_session = at(&|l| {
+        l["message"] == "session open"
+            && l["span"]["member"] == new_leader
+            && l["span"]["listener"].as_str().is_some()
+    });
+    let since = |t: Option<f64>| key_moved.zip(t).map(|(a, b)| b - a);
+    (since(confirmed), since(first_session))
+}
+
+fn switchover_ends_old_write_sessions_and_holds_new_ones(env: &Env) -> Result<(), Failed> {
+    let (rolegate, rw, _ro) = env.default_rolegate("switchover");
+    let old_leader = env.lab.leader();
+    let rt = runtime();
+    rt.block_on(async {
+        writer::prepare(&conninfo(rw, "app", "app")).await?;
+        let (open, connection) = connect_watched(&conninfo(rw, "app", "app")).await?;
+        open.simple_query("select 1").await?;
+
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let writer_conninfo = format!("{} connect_timeout=1", conninfo(rw, "app", "app"));
+        let writer = tokio::spawn(writer::run(writer_conninfo, 1_000_000, stop_rx.clone()));
+
+        // New clients keep arriving during the switchover, with patience:
+        // they must be held, then served by the new leader, never refused.
+        let connector = {
+            let mut stop = stop_rx.clone();
+            tokio::spawn(async move {
+                let (mut served, mut refused, mut on_replica) = (0u32, Vec::new(), 0u32);
+                loop {
+                    match reached(rw).await {
+                        Ok((_, false)) => served += 1,
+                        Ok((_, true)) => on_replica += 1,
+                        Err(e) => refused.push(format!("{e:?}")),
+                    }
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+                        _ = stop.changed() => return (served, refused, on_replica),
+                    }
+                }
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(500)).await;
+
+        let lab = env.lab.clone();
+        let new_leader = tokio::task::spawn_blocking(move || lab.run(&["switchover"]))
+            .await?
+            .lines()
+            .last()
+            .unwrap_or_default()
+            .to_owned();
+        check(
+            new_leader != old_leader && MEMBERS.contains(&new_leader.as_str()),
+            format!("new leader {new_leader:?}"),
+        )?;
+        let member =
+            wait_for_writable_leader(env, rw, Some(&old_leader), Duration::from_secs(20)).await?;
+        check(
+            member == new_leader,
+            format!("rw reached {member}, new leader is {new_leader}"),
+        )?;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let _ = stop_tx.send(true);
+        let stats = writer.await?;
+        let (served, refused, on_replica) = connector.await?;
+
+        // The session that was open on the old leader was ended by rolegate
+        // with a FATAL naming the new leader.
+        let ended = tokio::time::timeout(Duration::from_secs(5), connection).await;
+        let err = match ended {
+            Ok(Ok(Err(e))) => e,
+            other => {
+                return Err(
+                    format!("old write session was not ended with an error: {other:?}").into(),
+                )
+            }
+        };
+        let db = err
+            .as_db_error()
+            .ok_or(format!("not a server error: {err}"))?;
+        check(
+            db.code().code() == "57P01",
+            format!("sqlstate {}", db.code().code()),
+        )?;
+        check(
+            db.message().contains(&new_leader) && db.message().contains(&old_leader),
+            format!("message does not name both leaders: {}", db.message()),
+        )?;
+
+        check(
+            refused.is_empty(),
+            format!("new connections were refused: {refused:?}"),
+        )?;
+        check(
+            on_replica == 0,
+            format!("{on_replica} new connections reached a replica"),
+        )?;
+        check(served > 0, "no connection was served")?;
+        check(
+            stats.misrouted == 0,
+            format!("{} writes were misrouted", stats.misrouted),
+        )?;
+        let missing =
+            writer::missing_rows(&conninfo(rw, "app", "app"), &stats.acknowledged).await?;
+        check(
+            missing == 0,
+            format!("{missing} acknowledged rows are missing"),
+        )?;
+        check(
+            stats.longest_gap < Duration::from_secs(15),
+            format!("writes stopped for {:?}", stats.longest_gap),
+        )?;
+        let (confirmed, first_session) = leader_change_timings(&rolegate.log(), &new_leader);
+        println!(
+            "switchover {old_leader} -> {new_leader}: write-unavailability window {:?}, \
+             failed connects {}, failed writes {}, acknowledged {}, missing {missing}; \
+             leader key -> confirmed {:?}s, leader key -> first write session {:?}s; \
+             clients held and served {served}",
+            stats.longest_gap,
+            stats.failed_connects,
+            stats.failed_writes,
+            stats.acknowledged.len(),
+            confirmed,
+            first_session,
+        );
+        Ok(())
+    })
+}
+
+fn killed_leader_writes_resume_on_the_new_leader(env: &Env) -> Result<(), Failed> {
+    let (_rolegate, rw, _ro) = env.default_rolegate("kill");
+    let old_leader = env.lab.leader();
+    runtime().block_on(async {
+        writer::prepare(&conninfo(rw, "app", "app")).await?;
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let writer_conninfo = format!("{} connect_timeout=1", conninfo(rw, "app", "app"));
+        let writer = tokio::spawn(writer::run(writer_conninfo, 2_000_000, stop_rx));
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let lab = env.lab.clone();
+        let killed = tokio::task::spawn_blocking(move || lab.run(&["kill-leader", "--no-restart"]))
+            .await?
+            .lines()
+            .last()
+            .unwrap_or_default()
+            .to_owned();
+        check(killed == old_leader, format!("killed {killed}, leader was {old_leader}"))?;
+        let new_leader = wait_for_writable_leader(env, rw, Some(&old_leader), Duration::from_secs(60)).await?;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let _ = stop_tx.send(true);
+        let stats = writer.await?;
+        check(stats.misrouted == 0, format!("{} writes were misrouted", stats.misrouted))?;
+        let missing = writer::missing_rows(&conninfo(rw, "app", "app"), &stats.acknowledged).await?;
+        println!(
+            "kill -9 of {old_leader}: writes resumed on {new_leader}; write-unavailability window {:?}, \
+             failed connects {}, failed writes {}, acknowledged {}, missing after failover {missing} \
+             (asynchronous replication may lose the last commits of a killed leader)",
+            stats.longest_gap,
+            stats.failed_connects,
+            stats.failed_writes,
+            stats.acknowledged.len(),
+        );
+        Ok::<(), Failed>(())
+    })?;
+    env.lab.run(&["start-member", &old_leader]);
+    Ok(())
+}
+
+fn stopped_replica_leaves_the_rotation_and_its_sessions_end(env: &Env) -> Result<(), Failed> {
+    let (_rolegate, _rw, ro) = env.default_rolegate("replica-stop");
+    let leader = env.lab.leader();
+    let replicas = replicas_of(&leader);
+    let (victim, survivor) = (replicas[0], replicas[1]);
+    runtime().block_on(async {
+        // Open read sessions until one sits on the victim.
+        let mut on_victim = None;
+        for _ in 0..4 {
+            let (client, connection) = connect_watched(&conninfo(ro, "app", "app")).await?;
+            let row = client.query_one("select inet_server_port()", &[]).await?;
+            if env.lab.member_of_port(row.get::<_, i32>(0) as u16) == Some(victim) {
+                on_victim = Some((client, connection));
+                break;
+            }
+        }
+        let (client, connection) = on_victim.ok_or("no read session reached the victim")?;
+        let lab = env.lab.clone();
+        tokio::task::spawn_blocking(move || lab.run(&["stop-member", victim])).await?;
+        let ended = tokio::time::timeout(Duration::from_secs(20), connection).await;
+        check(
+            matches!(ended, Ok(Ok(Err(_)))),
+            format!("session on {victim} did not end with an error: {ended:?}"),
+        )?;
+        check(
+            client.simple_query("select 1").await.is_err(),
+            "the session is closed",
+        )?;
+        wait_for_readers(env, ro, &[survivor], Duration::from_secs(30)).await?;
+        let lab = env.lab.clone();
+        tokio::task::spawn_blocking(move || {
+            lab.run(&["start-member", victim]);
+            lab.run(&["wait"]);
+        })
+        .await?;
+        wait_for_readers(env, ro, &replicas, Duration::from_secs(30)).await
+    })
+}
+
+fn noloadbalance_member_gets_no_reads(env: &Env) -> Result<(), Failed> {
+    let (_rolegate, _rw, ro) = env.default_rolegate("noloadbalance");
+    let leader = env.lab.leader();
+    let replicas = replicas_of(&leader);
+    let (tagged, other) = (replicas[0], replicas[1]);
+    env.lab.run(&["tag", tagged, "noloadbalance", "true"]);
+    let result = runtime().block_on(async {
+        wait_for_readers(env, ro, &[other], Duration::from_secs(30)).await?;
+        for _ in 0..4 {
+            let (port, _) = reached(ro).await?;
+            check(
+                env.lab.member_of_port(port) == Some(other),
+                format!("a read reached {port}"),
+            )?;
+        }
+        Ok::<(), Failed>(())
+    });
+    env.lab.run(&["tag", tagged, "noloadbalance", "false"]);
+    result?;
+    runtime().block_on(wait_for_readers(
+        env,
+        ro,
+        &replicas,
+        Duration::from_secs(30),
+    ))
+}
+
+fn etcd_loss_falls_back_to_rest_checks(env: &Env) -> Result<(), Failed> {
+    let (rolegate, rw, ro) = env.rolegate(
+        "etcd-loss",
+        &format!("{}\non_etcd_loss = \"patroni\"", env.lab.etcd_line()),
+    );
+    let leader = env.lab.leader();
+    // With failsafe_mode, Patroni keeps its primary while etcd is away, so
+    // the cluster stays writable and rolegate must keep routing to it.
+    env.lab.run(&["failsafe", "on"]);
+    env.lab.run(&["stop-etcd"]);
+    let result = runtime().block_on(async {
+        let started = Instant::now();
+        while !rolegate.log().contains("etcd is unreachable") {
+            check(
+                started.elapsed() < Duration::from_secs(15),
+                "rolegate did not notice etcd loss",
+            )?;
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        // Past Patroni's retry_timeout: a non-failsafe leader would demote now.
+        tokio::time::sleep(Duration::from_secs(8)).await;
+        let (port, recovery) = reached(rw).await?;
+        check(!recovery, "rw reached a server in recovery")?;
+        check(
+            port == env.lab.pg_port(&leader),
+            format!("rw reached {port}, leader is {leader}"),
+        )?;
+        let (_, recovery) = reached(ro).await?;
+        check(recovery, "ro reached the primary")?;
+        let err = connect(&conninfo(rw, "app", "wrong"))
+            .await
+            .err()
+            .ok_or("bad password accepted")?;
+        check(
+            sqlstate(&err).as_deref() == Some("28P01"),
+            "authentication still relayed",
+        )
+    });
+    env.lab.run(&["start-etcd"]);
+    env.lab.run(&["failsafe", "off"]);
+    result
+}

@@ -1,0 +1,118 @@
+//! A client that writes a row every 20 ms through a rolegate rw port,
+//! reconnecting (1 s connect timeout) whenever its session fails: what an
+//! application sees during a failover.
+//!
+//! It records every acknowledged row, the longest gap between two
+//! acknowledged writes (the write-unavailability window), failed connection
+//! attempts, and misroutes: sessions that landed on a server in recovery,
+//! or writes refused as read-only.
+
+use std::time::{Duration, Instant};
+
+use tokio::sync::watch;
+
+use super::connect;
+
+pub const TABLE: &str = "failover_probe";
+const CADENCE: Duration = Duration::from_millis(20);
+
+#[derive(Debug, Default)]
+pub struct WriterStats {
+    pub acknowledged: Vec<i64>,
+    pub failed_connects: u32,
+    pub failed_writes: u32,
+    pub misrouted: u32,
+    pub longest_gap: Duration,
+    /// When the longest gap ended.
+    pub longest_gap_end: Option<Instant>,
+}
+
+/// Creates the probe table (idempotent) through `conninfo`.
+pub async fn prepare(conninfo: &str) -> Result<(), tokio_postgres::Error> {
+    let client = connect(conninfo).await?;
+    client
+        .batch_execute(&format!(
+            "create table if not exists {TABLE} (seq bigint primary key, at timestamptz default now())"
+        ))
+        .await
+}
+
+/// Writes until `stop` turns true; `conninfo` should carry
+/// `connect_timeout=1`.
+pub async fn run(conninfo: String, seq_base: i64, mut stop: watch::Receiver<bool>) -> WriterStats {
+    let mut stats = WriterStats::default();
+    let mut client: Option<tokio_postgres::Client> = None;
+    let mut last_ok: Option<Instant> = None;
+    let mut seq = seq_base;
+    let mut ticker = tokio::time::interval(CADENCE);
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {}
+            _ = stop.changed() => {}
+        }
+        if *stop.borrow() {
+            return stats;
+        }
+        let session = match client.take() {
+            Some(session) => session,
+            None => match connect(&conninfo).await {
+                Ok(session) => match session.query_one("select pg_is_in_recovery()", &[]).await {
+                    Ok(row) if !row.get::<_, bool>(0) => session,
+                    Ok(_) => {
+                        stats.misrouted += 1;
+                        continue;
+                    }
+                    Err(_) => {
+                        stats.failed_connects += 1;
+                        continue;
+                    }
+                },
+                Err(_) => {
+                    stats.failed_connects += 1;
+                    continue;
+                }
+            },
+        };
+        seq += 1;
+        match session
+            .execute(&format!("insert into {TABLE} (seq) values ($1)"), &[&seq])
+            .await
+        {
+            Ok(_) => {
+                let now = Instant::now();
+                if let Some(previous) = last_ok {
+                    let gap = now - previous;
+                    if gap > stats.longest_gap {
+                        stats.longest_gap = gap;
+                        stats.longest_gap_end = Some(now);
+                    }
+                }
+                last_ok = Some(now);
+                stats.acknowledged.push(seq);
+                client = Some(session);
+            }
+            Err(e) => {
+                if e.code().map(|c| c.code()) == Some("25006") {
+                    stats.misrouted += 1;
+                }
+                stats.failed_writes += 1;
+            }
+        }
+    }
+}
+
+/// How many of `acknowledged` are missing from the table.
+pub async fn missing_rows(
+    conninfo: &str,
+    acknowledged: &[i64],
+) -> Result<usize, tokio_postgres::Error> {
+    let client = connect(conninfo).await?;
+    let row = client
+        .query_one(
+            &format!("select count(*) from {TABLE} where seq = any($1)"),
+            &[&acknowledged],
+        )
+        .await?;
+    let present: i64 = row.get(0);
+    Ok(acknowledged.len() - present as usize)
+}
