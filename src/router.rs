@@ -154,6 +154,11 @@ pub enum Misfit {
         old: Arc<str>,
         new: Option<Arc<str>>,
     },
+    /// A write session's member is handing over in a planned switchover.
+    Switchover {
+        old: Arc<str>,
+        candidate: Option<Arc<str>>,
+    },
     /// A read session's member left the view or failed its checks.
     MemberUnavailable { member: Arc<str> },
 }
@@ -176,6 +181,14 @@ impl Misfit {
                 ),
             )
             .with_hint("Reconnect; rolegate holds new sessions until a new primary is confirmed."),
+            Self::Switchover { old, candidate } => ProtocolError::new(
+                SqlState::ADMIN_SHUTDOWN,
+                format!(
+                    "terminating connection because cluster \"{cluster}\" is switching over from {old} to {}",
+                    candidate.as_deref().unwrap_or("another member")
+                ),
+            )
+            .with_hint("Reconnect; rolegate holds new sessions until the new primary is confirmed."),
             Self::MemberUnavailable { member } => ProtocolError::new(
                 SqlState::ADMIN_SHUTDOWN,
                 format!(
@@ -195,9 +208,13 @@ impl Misfit {
 /// promoted keeps its readers, and rising lag does not end a session.
 pub fn check_fit(role: ListenerRole, view: &ClusterView, member: &str) -> Result<(), Misfit> {
     match role {
-        ListenerRole::Primary => match view.leader() {
-            Some(leader) if &*leader.name == member => Ok(()),
-            other => Err(Misfit::LeaderChanged {
+        ListenerRole::Primary => match (view.leader(), &view.handover) {
+            (Some(leader), _) if &*leader.name == member => Ok(()),
+            (None, Some(handover)) if &*handover.from == member => Err(Misfit::Switchover {
+                old: member.into(),
+                candidate: handover.to.clone(),
+            }),
+            (other, _) => Err(Misfit::LeaderChanged {
                 old: member.into(),
                 new: other.map(|m| m.name.clone()),
             }),
@@ -357,6 +374,22 @@ mod tests {
         assert_eq!(check_fit(ListenerRole::Primary, &v, "pg2"), Ok(()));
         let err = check_fit(ListenerRole::Primary, &view(None), "pg1").expect_err("no leader");
         assert!(err.to_error("demo").message.contains("no new leader"));
+    }
+
+    #[test]
+    fn write_sessions_end_at_a_requested_switchover() {
+        let v = view(None).with_handover(Some(crate::topology::Handover {
+            from: "pg1".into(),
+            to: Some("pg3".into()),
+        }));
+        let misfit = check_fit(ListenerRole::Primary, &v, "pg1").expect_err("handover");
+        let error = misfit.to_error("demo");
+        assert_eq!(error.sqlstate, SqlState::ADMIN_SHUTDOWN);
+        assert!(
+            error.message.contains("from pg1 to pg3"),
+            "{}",
+            error.message
+        );
     }
 
     #[test]

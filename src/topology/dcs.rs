@@ -10,7 +10,7 @@
 
 use std::collections::BTreeMap;
 
-use super::patroni_data::{DynamicConfig, MemberRecord};
+use super::patroni_data::{DynamicConfig, FailoverIntent, MemberRecord};
 
 /// What an applied key event changed.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -26,6 +26,8 @@ pub enum DcsChange {
     MemberData(String),
     Config,
     Optime,
+    /// A switchover or failover was requested or finished.
+    Failover,
     /// A key rolegate does not act on.
     Other,
 }
@@ -37,6 +39,8 @@ pub struct DcsState {
     pub config: DynamicConfig,
     /// The leader's last published WAL position.
     pub optime: Option<u64>,
+    /// A pending switchover or failover request.
+    pub failover: Option<FailoverIntent>,
 }
 
 impl DcsState {
@@ -76,6 +80,10 @@ impl DcsState {
                     .and_then(|v| v.get("optime").and_then(serde_json::Value::as_u64));
                 DcsChange::Optime
             }
+            "failover" => {
+                self.failover = FailoverIntent::parse(value);
+                DcsChange::Failover
+            }
             "optime/leader" => {
                 self.optime = std::str::from_utf8(value)
                     .ok()
@@ -104,6 +112,10 @@ impl DcsState {
             Some("config") => {
                 self.config = DynamicConfig::default();
                 DcsChange::Config
+            }
+            Some("failover") => {
+                self.failover = None;
+                DcsChange::Failover
             }
             Some(name) => match name.strip_prefix("members/") {
                 Some(member) if !member.is_empty() => self.remove_member(member),
@@ -246,9 +258,19 @@ mod tests {
             DcsChange::Other
         );
         assert_eq!(
-            state.apply_put(PREFIX, b"/service/demo/failover", b"{}"),
-            DcsChange::Other
+            state.apply_put(
+                PREFIX,
+                b"/service/demo/failover",
+                br#"{"leader":"pg3","member":"pg1"}"#
+            ),
+            DcsChange::Failover
         );
+        assert!(state.failover.is_some());
+        assert_eq!(
+            state.apply_put(PREFIX, b"/service/demo/failover", b"{}"),
+            DcsChange::Failover
+        );
+        assert!(state.failover.is_none());
     }
 
     #[test]

@@ -228,6 +228,15 @@ impl Follower {
                                 self.bursts.remove(&member);
                             }
                         }
+                        DcsChange::Failover => {
+                            // A switchover starts with the leader stepping
+                            // down: watch it and its candidate closely.
+                            if let Some(intent) = self.directory.failover.clone() {
+                                for member in intent.leader.iter().chain(intent.member.iter()) {
+                                    self.start_burst(member, now, checked);
+                                }
+                            }
+                        }
                         DcsChange::MemberData(_)
                         | DcsChange::Config
                         | DcsChange::Optime

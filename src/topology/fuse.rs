@@ -27,7 +27,7 @@ use tokio::time::{Duration, Instant};
 
 use super::dcs::DcsState;
 use super::patroni_data::RestStatus;
-use super::view::{ClusterView, Member, MemberRole};
+use super::view::{ClusterView, Handover, Member, MemberRole};
 use crate::config::{EtcdLossPolicy, LeaderPolicy};
 
 /// Consecutive failed REST checks before a member counts as unreachable:
@@ -160,7 +160,8 @@ pub fn rule(input: &FuseInput<'_>) -> Rule {
 /// Builds the view for `input`.
 pub fn fuse(input: &FuseInput<'_>) -> ClusterView {
     let rule = rule(input);
-    let leader = confirmed_leader(input, rule);
+    let handover = handover(input.directory, rule);
+    let leader = confirmed_leader(input, rule, handover.as_ref());
     let uses_rest = rule.uses_rest();
     let directory = input.directory;
     let leader_wal = directory.leader_wal_position();
@@ -212,15 +213,41 @@ pub fn fuse(input: &FuseInput<'_>) -> ClusterView {
         members,
         leader_name.as_deref(),
         true,
-    );
+    )
+    .with_handover(handover);
     match reason {
         Some(reason) => view.with_no_leader_reason(reason),
         None => view,
     }
 }
 
+/// A switchover Patroni is carrying out now, away from the leader-key
+/// holder. Patroni stops that member's PostgreSQL (ending its sessions)
+/// before etcd shows any other sign, so this request is the earliest
+/// moment to stop sending it writes.
+fn handover(directory: &DcsState, rule: Rule) -> Option<Handover> {
+    if !matches!(
+        rule,
+        Rule::Policy(LeaderPolicy::Etcd | LeaderPolicy::EtcdAndPatroni)
+    ) {
+        return None;
+    }
+    let leader = directory.leader.as_deref()?;
+    let intent = directory.failover.as_ref()?;
+    intent
+        .is_immediate_switchover_from(leader)
+        .then(|| Handover {
+            from: leader.into(),
+            to: intent.member.as_deref().map(Arc::from),
+        })
+}
+
 /// The confirmed leader's name, or why there is none.
-fn confirmed_leader(input: &FuseInput<'_>, rule: Rule) -> Result<String, String> {
+fn confirmed_leader(
+    input: &FuseInput<'_>,
+    rule: Rule,
+    handover: Option<&Handover>,
+) -> Result<String, String> {
     let directory = input.directory;
     let rest_of = |name: &str| input.rest.get(name);
     let claimants = || -> Vec<&str> {
@@ -244,7 +271,16 @@ fn confirmed_leader(input: &FuseInput<'_>, rule: Rule) -> Result<String, String>
             )),
         },
         Rule::Policy(policy) => {
-            let leader = etcd_leader(directory)?;
+            if let Some(handover) = handover {
+                return Err(format!(
+                    "a switchover from {} to {} is in progress",
+                    handover.from,
+                    handover.to.as_deref().unwrap_or("another member")
+                ));
+            }
+            // With a REST confirmation to come, a freshly promoted member
+            // need not wait for Patroni to rewrite its record as "master".
+            let leader = etcd_leader(directory, policy == LeaderPolicy::EtcdAndPatroni)?;
             if policy == LeaderPolicy::EtcdAndPatroni {
                 let fresh = rest_of(&leader).is_some_and(|r| {
                     r.claims_primary()
@@ -286,7 +322,7 @@ fn confirmed_leader(input: &FuseInput<'_>, rule: Rule) -> Result<String, String>
     }
 }
 
-fn etcd_leader(directory: &DcsState) -> Result<String, String> {
+fn etcd_leader(directory: &DcsState, accept_promoted: bool) -> Result<String, String> {
     let leader = directory
         .leader
         .clone()
@@ -295,7 +331,8 @@ fn etcd_leader(directory: &DcsState) -> Result<String, String> {
         .members
         .get(&leader)
         .ok_or_else(|| format!("the leader key names {leader}, which has no member record"))?;
-    if !record.is_primary_role() || !record.is_running() {
+    let primary = record.is_primary_role() || (accept_promoted && record.is_promoted_role());
+    if !primary || !record.is_running() {
         return Err(format!(
             "{leader} holds the leader key but is not a running primary yet (role {}, state {})",
             record.role.as_deref().unwrap_or("unknown"),
@@ -309,7 +346,7 @@ fn etcd_leader(directory: &DcsState) -> Result<String, String> {
 mod tests {
     use super::*;
     use crate::topology::dcs::DcsState;
-    use crate::topology::patroni_data::{fixture, split_http_capture, RestStatus};
+    use crate::topology::patroni_data::{fixture, split_http_capture, FailoverIntent, RestStatus};
 
     const PREFIX: &str = "/service/demo/";
 
@@ -495,16 +532,48 @@ mod tests {
     }
 
     #[test]
-    fn leader_key_holder_still_promoting_is_not_writable() {
+    fn leader_key_holder_still_promoting() {
         let mut case = Case::new();
         case.directory.leader = Some("pg3".into());
         if let Some(m) = case.directory.members.get_mut("pg3") {
             m.role = Some("promoted".into());
         }
+        case.set_rest("pg1", Some(false), Some(true));
+        // The etcd policy waits for the record to say "master".
         case.policy = LeaderPolicy::Etcd;
         assert_eq!(case.leader(), None);
         let reason = case.view().no_leader_reason.unwrap_or_default();
         assert!(reason.contains("promoted"), "{reason}");
+        // etcd+patroni takes REST's word that promotion finished.
+        case.policy = LeaderPolicy::EtcdAndPatroni;
+        assert_eq!(case.leader(), None, "REST has not confirmed yet");
+        case.set_rest("pg3", Some(true), Some(false));
+        assert_eq!(case.leader().as_deref(), Some("pg3"));
+    }
+
+    #[test]
+    fn a_requested_switchover_stops_writes_to_the_old_leader() {
+        let mut case = Case::new();
+        case.directory.failover = FailoverIntent::parse(br#"{"leader":"pg1","member":"pg3"}"#);
+        let view = case.view();
+        assert!(view.leader().is_none());
+        assert_eq!(
+            view.handover,
+            Some(Handover {
+                from: "pg1".into(),
+                to: Some("pg3".into())
+            })
+        );
+        assert_eq!(case.readable(), ["pg2", "pg3"], "reads are unaffected");
+        // A scheduled switchover changes nothing until Patroni acts.
+        case.directory.failover = FailoverIntent::parse(
+            br#"{"leader":"pg1","member":"pg3","scheduled_at":"2030-01-01T00:00:00+00:00"}"#,
+        );
+        assert_eq!(case.leader().as_deref(), Some("pg1"));
+        // REST-only routing has no failover key to read.
+        case.directory.failover = FailoverIntent::parse(br#"{"leader":"pg1"}"#);
+        case.policy = LeaderPolicy::Patroni;
+        assert_eq!(case.leader().as_deref(), Some("pg1"));
     }
 
     #[test]

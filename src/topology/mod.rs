@@ -27,7 +27,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 
-pub use view::{ClusterView, Member, MemberRole};
+pub use view::{ClusterView, Handover, Member, MemberRole};
 
 /// The published views of every configured cluster.
 pub struct Topology {

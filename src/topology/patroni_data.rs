@@ -51,6 +51,12 @@ impl MemberRecord {
         matches!(self.role.as_deref(), Some("master" | "primary"))
     }
 
+    /// Patroni has asked PostgreSQL to promote; the record says "master"
+    /// only from Patroni's next loop on.
+    pub fn is_promoted_role(&self) -> bool {
+        self.role.as_deref() == Some("promoted")
+    }
+
     pub fn is_replica_role(&self) -> bool {
         matches!(
             self.role.as_deref(),
@@ -106,6 +112,33 @@ impl DynamicConfig {
     /// Patroni's default leader-key TTL is 30 s.
     pub fn ttl_secs(&self) -> u64 {
         self.ttl.unwrap_or(30)
+    }
+}
+
+/// The value of the `failover` key: a requested switchover (with `leader`)
+/// or failover, possibly to a named candidate (`member`), possibly at a
+/// later time (`scheduled_at`). Patroni deletes or empties it when done.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+pub struct FailoverIntent {
+    #[serde(default)]
+    pub leader: Option<String>,
+    #[serde(default, alias = "candidate")]
+    pub member: Option<String>,
+    #[serde(default)]
+    pub scheduled_at: Option<String>,
+}
+
+impl FailoverIntent {
+    /// Parses the key's value; `{}`, `null` and malformed values mean no
+    /// request.
+    pub fn parse(json: &[u8]) -> Option<Self> {
+        let intent: Self = serde_json::from_slice(json).ok()?;
+        (intent.leader.is_some() || intent.member.is_some()).then_some(intent)
+    }
+
+    /// A switchover away from `leader` that Patroni carries out now.
+    pub fn is_immediate_switchover_from(&self, leader: &str) -> bool {
+        self.leader.as_deref() == Some(leader) && self.scheduled_at.is_none()
     }
 }
 
@@ -278,6 +311,23 @@ mod tests {
             Some(("127.0.0.1".to_owned(), 5441))
         );
         assert!(listing.members[1].to_record().is_replica_role());
+    }
+
+    #[test]
+    fn failover_intents() {
+        let intent = FailoverIntent::parse(br#"{"leader":"pg1"}"#).expect("switchover");
+        assert!(intent.is_immediate_switchover_from("pg1"));
+        assert!(!intent.is_immediate_switchover_from("pg2"));
+        let intent = FailoverIntent::parse(br#"{"leader":"pg1","member":"pg3"}"#).expect("parse");
+        assert_eq!(intent.member.as_deref(), Some("pg3"));
+        let later = FailoverIntent::parse(
+            br#"{"leader":"pg1","member":"pg3","scheduled_at":"2030-01-01T00:00:00+00:00"}"#,
+        )
+        .expect("parse");
+        assert!(!later.is_immediate_switchover_from("pg1"));
+        assert_eq!(FailoverIntent::parse(b"{}"), None);
+        assert_eq!(FailoverIntent::parse(b"null"), None);
+        assert_eq!(FailoverIntent::parse(b"pg1:pg3"), None);
     }
 
     #[test]

@@ -62,6 +62,14 @@ impl fmt::Display for Member {
     }
 }
 
+/// A planned switchover under way: `from` is stepping down, `to` is the
+/// candidate when the request named one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Handover {
+    pub from: Arc<str>,
+    pub to: Option<Arc<str>>,
+}
+
 /// The fused, immutable view of one cluster at one moment.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ClusterView {
@@ -71,6 +79,8 @@ pub struct ClusterView {
     leader: Option<usize>,
     /// Why there is no confirmed leader, for error messages and logs.
     pub no_leader_reason: Option<String>,
+    /// A switchover that has been requested but not completed.
+    pub handover: Option<Handover>,
     /// False for a static cluster: the view will never change, so holding a
     /// session for a better view is pointless.
     pub dynamic: bool,
@@ -94,8 +104,14 @@ impl ClusterView {
             members,
             leader,
             no_leader_reason,
+            handover: None,
             dynamic,
         }
+    }
+
+    pub fn with_handover(mut self, handover: Option<Handover>) -> Self {
+        self.handover = handover;
+        self
     }
 
     pub fn with_no_leader_reason(mut self, reason: impl Into<String>) -> Self {
