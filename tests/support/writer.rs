@@ -22,17 +22,20 @@ pub struct WriterStats {
     pub failed_connects: u32,
     pub failed_writes: u32,
     pub misrouted: u32,
+    /// The first failed write's error, for diagnosis.
+    pub first_write_error: Option<String>,
     pub longest_gap: Duration,
     /// When the longest gap ended.
     pub longest_gap_end: Option<Instant>,
 }
 
-/// Creates the probe table (idempotent) through `conninfo`.
+/// Creates the probe table through `conninfo`, empty.
 pub async fn prepare(conninfo: &str) -> Result<(), tokio_postgres::Error> {
     let client = connect(conninfo).await?;
     client
         .batch_execute(&format!(
-            "create table if not exists {TABLE} (seq bigint primary key, at timestamptz default now())"
+            "create table if not exists {TABLE} (seq bigint primary key, at timestamptz default now()); \
+             truncate {TABLE}"
         ))
         .await
 }
@@ -96,6 +99,9 @@ pub async fn run(conninfo: String, seq_base: i64, mut stop: watch::Receiver<bool
                     stats.misrouted += 1;
                 }
                 stats.failed_writes += 1;
+                stats
+                    .first_write_error
+                    .get_or_insert_with(|| format!("{e:?}"));
             }
         }
     }
