@@ -164,7 +164,7 @@ impl Session<'_> {
                 backend_key,
             })
         });
-        debug!(held_ms = held.as_millis() as u64, "session open");
+        info!(held_ms = held.as_millis() as u64, "session open");
 
         let role = self.listener.router.role();
         let mut relay = Relay::new(auth.to_backend, auth.to_client);
