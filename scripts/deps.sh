@@ -3,14 +3,12 @@
 # Runs apt only if something is absent, so a second run costs nothing.
 set -euo pipefail
 
+# etcd-server, etcd-client and patroni are installed by `lab/lab up`, which
+# also keeps a distribution etcd.service off the lab's port.
 packages=(
   postgresql-15        # the servers behind rolegate, psql
   postgresql-contrib   # pgbench
-  etcd-server          # Patroni's DCS in the lab
-  etcd-client          # etcdctl, for the lab and its tests
-  patroni              # the cluster manager rolegate follows
   protobuf-compiler    # protoc, needed to build etcd-client
-  curl                 # REST checks in the lab script
 )
 
 missing=()
