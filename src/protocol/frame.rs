@@ -81,12 +81,7 @@ impl FrameTracker {
 mod tests {
     use super::*;
 
-    fn msg(tag: u8, body: &[u8]) -> Vec<u8> {
-        let mut out = vec![tag];
-        out.extend_from_slice(&((body.len() + 4) as u32).to_be_bytes());
-        out.extend_from_slice(body);
-        out
-    }
+    use crate::protocol::message::encode as msg;
 
     #[test]
     fn boundaries_across_every_split() {

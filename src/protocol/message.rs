@@ -95,6 +95,15 @@ pub mod auth {
     }
 }
 
+/// Builds a message from its type byte and body, for tests.
+#[cfg(test)]
+pub(crate) fn encode(tag: u8, body: &[u8]) -> Vec<u8> {
+    let mut out = vec![tag];
+    out.extend_from_slice(&((body.len() + 4) as u32).to_be_bytes());
+    out.extend_from_slice(body);
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

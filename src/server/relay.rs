@@ -282,12 +282,7 @@ mod tests {
     use super::*;
     use tokio::io::duplex;
 
-    fn msg(tag: u8, body: &[u8]) -> Vec<u8> {
-        let mut out = vec![tag];
-        out.extend_from_slice(&((body.len() + 4) as u32).to_be_bytes());
-        out.extend_from_slice(body);
-        out
-    }
+    use crate::protocol::message::encode as msg;
 
     #[tokio::test]
     async fn copies_both_ways_until_client_closes() {

@@ -185,20 +185,12 @@ pub fn cluster_prefix(namespace: &str, scope: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::topology::patroni_data::fixture;
+    use crate::topology::patroni_data::{fixture, fixture_dcs_state};
 
     const PREFIX: &str = "/service/demo/";
 
     fn fixture_state() -> DcsState {
-        let text = fixture("etcd-get-prefix.txt");
-        let lines: Vec<_> = text.lines().collect();
-        DcsState::from_keys(
-            PREFIX,
-            lines
-                .chunks(2)
-                .filter(|c| c.len() == 2)
-                .map(|c| (c[0].as_bytes(), c[1].as_bytes())),
-        )
+        fixture_dcs_state()
     }
 
     #[test]

@@ -346,20 +346,12 @@ fn etcd_leader(directory: &DcsState, accept_promoted: bool) -> Result<String, St
 mod tests {
     use super::*;
     use crate::topology::dcs::DcsState;
-    use crate::topology::patroni_data::{fixture, split_http_capture, FailoverIntent, RestStatus};
-
-    const PREFIX: &str = "/service/demo/";
+    use crate::topology::patroni_data::{
+        fixture_dcs_state, split_http_capture, FailoverIntent, RestStatus,
+    };
 
     fn directory() -> DcsState {
-        let text = fixture("etcd-get-prefix.txt");
-        let lines: Vec<_> = text.lines().collect();
-        DcsState::from_keys(
-            PREFIX,
-            lines
-                .chunks(2)
-                .filter(|c| c.len() == 2)
-                .map(|c| (c[0].as_bytes(), c[1].as_bytes())),
-        )
+        fixture_dcs_state()
     }
 
     /// REST states as the fixtures captured them: pg1 primary, pg2 and pg3

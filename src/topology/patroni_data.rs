@@ -244,6 +244,21 @@ pub(crate) fn fixture(name: &str) -> String {
     std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("fixture {}: {e}", path.display()))
 }
 
+/// The cluster state captured in `etcd-get-prefix.txt` (key line, value
+/// line), as the DCS mirror reads it.
+#[cfg(test)]
+pub(crate) fn fixture_dcs_state() -> super::dcs::DcsState {
+    let text = fixture("etcd-get-prefix.txt");
+    let lines: Vec<_> = text.lines().collect();
+    super::dcs::DcsState::from_keys(
+        "/service/demo/",
+        lines
+            .chunks(2)
+            .filter(|c| c.len() == 2)
+            .map(|c| (c[0].as_bytes(), c[1].as_bytes())),
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
