@@ -9,6 +9,7 @@ packages=(
   postgresql-15        # the servers behind rolegate, psql
   postgresql-contrib   # pgbench
   protobuf-compiler    # protoc, needed to build etcd-client
+  prometheus           # promtool, to validate the /metrics exposition in tests
 )
 
 missing=()
@@ -20,8 +21,9 @@ if ((${#missing[@]})); then
   echo "deps: installing ${missing[*]}" >&2
   sudo=()
   ((EUID == 0)) || sudo=(sudo)
-  "${sudo[@]}" apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive "${sudo[@]}" apt-get install -y -qq "${missing[@]}" >/dev/null
+  # Wait for another apt (e.g. the lab's) rather than fail on its lock.
+  "${sudo[@]}" apt-get -o DPkg::Lock::Timeout=300 update -qq
+  DEBIAN_FRONTEND=noninteractive "${sudo[@]}" apt-get -o DPkg::Lock::Timeout=300 install -y -qq "${missing[@]}" >/dev/null
 fi
 
 command -v cargo >/dev/null || { echo "deps: cargo not found; install Rust (rustup) first" >&2; exit 1; }

@@ -11,11 +11,15 @@
 //!   authentication relay, byte relay, cancel routing.
 //! - [`router`]: which member a session goes to, and whether it still fits.
 //! - [`topology`]: the published [`topology::ClusterView`] of each cluster.
+//! - [`admin`]: the HTTP endpoint for `/metrics`, health, readiness, `/cluster`.
+//! - [`metrics`]: every exported metric, in one place.
 //! - [`proxy`]: assembles the parts and runs them until a signal.
 //! - [`logging`]: the `tracing` subscriber.
 
+pub mod admin;
 pub mod config;
 pub mod logging;
+pub mod metrics;
 pub mod protocol;
 pub mod proxy;
 pub mod router;

@@ -16,7 +16,9 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+use crate::admin::{self, Admin, ListenerTarget};
 use crate::config::{parse_socket_addr, Config};
+use crate::metrics;
 use crate::router::Router;
 use crate::server::{listener, ListenerContext, Shared};
 use crate::topology::Topology;
@@ -26,9 +28,40 @@ const FINAL_CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Runs the proxy described by `config` until SIGTERM or SIGINT.
 pub async fn run(config: Config) -> anyhow::Result<()> {
+    let metrics_handle = metrics::install().map_err(|e| anyhow::anyhow!(e))?;
     let shared = Arc::new(Shared::new(config.limits.clone()));
     let background = CancellationToken::new();
     let mut topology = Topology::start(&config, &background)?;
+
+    let admin_addr = parse_socket_addr(&config.admin.listen)
+        .map_err(|e| anyhow::anyhow!("admin.listen: {e}"))?;
+    let admin_socket = TcpListener::bind(admin_addr)
+        .await
+        .with_context(|| format!("admin.listen: cannot listen on {admin_addr}"))?;
+    let admin = Arc::new(Admin {
+        metrics: metrics_handle,
+        views: topology.views(),
+        reports: topology.reports(),
+        listeners: config
+            .listeners
+            .iter()
+            .map(|l| ListenerTarget {
+                listen: l.listen.clone(),
+                cluster: l.cluster.clone(),
+                role: l.role,
+                fallback: l.replica_fallback,
+            })
+            .collect(),
+        sessions: Arc::clone(&shared.sessions),
+        ready_when: config.admin.ready_when,
+        token: config.admin.token.clone(),
+    });
+    info!(listen = %admin_addr, "admin endpoint: /metrics /healthz /readyz /cluster");
+    let admin_stop = background.clone();
+    topology.tasks.spawn(async move {
+        admin::serve(admin_socket, admin, admin_stop).await;
+        "the admin endpoint".to_owned()
+    });
 
     let mut accept_loops = Vec::new();
     for (i, listener_config) in config.listeners.iter().enumerate() {
@@ -41,8 +74,10 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         let views = topology
             .watch(&listener_config.cluster)
             .with_context(|| format!("listeners[{i}].cluster: unknown cluster"))?;
+        let listen = socket.local_addr().unwrap_or(addr);
         let context = Arc::new(ListenerContext {
-            listen: socket.local_addr().unwrap_or(addr),
+            listen,
+            label: listen.to_string(),
             cluster: listener_config.cluster.as_str().into(),
             router: Router::new(
                 listener_config.role,
@@ -75,8 +110,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         _ = terminate.recv() => "SIGTERM",
         _ = interrupt.recv() => "SIGINT",
         ended = first_to_end(followers) => {
-            // A follower never ends on its own: without it the cluster's
-            // view would silently freeze. Stop loudly instead.
+            // Background tasks never end on their own: without a follower a
+            // cluster's view would silently freeze. Stop loudly instead.
             anyhow::bail!("{ended} unexpectedly; exiting");
         }
     };
@@ -117,11 +152,12 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Resolves when the first follower ends; never, if there are none.
+/// Resolves when the first background task (cluster follower, admin
+/// endpoint) ends; never, if there are none.
 async fn first_to_end(mut followers: JoinSet<String>) -> String {
     match followers.join_next().await {
-        Some(Ok(cluster)) => format!("the follower of cluster \"{cluster}\" stopped"),
-        Some(Err(e)) => format!("a cluster follower failed: {e}"),
+        Some(Ok(task)) => format!("{task} stopped"),
+        Some(Err(e)) => format!("a background task failed: {e}"),
         None => std::future::pending().await,
     }
 }

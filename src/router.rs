@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::watch;
 
 use crate::config::{ListenerRole, ReplicaFallback};
+use crate::metrics;
 use crate::protocol::{ProtocolError, SqlState};
 use crate::topology::{ClusterView, Member};
 
@@ -74,10 +75,15 @@ impl Router {
     pub async fn route(&self, hold: Duration) -> Result<Route, ProtocolError> {
         let started = Instant::now();
         let mut views = self.views.clone();
+        // Raised while this session waits for a target.
+        let mut held: Option<metrics::GaugeGuard> = None;
         loop {
             let view = views.borrow_and_update().clone();
             let candidates = candidates(self.role, self.fallback, &view, &self.next);
             if !candidates.is_empty() {
+                if held.is_some() {
+                    metrics::hold_wait(&view.cluster, self.role, started.elapsed(), false);
+                }
                 return Ok(Route {
                     view,
                     candidates,
@@ -86,20 +92,25 @@ impl Router {
             }
             let remaining = hold.saturating_sub(started.elapsed());
             if !view.dynamic || remaining.is_zero() {
-                return Err(no_target_error(self.role, &view, started.elapsed()));
+                return Err(self.hold_failed(&view, started, held.is_some()));
             }
+            held.get_or_insert_with(|| metrics::held_session(&view.cluster, self.role));
             match tokio::time::timeout(remaining, views.changed()).await {
                 Ok(Ok(())) => {}
                 // Timed out, or the source is gone and nothing will change.
                 Ok(Err(_)) | Err(_) => {
-                    return Err(no_target_error(
-                        self.role,
-                        &views.borrow().clone(),
-                        started.elapsed(),
-                    ))
+                    let view = views.borrow().clone();
+                    return Err(self.hold_failed(&view, started, true));
                 }
             }
         }
+    }
+
+    fn hold_failed(&self, view: &ClusterView, started: Instant, was_held: bool) -> ProtocolError {
+        if was_held {
+            metrics::hold_wait(&view.cluster, self.role, started.elapsed(), true);
+        }
+        no_target_error(self.role, view, started.elapsed())
     }
 }
 

@@ -154,6 +154,14 @@ fn trials(env: Option<&Arc<Env>>) -> Vec<Trial> {
             "check_config_names_the_key_and_file",
             check_config_names_the_key_and_file,
         ),
+        (
+            "admin_endpoint_serves_health_readiness_and_the_cluster",
+            admin_endpoint_serves_health_readiness_and_the_cluster,
+        ),
+        (
+            "metrics_follow_sessions_cancels_and_refusals",
+            metrics_follow_sessions_cancels_and_refusals,
+        ),
     ];
     tests
         .iter()
@@ -606,5 +614,154 @@ fn check_config_names_the_key_and_file(env: &Env) -> Result<(), Failed> {
     check(
         String::from_utf8_lossy(&version.stdout).contains(env!("CARGO_PKG_VERSION")),
         "--version prints the version",
+    )
+}
+
+fn admin_endpoint_serves_health_readiness_and_the_cluster(env: &Env) -> Result<(), Failed> {
+    let (rolegate, rw, _ro) = env.rolegate("admin", "");
+    check(
+        rolegate.admin_get("/healthz").map(|r| r.0) == Some(200),
+        "/healthz",
+    )?;
+    check(
+        rolegate.admin_get("/readyz").map(|r| r.0) == Some(200),
+        "/readyz",
+    )?;
+    check(
+        rolegate.admin_get("/nope").map(|r| r.0) == Some(404),
+        "unknown path",
+    )?;
+    runtime().block_on(async {
+        let client = connect(&conninfo(rw, "app", "app")).await?;
+        client.simple_query("select 1").await?;
+        let (status, body) = rolegate.admin_get("/cluster").ok_or("GET /cluster")?;
+        check(status == 200, format!("/cluster answered {status}"))?;
+        let json: serde_json::Value = serde_json::from_str(&body)?;
+        let cluster = &json["clusters"][0];
+        check(
+            cluster["cluster"] == "main",
+            format!("cluster {}", cluster["cluster"]),
+        )?;
+        check(cluster["mode"] == "static", "static mode")?;
+        check(
+            cluster["leader"] == env.primary.address().as_str(),
+            format!("leader {}", cluster["leader"]),
+        )?;
+        check(
+            cluster["members"].as_array().map(Vec::len) == Some(3),
+            "three members",
+        )?;
+        let sessions = &cluster["sessions"][0];
+        check(
+            sessions["member"] == env.primary.address().as_str()
+                && sessions["role"] == "primary"
+                && sessions["sessions"] == 1,
+            format!("sessions {sessions}"),
+        )
+    })?;
+    // A static cluster without a primary is not ready.
+    let (rw, ro) = (free_port(), free_port());
+    let config = format!(
+        "[clusters.ro]\nreplicas = [\"{}\"]\n\n[[listeners]]\nlisten = \"127.0.0.1:{rw}\"\ncluster = \"ro\"\nrole = \"replica\"\n\n[[listeners]]\nlisten = \"127.0.0.1:{ro}\"\ncluster = \"ro\"\nrole = \"any\"\n",
+        env.replicas[0].address()
+    );
+    let replicas_only = Rolegate::start(&env.root, "admin-ro", &config, &[rw, ro]);
+    let (status, body) = replicas_only.admin_get("/readyz").ok_or("GET /readyz")?;
+    check(
+        status == 503 && body.contains("no confirmed primary"),
+        format!("/readyz answered {status}: {body}"),
+    )
+}
+
+fn metrics_follow_sessions_cancels_and_refusals(env: &Env) -> Result<(), Failed> {
+    let (rolegate, rw, ro) = env.rolegate("metrics", "[limits]\nmax_client_connections = 2\n");
+    let listener = format!("listener=\"127.0.0.1:{rw}\"");
+    let primary_sessions = format!(
+        "cluster=\"main\",member=\"{}\",role=\"primary\"",
+        env.primary.address()
+    );
+    let outcome = |o: &str| {
+        rolegate.metric(
+            "rolegate_client_connections_total",
+            &format!("{listener},outcome=\"{o}\""),
+        )
+    };
+    runtime().block_on(async {
+        let client = connect(&conninfo(rw, "app", "app")).await?;
+        client.simple_query("select repeat('x', 100000)").await?;
+        let open = rolegate.metric("rolegate_sessions", &primary_sessions);
+        check(open == 1.0, format!("sessions gauge {open}"))?;
+        check(
+            rolegate.metric(
+                "rolegate_relayed_bytes_total",
+                "direction=\"server_to_client\"",
+            ) > 100_000.0,
+            "server-to-client bytes counted",
+        )?;
+        // A cancel through the replica listener.
+        let reader = connect(&conninfo(ro, "app", "app")).await?;
+        let token = reader.cancel_token();
+        let canceller = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            token.cancel_query(tokio_postgres::NoTls).await
+        });
+        let _ = reader.simple_query("select pg_sleep(30)").await;
+        canceller.await??;
+        // Two sessions open: a third connection is refused.
+        let refused = connect(&conninfo(rw, "app", "app"))
+            .await
+            .err()
+            .ok_or("third connection")?;
+        check(
+            sqlstate(&refused).as_deref() == Some("53300"),
+            format!("{refused}"),
+        )?;
+        drop(client);
+        drop(reader);
+        Ok::<(), Failed>(())
+    })?;
+    // A malformed opening.
+    let _ = wire::send_and_read_error(rw, &7u32.to_be_bytes());
+    support::wait_until(Duration::from_secs(10), "counters to settle", || {
+        (outcome("session") >= 1.0
+            && outcome("refused_limit") >= 1.0
+            && outcome("protocol_error") >= 1.0
+            && rolegate.metric("rolegate_cancel_requests_total", "outcome=\"forwarded\"") >= 1.0
+            && rolegate.metric(
+                "rolegate_sessions_ended_total",
+                "cluster=\"main\",role=\"primary\",reason=\"client\"",
+            ) >= 1.0
+            && rolegate.metric("rolegate_sessions", &primary_sessions) == 0.0)
+            .then_some(())
+    });
+    check(
+        rolegate.metric("rolegate_handshake_duration_seconds_count", &listener) >= 1.0,
+        "handshake durations recorded",
+    )?;
+    check(
+        rolegate.metric("rolegate_build_info", "") == 1.0,
+        "build info",
+    )?;
+    // The exposition passes Prometheus' own checker.
+    let (_, exposition) = rolegate.admin_get("/metrics").ok_or("GET /metrics")?;
+    let mut promtool = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    promtool
+        .stdin
+        .take()
+        .ok_or("promtool stdin")?
+        .write_all(exposition.as_bytes())?;
+    let checked = promtool.wait_with_output()?;
+    check(
+        checked.status.success(),
+        format!(
+            "promtool check metrics failed:\n{}{}",
+            String::from_utf8_lossy(&checked.stdout),
+            String::from_utf8_lossy(&checked.stderr)
+        ),
     )
 }

@@ -178,9 +178,69 @@ fn replicas_of(leader: &str) -> Vec<&'static str> {
     MEMBERS.into_iter().filter(|m| *m != leader).collect()
 }
 
+/// `patronictl list` rows as (member, host:port, role), via `lab status`.
+fn patronictl_members(env: &Env) -> Vec<(String, String, String)> {
+    env.lab
+        .run(&["status"])
+        .lines()
+        .filter_map(|line| {
+            let cells: Vec<_> = line.split('|').map(str::trim).collect();
+            (cells.len() > 4 && MEMBERS.contains(&cells[1])).then(|| {
+                (
+                    cells[1].to_owned(),
+                    cells[2].to_owned(),
+                    cells[3].to_owned(),
+                )
+            })
+        })
+        .collect()
+}
+
+fn cluster_json_matches_patronictl(env: &Env, rolegate: &Rolegate) -> Result<(), Failed> {
+    let (status, body) = rolegate.admin_get("/cluster").ok_or("GET /cluster")?;
+    check(status == 200, format!("/cluster answered {status}"))?;
+    let json: serde_json::Value = serde_json::from_str(&body)?;
+    let cluster = &json["clusters"][0];
+    let listed = patronictl_members(env);
+    check(listed.len() == 3, format!("patronictl list: {listed:?}"))?;
+    for (name, address, role) in &listed {
+        let member = cluster["members"]
+            .as_array()
+            .and_then(|ms| ms.iter().find(|m| m["name"] == name.as_str()))
+            .ok_or(format!("{name} missing from /cluster: {body}"))?;
+        let ours = format!(
+            "{}:{}",
+            member["host"].as_str().unwrap_or(""),
+            member["port"]
+        );
+        check(&ours == address, format!("{name}: {ours} vs {address}"))?;
+        let expected = if role == "Leader" {
+            "primary"
+        } else {
+            "replica"
+        };
+        check(
+            member["role"] == expected,
+            format!("{name}: role {} vs {role}", member["role"]),
+        )?;
+        if role == "Leader" {
+            check(
+                cluster["leader"] == name.as_str(),
+                format!("leader {}", cluster["leader"]),
+            )?;
+        }
+    }
+    check(cluster["sources"]["etcd"] == "up", "etcd source up")?;
+    check(
+        cluster["rule"] == "etcd+patroni",
+        format!("rule {}", cluster["rule"]),
+    )
+}
+
 fn rw_reaches_the_leader_and_ro_alternates_replicas(env: &Env) -> Result<(), Failed> {
-    let (_rolegate, rw, ro) = env.default_rolegate("routing");
+    let (rolegate, rw, ro) = env.default_rolegate("routing");
     let leader = env.lab.leader();
+    cluster_json_matches_patronictl(env, &rolegate)?;
     runtime().block_on(async {
         for _ in 0..3 {
             let (port, recovery) = reached(rw).await?;
@@ -266,9 +326,34 @@ fn leader_change_timings(log: &str, new_leader: &str) -> (Option<f64>, Option<f6
 fn switchover_ends_old_write_sessions_and_holds_new_ones(env: &Env) -> Result<(), Failed> {
     let (rolegate, rw, _ro) = env.default_rolegate("switchover");
     let old_leader = env.lab.leader();
+    let changes_before = rolegate.metric("rolegate_leader_changes_total", "cluster=\"demo\"");
     let rt = runtime();
     rt.block_on(async {
         writer::prepare(&conninfo(rw, "app", "app")).await?;
+        // Readiness as a load balancer would poll it.
+        let (readiness_stop, readiness_stop_rx) = watch::channel(false);
+        let readiness = {
+            let admin_port = rolegate.admin_port;
+            let mut stop = readiness_stop_rx;
+            tokio::spawn(async move {
+                let mut seen = Vec::new();
+                loop {
+                    let status = tokio::task::spawn_blocking(move || {
+                        support::lab::http_get(admin_port, "/readyz").map(|r| r.0)
+                    })
+                    .await
+                    .ok()
+                    .flatten();
+                    if seen.last() != Some(&status) {
+                        seen.push(status);
+                    }
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+                        _ = stop.changed() => return seen,
+                    }
+                }
+            })
+        };
         let (open, connection) = connect_watched(&conninfo(rw, "app", "app")).await?;
         open.simple_query("select 1").await?;
 
@@ -326,6 +411,27 @@ fn switchover_ends_old_write_sessions_and_holds_new_ones(env: &Env) -> Result<()
         let _ = stop_tx.send(true);
         let stats = writer.await?;
         let (served, refused, on_replica) = connector.await?;
+        let _ = readiness_stop.send(true);
+        let readiness = readiness.await?;
+        check(
+            readiness.contains(&Some(503)) && readiness.last() == Some(&Some(200)),
+            format!("/readyz went {readiness:?}; expected a 503 while no primary was confirmed, then 200"),
+        )?;
+        let changes = rolegate.metric("rolegate_leader_changes_total", "cluster=\"demo\"");
+        check(
+            changes == changes_before + 1.0,
+            format!("leader changes went from {changes_before} to {changes}"),
+        )?;
+        let gauge = |member: &str| {
+            rolegate.metric(
+                "rolegate_cluster_leader",
+                &format!("cluster=\"demo\",member=\"{member}\""),
+            )
+        };
+        check(
+            gauge(&new_leader) == 1.0 && gauge(&old_leader) == 0.0,
+            format!("leader gauge: {new_leader}={} {old_leader}={}", gauge(&new_leader), gauge(&old_leader)),
+        )?;
 
         // The session that was open on the old leader was ended by rolegate
         // with a FATAL naming the new leader.

@@ -44,14 +44,33 @@ pub struct Config {
 pub struct AdminConfig {
     #[serde(default = "default_admin_listen")]
     pub listen: String,
+    /// When `/readyz` answers 200.
+    #[serde(default)]
+    pub ready_when: ReadyWhen,
+    /// A bearer token required for `/cluster` (the other endpoints stay open).
+    #[serde(default)]
+    pub token: Option<String>,
 }
 
 impl Default for AdminConfig {
     fn default() -> Self {
         Self {
             listen: default_admin_listen(),
+            ready_when: ReadyWhen::default(),
+            token: None,
         }
     }
+}
+
+/// The condition `/readyz` reports.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ReadyWhen {
+    /// Every cluster has a confirmed primary.
+    #[default]
+    Primary,
+    /// Every listener has at least one target.
+    Targets,
 }
 
 fn default_admin_listen() -> String {

@@ -4,10 +4,12 @@
 //! a client sees, naming the member and its address so an operator can act
 //! on it. TLS to backends will wrap the stream here.
 
-use std::time::Duration;
+use std::io::ErrorKind;
+use std::time::{Duration, Instant};
 
 use tokio::net::TcpStream;
 
+use crate::metrics;
 use crate::protocol::{ProtocolError, SqlState};
 use crate::topology::Member;
 
@@ -17,20 +19,33 @@ pub async fn connect(
     cluster: &str,
     timeout: Duration,
 ) -> Result<TcpStream, ProtocolError> {
+    let started = Instant::now();
     let attempt = TcpStream::connect((&*member.host, member.port));
-    let failure = match tokio::time::timeout(timeout, attempt).await {
+    let (failure, reason) = match tokio::time::timeout(timeout, attempt).await {
         Ok(Ok(stream)) => {
+            metrics::backend_connect(cluster, &member.name, started.elapsed(), None);
             // Queries and results are small writes: do not let Nagle's
             // algorithm hold them back.
             let _ = stream.set_nodelay(true);
             return Ok(stream);
         }
-        Ok(Err(e)) => e.to_string(),
-        Err(_) => format!(
-            "no answer within {}ms (connect_timeout)",
-            timeout.as_millis()
+        Ok(Err(e)) => {
+            let reason = if e.kind() == ErrorKind::ConnectionRefused {
+                "refused"
+            } else {
+                "other"
+            };
+            (e.to_string(), reason)
+        }
+        Err(_) => (
+            format!(
+                "no answer within {}ms (connect_timeout)",
+                timeout.as_millis()
+            ),
+            "timeout",
         ),
     };
+    metrics::backend_connect(cluster, &member.name, started.elapsed(), Some(reason));
     Err(ProtocolError::new(
         SqlState::SQLCLIENT_UNABLE_TO_ESTABLISH_SQLCONNECTION,
         format!(

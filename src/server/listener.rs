@@ -4,8 +4,10 @@
 //! before a session task is spawned. Without a slot, the client is still
 //! answered properly: rolegate reads its opening (refusing TLS and GSS as
 //! usual) and replies FATAL 53300, so the client sees "too many
-//! connections" where it expects the server's answer. Those refusals have
-//! their own small budget; beyond it the error is written at once.
+//! connections" where it expects the server's answer. A CancelRequest is
+//! still forwarded: cancelling is what a client needs most when the proxy
+//! is full. Those refusals have their own small budget; beyond it the
+//! error is written at once.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -18,6 +20,7 @@ use tracing::{debug, error, info};
 use super::handshake::{read_opening, Opening};
 use super::session::{self, send_error};
 use super::{ListenerContext, Shared};
+use crate::metrics::{self, ConnectionOutcome};
 use crate::protocol::{ProtocolError, SqlState};
 
 /// Refusals (over the connection limit) handled concurrently.
@@ -57,11 +60,13 @@ pub async fn serve(listener: TcpListener, context: Arc<ListenerContext>, shared:
             }
             Err(_) => {
                 debug!(client = %peer, listener = %context.listen, "refusing: max_client_connections reached");
+                metrics::connection_outcome(&context.label, ConnectionOutcome::RefusedLimit);
                 let limit = shared.limits.max_client_connections;
                 match Arc::clone(&refusals).try_acquire_owned() {
                     Ok(permit) => {
+                        let task_shared = Arc::clone(&shared);
                         shared.tasks.spawn(async move {
-                            refuse(stream, peer, limit).await;
+                            refuse(stream, peer, limit, &task_shared).await;
                             drop(permit);
                         });
                     }
@@ -78,12 +83,10 @@ pub async fn serve(listener: TcpListener, context: Arc<ListenerContext>, shared:
     info!(listener = %context.listen, "stopped accepting connections");
 }
 
-async fn refuse(mut stream: TcpStream, peer: SocketAddr, limit: usize) {
+async fn refuse(mut stream: TcpStream, peer: SocketAddr, limit: usize, shared: &Shared) {
     match tokio::time::timeout(REFUSAL_READ_TIMEOUT, read_opening(&mut stream)).await {
         Ok(Ok(Opening::Startup { .. })) => send_error(&mut stream, &too_many(limit)).await,
-        Ok(Ok(Opening::Cancel(_))) => {
-            debug!(client = %peer, "dropped a cancel request while over the connection limit")
-        }
+        Ok(Ok(Opening::Cancel(key))) => session::cancel(&key, peer, shared).await,
         Ok(Err(_)) | Err(_) => {}
     }
 }

@@ -21,6 +21,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::Limits;
+use crate::metrics::{RelayedBytes, SessionCounts};
 use crate::router::Router;
 
 use self::cancel::CancelRegistry;
@@ -43,6 +44,9 @@ pub struct Shared {
     pub tasks: TaskTracker,
     /// One permit per open client connection (`max_client_connections`).
     pub client_slots: Arc<Semaphore>,
+    /// Relaying sessions by cluster, member and role.
+    pub sessions: Arc<SessionCounts>,
+    pub relayed: RelayedBytes,
 }
 
 impl Shared {
@@ -54,6 +58,8 @@ impl Shared {
             shutdown: Shutdown::default(),
             tasks: TaskTracker::new(),
             client_slots: Arc::new(Semaphore::new(slots)),
+            sessions: SessionCounts::new(),
+            relayed: RelayedBytes::new(),
         }
     }
 }
@@ -61,6 +67,8 @@ impl Shared {
 /// What a listener's sessions need to know about it.
 pub struct ListenerContext {
     pub listen: SocketAddr,
+    /// `listen` as a metric label, formatted once.
+    pub label: String,
     pub cluster: Arc<str>,
     pub router: Router,
 }

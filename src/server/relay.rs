@@ -25,6 +25,7 @@ use std::time::Duration;
 use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 
+use crate::metrics::RelayedBytes;
 use crate::protocol::frame::FrameTracker;
 use crate::protocol::message::tag;
 
@@ -62,12 +63,15 @@ pub struct Relay {
     tracker: FrameTracker,
     pub bytes_to_backend: u64,
     pub bytes_to_client: u64,
+    counters: RelayedBytes,
+    /// Bytes already added to `counters`.
+    counted: (u64, u64),
 }
 
 impl Relay {
     /// Starts a relay. `to_backend`/`to_client` hold bytes already read
     /// during the handshake that belong to the relayed streams.
-    pub fn new(to_backend: BytesMut, to_client: BytesMut) -> Self {
+    pub fn new(to_backend: BytesMut, to_client: BytesMut, counters: RelayedBytes) -> Self {
         Self {
             to_backend: Backlog {
                 bytes: to_backend,
@@ -80,7 +84,26 @@ impl Relay {
             tracker: FrameTracker::new(),
             bytes_to_backend: 0,
             bytes_to_client: 0,
+            counters,
+            counted: (0, 0),
         }
+    }
+
+    /// Adds the bytes moved since the last call to the exported counters:
+    /// once per poll, not per read.
+    fn count(&mut self) {
+        let (up, down) = self.counted;
+        if self.bytes_to_backend != up {
+            self.counters
+                .client_to_server
+                .increment(self.bytes_to_backend - up);
+        }
+        if self.bytes_to_client != down {
+            self.counters
+                .server_to_client
+                .increment(self.bytes_to_client - down);
+        }
+        self.counted = (self.bytes_to_backend, self.bytes_to_client);
     }
 
     /// Relays until either side closes or fails. Cancel-safe.
@@ -89,7 +112,12 @@ impl Relay {
         C: AsyncRead + AsyncWrite + Unpin,
         B: AsyncRead + AsyncWrite + Unpin,
     {
-        poll_fn(|cx| self.poll_relay(cx, client, backend)).await
+        poll_fn(|cx| {
+            let polled = self.poll_relay(cx, client, backend);
+            self.count();
+            polled
+        })
+        .await
     }
 
     fn poll_relay<C, B>(
@@ -180,10 +208,12 @@ impl Relay {
             client.flush().await?;
             Ok::<bool, io::Error>(true)
         };
-        matches!(
+        let finished = matches!(
             tokio::time::timeout(FINISH_MESSAGE_TIMEOUT, finish).await,
             Ok(Ok(true))
-        )
+        );
+        self.count();
+        finished
     }
 }
 
@@ -288,7 +318,7 @@ mod tests {
     async fn copies_both_ways_until_client_closes() {
         let (mut client_app, mut client_side) = duplex(1024);
         let (mut backend_side, mut backend_app) = duplex(1024);
-        let mut relay = Relay::new(BytesMut::new(), BytesMut::new());
+        let mut relay = Relay::new(BytesMut::new(), BytesMut::new(), RelayedBytes::new());
         let relay_task = tokio::spawn(async move {
             let end = relay.run(&mut client_side, &mut backend_side).await;
             (end, relay.bytes_to_backend, relay.bytes_to_client)
@@ -325,7 +355,7 @@ mod tests {
         let row = msg(b'D', &[1u8; 100]);
         // The backend has sent half a row; the relay delivers it.
         backend_app.write_all(&row[..50]).await.expect("write");
-        let mut relay = Relay::new(BytesMut::new(), BytesMut::new());
+        let mut relay = Relay::new(BytesMut::new(), BytesMut::new(), RelayedBytes::new());
         let _ = tokio::time::timeout(
             Duration::from_millis(50),
             relay.run(&mut client_side, &mut backend_side),
@@ -353,7 +383,7 @@ mod tests {
             .await
             .expect("write");
         drop(backend_app);
-        let mut relay = Relay::new(BytesMut::new(), BytesMut::new());
+        let mut relay = Relay::new(BytesMut::new(), BytesMut::new(), RelayedBytes::new());
         let end = relay.run(&mut client_side, &mut backend_side).await;
         assert!(matches!(end, RelayEnd::BackendClosed));
         let fatal = Bytes::from(msg(b'E', b"SFATAL\0\0"));

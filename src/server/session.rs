@@ -25,6 +25,7 @@ use super::handshake::{read_opening, HandshakeError, Opening};
 use super::relay::{Relay, RelayEnd};
 use super::{ListenerContext, Shared};
 use crate::config::ListenerRole;
+use crate::metrics::{self, ConnectionOutcome};
 use crate::protocol::startup::{CancelKey, StartupMessage};
 use crate::protocol::{ProtocolError, SqlState};
 use crate::router::{check_fit, Misfit};
@@ -42,26 +43,36 @@ pub async fn run<S>(
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send,
 {
-    let handshake_deadline = Instant::now() + shared.limits.handshake_timeout.get();
+    let _open = metrics::client_connection(&listener.label);
+    let accepted = Instant::now();
+    let handshake_deadline = accepted + shared.limits.handshake_timeout.get();
+    let outcome = |outcome| metrics::connection_outcome(&listener.label, outcome);
     let opening = match timeout_at(handshake_deadline.into(), read_opening(&mut client)).await {
         Ok(Ok(opening)) => opening,
         Ok(Err(HandshakeError::Protocol(e))) => {
             debug!(client = %peer, listener = %listener.listen, "refused a malformed opening: {e}");
             send_error(&mut client, &e).await;
-            return;
+            return outcome(ConnectionOutcome::ProtocolError);
+        }
+        Ok(Err(e @ HandshakeError::Unanswerable(_))) => {
+            debug!(client = %peer, listener = %listener.listen, "closed: {e}");
+            return outcome(ConnectionOutcome::ProtocolError);
         }
         Ok(Err(e)) => {
             debug!(client = %peer, listener = %listener.listen, "handshake ended: {e}");
-            return;
+            return outcome(ConnectionOutcome::ClientGone);
         }
         Err(_) => {
             debug!(client = %peer, listener = %listener.listen, "handshake timed out");
             send_error(&mut client, &handshake_timeout_error(&shared)).await;
-            return;
+            return outcome(ConnectionOutcome::HandshakeTimeout);
         }
     };
     match opening {
-        Opening::Cancel(key) => cancel(&key, peer, &shared).await,
+        Opening::Cancel(key) => {
+            cancel(&key, peer, &shared).await;
+            outcome(ConnectionOutcome::Cancel);
+        }
         Opening::Startup { startup, buffered } => {
             let span = tracing::info_span!(
                 "session",
@@ -71,14 +82,16 @@ pub async fn run<S>(
                 database = %startup.database(),
                 member = tracing::field::Empty,
             );
-            Session {
+            let result = Session {
                 listener: &listener,
                 shared: &shared,
+                accepted,
                 handshake_deadline,
             }
             .serve(client, startup, buffered)
             .instrument(span)
             .await;
+            outcome(result);
         }
     }
 }
@@ -106,11 +119,17 @@ impl EndReason {
 struct Session<'a> {
     listener: &'a ListenerContext,
     shared: &'a Shared,
+    accepted: Instant,
     handshake_deadline: Instant,
 }
 
 impl Session<'_> {
-    async fn serve<S>(&self, mut client: S, startup: StartupMessage, buffered: BytesMut)
+    async fn serve<S>(
+        &self,
+        mut client: S,
+        startup: StartupMessage,
+        buffered: BytesMut,
+    ) -> ConnectionOutcome
     where
         S: AsyncRead + AsyncWrite + Unpin + Send,
     {
@@ -125,7 +144,11 @@ impl Session<'_> {
             Err(e) => {
                 info!(sqlstate = %e.sqlstate, "session refused: {}", e.message);
                 send_error(&mut client, &e).await;
-                return;
+                return match e.sqlstate {
+                    SqlState::CANNOT_CONNECT_NOW => ConnectionOutcome::NoTarget,
+                    SqlState::ADMIN_SHUTDOWN => ConnectionOutcome::Shutdown,
+                    _ => ConnectionOutcome::BackendUnreachable,
+                };
             }
         };
         tracing::Span::current().record("member", &*member.name);
@@ -148,14 +171,23 @@ impl Session<'_> {
                 if let AuthError::Client(e) | AuthError::Backend(e) = &e {
                     send_error(&mut client, e).await;
                 }
-                return;
+                return match e {
+                    AuthError::Client(_) => ConnectionOutcome::ProtocolError,
+                    AuthError::Backend(_) => ConnectionOutcome::BackendError,
+                    AuthError::Refused => ConnectionOutcome::AuthRefused,
+                    AuthError::ClientGone | AuthError::ClientIo(_) => ConnectionOutcome::ClientGone,
+                };
             }
             Err(_) => {
                 info!("handshake timed out during authentication");
                 send_error(&mut client, &handshake_timeout_error(self.shared)).await;
-                return;
+                return ConnectionOutcome::HandshakeTimeout;
             }
         };
+        metrics::handshake_duration(
+            &self.listener.label,
+            self.accepted.elapsed().saturating_sub(held),
+        );
         let _cancel_registration = auth.backend_key.map(|backend_key| {
             self.shared.cancels.register(CancelTarget {
                 member: member.name.clone(),
@@ -167,7 +199,11 @@ impl Session<'_> {
         info!(held_ms = held.as_millis() as u64, "session open");
 
         let role = self.listener.router.role();
-        let mut relay = Relay::new(auth.to_backend, auth.to_client);
+        let _counted =
+            self.shared
+                .sessions
+                .open(self.listener.cluster.clone(), member.name.clone(), role);
+        let mut relay = Relay::new(auth.to_backend, auth.to_client, self.shared.relayed.clone());
         let ended = tokio::select! {
             end = relay.run(&mut client, &mut backend) => Ended::Relay(end),
             misfit = wait_for_misfit(self.listener.router.subscribe(), role, &member.name) => {
@@ -205,6 +241,7 @@ impl Session<'_> {
                 EndReason::Shutdown
             }
         };
+        metrics::session_ended(cluster, role, reason.as_str());
         info!(
             reason = reason.as_str(),
             duration_ms = started.elapsed().as_millis() as u64,
@@ -212,6 +249,7 @@ impl Session<'_> {
             bytes_to_client = relay.bytes_to_client,
             "session ended"
         );
+        ConnectionOutcome::Session
     }
 
     /// Routes and connects, trying further candidates for reads and
@@ -286,17 +324,22 @@ async fn wait_for_misfit(
     }
 }
 
-async fn cancel(key: &CancelKey, peer: SocketAddr, shared: &Shared) {
-    match shared.cancels.lookup(key) {
-        Some(target) => match forward_cancel(&target, shared.limits.connect_timeout.get()).await {
-            Ok(()) => {
-                info!(client = %peer, member = %target.member, pid = key.pid, "forwarded cancel request")
-            }
-            Err(e) => {
-                warn!(client = %peer, member = %target.member, "could not forward cancel request: {e}")
-            }
-        },
-        None => debug!(client = %peer, pid = key.pid, "cancel request for an unknown key"),
+/// Forwards a cancel request to the member that issued `key`.
+pub(super) async fn cancel(key: &CancelKey, peer: SocketAddr, shared: &Shared) {
+    let Some(target) = shared.cancels.lookup(key) else {
+        metrics::cancel_outcome("unknown_key");
+        debug!(client = %peer, pid = key.pid, "cancel request for an unknown key");
+        return;
+    };
+    match forward_cancel(&target, shared.limits.connect_timeout.get()).await {
+        Ok(()) => {
+            metrics::cancel_outcome("forwarded");
+            info!(client = %peer, member = %target.member, pid = key.pid, "forwarded cancel request");
+        }
+        Err(e) => {
+            metrics::cancel_outcome("failed");
+            warn!(client = %peer, member = %target.member, "could not forward cancel request: {e}");
+        }
     }
 }
 

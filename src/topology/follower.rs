@@ -26,11 +26,13 @@ use url::Url;
 
 use super::dcs::{cluster_prefix, DcsChange, DcsState};
 use super::etcd::{EtcdEvent, EtcdSource, KeyEvent};
-use super::fuse::{fuse, EtcdStatus, FuseInput, RestCheck, RestState};
+use super::fuse::{fuse, rule, EtcdStatus, FuseInput, RestCheck, RestState};
 use super::patroni_data::ClusterListing;
+use super::report::{self, ClusterReport, Sources};
 use super::rest::RestProber;
 use super::view::ClusterView;
 use crate::config::{ClusterConfig, EtcdLossPolicy, LeaderPolicy};
+use crate::metrics::ClusterMetrics;
 
 /// Interval of the quick checks that follow an etcd event.
 pub const BURST_INTERVAL: Duration = Duration::from_millis(50);
@@ -41,19 +43,20 @@ pub const LEADERLESS_INTERVAL: Duration = Duration::from_millis(250);
 /// Agreeing answers that end a burst.
 const BURST_AGREEMENT: u32 = 2;
 
-/// Prepares to follow the Patroni cluster `name`. Returns the receiver of
-/// its views and the future that follows it until `shutdown`.
+/// What [`start`] hands back: the receivers of views and reports, and the
+/// future that follows the cluster until shutdown.
+pub struct Following<F> {
+    pub views: watch::Receiver<Arc<ClusterView>>,
+    pub reports: watch::Receiver<Arc<ClusterReport>>,
+    pub run: F,
+}
+
+/// Prepares to follow the Patroni cluster `name` until `shutdown`.
 pub fn start(
     name: &str,
     config: &ClusterConfig,
     shutdown: CancellationToken,
-) -> Result<
-    (
-        watch::Receiver<Arc<ClusterView>>,
-        impl Future<Output = ()> + Send + 'static,
-    ),
-    String,
-> {
+) -> Result<Following<impl Future<Output = ()> + Send + 'static>, String> {
     let cluster: Arc<str> = name.into();
     let scope = config.scope.clone().unwrap_or_else(|| name.to_owned());
     let prefix = cluster_prefix(&config.namespace, &scope);
@@ -76,7 +79,28 @@ pub fn start(
             "no member passes Patroni's /primary check yet"
         });
     let (views, receiver) = watch::channel(Arc::new(initial));
+    let (reports, report_receiver) = watch::channel(Arc::new(ClusterReport {
+        cluster: name.to_owned(),
+        mode: "patroni",
+        leader_policy: None,
+        on_etcd_loss: None,
+        rule: String::new(),
+        leader: None,
+        no_leader_reason: None,
+        switchover: None,
+        sources: Sources {
+            etcd: "connecting",
+            etcd_down_since: None,
+            patroni_rest: true,
+        },
+        members: Vec::new(),
+        view_changed_at: report::now_rfc3339(),
+    }));
     let follower = Follower {
+        metrics: ClusterMetrics::new(name),
+        reports,
+        view_changed_at: report::now_rfc3339(),
+        member_changed_at: HashMap::new(),
         cluster,
         policy: config.effective_leader_policy(),
         on_etcd_loss: config.on_etcd_loss,
@@ -106,7 +130,11 @@ pub fn start(
         on_etcd_loss = follower.on_etcd_loss.as_str(),
         "following the Patroni cluster"
     );
-    Ok((receiver, follower.run(etcd, shutdown)))
+    Ok(Following {
+        views: receiver,
+        reports: report_receiver,
+        run: follower.run(etcd, shutdown),
+    })
 }
 
 struct Burst {
@@ -115,6 +143,10 @@ struct Burst {
 }
 
 struct Follower {
+    metrics: ClusterMetrics,
+    reports: watch::Sender<Arc<ClusterReport>>,
+    view_changed_at: String,
+    member_changed_at: HashMap<String, String>,
     cluster: Arc<str>,
     policy: LeaderPolicy,
     on_etcd_loss: EtcdLossPolicy,
@@ -185,7 +217,9 @@ impl Follower {
                         down_for_ms = since.elapsed().as_millis() as u64,
                         "etcd is reachable again"
                     );
+                    self.metrics.etcd_reconnected();
                 }
+                self.metrics.etcd_up(true);
                 if fresh.leader != self.directory.leader {
                     self.leader_since = Some(now);
                 }
@@ -252,6 +286,7 @@ impl Follower {
                         "etcd is unreachable: {reason}"
                     );
                     self.etcd = EtcdStatus::Down { since: now };
+                    self.metrics.etcd_up(false);
                 } else {
                     debug!(cluster = %self.cluster, "etcd still unreachable: {reason}");
                 }
@@ -311,6 +346,8 @@ impl Follower {
         if let Some(error) = &check.error {
             debug!(cluster = %self.cluster, member, "REST check: {error}");
         }
+        let answered = check.primary.is_some() || check.replica.is_some();
+        self.metrics.patroni_check(member, check.took, answered);
         self.rest
             .entry(member.to_owned())
             .or_default()
@@ -399,25 +436,40 @@ impl Follower {
     }
 
     fn publish(&mut self) {
-        let view = fuse(&FuseInput {
-            cluster: &self.cluster,
-            policy: self.policy,
-            on_etcd_loss: self.on_etcd_loss,
-            max_replica_lag: self.max_replica_lag,
-            directory: &self.directory,
-            etcd: self.etcd,
-            rest: &self.rest,
-            leader_since: self.leader_since,
-            previous_leader: self.last_leader.as_deref(),
-            now: Instant::now(),
-        });
+        let view = fuse(&self.fuse_input());
         let current = self.views.borrow().clone();
         if *current == view {
+            self.publish_report(&view);
             return;
+        }
+        let now = report::now_rfc3339();
+        self.view_changed_at = now.clone();
+        for member in &view.members {
+            if current.member(&member.name) != Some(member) {
+                self.member_changed_at
+                    .insert(member.name.to_string(), now.clone());
+                self.metrics
+                    .member(&member.name, member.healthy, member.readable);
+            }
+        }
+        for gone in current
+            .members
+            .iter()
+            .filter(|m| view.member(&m.name).is_none())
+        {
+            self.member_changed_at.remove(&*gone.name);
+            self.metrics.member_gone(&gone.name);
         }
         let old_leader = current.leader().map(|m| m.name.clone());
         let new_leader = view.leader().map(|m| m.name.clone());
         if old_leader != new_leader {
+            self.metrics
+                .leader_gauge(old_leader.as_deref(), new_leader.as_deref());
+            if let (Some(new), Some(last)) = (&new_leader, &self.last_leader) {
+                if **new != **last {
+                    self.metrics.new_leader_confirmed();
+                }
+            }
             match &new_leader {
                 Some(leader) => info!(
                     cluster = %self.cluster,
@@ -450,6 +502,57 @@ impl Follower {
         if let Some(leader) = &new_leader {
             self.last_leader = Some(leader.to_string());
         }
+        self.publish_report(&view);
         self.views.send_replace(Arc::new(view));
+    }
+
+    fn fuse_input(&self) -> FuseInput<'_> {
+        FuseInput {
+            cluster: &self.cluster,
+            policy: self.policy,
+            on_etcd_loss: self.on_etcd_loss,
+            max_replica_lag: self.max_replica_lag,
+            directory: &self.directory,
+            etcd: self.etcd,
+            rest: &self.rest,
+            leader_since: self.leader_since,
+            previous_leader: self.last_leader.as_deref(),
+            now: Instant::now(),
+        }
+    }
+
+    fn publish_report(&self, view: &ClusterView) {
+        let (etcd, etcd_down_since) = report::etcd_source(self.etcd);
+        let report = ClusterReport {
+            cluster: self.cluster.to_string(),
+            mode: "patroni",
+            leader_policy: Some(self.policy.as_str()),
+            on_etcd_loss: (self.etcd != EtcdStatus::NotConfigured)
+                .then_some(self.on_etcd_loss.as_str()),
+            rule: report::rule_name(rule(&self.fuse_input())),
+            leader: view.leader().map(|m| m.name.to_string()),
+            no_leader_reason: view.no_leader_reason.clone(),
+            switchover: view.handover.as_ref().map(|h| {
+                [
+                    ("from", Some(h.from.to_string())),
+                    ("to", h.to.as_deref().map(str::to_owned)),
+                ]
+                .into_iter()
+                .collect()
+            }),
+            sources: Sources {
+                etcd,
+                etcd_down_since,
+                patroni_rest: true,
+            },
+            members: report::member_reports(
+                view,
+                Some(&self.directory),
+                &self.rest,
+                &self.member_changed_at,
+            ),
+            view_changed_at: self.view_changed_at.clone(),
+        };
+        self.reports.send_replace(Arc::new(report));
     }
 }

@@ -38,6 +38,8 @@ pub const REST_FAILURES_TO_UNREACHABLE: u32 = 2;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RestCheck {
     pub at: Instant,
+    /// How long the check took.
+    pub took: Duration,
     /// `Some(true)` for 200 from `/primary`, `Some(false)` for another
     /// status, `None` when there was no answer.
     pub primary: Option<bool>,
@@ -381,6 +383,7 @@ mod tests {
             let mut state = RestState::default();
             state.record(RestCheck {
                 at,
+                took: Duration::ZERO,
                 primary: Some(primary),
                 replica: Some(replica),
                 status,
@@ -450,6 +453,7 @@ mod tests {
             let state = self.rest.entry(member.to_owned()).or_default();
             state.record(RestCheck {
                 at: self.now,
+                took: Duration::ZERO,
                 primary,
                 replica,
                 status: None,

@@ -14,6 +14,7 @@ pub mod etcd;
 pub mod follower;
 pub mod fuse;
 pub mod patroni_data;
+pub mod report;
 pub mod rest;
 pub mod static_cluster;
 pub mod view;
@@ -26,16 +27,21 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
+use crate::metrics::ClusterMetrics;
 
+pub use report::ClusterReport;
 pub use view::{ClusterView, Handover, Member, MemberRole};
 
 /// The published views of every configured cluster.
 pub struct Topology {
     views: HashMap<String, watch::Receiver<Arc<ClusterView>>>,
-    /// Senders of views that never change; kept so receivers never see a
-    /// closed channel.
-    _static_senders: Vec<watch::Sender<Arc<ClusterView>>>,
-    /// The followers of Patroni clusters; each returns its cluster's name.
+    reports: HashMap<String, watch::Receiver<Arc<ClusterReport>>>,
+    /// Senders of views and reports that never change; kept so receivers
+    /// never see a closed channel.
+    _static_views: Vec<watch::Sender<Arc<ClusterView>>>,
+    _static_reports: Vec<watch::Sender<Arc<ClusterReport>>>,
+    /// Background tasks (the followers of Patroni clusters); each returns
+    /// what it was, for the error when one ends.
     pub tasks: JoinSet<String>,
 }
 
@@ -44,31 +50,70 @@ impl Topology {
     /// until `shutdown` is cancelled.
     pub fn start(config: &Config, shutdown: &CancellationToken) -> anyhow::Result<Self> {
         let mut views = HashMap::new();
+        let mut reports = HashMap::new();
         let mut senders = Vec::new();
+        let mut report_senders = Vec::new();
         let mut tasks = JoinSet::new();
         for (name, cluster) in &config.clusters {
             if cluster.is_static() {
                 let view = static_cluster::static_view(name, cluster)
                     .map_err(|e| anyhow::anyhow!("clusters.{name}: {e}"))?;
+                let metrics = ClusterMetrics::new(name);
+                if let Some(leader) = view.leader() {
+                    metrics.leader_gauge(None, Some(&leader.name));
+                }
+                for member in &view.members {
+                    metrics.member(&member.name, member.healthy, member.readable);
+                }
+                let report = static_cluster::static_report(&view);
                 let (tx, rx) = watch::channel(Arc::new(view));
                 senders.push(tx);
                 views.insert(name.clone(), rx);
+                let (tx, rx) = watch::channel(Arc::new(report));
+                report_senders.push(tx);
+                reports.insert(name.clone(), rx);
             } else {
-                let (rx, follow) = follower::start(name, cluster, shutdown.child_token())
+                let following = follower::start(name, cluster, shutdown.child_token())
                     .map_err(|e| anyhow::anyhow!("clusters.{name}: {e}"))?;
-                views.insert(name.clone(), rx);
+                views.insert(name.clone(), following.views);
+                reports.insert(name.clone(), following.reports);
                 let name = name.clone();
+                let run = following.run;
                 tasks.spawn(async move {
-                    follow.await;
-                    name
+                    run.await;
+                    format!("the follower of cluster \"{name}\"")
                 });
             }
         }
         Ok(Self {
             views,
-            _static_senders: senders,
+            reports,
+            _static_views: senders,
+            _static_reports: report_senders,
             tasks,
         })
+    }
+
+    /// Receivers of every cluster's reports, by cluster name.
+    pub fn reports(&self) -> Vec<(String, watch::Receiver<Arc<ClusterReport>>)> {
+        let mut reports: Vec<_> = self
+            .reports
+            .iter()
+            .map(|(n, r)| (n.clone(), r.clone()))
+            .collect();
+        reports.sort_by(|a, b| a.0.cmp(&b.0));
+        reports
+    }
+
+    /// Receivers of every cluster's views, by cluster name.
+    pub fn views(&self) -> Vec<(String, watch::Receiver<Arc<ClusterView>>)> {
+        let mut views: Vec<_> = self
+            .views
+            .iter()
+            .map(|(n, v)| (n.clone(), v.clone()))
+            .collect();
+        views.sort_by(|a, b| a.0.cmp(&b.0));
+        views
     }
 
     /// A receiver of the named cluster's views.

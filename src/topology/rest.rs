@@ -44,6 +44,7 @@ impl RestProber {
                 .query_pairs_mut()
                 .append_pair("lag", &lag.to_string());
         }
+        let started = Instant::now();
         let (primary, replica) = tokio::join!(
             self.get(endpoint(api_url, "primary")),
             self.get(replica_url)
@@ -67,6 +68,7 @@ impl RestProber {
         let replica = verdict(replica);
         RestCheck {
             at,
+            took: at - started,
             primary,
             replica,
             status,

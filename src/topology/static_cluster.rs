@@ -8,6 +8,7 @@ use std::sync::Arc;
 
 use crate::config::{parse_host_port, ClusterConfig};
 
+use super::report::{self, ClusterReport, Sources};
 use super::view::{ClusterView, Member, MemberRole};
 
 /// Builds the fixed view of a static cluster. Members are named by their
@@ -34,6 +35,27 @@ pub fn static_view(name: &str, config: &ClusterConfig) -> Result<ClusterView, St
     }
     let view = ClusterView::new(Arc::from(name), members, config.primary.as_deref(), false);
     Ok(view.with_no_leader_reason("the static cluster has no `primary` configured"))
+}
+
+/// The fixed report of a static cluster.
+pub fn static_report(view: &ClusterView) -> ClusterReport {
+    ClusterReport {
+        cluster: view.cluster.to_string(),
+        mode: "static",
+        leader_policy: None,
+        on_etcd_loss: None,
+        rule: "static".to_owned(),
+        leader: view.leader().map(|m| m.name.to_string()),
+        no_leader_reason: view.no_leader_reason.clone(),
+        switchover: None,
+        sources: Sources {
+            etcd: "not configured",
+            etcd_down_since: None,
+            patroni_rest: false,
+        },
+        members: report::member_reports(view, None, &Default::default(), &Default::default()),
+        view_changed_at: report::now_rfc3339(),
+    }
 }
 
 #[cfg(test)]

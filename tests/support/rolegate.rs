@@ -11,18 +11,28 @@ use super::wait_until;
 
 pub struct Rolegate {
     child: Child,
+    /// The admin endpoint's port.
+    pub admin_port: u16,
     pub config_path: PathBuf,
     pub log_path: PathBuf,
 }
 
 impl Rolegate {
     /// Starts rolegate with `config` (TOML text) and waits until every
-    /// port in `ports` accepts connections.
+    /// port in `ports` accepts connections. Unless `config` has an
+    /// `[admin]` table, the admin endpoint gets a free port of its own.
     pub fn start(dir: &Path, name: &str, config: &str, ports: &[u16]) -> Self {
         std::fs::create_dir_all(dir).expect("create dir");
+        let mut admin_port = 0;
+        let config = if config.contains("[admin]") {
+            config.to_owned()
+        } else {
+            admin_port = super::free_port();
+            format!("[admin]\nlisten = \"127.0.0.1:{admin_port}\"\n\n{config}")
+        };
         let config_path = dir.join(format!("{name}.toml"));
         let log_path = dir.join(format!("{name}.log"));
-        std::fs::write(&config_path, config).expect("write config");
+        std::fs::write(&config_path, &config).expect("write config");
         let log = std::fs::File::create(&log_path).expect("create log");
         let child = Command::new(env!("CARGO_BIN_EXE_rolegate"))
             .arg("--config")
@@ -35,6 +45,7 @@ impl Rolegate {
             .expect("spawn rolegate");
         let mut rolegate = Self {
             child,
+            admin_port,
             config_path,
             log_path,
         };
@@ -47,6 +58,18 @@ impl Rolegate {
             });
         }
         rolegate
+    }
+
+    /// `GET path` on the admin endpoint: status and body.
+    pub fn admin_get(&self, path: &str) -> Option<(u16, String)> {
+        super::lab::http_get(self.admin_port, path)
+    }
+
+    /// The value of the metric series `name{labels}` (labels as written in
+    /// the exposition, e.g. `cluster="demo",member="pg1"`), or 0 if absent.
+    pub fn metric(&self, name: &str, labels: &str) -> f64 {
+        let (_, body) = self.admin_get("/metrics").unwrap_or_default();
+        metric_value(&body, name, labels).unwrap_or(0.0)
     }
 
     pub fn pid(&self) -> i32 {
@@ -81,4 +104,28 @@ impl Drop for Rolegate {
         stop_pid(self.pid(), Signal::SIGKILL, Duration::from_secs(5));
         let _ = self.child.wait();
     }
+}
+
+/// Finds `name{...}` in a Prometheus exposition whose labels include every
+/// `key="value"` pair of `labels` (comma-separated), and returns its value.
+pub fn metric_value(exposition: &str, name: &str, labels: &str) -> Option<f64> {
+    let wanted: Vec<&str> = labels.split(',').filter(|l| !l.is_empty()).collect();
+    exposition.lines().find_map(|line| {
+        if line.starts_with('#') {
+            return None;
+        }
+        let (series, value) = line.rsplit_once(' ')?;
+        let (series_name, series_labels) = match series.split_once('{') {
+            Some((n, rest)) => (n, rest.trim_end_matches('}')),
+            None => (series, ""),
+        };
+        if series_name != name {
+            return None;
+        }
+        let have: Vec<&str> = series_labels.split(',').collect();
+        wanted
+            .iter()
+            .all(|w| have.contains(w))
+            .then(|| value.parse().ok())?
+    })
 }
