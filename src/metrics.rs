@@ -423,6 +423,39 @@ mod tests {
     use super::*;
 
     #[test]
+    fn every_metric_is_documented() {
+        let doc = include_str!("../docs/metrics.md");
+        for name in [
+            BUILD_INFO,
+            CLIENT_CONNECTIONS,
+            CLIENT_CONNECTIONS_TOTAL,
+            HELD_SESSIONS,
+            HOLD_WAIT_SECONDS,
+            HOLD_TIMEOUTS_TOTAL,
+            SESSIONS,
+            SESSIONS_ENDED_TOTAL,
+            HANDSHAKE_SECONDS,
+            BACKEND_CONNECT_SECONDS,
+            BACKEND_CONNECT_FAILURES_TOTAL,
+            RELAYED_BYTES_TOTAL,
+            CANCEL_REQUESTS_TOTAL,
+            LEADER_CHANGES_TOTAL,
+            CLUSTER_LEADER,
+            MEMBER_HEALTHY,
+            MEMBER_READABLE,
+            ETCD_UP,
+            ETCD_RECONNECTS_TOTAL,
+            PATRONI_CHECK_SECONDS,
+            PATRONI_CHECK_FAILURES_TOTAL,
+        ] {
+            assert!(
+                doc.contains(&format!("`{name}`")),
+                "{name} is missing from docs/metrics.md"
+            );
+        }
+    }
+
+    #[test]
     fn session_counts_follow_guards() {
         let counts = SessionCounts::new();
         let a = counts.open("demo".into(), "pg1".into(), ListenerRole::Primary);

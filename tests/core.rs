@@ -162,6 +162,10 @@ fn trials(env: Option<&Arc<Env>>) -> Vec<Trial> {
             "metrics_follow_sessions_cancels_and_refusals",
             metrics_follow_sessions_cancels_and_refusals,
         ),
+        (
+            "example_alert_rules_are_valid",
+            example_alert_rules_are_valid,
+        ),
     ];
     tests
         .iter()
@@ -762,6 +766,24 @@ fn metrics_follow_sessions_cancels_and_refusals(env: &Env) -> Result<(), Failed>
             "promtool check metrics failed:\n{}{}",
             String::from_utf8_lossy(&checked.stdout),
             String::from_utf8_lossy(&checked.stderr)
+        ),
+    )
+}
+
+fn example_alert_rules_are_valid(_env: &Env) -> Result<(), Failed> {
+    let out = std::process::Command::new("promtool")
+        .args([
+            "check",
+            "rules",
+            concat!(env!("CARGO_MANIFEST_DIR"), "/docs/alerts.yml"),
+        ])
+        .output()?;
+    check(
+        out.status.success(),
+        format!(
+            "promtool check rules failed:\n{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
         ),
     )
 }
