@@ -24,4 +24,5 @@ pub mod protocol;
 pub mod proxy;
 pub mod router;
 pub mod server;
+pub mod tls;
 pub mod topology;

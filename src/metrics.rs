@@ -44,6 +44,8 @@ pub const ETCD_UP: &str = "rolegate_etcd_up";
 pub const ETCD_RECONNECTS_TOTAL: &str = "rolegate_etcd_reconnects_total";
 pub const PATRONI_CHECK_SECONDS: &str = "rolegate_patroni_check_duration_seconds";
 pub const PATRONI_CHECK_FAILURES_TOTAL: &str = "rolegate_patroni_check_failures_total";
+pub const TLS_HANDSHAKES_TOTAL: &str = "rolegate_tls_handshakes_total";
+pub const TLS_RELOADS_TOTAL: &str = "rolegate_tls_reloads_total";
 
 /// Histogram buckets for durations, from 1 ms to 60 s.
 const SECONDS_BUCKETS: &[f64] = &[
@@ -149,6 +151,14 @@ fn describe() {
         PATRONI_CHECK_FAILURES_TOTAL,
         "REST checks that got no answer, by cluster and member."
     );
+    describe_counter!(
+        TLS_HANDSHAKES_TOTAL,
+        "Client TLS handshakes, by listener and outcome (ok, failed)."
+    );
+    describe_counter!(
+        TLS_RELOADS_TOTAL,
+        "Reloads of the TLS certificate and key on SIGHUP, by outcome (ok, failed)."
+    );
 }
 
 /// How a client connection turned out, for `rolegate_client_connections_total`.
@@ -166,6 +176,7 @@ pub enum ConnectionOutcome {
     BackendUnreachable,
     /// The server refused authentication (wrong password, no such database).
     AuthRefused,
+    TlsError,
     BackendError,
     Shutdown,
 }
@@ -182,6 +193,7 @@ impl ConnectionOutcome {
             Self::NoTarget => "no_target",
             Self::BackendUnreachable => "backend_unreachable",
             Self::AuthRefused => "auth_refused",
+            Self::TlsError => "tls_error",
             Self::BackendError => "backend_error",
             Self::Shutdown => "shutdown",
         }
@@ -190,6 +202,16 @@ impl ConnectionOutcome {
 
 pub fn connection_outcome(listener: &str, outcome: ConnectionOutcome) {
     counter!(CLIENT_CONNECTIONS_TOTAL, "listener" => listener.to_owned(), "outcome" => outcome.as_str()).increment(1);
+}
+
+pub fn tls_handshake(listener: &str, ok: bool) {
+    let outcome = if ok { "ok" } else { "failed" };
+    counter!(TLS_HANDSHAKES_TOTAL, "listener" => listener.to_owned(), "outcome" => outcome)
+        .increment(1);
+}
+
+pub fn tls_reload(ok: bool) {
+    counter!(TLS_RELOADS_TOTAL, "outcome" => if ok { "ok" } else { "failed" }).increment(1);
 }
 
 pub fn cancel_outcome(outcome: &'static str) {

@@ -17,10 +17,13 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::admin::{self, Admin, ListenerTarget};
-use crate::config::{parse_socket_addr, Config};
+use crate::config::{parse_socket_addr, Config, TlsMode};
 use crate::metrics;
 use crate::router::Router;
+use crate::server::handshake::ListenerTls;
+use crate::server::BackendTlsSettings;
 use crate::server::{listener, ListenerContext, Shared};
+use crate::tls::{self, ServerTls};
 use crate::topology::Topology;
 
 /// How long ended sessions get to write their last error and close.
@@ -63,6 +66,14 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         "the admin endpoint".to_owned()
     });
 
+    // One server TLS configuration, shared by every listener that offers TLS.
+    let server_tls = match (&config.tls.cert, &config.tls.key) {
+        (Some(_), Some(_)) => Some(Arc::new(
+            ServerTls::new(config.tls.clone()).map_err(|e| anyhow::anyhow!(e))?,
+        )),
+        _ => None,
+    };
+
     let mut accept_loops = Vec::new();
     for (i, listener_config) in config.listeners.iter().enumerate() {
         let key = format!("listeners[{i}].listen");
@@ -75,7 +86,29 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             .watch(&listener_config.cluster)
             .with_context(|| format!("listeners[{i}].cluster: unknown cluster"))?;
         let listen = socket.local_addr().unwrap_or(addr);
+        let tls_mode = config.listener_tls(i);
+        let cluster = config
+            .cluster(&listener_config.cluster)
+            .with_context(|| format!("listeners[{i}].cluster: unknown cluster"))?;
+        let backend_tls = BackendTlsSettings {
+            mode: cluster.backend_tls,
+            config: tls::backend_config(
+                cluster.backend_tls,
+                cluster.backend_ca.as_deref(),
+                cluster.backend_cert.as_deref(),
+                cluster.backend_key.as_deref(),
+                &listener_config.cluster,
+            )
+            .map_err(|e| anyhow::anyhow!(e))?,
+        };
         let context = Arc::new(ListenerContext {
+            tls: ListenerTls {
+                mode: tls_mode,
+                server: (tls_mode != TlsMode::Disable)
+                    .then(|| server_tls.clone())
+                    .flatten(),
+            },
+            backend_tls,
             listen,
             label: listen.to_string(),
             cluster: listener_config.cluster.as_str().into(),
@@ -101,6 +134,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         .collect();
     info!(version = env!("CARGO_PKG_VERSION"), "rolegate is ready");
 
+    if let Some(server_tls) = &server_tls {
+        tokio::spawn(reload_certificates_on_sighup(Arc::clone(server_tls))?);
+    }
     let mut terminate =
         signal(SignalKind::terminate()).context("cannot install the SIGTERM handler")?;
     let mut interrupt =
@@ -150,6 +186,28 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     background.cancel();
     info!("rolegate stopped");
     Ok(())
+}
+
+/// Reloads the TLS certificate and key at every SIGHUP. A pair that does
+/// not load is refused and the one in use stays.
+fn reload_certificates_on_sighup(
+    server_tls: Arc<ServerTls>,
+) -> anyhow::Result<impl std::future::Future<Output = ()>> {
+    let mut hangup = signal(SignalKind::hangup()).context("cannot install the SIGHUP handler")?;
+    Ok(async move {
+        while hangup.recv().await.is_some() {
+            match server_tls.reload() {
+                Ok(()) => {
+                    metrics::tls_reload(true);
+                    info!(cert = ?server_tls.cert_path(), "SIGHUP: reloaded the TLS certificate and key");
+                }
+                Err(e) => {
+                    metrics::tls_reload(false);
+                    warn!("SIGHUP: keeping the TLS certificate in use: {e}");
+                }
+            }
+        }
+    })
 }
 
 /// Resolves when the first background task (cluster follower, admin

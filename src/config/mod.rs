@@ -36,6 +36,80 @@ pub struct Config {
     pub listeners: Vec<ListenerConfig>,
     #[serde(default)]
     pub limits: Limits,
+    #[serde(default)]
+    pub tls: TlsConfig,
+}
+
+/// `[tls]`: TLS for clients, terminated by rolegate.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM certificate chain presented to clients.
+    #[serde(default)]
+    pub cert: Option<PathBuf>,
+    /// PEM private key of `cert`.
+    #[serde(default)]
+    pub key: Option<PathBuf>,
+    /// PEM CA bundle; when set, clients must present a certificate it signed.
+    #[serde(default)]
+    pub client_ca: Option<PathBuf>,
+    /// Default for every listener; `allow` when `cert` is set, else `disable`.
+    #[serde(default)]
+    pub mode: Option<TlsMode>,
+    #[serde(default)]
+    pub min_version: TlsVersion,
+}
+
+/// Whether a listener offers TLS to clients.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TlsMode {
+    /// Refuse TLS (answer `N` to SSLRequest).
+    Disable,
+    /// Offer TLS; plaintext clients are served too.
+    Allow,
+    /// Plaintext StartupMessages get FATAL 28000.
+    Require,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+pub enum TlsVersion {
+    #[default]
+    #[serde(rename = "1.2")]
+    V1_2,
+    #[serde(rename = "1.3")]
+    V1_3,
+}
+
+/// TLS from rolegate to a cluster's members, as libpq's `sslmode`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum BackendTls {
+    #[default]
+    Disable,
+    /// TLS when the server offers it, plaintext otherwise; not verified.
+    Prefer,
+    /// TLS or fail; not verified.
+    Require,
+    /// TLS with the chain checked against `backend_ca`.
+    VerifyCa,
+    /// As `verify-ca`, and the certificate must name the member's host.
+    VerifyFull,
+}
+
+impl Config {
+    /// The TLS mode of listener `index`.
+    pub fn listener_tls(&self, index: usize) -> TlsMode {
+        self.listeners
+            .get(index)
+            .and_then(|l| l.tls)
+            .or(self.tls.mode)
+            .unwrap_or(if self.tls.cert.is_some() {
+                TlsMode::Allow
+            } else {
+                TlsMode::Disable
+            })
+    }
 }
 
 /// `[admin]`: the HTTP endpoint for metrics and health.
@@ -151,6 +225,17 @@ pub struct ClusterConfig {
     /// Replicas lagging more than this take no new read sessions.
     #[serde(default)]
     pub max_replica_lag: Option<ByteSize>,
+    /// TLS towards the members.
+    #[serde(default)]
+    pub backend_tls: BackendTls,
+    /// PEM CA bundle for `verify-ca` / `verify-full`.
+    #[serde(default)]
+    pub backend_ca: Option<PathBuf>,
+    /// PEM client certificate and key presented to the members.
+    #[serde(default)]
+    pub backend_cert: Option<PathBuf>,
+    #[serde(default)]
+    pub backend_key: Option<PathBuf>,
 }
 
 impl Default for ClusterConfig {
@@ -172,6 +257,10 @@ impl Default for ClusterConfig {
             health_interval: default_health_interval(),
             health_timeout: default_health_timeout(),
             max_replica_lag: None,
+            backend_tls: BackendTls::default(),
+            backend_ca: None,
+            backend_cert: None,
+            backend_key: None,
         }
     }
 }
@@ -259,6 +348,9 @@ pub struct ListenerConfig {
     /// What a `replica` listener does when no replica is eligible.
     #[serde(default)]
     pub replica_fallback: ReplicaFallback,
+    /// Overrides `[tls] mode` for this listener.
+    #[serde(default)]
+    pub tls: Option<TlsMode>,
 }
 
 /// The kind of member a listener sends its sessions to; mirrors libpq's
@@ -460,6 +552,35 @@ fn validate(config: &Config) -> Result<(), (String, String)> {
         }
     }
 
+    for i in 0..config.listeners.len() {
+        if config.listener_tls(i) != TlsMode::Disable
+            && (config.tls.cert.is_none() || config.tls.key.is_none())
+        {
+            let key = if config.listeners[i].tls.is_some() {
+                format!("listeners[{i}].tls")
+            } else {
+                "tls.mode".to_owned()
+            };
+            return Err((
+                key,
+                "TLS is enabled but [tls] cert and key are not both set".to_owned(),
+            ));
+        }
+    }
+    if config.tls.cert.is_some() || config.tls.key.is_some() {
+        crate::tls::server_config(&config.tls).map_err(split_key)?;
+    }
+    for (name, cluster) in &config.clusters {
+        crate::tls::backend_config(
+            cluster.backend_tls,
+            cluster.backend_ca.as_deref(),
+            cluster.backend_cert.as_deref(),
+            cluster.backend_key.as_deref(),
+            name,
+        )
+        .map_err(split_key)?;
+    }
+
     let limits = &config.limits;
     if limits.max_client_connections == 0 {
         return Err((
@@ -476,6 +597,14 @@ fn validate(config: &Config) -> Result<(), (String, String)> {
         }
     }
     Ok(())
+}
+
+/// Splits a `key: message` error from the TLS loader.
+fn split_key(error: String) -> (String, String) {
+    match error.split_once(": ") {
+        Some((key, message)) => (key.to_owned(), message.to_owned()),
+        None => ("tls".to_owned(), error),
+    }
 }
 
 fn validate_cluster(name: &str, cluster: &ClusterConfig) -> Result<(), (String, String)> {

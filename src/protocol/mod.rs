@@ -7,6 +7,7 @@
 pub mod error;
 pub mod frame;
 pub mod message;
+pub mod sasl;
 pub mod startup;
 
 pub use error::{ProtocolError, SqlState};

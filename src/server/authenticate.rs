@@ -9,6 +9,9 @@
 //! ReadyForQuery (the session is open) or at an ErrorResponse (the backend
 //! refused, and the client has already been given its error).
 //!
+//! The one change made on the way: SCRAM-SHA-256-PLUS is removed from the
+//! backend's SASL mechanism list (see [`crate::protocol::sasl`]).
+//!
 //! Backend messages are forwarded in batches: everything the backend sent
 //! before it next waits for the client goes out in one write.
 
@@ -19,6 +22,7 @@ use crate::protocol::message::{
     auth, auth_request_code, decode_message, tag, Message, MAX_BACKEND_HANDSHAKE_MESSAGE,
     MAX_CLIENT_AUTH_MESSAGE,
 };
+use crate::protocol::sasl::without_channel_binding;
 use crate::protocol::startup::CancelKey;
 use crate::protocol::{ProtocolError, SqlState};
 
@@ -64,7 +68,11 @@ where
     let mut backend_key = None;
     loop {
         let msg = read_backend(backend, &mut from_backend, member).await?;
-        to_client.extend_from_slice(&msg.raw);
+        match without_channel_binding_offer(&msg) {
+            Ok(Some(rewritten)) => to_client.extend_from_slice(&rewritten),
+            Ok(None) => to_client.extend_from_slice(&msg.raw),
+            Err(e) => return Err(AuthError::Backend(backend_violation(member, &e.message))),
+        }
         match msg.tag() {
             tag::AUTHENTICATION => {
                 let code = auth_request_code(msg.body()).ok_or_else(|| {
@@ -104,6 +112,21 @@ where
             _ => {}
         }
     }
+}
+
+/// An AuthenticationSASL message rewritten without SCRAM-SHA-256-PLUS, or
+/// `None` for every other message (forwarded as it is).
+fn without_channel_binding_offer(msg: &Message) -> Result<Option<Vec<u8>>, ProtocolError> {
+    if msg.tag() != tag::AUTHENTICATION || auth_request_code(msg.body()) != Some(auth::SASL) {
+        return Ok(None);
+    }
+    Ok(without_channel_binding(msg.body())?.map(|body| {
+        let mut out = Vec::with_capacity(body.len() + 5);
+        out.push(tag::AUTHENTICATION);
+        out.extend_from_slice(&((body.len() + 4) as u32).to_be_bytes());
+        out.extend_from_slice(&body);
+        out
+    }))
 }
 
 async fn flush<C: AsyncWrite + Unpin>(client: &mut C, out: &mut BytesMut) -> Result<(), AuthError> {

@@ -1,56 +1,139 @@
 //! Opening a connection to a cluster member.
 //!
-//! Connects with `connect_timeout` and turns failures into the 08001 error
-//! a client sees, naming the member and its address so an operator can act
-//! on it. TLS to backends will wrap the stream here.
+//! Connects within `connect_timeout`, negotiating TLS as the cluster's
+//! `backend_tls` says (an SSLRequest, then rustls, as libpq does), and turns
+//! failures into the 08001 error a client sees, naming the member and its
+//! address so an operator can act on it. Cancel requests are sent over a
+//! connection opened the same way, so they reach members that require TLS.
 
 use std::io::ErrorKind;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use rustls::ClientConfig;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
 
+use super::stream::{BackendStream, MaybeTls};
+use crate::config::BackendTls;
 use crate::metrics;
 use crate::protocol::{ProtocolError, SqlState};
+use crate::tls::server_name;
 use crate::topology::Member;
 
-/// Connects to `member`'s PostgreSQL port.
-pub async fn connect(
-    member: &Member,
-    cluster: &str,
+/// An SSLRequest: length 8, code 1234.5679.
+const SSL_REQUEST: [u8; 8] = [0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f];
+
+/// How rolegate speaks TLS to one cluster's members.
+#[derive(Clone)]
+pub struct BackendTlsSettings {
+    pub mode: BackendTls,
+    /// `None` for `disable`.
+    pub config: Option<Arc<ClientConfig>>,
+}
+
+impl BackendTlsSettings {
+    pub fn disabled() -> Self {
+        Self {
+            mode: BackendTls::Disable,
+            config: None,
+        }
+    }
+}
+
+/// Why a connection could not be opened: a message and a metric label.
+pub struct OpenError {
+    pub message: String,
+    pub reason: &'static str,
+}
+
+/// Opens a connection to `host:port`, with TLS as `tls` says, all within
+/// `timeout`.
+pub async fn open(
+    host: &str,
+    port: u16,
+    tls: &BackendTlsSettings,
     timeout: Duration,
-) -> Result<TcpStream, ProtocolError> {
-    let started = Instant::now();
-    let attempt = TcpStream::connect((&*member.host, member.port));
-    let (failure, reason) = match tokio::time::timeout(timeout, attempt).await {
-        Ok(Ok(stream)) => {
-            metrics::backend_connect(cluster, &member.name, started.elapsed(), None);
-            // Queries and results are small writes: do not let Nagle's
-            // algorithm hold them back.
-            let _ = stream.set_nodelay(true);
-            return Ok(stream);
+) -> Result<BackendStream, OpenError> {
+    let attempt = async {
+        let mut tcp = TcpStream::connect((host, port))
+            .await
+            .map_err(|e| OpenError {
+                reason: if e.kind() == ErrorKind::ConnectionRefused {
+                    "refused"
+                } else {
+                    "other"
+                },
+                message: e.to_string(),
+            })?;
+        // Queries and results are small writes: do not let Nagle's
+        // algorithm hold them back.
+        let _ = tcp.set_nodelay(true);
+        let Some(config) = &tls.config else {
+            return Ok(MaybeTls::Plain(tcp));
+        };
+        let tls_error = |message: String| OpenError {
+            message,
+            reason: "tls",
+        };
+        tcp.write_all(&SSL_REQUEST)
+            .await
+            .map_err(|e| tls_error(format!("sending SSLRequest: {e}")))?;
+        let answer = tcp
+            .read_u8()
+            .await
+            .map_err(|e| tls_error(format!("reading the answer to SSLRequest: {e}")))?;
+        match answer {
+            b'S' => {
+                let name = server_name(host).map_err(tls_error)?;
+                let stream = TlsConnector::from(Arc::clone(config))
+                    .connect(name, tcp)
+                    .await
+                    .map_err(|e| tls_error(format!("TLS handshake failed: {e}")))?;
+                Ok(MaybeTls::Tls(Box::new(stream)))
+            }
+            b'N' if tls.mode == BackendTls::Prefer => Ok(MaybeTls::Plain(tcp)),
+            b'N' => Err(tls_error(
+                "the server does not accept TLS, which backend_tls requires".to_owned(),
+            )),
+            other => Err(tls_error(format!(
+                "unexpected answer {:?} to SSLRequest",
+                char::from(other)
+            ))),
         }
-        Ok(Err(e)) => {
-            let reason = if e.kind() == ErrorKind::ConnectionRefused {
-                "refused"
-            } else {
-                "other"
-            };
-            (e.to_string(), reason)
-        }
-        Err(_) => (
-            format!(
+    };
+    match tokio::time::timeout(timeout, attempt).await {
+        Ok(result) => result,
+        Err(_) => Err(OpenError {
+            message: format!(
                 "no answer within {}ms (connect_timeout)",
                 timeout.as_millis()
             ),
-            "timeout",
-        ),
-    };
-    metrics::backend_connect(cluster, &member.name, started.elapsed(), Some(reason));
-    Err(ProtocolError::new(
-        SqlState::SQLCLIENT_UNABLE_TO_ESTABLISH_SQLCONNECTION,
-        format!(
-            "rolegate could not connect to member {member} of cluster \"{cluster}\": {failure}"
-        ),
-    )
-    .with_hint("Check that the member's PostgreSQL is running and reachable from rolegate."))
+            reason: "timeout",
+        }),
+    }
+}
+
+/// Connects to `member`'s PostgreSQL port for a session.
+pub async fn connect(
+    member: &Member,
+    cluster: &str,
+    tls: &BackendTlsSettings,
+    timeout: Duration,
+) -> Result<BackendStream, ProtocolError> {
+    let started = Instant::now();
+    let result = open(&member.host, member.port, tls, timeout).await;
+    let failure = result.as_ref().err().map(|e| e.reason);
+    metrics::backend_connect(cluster, &member.name, started.elapsed(), failure);
+    result.map_err(|e| {
+        ProtocolError::new(
+            SqlState::SQLCLIENT_UNABLE_TO_ESTABLISH_SQLCONNECTION,
+            format!(
+                "rolegate could not connect to member {member} of cluster \"{cluster}\": {}",
+                e.message
+            ),
+        )
+        .with_hint("Check that the member's PostgreSQL is running, reachable from rolegate, and that its TLS settings match backend_tls.")
+    })
 }

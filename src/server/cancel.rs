@@ -23,18 +23,20 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use tokio::io::AsyncWriteExt;
-use tokio::net::TcpStream;
 
+use super::backend::{open, BackendTlsSettings};
 use crate::protocol::startup::CancelKey;
 
 /// Where a cancel for one session must go.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Clone)]
 pub struct CancelTarget {
     pub member: Arc<str>,
     pub host: Arc<str>,
     pub port: u16,
     /// The key the backend issued, sent in the forwarded CancelRequest.
     pub backend_key: CancelKey,
+    /// The TLS settings the session's own connection used.
+    pub tls: BackendTlsSettings,
 }
 
 #[derive(Default)]
@@ -108,21 +110,25 @@ impl CancelRegistry {
     }
 }
 
-/// Sends the backend's CancelRequest to the member that issued the key.
-/// PostgreSQL answers a cancel with nothing but closing the connection.
+/// Sends the backend's CancelRequest to the member that issued the key,
+/// over a connection with the session's TLS settings. PostgreSQL answers a
+/// cancel with nothing but closing the connection.
 pub async fn forward_cancel(
     target: &CancelTarget,
     connect_timeout: Duration,
-) -> std::io::Result<()> {
+) -> Result<(), String> {
     let packet = target.backend_key.encode_cancel_request();
+    let mut stream = open(&target.host, target.port, &target.tls, connect_timeout)
+        .await
+        .map_err(|e| e.message)?;
     let send = async {
-        let mut stream = TcpStream::connect((&*target.host, target.port)).await?;
         stream.write_all(&packet).await?;
         stream.shutdown().await
     };
     tokio::time::timeout(connect_timeout, send)
         .await
-        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))?
+        .map_err(|_| "sending the cancel request timed out".to_owned())?
+        .map_err(|e| e.to_string())
 }
 
 #[cfg(test)]
@@ -139,6 +145,7 @@ mod tests {
                 pid,
                 secret: Bytes::from_static(b"abcd"),
             },
+            tls: BackendTlsSettings::disabled(),
         }
     }
 
@@ -153,7 +160,7 @@ mod tests {
         );
         let key = reg.client_key().clone();
         drop(reg);
-        assert_eq!(registry.lookup(&key), None);
+        assert!(registry.lookup(&key).is_none());
         assert!(registry.is_empty());
     }
 

@@ -1,21 +1,57 @@
 //! The client's opening: encryption negotiation, then a StartupMessage or a
 //! CancelRequest.
 //!
-//! A client may first ask for TLS (SSLRequest) or GSS encryption
-//! (GSSENCRequest), each at most once, and is answered with a single byte.
-//! Without TLS configured both are refused with `N`, after which PostgreSQL
-//! clients either continue in plaintext or give up, as their `sslmode`
-//! says. A direct-TLS ClientHello cannot be served without TLS and is
-//! closed. Timeouts are the caller's: this code only reads and answers.
+//! As PostgreSQL does ("SSL Session Encryption", protocol docs 55.2.10):
+//! an SSLRequest is answered `S` and followed by a TLS handshake when the
+//! listener offers TLS, `N` otherwise; a GSSENCRequest is always answered
+//! `N`. Bytes the client sent after its SSLRequest, before it could have
+//! read the answer, are refused (they would be plaintext smuggled in front
+//! of the TLS session: CVE-2021-23214). A first byte of 0x16 starts a TLS
+//! handshake at once (PostgreSQL 17's direct TLS), which must negotiate the
+//! ALPN protocol `postgresql`. Inside TLS only a StartupMessage or a
+//! CancelRequest may follow. A listener in `require` mode refuses
+//! plaintext StartupMessages with 28000. Timeouts are the caller's.
+
+use std::sync::Arc;
 
 use bytes::BytesMut;
 use pgwire::messages::response::SslResponse;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio_rustls::TlsAcceptor;
 
+use super::stream::{ClientStream, MaybeTls, Prefixed};
+use crate::config::TlsMode;
 use crate::protocol::startup::{
     decode_first_packet, CancelKey, FirstPacket, StartupMessage, MAX_STARTUP_PACKET,
 };
 use crate::protocol::{ProtocolError, SqlState};
+use crate::tls::{ServerTls, ALPN_POSTGRESQL};
+
+/// What a listener offers clients.
+#[derive(Clone)]
+pub struct ListenerTls {
+    pub mode: TlsMode,
+    /// Present unless `mode` is `disable`.
+    pub server: Option<Arc<ServerTls>>,
+}
+
+impl ListenerTls {
+    pub fn disabled() -> Self {
+        Self {
+            mode: TlsMode::Disable,
+            server: None,
+        }
+    }
+
+    fn acceptor(&self) -> Option<TlsAcceptor> {
+        match self.mode {
+            TlsMode::Disable => None,
+            TlsMode::Allow | TlsMode::Require => {
+                self.server.as_ref().map(|s| TlsAcceptor::from(s.config()))
+            }
+        }
+    }
+}
 
 /// What the client opened its connection for.
 #[derive(Debug)]
@@ -28,66 +64,192 @@ pub enum Opening {
     Cancel(CancelKey),
 }
 
+/// A completed opening and the stream it arrived on.
+pub struct Opened<P> {
+    pub stream: ClientStream<P>,
+    pub opening: Opening,
+}
+
+/// A failed opening; `stream` is where the error may still be told.
+pub struct Failed<P> {
+    pub stream: Option<ClientStream<P>>,
+    pub error: HandshakeError,
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum HandshakeError {
-    /// The client broke the protocol; it is told why before the close.
+    /// The client broke the protocol or a rule; it is told why.
     #[error(transparent)]
     Protocol(#[from] ProtocolError),
     /// The client asked for something rolegate closes without an answer.
     #[error("{0}")]
     Unanswerable(&'static str),
+    #[error("TLS handshake failed: {0}")]
+    Tls(std::io::Error),
     #[error("client closed the connection during the handshake")]
     Closed,
     #[error("client connection failed during the handshake: {0}")]
     Io(#[from] std::io::Error),
 }
 
-/// Reads the client's opening packets, answering encryption requests.
-pub async fn read_opening<S>(stream: &mut S) -> Result<Opening, HandshakeError>
+/// Reads the client's opening, negotiating TLS as `tls` allows.
+/// `encrypting` turns true once the TLS handshake begins, so a caller that
+/// gives up (a timeout) knows not to write plaintext into it.
+pub async fn read_opening<P>(
+    mut plain: P,
+    tls: &ListenerTls,
+    encrypting: &mut bool,
+) -> Result<Opened<P>, Failed<P>>
 where
-    S: AsyncRead + AsyncWrite + Unpin,
+    P: AsyncRead + AsyncWrite + Unpin,
 {
     let mut buf = BytesMut::with_capacity(512);
     let mut ssl_answered = false;
     let mut gss_answered = false;
+    let fail =
+        |stream: Option<ClientStream<P>>, error: HandshakeError| Err(Failed { stream, error });
     loop {
-        match read_first_packet(stream, &mut buf).await? {
+        let packet = match read_first_packet(&mut plain, &mut buf).await {
+            Ok(packet) => packet,
+            Err(error) => return fail(Some(MaybeTls::Plain(plain)), error),
+        };
+        match packet {
             FirstPacket::SslRequest => {
                 if ssl_answered {
-                    return Err(ProtocolError::new(
-                        SqlState::PROTOCOL_VIOLATION,
-                        "SSLRequest sent twice in one connection",
-                    )
-                    .into());
+                    let error = violation("SSLRequest sent twice in one connection");
+                    return fail(Some(MaybeTls::Plain(plain)), error);
                 }
                 ssl_answered = true;
-                stream.write_all(&[SslResponse::BYTE_REFUSE]).await?;
+                let Some(acceptor) = tls.acceptor() else {
+                    if let Err(e) = plain.write_all(&[SslResponse::BYTE_REFUSE]).await {
+                        return fail(None, e.into());
+                    }
+                    continue;
+                };
+                if !buf.is_empty() {
+                    let error = violation(
+                        "received unencrypted data after SSL request; this could be a client bug or a man-in-the-middle attack",
+                    );
+                    return fail(Some(MaybeTls::Plain(plain)), error);
+                }
+                if let Err(e) = plain.write_all(&[SslResponse::BYTE_ACCEPT]).await {
+                    return fail(None, e.into());
+                }
+                *encrypting = true;
+                return encrypted(acceptor, Prefixed::new(buf, plain), false).await;
             }
             FirstPacket::GssEncRequest => {
                 if gss_answered || ssl_answered {
-                    return Err(ProtocolError::new(
-                        SqlState::PROTOCOL_VIOLATION,
-                        "GSSENCRequest sent after encryption was already negotiated",
-                    )
-                    .into());
+                    let error =
+                        violation("GSSENCRequest sent after encryption was already negotiated");
+                    return fail(Some(MaybeTls::Plain(plain)), error);
                 }
                 gss_answered = true;
-                stream.write_all(&[SslResponse::BYTE_REFUSE]).await?;
+                if let Err(e) = plain.write_all(&[SslResponse::BYTE_REFUSE]).await {
+                    return fail(None, e.into());
+                }
             }
             FirstPacket::DirectTls => {
-                return Err(HandshakeError::Unanswerable(
-                    "client started a direct TLS handshake but TLS is not configured",
-                ))
+                let Some(acceptor) = tls.acceptor() else {
+                    return fail(
+                        None,
+                        HandshakeError::Unanswerable(
+                            "client started a direct TLS handshake but this listener does not offer TLS",
+                        ),
+                    );
+                };
+                if ssl_answered || gss_answered {
+                    return fail(
+                        None,
+                        HandshakeError::Unanswerable("TLS handshake after encryption was refused"),
+                    );
+                }
+                // The ClientHello's first bytes are in `buf`: replay them.
+                *encrypting = true;
+                return encrypted(acceptor, Prefixed::new(buf, plain), true).await;
             }
-            FirstPacket::Cancel(key) => return Ok(Opening::Cancel(key)),
-            FirstPacket::Startup(startup) => {
-                return Ok(Opening::Startup {
-                    startup,
-                    buffered: buf,
+            FirstPacket::Cancel(key) => {
+                return Ok(Opened {
+                    stream: MaybeTls::Plain(plain),
+                    opening: Opening::Cancel(key),
                 })
+            }
+            FirstPacket::Startup(startup) => {
+                if tls.mode == TlsMode::Require {
+                    let error = ProtocolError::new(
+                        SqlState::INVALID_AUTHORIZATION_SPECIFICATION,
+                        "this listener requires TLS, but the connection is not encrypted",
+                    )
+                    .with_hint("Connect with sslmode=require (or verify-ca / verify-full).");
+                    return fail(Some(MaybeTls::Plain(plain)), error.into());
+                }
+                return Ok(Opened {
+                    stream: MaybeTls::Plain(plain),
+                    opening: Opening::Startup {
+                        startup,
+                        buffered: buf,
+                    },
+                });
             }
         }
     }
+}
+
+/// Completes a TLS handshake and reads the opening inside the tunnel.
+async fn encrypted<P>(
+    acceptor: TlsAcceptor,
+    io: Prefixed<P>,
+    direct: bool,
+) -> Result<Opened<P>, Failed<P>>
+where
+    P: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut stream = match acceptor.accept(io).await {
+        Ok(stream) => stream,
+        Err(e) => {
+            return Err(Failed {
+                stream: None,
+                error: HandshakeError::Tls(e),
+            })
+        }
+    };
+    if direct && stream.get_ref().1.alpn_protocol() != Some(ALPN_POSTGRESQL) {
+        return Err(Failed {
+            stream: None,
+            error: HandshakeError::Unanswerable(
+                "direct TLS without the ALPN protocol \"postgresql\"",
+            ),
+        });
+    }
+    let mut buf = BytesMut::with_capacity(512);
+    let packet = read_first_packet(&mut stream, &mut buf).await;
+    let stream = MaybeTls::Tls(Box::new(stream));
+    let opening = match packet {
+        Ok(FirstPacket::Startup(startup)) => Opening::Startup {
+            startup,
+            buffered: buf,
+        },
+        Ok(FirstPacket::Cancel(key)) => Opening::Cancel(key),
+        Ok(_) => {
+            return Err(Failed {
+                stream: Some(stream),
+                error: violation(
+                    "only a StartupMessage or CancelRequest may follow the TLS handshake",
+                ),
+            })
+        }
+        Err(error) => {
+            return Err(Failed {
+                stream: Some(stream),
+                error,
+            })
+        }
+    };
+    Ok(Opened { stream, opening })
+}
+
+fn violation(message: &str) -> HandshakeError {
+    ProtocolError::new(SqlState::PROTOCOL_VIOLATION, message).into()
 }
 
 /// Reads until `buf` holds a whole first packet. Never buffers more than
@@ -115,7 +277,7 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tokio::io::duplex;
+    use tokio::io::{duplex, DuplexStream};
 
     fn startup_bytes() -> Vec<u8> {
         let body = b"user\0app\0\0";
@@ -128,22 +290,32 @@ mod tests {
     const SSL_REQUEST: [u8; 8] = [0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f];
     const GSS_REQUEST: [u8; 8] = [0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x30];
 
-    async fn run(input: Vec<u8>) -> (Result<Opening, HandshakeError>, Vec<u8>) {
-        let (mut client, mut server) = duplex(64 * 1024);
+    async fn run(input: Vec<u8>, tls: ListenerTls) -> (Result<Opening, HandshakeError>, Vec<u8>) {
+        let (mut client, server) = duplex(64 * 1024);
         client.write_all(&input).await.expect("write");
         client.shutdown().await.expect("shutdown");
-        let result = read_opening(&mut server).await;
-        drop(server);
+        let result = read_opening::<DuplexStream>(server, &tls, &mut false).await;
+        let result = match result {
+            Ok(opened) => Ok(opened.opening),
+            Err(failed) => Err(failed.error),
+        };
         let mut answer = Vec::new();
         client.read_to_end(&mut answer).await.expect("read");
         (result, answer)
+    }
+
+    fn required_without_server() -> ListenerTls {
+        ListenerTls {
+            mode: TlsMode::Require,
+            server: None,
+        }
     }
 
     #[tokio::test]
     async fn ssl_refused_then_startup() {
         let mut input = SSL_REQUEST.to_vec();
         input.extend(startup_bytes());
-        let (result, answer) = run(input).await;
+        let (result, answer) = run(input, ListenerTls::disabled()).await;
         assert!(matches!(result, Ok(Opening::Startup { .. })));
         assert_eq!(answer, b"N");
     }
@@ -153,7 +325,7 @@ mod tests {
         let mut input = GSS_REQUEST.to_vec();
         input.extend(SSL_REQUEST);
         input.extend(startup_bytes());
-        let (result, answer) = run(input).await;
+        let (result, answer) = run(input, ListenerTls::disabled()).await;
         assert!(matches!(result, Ok(Opening::Startup { .. })));
         assert_eq!(answer, b"NN");
     }
@@ -162,15 +334,26 @@ mod tests {
     async fn two_ssl_requests_are_a_violation() {
         let mut input = SSL_REQUEST.to_vec();
         input.extend(SSL_REQUEST);
-        let (result, _) = run(input).await;
+        let (result, _) = run(input, ListenerTls::disabled()).await;
         assert!(matches!(result, Err(HandshakeError::Protocol(_))));
+    }
+
+    #[tokio::test]
+    async fn plaintext_startup_on_a_tls_only_listener_is_28000() {
+        let (result, _) = run(startup_bytes(), required_without_server()).await;
+        match result {
+            Err(HandshakeError::Protocol(e)) => {
+                assert_eq!(e.sqlstate, SqlState::INVALID_AUTHORIZATION_SPECIFICATION)
+            }
+            other => panic!("unexpected {other:?}"),
+        }
     }
 
     #[tokio::test]
     async fn truncated_packet_is_a_close() {
         let mut input = startup_bytes();
         input.truncate(6);
-        let (result, _) = run(input).await;
+        let (result, _) = run(input, ListenerTls::disabled()).await;
         assert!(matches!(result, Err(HandshakeError::Closed)));
     }
 
@@ -178,7 +361,7 @@ mod tests {
     async fn oversized_packet_is_refused_without_reading_it() {
         let mut input = 20_000u32.to_be_bytes().to_vec();
         input.extend(vec![0u8; 64]);
-        let (result, _) = run(input).await;
+        let (result, _) = run(input, ListenerTls::disabled()).await;
         match result {
             Err(HandshakeError::Protocol(e)) => {
                 assert_eq!(e.sqlstate, SqlState::PROTOCOL_VIOLATION)
@@ -189,7 +372,7 @@ mod tests {
 
     #[tokio::test]
     async fn direct_tls_without_tls_configured() {
-        let (result, answer) = run(vec![0x16, 3, 1, 0, 5]).await;
+        let (result, answer) = run(vec![0x16, 3, 1, 0, 5], ListenerTls::disabled()).await;
         assert!(matches!(result, Err(HandshakeError::Unanswerable(_))));
         assert!(answer.is_empty());
     }

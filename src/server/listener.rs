@@ -17,7 +17,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tracing::{debug, error, info};
 
-use super::handshake::{read_opening, Opening};
+use super::handshake::{read_opening, ListenerTls, Opened, Opening};
 use super::session::{self, send_error};
 use super::{ListenerContext, Shared};
 use crate::metrics::{self, ConnectionOutcome};
@@ -65,8 +65,9 @@ pub async fn serve(listener: TcpListener, context: Arc<ListenerContext>, shared:
                 match Arc::clone(&refusals).try_acquire_owned() {
                     Ok(permit) => {
                         let task_shared = Arc::clone(&shared);
+                        let context = Arc::clone(&context);
                         shared.tasks.spawn(async move {
-                            refuse(stream, peer, limit, &task_shared).await;
+                            refuse(stream, peer, limit, &context.tls, &task_shared).await;
                             drop(permit);
                         });
                     }
@@ -83,10 +84,24 @@ pub async fn serve(listener: TcpListener, context: Arc<ListenerContext>, shared:
     info!(listener = %context.listen, "stopped accepting connections");
 }
 
-async fn refuse(mut stream: TcpStream, peer: SocketAddr, limit: usize, shared: &Shared) {
-    match tokio::time::timeout(REFUSAL_READ_TIMEOUT, read_opening(&mut stream)).await {
-        Ok(Ok(Opening::Startup { .. })) => send_error(&mut stream, &too_many(limit)).await,
-        Ok(Ok(Opening::Cancel(key))) => session::cancel(&key, peer, shared).await,
+async fn refuse(
+    mut stream: TcpStream,
+    peer: SocketAddr,
+    limit: usize,
+    tls: &ListenerTls,
+    shared: &Shared,
+) {
+    let mut encrypting = false;
+    let opening = read_opening(&mut stream, tls, &mut encrypting);
+    match tokio::time::timeout(REFUSAL_READ_TIMEOUT, opening).await {
+        Ok(Ok(Opened {
+            stream: mut client,
+            opening: Opening::Startup { .. },
+        })) => send_error(&mut client, &too_many(limit)).await,
+        Ok(Ok(Opened {
+            opening: Opening::Cancel(key),
+            ..
+        })) => session::cancel(&key, peer, shared).await,
         Ok(Err(_)) | Err(_) => {}
     }
 }

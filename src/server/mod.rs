@@ -12,6 +12,9 @@ pub mod handshake;
 pub mod listener;
 pub mod relay;
 pub mod session;
+pub mod stream;
+
+pub use backend::BackendTlsSettings;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -66,6 +69,9 @@ impl Shared {
 
 /// What a listener's sessions need to know about it.
 pub struct ListenerContext {
+    pub tls: handshake::ListenerTls,
+    /// TLS towards the members of this listener's cluster.
+    pub backend_tls: BackendTlsSettings,
     pub listen: SocketAddr,
     /// `listen` as a metric label, formatted once.
     pub label: String,

@@ -21,8 +21,9 @@ use tracing::{debug, info, warn, Instrument};
 use super::authenticate::{relay_authentication, AuthError};
 use super::backend;
 use super::cancel::{forward_cancel, CancelTarget};
-use super::handshake::{read_opening, HandshakeError, Opening};
+use super::handshake::{read_opening, Failed, HandshakeError, Opened, Opening};
 use super::relay::{Relay, RelayEnd};
+use super::stream::BackendStream;
 use super::{ListenerContext, Shared};
 use crate::config::ListenerRole;
 use crate::metrics::{self, ConnectionOutcome};
@@ -35,36 +36,53 @@ use crate::topology::{ClusterView, Member};
 const ERROR_WRITE_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Serves one accepted client connection to its end.
-pub async fn run<S>(
-    mut client: S,
+pub async fn run(
+    mut tcp: TcpStream,
     peer: SocketAddr,
     listener: Arc<ListenerContext>,
     shared: Arc<Shared>,
-) where
-    S: AsyncRead + AsyncWrite + Unpin + Send,
-{
+) {
     let _open = metrics::client_connection(&listener.label);
     let accepted = Instant::now();
     let handshake_deadline = accepted + shared.limits.handshake_timeout.get();
     let outcome = |outcome| metrics::connection_outcome(&listener.label, outcome);
-    let opening = match timeout_at(handshake_deadline.into(), read_opening(&mut client)).await {
-        Ok(Ok(opening)) => opening,
-        Ok(Err(HandshakeError::Protocol(e))) => {
-            debug!(client = %peer, listener = %listener.listen, "refused a malformed opening: {e}");
-            send_error(&mut client, &e).await;
-            return outcome(ConnectionOutcome::ProtocolError);
+    let mut encrypting = false;
+    let opening = timeout_at(
+        handshake_deadline.into(),
+        read_opening(&mut tcp, &listener.tls, &mut encrypting),
+    )
+    .await;
+    let Opened {
+        stream: client,
+        opening,
+    } = match opening {
+        Ok(Ok(opened)) => {
+            if opened.stream.is_tls() {
+                metrics::tls_handshake(&listener.label, true);
+            }
+            opened
         }
-        Ok(Err(e @ HandshakeError::Unanswerable(_))) => {
-            debug!(client = %peer, listener = %listener.listen, "closed: {e}");
-            return outcome(ConnectionOutcome::ProtocolError);
-        }
-        Ok(Err(e)) => {
-            debug!(client = %peer, listener = %listener.listen, "handshake ended: {e}");
-            return outcome(ConnectionOutcome::ClientGone);
+        Ok(Err(Failed { stream, error })) => {
+            let result = match &error {
+                HandshakeError::Protocol(_) => ConnectionOutcome::ProtocolError,
+                HandshakeError::Unanswerable(_) => ConnectionOutcome::ProtocolError,
+                HandshakeError::Tls(_) => {
+                    metrics::tls_handshake(&listener.label, false);
+                    ConnectionOutcome::TlsError
+                }
+                HandshakeError::Closed | HandshakeError::Io(_) => ConnectionOutcome::ClientGone,
+            };
+            debug!(client = %peer, listener = %listener.listen, "handshake failed: {error}");
+            if let (HandshakeError::Protocol(e), Some(mut stream)) = (&error, stream) {
+                send_error(&mut stream, e).await;
+            }
+            return outcome(result);
         }
         Err(_) => {
             debug!(client = %peer, listener = %listener.listen, "handshake timed out");
-            send_error(&mut client, &handshake_timeout_error(&shared)).await;
+            if !encrypting {
+                send_error(&mut tcp, &handshake_timeout_error(&shared)).await;
+            }
             return outcome(ConnectionOutcome::HandshakeTimeout);
         }
     };
@@ -78,6 +96,7 @@ pub async fn run<S>(
                 "session",
                 listener = %listener.listen,
                 client = %peer,
+                tls = client.is_tls(),
                 user = %startup.user(),
                 database = %startup.database(),
                 member = tracing::field::Empty,
@@ -194,6 +213,7 @@ impl Session<'_> {
                 host: member.host.clone(),
                 port: member.port,
                 backend_key,
+                tls: self.listener.backend_tls.clone(),
             })
         });
         info!(held_ms = held.as_millis() as u64, "session open");
@@ -255,7 +275,7 @@ impl Session<'_> {
     /// Routes and connects, trying further candidates for reads and
     /// waiting for a new view (within the hold time) when every candidate
     /// failed. Returns the backend, its member and the time spent held.
-    async fn connect(&self) -> Result<(TcpStream, Member, Duration), ProtocolError> {
+    async fn connect(&self) -> Result<(BackendStream, Member, Duration), ProtocolError> {
         let limits = &self.shared.limits;
         let started = Instant::now();
         let hold_until = started + limits.hold_timeout.get();
@@ -269,6 +289,7 @@ impl Session<'_> {
                 match backend::connect(
                     &member,
                     &self.listener.cluster,
+                    &self.listener.backend_tls,
                     limits.connect_timeout.get(),
                 )
                 .await

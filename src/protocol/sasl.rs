@@ -1,0 +1,104 @@
+//! The one authentication message rolegate changes: AuthenticationSASL.
+//!
+//! SCRAM-SHA-256-PLUS binds the SCRAM exchange to the TLS channel the
+//! *server* sees ("Channel Binding", PostgreSQL docs 55.3.1). Through a
+//! proxy the client's TLS session ends at rolegate and the backend sees
+//! another (or none), so channel binding can never succeed end to end.
+//! rolegate therefore removes SCRAM-SHA-256-PLUS from the mechanisms the
+//! backend offers: libpq with `channel_binding=prefer` (its default) then
+//! uses plain SCRAM-SHA-256, and a client that requires channel binding
+//! gets libpq's own clear refusal instead of a failed exchange.
+
+use super::error::{ProtocolError, SqlState};
+
+/// The mechanism that needs channel binding.
+pub const SCRAM_PLUS: &[u8] = b"SCRAM-SHA-256-PLUS";
+
+/// Rewrites the body of an AuthenticationSASL message (request code 10,
+/// then NUL-terminated mechanism names, then a final NUL) without
+/// SCRAM-SHA-256-PLUS. Returns `Ok(None)` when nothing needs to change.
+pub fn without_channel_binding(body: &[u8]) -> Result<Option<Vec<u8>>, ProtocolError> {
+    let malformed = || {
+        ProtocolError::new(
+            SqlState::PROTOCOL_VIOLATION,
+            "the server sent a malformed SASL mechanism list",
+        )
+    };
+    let (code, mut list) = body.split_at_checked(4).ok_or_else(malformed)?;
+    let mut kept = Vec::new();
+    let mut removed = false;
+    loop {
+        let nul = list.iter().position(|&b| b == 0).ok_or_else(malformed)?;
+        let (name, rest) = list.split_at(nul);
+        list = &rest[1..];
+        if name.is_empty() {
+            break;
+        }
+        if name == SCRAM_PLUS {
+            removed = true;
+        } else {
+            kept.push(name);
+        }
+    }
+    if !list.is_empty() {
+        return Err(malformed());
+    }
+    if !removed {
+        return Ok(None);
+    }
+    let mut out = code.to_vec();
+    for name in kept {
+        out.extend_from_slice(name);
+        out.push(0);
+    }
+    out.push(0);
+    Ok(Some(out))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SASL: [u8; 4] = [0, 0, 0, 10];
+
+    fn body(names: &[&[u8]]) -> Vec<u8> {
+        let mut out = SASL.to_vec();
+        for name in names {
+            out.extend_from_slice(name);
+            out.push(0);
+        }
+        out.push(0);
+        out
+    }
+
+    #[test]
+    fn plus_is_removed() {
+        let offered = body(&[b"SCRAM-SHA-256-PLUS", b"SCRAM-SHA-256"]);
+        assert_eq!(
+            without_channel_binding(&offered),
+            Ok(Some(body(&[b"SCRAM-SHA-256"])))
+        );
+    }
+
+    #[test]
+    fn lists_without_plus_are_untouched() {
+        assert_eq!(
+            without_channel_binding(&body(&[b"SCRAM-SHA-256"])),
+            Ok(None)
+        );
+        assert_eq!(without_channel_binding(&body(&[])), Ok(None));
+    }
+
+    #[test]
+    fn malformed_lists_are_errors() {
+        for bad in [
+            &b""[..],
+            b"\0\0\0",
+            b"\0\0\0\x0aSCRAM-SHA-256",
+            b"\0\0\0\x0aSCRAM-SHA-256\0",
+            b"\0\0\0\x0a\0junk",
+        ] {
+            assert!(without_channel_binding(bad).is_err(), "{bad:?}");
+        }
+    }
+}
