@@ -55,6 +55,22 @@ pub fn without_channel_binding(body: &[u8]) -> Result<Option<Vec<u8>>, ProtocolE
     Ok(Some(out))
 }
 
+/// The GS2 channel-binding flag of a SASLInitialResponse body (mechanism
+/// name, then the length and data of the client-first-message): `y`
+/// means "I support channel binding but think the server does not".
+/// `None` when the body is not a SCRAM first message.
+pub fn channel_binding_flag(body: &[u8]) -> Option<u8> {
+    let nul = body.iter().position(|&b| b == 0)?;
+    let data = body.get(nul + 1 + 4..)?;
+    data.first().copied()
+}
+
+/// Whether a SASLInitialResponse announces channel-binding support the
+/// server was not seen to offer (libpq `channel_binding=prefer` over TLS).
+pub fn announces_unoffered_channel_binding(body: &[u8]) -> bool {
+    channel_binding_flag(body) == Some(b'y')
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -87,6 +103,28 @@ mod tests {
             Ok(None)
         );
         assert_eq!(without_channel_binding(&body(&[])), Ok(None));
+    }
+
+    #[test]
+    fn gs2_flags() {
+        let initial = |first: &[u8]| {
+            let mut body = b"SCRAM-SHA-256\0".to_vec();
+            body.extend_from_slice(&(first.len() as u32).to_be_bytes());
+            body.extend_from_slice(first);
+            body
+        };
+        assert!(announces_unoffered_channel_binding(&initial(
+            b"y,,n=,r=abc"
+        )));
+        assert!(!announces_unoffered_channel_binding(&initial(
+            b"n,,n=,r=abc"
+        )));
+        assert_eq!(
+            channel_binding_flag(&initial(b"p=tls-server-end-point,,n=")),
+            Some(b'p')
+        );
+        assert_eq!(channel_binding_flag(b"SCRAM-SHA-256"), None);
+        assert_eq!(channel_binding_flag(b"SCRAM\0\0\0"), None);
     }
 
     #[test]

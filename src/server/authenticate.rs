@@ -22,7 +22,7 @@ use crate::protocol::message::{
     auth, auth_request_code, decode_message, tag, Message, MAX_BACKEND_HANDSHAKE_MESSAGE,
     MAX_CLIENT_AUTH_MESSAGE,
 };
-use crate::protocol::sasl::without_channel_binding;
+use crate::protocol::sasl::{announces_unoffered_channel_binding, without_channel_binding};
 use crate::protocol::startup::CancelKey;
 use crate::protocol::{ProtocolError, SqlState};
 
@@ -53,11 +53,15 @@ pub enum AuthError {
 }
 
 /// Relays authentication until the session is ready or refused.
+/// `backend_tls` says whether rolegate's connection to the member is
+/// encrypted, which decides whether a client's channel-binding
+/// announcement can succeed.
 pub async fn relay_authentication<C, B>(
     client: &mut C,
     backend: &mut B,
     mut from_client: BytesMut,
     member: &str,
+    backend_tls: bool,
 ) -> Result<Authenticated, AuthError>
 where
     C: AsyncRead + AsyncWrite + Unpin,
@@ -84,6 +88,12 @@ where
                 if auth::expects_client_response(code) {
                     flush(client, &mut to_client).await?;
                     let answer = read_client(client, &mut from_client).await?;
+                    if code == auth::SASL
+                        && backend_tls
+                        && announces_unoffered_channel_binding(answer.body())
+                    {
+                        return Err(AuthError::Client(channel_binding_unsupported()));
+                    }
                     backend
                         .write_all(&answer.raw)
                         .await
@@ -188,6 +198,19 @@ async fn read_client<C: AsyncRead + Unpin>(
     }
 }
 
+/// The client announced channel-binding support (SCRAM GS2 flag `y`, what
+/// libpq's `channel_binding=prefer` sends over TLS). PostgreSQL treats that
+/// as a downgrade attack on a TLS connection, and rolegate's connection to
+/// the member is TLS, so the exchange cannot succeed: say why, clearly,
+/// before the server answers with a cryptic refusal.
+fn channel_binding_unsupported() -> ProtocolError {
+    ProtocolError::new(
+        SqlState::FEATURE_NOT_SUPPORTED,
+        "SCRAM channel binding cannot work through rolegate: the client announced channel binding support over TLS, and PostgreSQL refuses that announcement because rolegate's own connection to it is also TLS",
+    )
+    .with_hint("Connect with channel_binding=disable, or set backend_tls = \"disable\" for this cluster if the network between rolegate and PostgreSQL is trusted.")
+}
+
 fn backend_violation(member: &str, what: &str) -> ProtocolError {
     ProtocolError::new(
         SqlState::PROTOCOL_VIOLATION,
@@ -232,7 +255,7 @@ mod tests {
             .write_all(&msg(b'p', b"md5\0"))
             .await
             .expect("write");
-        let done = relay_authentication(&mut client, &mut backend, BytesMut::new(), "pg1")
+        let done = relay_authentication(&mut client, &mut backend, BytesMut::new(), "pg1", false)
             .await
             .expect("authenticated");
         let key = done.backend_key.expect("key");
@@ -253,7 +276,7 @@ mod tests {
             .write_all(&msg(b'Q', b"select 1\0"))
             .await
             .expect("write");
-        let err = relay_authentication(&mut client, &mut backend, BytesMut::new(), "pg1")
+        let err = relay_authentication(&mut client, &mut backend, BytesMut::new(), "pg1", false)
             .await
             .err()
             .expect("violation");
@@ -268,7 +291,7 @@ mod tests {
         let (mut backend, mut server_app) = duplex(1 << 16);
         let error = msg(b'E', b"SFATAL\0C28P01\0\0");
         server_app.write_all(&error).await.expect("write");
-        let err = relay_authentication(&mut client, &mut backend, BytesMut::new(), "pg1")
+        let err = relay_authentication(&mut client, &mut backend, BytesMut::new(), "pg1", false)
             .await
             .err()
             .expect("refused");
@@ -283,7 +306,7 @@ mod tests {
         let (_client_app, mut client) = duplex(1 << 16);
         let (mut backend, server_app) = duplex(1 << 16);
         drop(server_app);
-        let err = relay_authentication(&mut client, &mut backend, BytesMut::new(), "pg1")
+        let err = relay_authentication(&mut client, &mut backend, BytesMut::new(), "pg1", false)
             .await
             .err()
             .expect("gone");

@@ -180,7 +180,15 @@ impl Session<'_> {
                 .write_all(&startup.raw)
                 .await
                 .map_err(|e| AuthError::Backend(lost_backend(&member, cluster, &e.to_string())))?;
-            relay_authentication(&mut client, &mut backend, buffered, &member.name).await
+            let backend_tls = backend.is_tls();
+            relay_authentication(
+                &mut client,
+                &mut backend,
+                buffered,
+                &member.name,
+                backend_tls,
+            )
+            .await
         })
         .await;
         let auth = match auth {

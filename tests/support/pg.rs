@@ -30,6 +30,15 @@ pub struct PgServer {
 impl PgServer {
     /// Initialises and starts a server under `root/name`.
     pub fn start(root: &Path, name: &str) -> Self {
+        Self::start_with(root, name, None)
+    }
+
+    /// As [`PgServer::start`], with `ssl = on` and this certificate and key.
+    pub fn start_with_tls(root: &Path, name: &str, cert: &Path, key: &Path) -> Self {
+        Self::start_with(root, name, Some((cert, key)))
+    }
+
+    fn start_with(root: &Path, name: &str, tls: Option<(&Path, &Path)>) -> Self {
         let dir = root.join(name);
         std::fs::create_dir_all(&dir).expect("create server dir");
         if is_root() {
@@ -72,6 +81,24 @@ impl PgServer {
             dir.display()
         );
         append(&data.join("postgresql.conf"), &conf);
+        if let Some((cert, key)) = tls {
+            for (from, to) in [(cert, "server.crt"), (key, "server.key")] {
+                let target = data.join(to);
+                std::fs::copy(from, &target).expect("copy TLS file");
+                use std::os::unix::fs::PermissionsExt;
+                std::fs::set_permissions(&target, std::fs::Permissions::from_mode(0o600))
+                    .expect("chmod");
+                if is_root() {
+                    let user = nix::unistd::User::from_name("postgres")
+                        .ok()
+                        .flatten()
+                        .expect("postgres user");
+                    nix::unistd::chown(&target, Some(user.uid), Some(user.gid))
+                        .expect("chown TLS file");
+                }
+            }
+            append(&data.join("postgresql.conf"), "ssl = on\n");
+        }
         // More specific lines first: the first match wins.
         let hba = std::fs::read_to_string(data.join("pg_hba.conf")).expect("read pg_hba");
         let hba = format!(
