@@ -122,6 +122,10 @@ fn main() {
             "backend_verify_full_and_a_wrong_ca",
             backend_verify_full_and_a_wrong_ca,
         ),
+        (
+            "client_ca_requires_a_client_certificate",
+            client_ca_requires_a_client_certificate,
+        ),
     ];
     if args.list {
         let trials = tests
@@ -532,4 +536,42 @@ fn backend_verify_full_and_a_wrong_ca(env: &Env) -> Result<(), Failed> {
             format!("message: {}", db.message()),
         )
     })
+}
+
+fn client_ca_requires_a_client_certificate(env: &Env) -> Result<(), Failed> {
+    let dir = env.root.join("client-ca");
+    std::fs::create_dir_all(&dir)?;
+    let clients = Ca::new("client CA");
+    let client_ca = clients.write(&dir, "clients.crt");
+    let app = clients.issue(&dir, "app", "app", &["app"]);
+    // libpq refuses a client key readable by others.
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&app.key, std::fs::Permissions::from_mode(0o600))?;
+    let port = free_port();
+    let config = format!(
+        "[tls]\ncert = \"{}\"\nkey = \"{}\"\nclient_ca = \"{}\"\nmode = \"require\"\n\n[clusters.secure]\nprimary = \"{}\"\n\n[[listeners]]\nlisten = \"127.0.0.1:{port}\"\ncluster = \"secure\"\nrole = \"primary\"\n",
+        env.proxy_cert.cert.display(),
+        env.proxy_cert.key.display(),
+        client_ca.display(),
+        env.server.address()
+    );
+    let _rolegate = Rolegate::start(&dir, "client-ca", &config, &[port]);
+    let base = format!("{} sslmode=require", conninfo(port, "app", "app"));
+    let out = psql(
+        &format!(
+            "{base} sslcert={} sslkey={}",
+            app.cert.display(),
+            app.key.display()
+        ),
+        "select 1",
+    );
+    check(out.status.success() && stdout(&out) == "1", stderr(&out))?;
+    let out = psql(
+        &format!("{base} sslcert=/nonexistent sslkey=/nonexistent"),
+        "select 1",
+    );
+    check(
+        !out.status.success(),
+        "a client without a certificate must be refused",
+    )
 }
