@@ -1,107 +1,27 @@
 //! The data path against real PostgreSQL 15 servers: routing, relayed
 //! authentication, cancel, limits, hostile first packets, shutdown.
 //!
-//! One primary and two "replicas" (independent servers: a static cluster
-//! trusts its config, so replication is not what is tested here) are
-//! started once for the whole binary; tests that need special limits start
-//! their own rolegate in front of them.
+//! One static cluster of three servers is started once for the whole
+//! binary; each test starts its own rolegate in front of it.
 
 mod support;
 
 use std::io::Write;
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use libtest_mimic::{Arguments, Failed, Trial};
+use libtest_mimic::Failed;
 use nix::sys::signal::Signal;
 
-use support::pg::PgServer;
+use support::harness::{check, run_suite, TestFn};
 use support::rolegate::Rolegate;
+use support::static_cluster::StaticCluster;
 use support::{connect, conninfo, free_port, runtime, sqlstate, wire};
 
-struct Env {
-    root: PathBuf,
-    primary: PgServer,
-    replicas: [PgServer; 2],
-}
-
-impl Env {
-    fn start() -> Self {
-        let root = std::env::temp_dir().join(format!("rolegate-core-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&root);
-        std::fs::create_dir_all(&root).expect("create test root");
-        let starters: Vec<_> = ["primary", "replica1", "replica2"]
-            .into_iter()
-            .map(|name| {
-                let root = root.clone();
-                std::thread::spawn(move || PgServer::start(&root, name))
-            })
-            .collect();
-        let mut servers = starters
-            .into_iter()
-            .map(|t| t.join().expect("start postgres"));
-        let primary = servers.next().expect("primary");
-        let replicas = [servers.next().expect("r1"), servers.next().expect("r2")];
-        Self {
-            root,
-            primary,
-            replicas,
-        }
-    }
-
-    /// A config for a static cluster of the three servers with an rw and
-    /// an ro listener, plus `extra` appended (e.g. a `[limits]` table).
-    fn config(&self, rw: u16, ro: u16, extra: &str) -> String {
-        format!(
-            r#"
-[clusters.main]
-primary = "{}"
-replicas = ["{}", "{}"]
-
-[[listeners]]
-listen = "127.0.0.1:{rw}"
-cluster = "main"
-role = "primary"
-
-[[listeners]]
-listen = "127.0.0.1:{ro}"
-cluster = "main"
-role = "replica"
-{extra}
-"#,
-            self.primary.address(),
-            self.replicas[0].address(),
-            self.replicas[1].address()
-        )
-    }
-
-    /// Starts a rolegate with its own two ports.
-    fn rolegate(&self, name: &str, extra: &str) -> (Rolegate, u16, u16) {
-        let (rw, ro) = (free_port(), free_port());
-        let rolegate = Rolegate::start(&self.root, name, &self.config(rw, ro, extra), &[rw, ro]);
-        (rolegate, rw, ro)
-    }
-}
+type Env = StaticCluster;
 
 fn main() {
-    let args = Arguments::from_args();
-    if args.list {
-        libtest_mimic::run(&args, trials(None)).exit();
-    }
-    let env = Arc::new(Env::start());
-    let root = env.root.clone();
-    let conclusion = libtest_mimic::run(&args, trials(Some(&env)));
-    // The last handle: the servers stop here, by PID.
-    drop(env);
-    let _ = std::fs::remove_dir_all(root);
-    conclusion.exit();
-}
-
-type TestFn = fn(&Env) -> Result<(), Failed>;
-
-fn trials(env: Option<&Arc<Env>>) -> Vec<Trial> {
-    let tests: &[(&str, TestFn)] = &[
+    let tests: &[(&str, TestFn<Env>)] = &[
         (
             "rw_listener_reaches_the_primary",
             rw_listener_reaches_the_primary,
@@ -167,24 +87,7 @@ fn trials(env: Option<&Arc<Env>>) -> Vec<Trial> {
             example_alert_rules_are_valid,
         ),
     ];
-    tests
-        .iter()
-        .map(|&(name, test)| {
-            let env = env.cloned();
-            Trial::test(name, move || match env {
-                Some(env) => test(&env),
-                None => Ok(()),
-            })
-        })
-        .collect()
-}
-
-fn check(condition: bool, message: impl Into<String>) -> Result<(), Failed> {
-    if condition {
-        Ok(())
-    } else {
-        Err(message.into().into())
-    }
+    run_suite(tests, || StaticCluster::start("core"), false);
 }
 
 async fn server_port(conninfo: &str) -> Result<u16, Failed> {

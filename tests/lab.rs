@@ -7,16 +7,14 @@ mod support;
 use std::collections::BTreeSet;
 use std::process::Command;
 
-use libtest_mimic::{Arguments, Failed, Trial};
+use libtest_mimic::Failed;
 use rolegate::topology::patroni_data::{MemberRecord, RestStatus};
 
+use support::harness::{check, run_suite, TestFn};
 use support::lab::{http_get, Lab, MEMBERS};
 
-type TestFn = fn(&Lab) -> Result<(), Failed>;
-
 fn main() {
-    let args = Arguments::from_args();
-    let tests: &[(&str, TestFn)] = &[
+    let tests: &[(&str, TestFn<Lab>)] = &[
         (
             "one_leader_and_two_streaming_replicas",
             one_leader_and_two_streaming_replicas,
@@ -34,23 +32,7 @@ fn main() {
             app_role_authenticates_with_scram,
         ),
     ];
-    let lab = (!args.list).then(Lab::ensure_up);
-    let trials = tests
-        .iter()
-        .map(|&(name, test)| {
-            let lab = lab.clone();
-            Trial::test(name, move || lab.as_ref().map_or(Ok(()), test))
-        })
-        .collect();
-    libtest_mimic::run(&args, trials).exit();
-}
-
-fn check(condition: bool, message: impl Into<String>) -> Result<(), Failed> {
-    if condition {
-        Ok(())
-    } else {
-        Err(message.into().into())
-    }
+    run_suite(tests, Lab::ensure_up, false);
 }
 
 fn one_leader_and_two_streaming_replicas(lab: &Lab) -> Result<(), Failed> {

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use libtest_mimic::{Arguments, Failed, Trial};
 use tokio::sync::watch;
 
+use support::harness::check;
 use support::lab::{Lab, MEMBERS};
 use support::rolegate::Rolegate;
 use support::{connect, connect_watched, conninfo, free_port, runtime, sqlstate, writer};
@@ -101,14 +102,6 @@ fn main() {
         let _ = std::fs::remove_dir_all(&env.root);
     }
     conclusion.exit();
-}
-
-fn check(condition: bool, message: impl Into<String>) -> Result<(), Failed> {
-    if condition {
-        Ok(())
-    } else {
-        Err(message.into().into())
-    }
 }
 
 /// The port of the server a new session on `port` reaches, and whether it

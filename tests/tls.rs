@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use libtest_mimic::{Arguments, Failed, Trial};
+use libtest_mimic::Failed;
 use nix::sys::signal::Signal;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName};
@@ -19,6 +19,7 @@ use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 
 use support::certs::{Ca, Pair};
+use support::harness::{check, run_suite, TestEnv, TestFn};
 use support::pg::PgServer;
 use support::rolegate::Rolegate;
 use support::{connect, conninfo, free_port, runtime, sqlstate, wait_until, wire};
@@ -29,6 +30,12 @@ struct Env {
     wrong_ca: PathBuf,
     proxy_cert: Pair,
     server: PgServer,
+}
+
+impl TestEnv for Env {
+    fn scratch_dir(&self) -> Option<PathBuf> {
+        Some(self.root.clone())
+    }
 }
 
 impl Env {
@@ -85,11 +92,8 @@ role = "primary"
     }
 }
 
-type TestFn = fn(&Env) -> Result<(), Failed>;
-
 fn main() {
-    let args = Arguments::from_args();
-    let tests: &[(&str, TestFn)] = &[
+    let tests: &[(&str, TestFn<Env>)] = &[
         (
             "psql_sslmode_require_authenticates_with_scram",
             psql_sslmode_require_authenticates_with_scram,
@@ -127,34 +131,7 @@ fn main() {
             client_ca_requires_a_client_certificate,
         ),
     ];
-    if args.list {
-        let trials = tests
-            .iter()
-            .map(|(name, _)| Trial::test(*name, || Ok(())))
-            .collect();
-        libtest_mimic::run(&args, trials).exit();
-    }
-    let env = Arc::new(Env::start());
-    let root = env.root.clone();
-    let trials = tests
-        .iter()
-        .map(|&(name, test)| {
-            let env = Arc::clone(&env);
-            Trial::test(name, move || test(&env))
-        })
-        .collect();
-    let conclusion = libtest_mimic::run(&args, trials);
-    drop(env);
-    let _ = std::fs::remove_dir_all(root);
-    conclusion.exit();
-}
-
-fn check(condition: bool, message: impl Into<String>) -> Result<(), Failed> {
-    if condition {
-        Ok(())
-    } else {
-        Err(message.into().into())
-    }
+    run_suite(tests, Env::start, false);
 }
 
 fn psql(conninfo: &str, sql: &str) -> std::process::Output {

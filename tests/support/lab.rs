@@ -11,6 +11,8 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
+use super::harness::TestEnv;
+
 pub const MEMBERS: [&str; 3] = ["pg1", "pg2", "pg3"];
 
 #[derive(Clone)]
@@ -18,6 +20,8 @@ pub struct Lab {
     pub offset: u16,
     script: PathBuf,
 }
+
+impl TestEnv for Lab {}
 
 impl Lab {
     /// The lab for this test run, brought up if needed.

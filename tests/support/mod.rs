@@ -7,10 +7,12 @@
 #![allow(dead_code)]
 
 pub mod certs;
+pub mod harness;
 pub mod lab;
 pub mod pg;
 pub mod process;
 pub mod rolegate;
+pub mod static_cluster;
 pub mod wire;
 pub mod writer;
 
