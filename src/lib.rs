@@ -14,6 +14,8 @@
 //! - [`admin`]: the HTTP endpoint for `/metrics`, health, readiness, `/cluster`.
 //! - [`metrics`]: every exported metric, in one place.
 //! - [`proxy`]: assembles the parts and runs them until a signal.
+//! - [`reload`]: SIGHUP re-reads `proxy.toml` and applies what it can.
+//! - [`tls`]: rustls configurations for clients and backends.
 //! - [`logging`]: the `tracing` subscriber.
 
 pub mod admin;
@@ -22,6 +24,7 @@ pub mod logging;
 pub mod metrics;
 pub mod protocol;
 pub mod proxy;
+pub mod reload;
 pub mod router;
 pub mod server;
 pub mod tls;

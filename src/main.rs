@@ -88,7 +88,7 @@ fn run(path: &std::path::Path, log_format: Option<LogFormat>) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(rolegate::proxy::run(config)) {
+    match runtime.block_on(rolegate::proxy::run(config, path.to_owned())) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e:#}");

@@ -45,7 +45,7 @@ pub const ETCD_RECONNECTS_TOTAL: &str = "rolegate_etcd_reconnects_total";
 pub const PATRONI_CHECK_SECONDS: &str = "rolegate_patroni_check_duration_seconds";
 pub const PATRONI_CHECK_FAILURES_TOTAL: &str = "rolegate_patroni_check_failures_total";
 pub const TLS_HANDSHAKES_TOTAL: &str = "rolegate_tls_handshakes_total";
-pub const TLS_RELOADS_TOTAL: &str = "rolegate_tls_reloads_total";
+pub const CONFIG_RELOADS_TOTAL: &str = "rolegate_config_reloads_total";
 
 /// Histogram buckets for durations, from 1 ms to 60 s.
 const SECONDS_BUCKETS: &[f64] = &[
@@ -156,8 +156,8 @@ fn describe() {
         "Client TLS handshakes, by listener and outcome (ok, failed)."
     );
     describe_counter!(
-        TLS_RELOADS_TOTAL,
-        "Reloads of the TLS certificate and key on SIGHUP, by outcome (ok, failed)."
+        CONFIG_RELOADS_TOTAL,
+        "Configuration reloads on SIGHUP, by outcome (ok, failed)."
     );
 }
 
@@ -210,8 +210,8 @@ pub fn tls_handshake(listener: &str, ok: bool) {
         .increment(1);
 }
 
-pub fn tls_reload(ok: bool) {
-    counter!(TLS_RELOADS_TOTAL, "outcome" => if ok { "ok" } else { "failed" }).increment(1);
+pub fn config_reload(ok: bool) {
+    counter!(CONFIG_RELOADS_TOTAL, "outcome" => if ok { "ok" } else { "failed" }).increment(1);
 }
 
 pub fn cancel_outcome(outcome: &'static str) {

@@ -6,6 +6,7 @@
 //! to `shutdown_timeout`; then (or at a second signal) the remaining
 //! sessions are ended with FATAL 57P01 at a message boundary.
 
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -19,6 +20,7 @@ use tracing::{info, warn};
 use crate::admin::{self, Admin, ListenerTarget};
 use crate::config::{parse_socket_addr, Config, TlsMode};
 use crate::metrics;
+use crate::reload::Reloader;
 use crate::router::Router;
 use crate::server::handshake::ListenerTls;
 use crate::server::BackendTlsSettings;
@@ -29,8 +31,9 @@ use crate::topology::Topology;
 /// How long ended sessions get to write their last error and close.
 const FINAL_CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Runs the proxy described by `config` until SIGTERM or SIGINT.
-pub async fn run(config: Config) -> anyhow::Result<()> {
+/// Runs the proxy described by `config` (read from `path`, which SIGHUP
+/// re-reads) until SIGTERM or SIGINT.
+pub async fn run(config: Config, path: PathBuf) -> anyhow::Result<()> {
     let metrics_handle = metrics::install().map_err(|e| anyhow::anyhow!(e))?;
     let shared = Arc::new(Shared::new(config.limits.clone()));
     let background = CancellationToken::new();
@@ -134,30 +137,32 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         .collect();
     info!(version = env!("CARGO_PKG_VERSION"), "rolegate is ready");
 
-    if let Some(server_tls) = &server_tls {
-        tokio::spawn(reload_certificates_on_sighup(Arc::clone(server_tls))?);
-    }
+    let mut reloader = Reloader::new(path, config.clone(), Arc::clone(&shared), server_tls);
+    let mut hangup = signal(SignalKind::hangup()).context("cannot install the SIGHUP handler")?;
     let mut terminate =
         signal(SignalKind::terminate()).context("cannot install the SIGTERM handler")?;
     let mut interrupt =
         signal(SignalKind::interrupt()).context("cannot install the SIGINT handler")?;
-    let followers = std::mem::take(&mut topology.tasks);
-    let received = tokio::select! {
-        _ = terminate.recv() => "SIGTERM",
-        _ = interrupt.recv() => "SIGINT",
-        ended = first_to_end(followers) => {
-            // Background tasks never end on their own: without a follower a
-            // cluster's view would silently freeze. Stop loudly instead.
-            anyhow::bail!("{ended} unexpectedly; exiting");
+    let mut background_tasks = std::mem::take(&mut topology.tasks);
+    let received = loop {
+        tokio::select! {
+            _ = terminate.recv() => break "SIGTERM",
+            _ = interrupt.recv() => break "SIGINT",
+            _ = hangup.recv() => reloader.reload(&topology),
+            ended = first_to_end(&mut background_tasks) => {
+                // Background tasks never end on their own: without a follower
+                // a cluster's view would silently freeze. Stop loudly instead.
+                anyhow::bail!("{ended} unexpectedly; exiting");
+            }
         }
     };
 
-    let drain = shared.limits.shutdown_timeout.get();
+    let drain = shared.limits().shutdown_timeout.get();
     info!(
         signal = received,
         sessions = shared.tasks.len(),
         "shutting down: no new connections; waiting up to {} for sessions to finish",
-        shared.limits.shutdown_timeout
+        shared.limits().shutdown_timeout
     );
     shared.shutdown.stop_accepting.cancel();
     for task in accept_tasks {
@@ -188,32 +193,11 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Reloads the TLS certificate and key at every SIGHUP. A pair that does
-/// not load is refused and the one in use stays.
-fn reload_certificates_on_sighup(
-    server_tls: Arc<ServerTls>,
-) -> anyhow::Result<impl std::future::Future<Output = ()>> {
-    let mut hangup = signal(SignalKind::hangup()).context("cannot install the SIGHUP handler")?;
-    Ok(async move {
-        while hangup.recv().await.is_some() {
-            match server_tls.reload() {
-                Ok(()) => {
-                    metrics::tls_reload(true);
-                    info!(cert = ?server_tls.cert_path(), "SIGHUP: reloaded the TLS certificate and key");
-                }
-                Err(e) => {
-                    metrics::tls_reload(false);
-                    warn!("SIGHUP: keeping the TLS certificate in use: {e}");
-                }
-            }
-        }
-    })
-}
-
 /// Resolves when the first background task (cluster follower, admin
 /// endpoint) ends; never, if there are none.
-async fn first_to_end(mut followers: JoinSet<String>) -> String {
-    match followers.join_next().await {
+/// Cancel-safe: a task that has not ended stays in the set.
+async fn first_to_end(tasks: &mut JoinSet<String>) -> String {
+    match tasks.join_next().await {
         Some(Ok(task)) => format!("{task} stopped"),
         Some(Err(e)) => format!("a background task failed: {e}"),
         None => std::future::pending().await,

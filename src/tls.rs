@@ -12,7 +12,7 @@
 //! names the member's host or IP. The ring provider is used explicitly, so
 //! these configurations do not depend on a process-wide default.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
@@ -102,7 +102,6 @@ pub fn server_config(tls: &TlsConfig) -> Result<ServerConfig, String> {
 
 /// The server configuration in force, replaceable while sessions run.
 pub struct ServerTls {
-    settings: TlsConfig,
     current: ArcSwap<ServerConfig>,
 }
 
@@ -110,7 +109,6 @@ impl ServerTls {
     pub fn new(settings: TlsConfig) -> Result<Self, String> {
         let config = server_config(&settings)?;
         Ok(Self {
-            settings,
             current: ArcSwap::from_pointee(config),
         })
     }
@@ -120,16 +118,13 @@ impl ServerTls {
         self.current.load_full()
     }
 
-    /// Re-reads the certificate, key and CA files. On error the old
-    /// configuration stays in force.
-    pub fn reload(&self) -> Result<(), String> {
-        let config = server_config(&self.settings)?;
+    /// Builds a configuration from `settings`, reading the certificate,
+    /// key and CA files afresh, and uses it for new handshakes. On error
+    /// the configuration in use stays.
+    pub fn replace(&self, settings: TlsConfig) -> Result<(), String> {
+        let config = server_config(&settings)?;
         self.current.store(Arc::new(config));
         Ok(())
-    }
-
-    pub fn cert_path(&self) -> Option<&PathBuf> {
-        self.settings.cert.as_ref()
     }
 }
 

@@ -16,7 +16,7 @@ use nix::sys::signal::Signal;
 use support::harness::{check, run_suite, TestFn};
 use support::rolegate::Rolegate;
 use support::static_cluster::StaticCluster;
-use support::{connect, conninfo, free_port, runtime, sqlstate, wire};
+use support::{connect, conninfo, free_port, runtime, sqlstate, wait_until, wire};
 
 type Env = StaticCluster;
 
@@ -85,6 +85,10 @@ fn main() {
         (
             "example_alert_rules_are_valid",
             example_alert_rules_are_valid,
+        ),
+        (
+            "sighup_reloads_limits_and_refuses_bad_files",
+            sighup_reloads_limits_and_refuses_bad_files,
         ),
     ];
     run_suite(tests, || StaticCluster::start("core"), false);
@@ -280,7 +284,7 @@ fn unreachable_backend_gives_08001_naming_the_member(env: &Env) -> Result<(), Fa
     let config = format!(
         "[clusters.gone]\nprimary = \"127.0.0.1:{dead}\"\n\n[[listeners]]\nlisten = \"127.0.0.1:{rw}\"\ncluster = \"gone\"\nrole = \"primary\"\n\n[[listeners]]\nlisten = \"127.0.0.1:{ro}\"\ncluster = \"gone\"\nrole = \"replica\"\n"
     );
-    let _rolegate = Rolegate::start(&env.root, "unreachable", &config, &[rw, ro]);
+    let _rolegate = Rolegate::start(&env.root, "unreachable", &config);
     runtime().block_on(async {
         let err = connect(&conninfo(rw, "app", "app"))
             .await
@@ -572,7 +576,7 @@ fn admin_endpoint_serves_health_readiness_and_the_cluster(env: &Env) -> Result<(
         "[clusters.ro]\nreplicas = [\"{}\"]\n\n[[listeners]]\nlisten = \"127.0.0.1:{rw}\"\ncluster = \"ro\"\nrole = \"replica\"\n\n[[listeners]]\nlisten = \"127.0.0.1:{ro}\"\ncluster = \"ro\"\nrole = \"any\"\n",
         env.replicas[0].address()
     );
-    let replicas_only = Rolegate::start(&env.root, "admin-ro", &config, &[rw, ro]);
+    let replicas_only = Rolegate::start(&env.root, "admin-ro", &config);
     let (status, body) = replicas_only.admin_get("/readyz").ok_or("GET /readyz")?;
     check(
         status == 503 && body.contains("no confirmed primary"),
@@ -627,20 +631,53 @@ fn metrics_follow_sessions_cancels_and_refusals(env: &Env) -> Result<(), Failed>
         drop(reader);
         Ok::<(), Failed>(())
     })?;
-    // A malformed opening.
-    let _ = wire::send_and_read_error(rw, &7u32.to_be_bytes());
-    support::wait_until(Duration::from_secs(10), "counters to settle", || {
-        (outcome("session") >= 1.0
-            && outcome("refused_limit") >= 1.0
-            && outcome("protocol_error") >= 1.0
-            && rolegate.metric("rolegate_cancel_requests_total", "outcome=\"forwarded\"") >= 1.0
-            && rolegate.metric(
-                "rolegate_sessions_ended_total",
-                "cluster=\"main\",role=\"primary\",reason=\"client\"",
-            ) >= 1.0
-            && rolegate.metric("rolegate_sessions", &primary_sessions) == 0.0)
-            .then_some(())
+    // A malformed opening, once the closed sessions' slots are free (the
+    // limit is 2, and a connection over it is refused before it is read).
+    wait_until(Duration::from_secs(10), "the slots to be released", || {
+        (rolegate.metric("rolegate_client_connections", &listener) == 0.0).then_some(())
     });
+    let _ = wire::send_and_read_error(rw, &7u32.to_be_bytes());
+    let settled = || {
+        [
+            ("session", outcome("session") >= 1.0),
+            ("refused_limit", outcome("refused_limit") >= 1.0),
+            ("protocol_error", outcome("protocol_error") >= 1.0),
+            (
+                "cancel forwarded",
+                rolegate.metric("rolegate_cancel_requests_total", "outcome=\"forwarded\"") >= 1.0,
+            ),
+            (
+                "session ended by client",
+                rolegate.metric(
+                    "rolegate_sessions_ended_total",
+                    "cluster=\"main\",role=\"primary\",reason=\"client\"",
+                ) >= 1.0,
+            ),
+            (
+                "no open session",
+                rolegate.metric("rolegate_sessions", &primary_sessions) == 0.0,
+            ),
+        ]
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while settled().iter().any(|(_, ok)| !ok) {
+        if Instant::now() > deadline {
+            let (_, exposition) = rolegate.admin_get("/metrics").unwrap_or_default();
+            return Err(format!(
+                "counters did not settle: {:?}\n{}",
+                settled(),
+                exposition
+                    .lines()
+                    .filter(|l| l.starts_with("rolegate_client")
+                        || l.starts_with("rolegate_sessions")
+                        || l.starts_with("rolegate_cancel"))
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            )
+            .into());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
     check(
         rolegate.metric("rolegate_handshake_duration_seconds_count", &listener) >= 1.0,
         "handshake durations recorded",
@@ -688,5 +725,96 @@ fn example_alert_rules_are_valid(_env: &Env) -> Result<(), Failed> {
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
         ),
+    )
+}
+
+fn sighup_reloads_limits_and_refuses_bad_files(env: &Env) -> Result<(), Failed> {
+    let (rolegate, rw, ro) = env.rolegate("reload", "[limits]\nmax_client_connections = 1\n");
+    // Keep the [admin] table the harness wrote (a restart-only key).
+    let admin = std::fs::read_to_string(&rolegate.config_path)?
+        .lines()
+        .take_while(|l| !l.starts_with("[clusters"))
+        .collect::<Vec<_>>()
+        .join("\n");
+    let reload = |extra: &str, expect: &str, count: usize| -> Result<(), Failed> {
+        std::fs::write(
+            &rolegate.config_path,
+            format!("{admin}\n{}", env.config(rw, ro, extra)),
+        )?;
+        rolegate.signal(Signal::SIGHUP);
+        wait_until(Duration::from_secs(10), expect, || {
+            (rolegate.log().matches(expect).count() >= count).then_some(())
+        });
+        Ok(())
+    };
+    runtime().block_on(async {
+        let first = connect(&conninfo(rw, "app", "app")).await?;
+        let err = connect(&conninfo(rw, "app", "app"))
+            .await
+            .err()
+            .ok_or("over the limit")?;
+        check(
+            sqlstate(&err).as_deref() == Some("53300"),
+            format!("got {err}"),
+        )?;
+
+        // A higher limit applies to new connections; the open one stays.
+        reload(
+            "[limits]\nmax_client_connections = 3\n",
+            "SIGHUP: reloaded the configuration",
+            1,
+        )?;
+        let second = connect(&conninfo(rw, "app", "app"))
+            .await
+            .map_err(|e| format!("second connection after raising the limit: {e:?}"))?;
+        second.simple_query("select 1").await?;
+        first.simple_query("select 1").await?;
+
+        // A broken file is refused, naming the file and the key.
+        reload(
+            "[limits]\nmax_client_connections = 1\nhold_timeout = \"soon\"\n",
+            "keeping the configuration in use",
+            1,
+        )?;
+        let log = rolegate.log();
+        check(
+            log.contains("limits.hold_timeout") && log.contains("reload.toml"),
+            "the refusal names the key and the file",
+        )?;
+        // ... and the limit of 3 is still in force.
+        let third = connect(&conninfo(rw, "app", "app"))
+            .await
+            .map_err(|e| format!("third connection after a refused reload: {e:?}"))?;
+        third.simple_query("select 1").await?;
+
+        // A change only a restart can apply is refused whole.
+        let moved = free_port();
+        std::fs::write(
+            &rolegate.config_path,
+            format!(
+                "{admin}\n{}",
+                env.config(moved, ro, "[limits]\nmax_client_connections = 1\n")
+            ),
+        )?;
+        rolegate.signal(Signal::SIGHUP);
+        wait_until(
+            Duration::from_secs(10),
+            "the refused restart-only reload",
+            || rolegate.log().contains("needs a restart").then_some(()),
+        );
+        let fourth = connect(&conninfo(rw, "app", "app"))
+            .await
+            .err()
+            .ok_or("limit of 3")?;
+        check(
+            sqlstate(&fourth).as_deref() == Some("53300"),
+            format!("got {fourth}"),
+        )?;
+        Ok::<(), Failed>(())
+    })?;
+    check(
+        rolegate.metric("rolegate_config_reloads_total", "outcome=\"ok\"") == 1.0
+            && rolegate.metric("rolegate_config_reloads_total", "outcome=\"failed\"") == 2.0,
+        "reload outcomes counted",
     )
 }

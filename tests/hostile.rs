@@ -520,7 +520,7 @@ fn a_backend_killed_mid_query_gives_08006(env: &Env) -> Result<(), Failed> {
         "[clusters.victim]\nprimary = \"{}\"\n\n[[listeners]]\nlisten = \"127.0.0.1:{port}\"\ncluster = \"victim\"\nrole = \"primary\"\n",
         victim.address()
     );
-    let _rolegate = Rolegate::start(&env.root, "victim", &config, &[port]);
+    let _rolegate = Rolegate::start(&env.root, "victim", &config);
     runtime().block_on(async {
         let client = connect(&conninfo(port, "app", "app")).await?;
         let row = client.query_one("select pg_backend_pid()", &[]).await?;

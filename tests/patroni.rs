@@ -31,7 +31,7 @@ impl Env {
             cluster_extra,
             "[log]\nformat = \"json\"\n\n[limits]\nhold_timeout = \"30s\"\n",
         );
-        let rolegate = Rolegate::start(&self.root, name, &config, &[rw, ro]);
+        let rolegate = Rolegate::start(&self.root, name, &config);
         (rolegate, rw, ro)
     }
 

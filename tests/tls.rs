@@ -81,7 +81,7 @@ role = "primary"
             self.proxy_cert.key.display(),
             self.server.address()
         );
-        (Rolegate::start(&self.root, name, &config, &[port]), port)
+        (Rolegate::start(&self.root, name, &config), port)
     }
 
     fn verify_full(&self, ca: &Path) -> String {
@@ -418,7 +418,7 @@ fn sighup_serves_a_new_certificate_and_keeps_old_sessions(env: &Env) -> Result<(
         live.key.display(),
         env.server.address()
     );
-    let rolegate = Rolegate::start(&dir, "reload", &config, &[port]);
+    let rolegate = Rolegate::start(&dir, "reload", &config);
     runtime().block_on(async {
         let mut old = tls_session(port, &ca_path, false, None).await?;
         check(
@@ -460,8 +460,8 @@ fn sighup_serves_a_new_certificate_and_keeps_old_sessions(env: &Env) -> Result<(
         query(&mut old).await
     })?;
     check(
-        rolegate.metric("rolegate_tls_reloads_total", "outcome=\"ok\"") == 1.0
-            && rolegate.metric("rolegate_tls_reloads_total", "outcome=\"failed\"") == 1.0,
+        rolegate.metric("rolegate_config_reloads_total", "outcome=\"ok\"") == 1.0
+            && rolegate.metric("rolegate_config_reloads_total", "outcome=\"failed\"") == 1.0,
         "reload outcomes counted",
     )
 }
@@ -532,7 +532,7 @@ fn client_ca_requires_a_client_certificate(env: &Env) -> Result<(), Failed> {
         client_ca.display(),
         env.server.address()
     );
-    let _rolegate = Rolegate::start(&dir, "client-ca", &config, &[port]);
+    let _rolegate = Rolegate::start(&dir, "client-ca", &config);
     let base = format!("{} sslmode=require", conninfo(port, "app", "app"));
     let out = psql(
         &format!(

@@ -23,7 +23,7 @@ use serde::Deserialize;
 pub use units::{ByteSize, Duration};
 
 /// The whole configuration of one rolegate process.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     #[serde(default)]
@@ -41,7 +41,7 @@ pub struct Config {
 }
 
 /// `[tls]`: TLS for clients, terminated by rolegate.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TlsConfig {
     /// PEM certificate chain presented to clients.
@@ -113,7 +113,7 @@ impl Config {
 }
 
 /// `[admin]`: the HTTP endpoint for metrics and health.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AdminConfig {
     #[serde(default = "default_admin_listen")]
@@ -152,7 +152,7 @@ fn default_admin_listen() -> String {
 }
 
 /// `[log]`: how rolegate writes its own log lines.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LogConfig {
     #[serde(default)]
@@ -175,7 +175,7 @@ pub enum LogFormat {
 /// A cluster is either *static* (`primary`, `replicas`: members listed by
 /// address and trusted as configured) or *Patroni-managed* (`etcd` and/or
 /// `patroni`: members and roles discovered and followed live).
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ClusterConfig {
     /// Static mode: the address of the read-write member.
@@ -339,7 +339,7 @@ impl EtcdLossPolicy {
 }
 
 /// `[[listeners]]`: one client-facing address and the role it serves.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ListenerConfig {
     pub listen: String,
@@ -392,7 +392,7 @@ pub enum ReplicaFallback {
 }
 
 /// `[limits]`: bounds on what clients may cost.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Limits {
     #[serde(default = "default_max_client_connections")]

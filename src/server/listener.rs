@@ -32,7 +32,6 @@ const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
 
 /// Accepts connections until shutdown begins.
 pub async fn serve(listener: TcpListener, context: Arc<ListenerContext>, shared: Arc<Shared>) {
-    let slots = Arc::clone(&shared.client_slots);
     let refusals = Arc::new(Semaphore::new(MAX_CONCURRENT_REFUSALS));
     let stop = shared.shutdown.stop_accepting.clone();
     loop {
@@ -49,8 +48,8 @@ pub async fn serve(listener: TcpListener, context: Arc<ListenerContext>, shared:
             }
         };
         let _ = stream.set_nodelay(true);
-        match Arc::clone(&slots).try_acquire_owned() {
-            Ok(slot) => {
+        match shared.take_slot() {
+            Some(slot) => {
                 let context = Arc::clone(&context);
                 let task_shared = Arc::clone(&shared);
                 shared.tasks.spawn(async move {
@@ -58,10 +57,10 @@ pub async fn serve(listener: TcpListener, context: Arc<ListenerContext>, shared:
                     drop(slot);
                 });
             }
-            Err(_) => {
+            None => {
                 debug!(client = %peer, listener = %context.listen, "refusing: max_client_connections reached");
                 metrics::connection_outcome(&context.label, ConnectionOutcome::RefusedLimit);
-                let limit = shared.limits.max_client_connections;
+                let limit = shared.limits().max_client_connections;
                 match Arc::clone(&refusals).try_acquire_owned() {
                     Ok(permit) => {
                         let task_shared = Arc::clone(&shared);

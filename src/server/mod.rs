@@ -19,7 +19,9 @@ pub use backend::BackendTlsSettings;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use tokio::sync::Semaphore;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use arc_swap::ArcSwap;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -40,13 +42,15 @@ pub struct Shutdown {
 
 /// State shared by every session of the process.
 pub struct Shared {
-    pub limits: Limits,
+    /// Replaced whole by a reload; each session reads it once, at accept.
+    limits: ArcSwap<Limits>,
     pub cancels: Arc<CancelRegistry>,
     pub shutdown: Shutdown,
     /// Every session and refusal task, so shutdown can wait for them.
     pub tasks: TaskTracker,
-    /// One permit per open client connection (`max_client_connections`).
-    pub client_slots: Arc<Semaphore>,
+    /// Client connections open now, checked against
+    /// `max_client_connections` at accept.
+    open_clients: Arc<AtomicUsize>,
     /// Relaying sessions by cluster, member and role.
     pub sessions: Arc<SessionCounts>,
     pub relayed: RelayedBytes,
@@ -54,16 +58,46 @@ pub struct Shared {
 
 impl Shared {
     pub fn new(limits: Limits) -> Self {
-        let slots = limits.max_client_connections;
         Self {
-            limits,
+            limits: ArcSwap::from_pointee(limits),
             cancels: CancelRegistry::new(),
             shutdown: Shutdown::default(),
             tasks: TaskTracker::new(),
-            client_slots: Arc::new(Semaphore::new(slots)),
+            open_clients: Arc::new(AtomicUsize::new(0)),
             sessions: SessionCounts::new(),
             relayed: RelayedBytes::new(),
         }
+    }
+}
+
+impl Shared {
+    /// The limits in force now.
+    pub fn limits(&self) -> Arc<Limits> {
+        self.limits.load_full()
+    }
+
+    /// Replaces the limits for connections accepted from now on.
+    pub fn set_limits(&self, limits: Limits) {
+        self.limits.store(Arc::new(limits));
+    }
+
+    /// Takes a client slot, unless `max_client_connections` are open.
+    pub fn take_slot(&self) -> Option<ClientSlot> {
+        let max = self.limits.load().max_client_connections;
+        if self.open_clients.fetch_add(1, Ordering::AcqRel) >= max {
+            self.open_clients.fetch_sub(1, Ordering::AcqRel);
+            return None;
+        }
+        Some(ClientSlot(Arc::clone(&self.open_clients)))
+    }
+}
+
+/// One open client connection; dropping it frees the slot.
+pub struct ClientSlot(Arc<AtomicUsize>);
+
+impl Drop for ClientSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
     }
 }
 

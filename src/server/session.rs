@@ -25,7 +25,7 @@ use super::handshake::{read_opening, Failed, HandshakeError, Opened, Opening};
 use super::relay::{Relay, RelayEnd};
 use super::stream::BackendStream;
 use super::{ListenerContext, Shared};
-use crate::config::ListenerRole;
+use crate::config::{Limits, ListenerRole};
 use crate::metrics::{self, ConnectionOutcome};
 use crate::protocol::startup::{CancelKey, StartupMessage};
 use crate::protocol::{ProtocolError, SqlState};
@@ -44,7 +44,8 @@ pub async fn run(
 ) {
     let _open = metrics::client_connection(&listener.label);
     let accepted = Instant::now();
-    let handshake_deadline = accepted + shared.limits.handshake_timeout.get();
+    let limits = shared.limits();
+    let handshake_deadline = accepted + limits.handshake_timeout.get();
     let outcome = |outcome| metrics::connection_outcome(&listener.label, outcome);
     let mut encrypting = false;
     let opening = timeout_at(
@@ -81,7 +82,7 @@ pub async fn run(
         Err(_) => {
             debug!(client = %peer, listener = %listener.listen, "handshake timed out");
             if !encrypting {
-                send_error(&mut tcp, &handshake_timeout_error(&shared)).await;
+                send_error(&mut tcp, &handshake_timeout_error(&limits)).await;
             }
             return outcome(ConnectionOutcome::HandshakeTimeout);
         }
@@ -104,6 +105,7 @@ pub async fn run(
             let result = Session {
                 listener: &listener,
                 shared: &shared,
+                limits: &limits,
                 accepted,
                 handshake_deadline,
             }
@@ -138,6 +140,8 @@ impl EndReason {
 struct Session<'a> {
     listener: &'a ListenerContext,
     shared: &'a Shared,
+    /// The limits in force when the connection was accepted.
+    limits: &'a Limits,
     accepted: Instant,
     handshake_deadline: Instant,
 }
@@ -207,7 +211,7 @@ impl Session<'_> {
             }
             Err(_) => {
                 info!("handshake timed out during authentication");
-                send_error(&mut client, &handshake_timeout_error(self.shared)).await;
+                send_error(&mut client, &handshake_timeout_error(self.limits)).await;
                 return ConnectionOutcome::HandshakeTimeout;
             }
         };
@@ -284,7 +288,7 @@ impl Session<'_> {
     /// waiting for a new view (within the hold time) when every candidate
     /// failed. Returns the backend, its member and the time spent held.
     async fn connect(&self) -> Result<(BackendStream, Member, Duration), ProtocolError> {
-        let limits = &self.shared.limits;
+        let limits = self.limits;
         let started = Instant::now();
         let hold_until = started + limits.hold_timeout.get();
         let router = &self.listener.router;
@@ -360,7 +364,7 @@ pub(super) async fn cancel(key: &CancelKey, peer: SocketAddr, shared: &Shared) {
         debug!(client = %peer, pid = key.pid, "cancel request for an unknown key");
         return;
     };
-    match forward_cancel(&target, shared.limits.connect_timeout.get()).await {
+    match forward_cancel(&target, shared.limits().connect_timeout.get()).await {
         Ok(()) => {
             metrics::cancel_outcome("forwarded");
             info!(client = %peer, member = %target.member, pid = key.pid, "forwarded cancel request");
@@ -383,12 +387,12 @@ pub(super) async fn send_error<S: AsyncWrite + Unpin>(client: &mut S, error: &Pr
     .await;
 }
 
-fn handshake_timeout_error(shared: &Shared) -> ProtocolError {
+fn handshake_timeout_error(limits: &Limits) -> ProtocolError {
     ProtocolError::new(
         SqlState::CONNECTION_FAILURE,
         format!(
             "closing the connection: the handshake did not complete within {} (handshake_timeout)",
-            shared.limits.handshake_timeout
+            limits.handshake_timeout
         ),
     )
 }

@@ -43,11 +43,35 @@ pub const LEADERLESS_INTERVAL: Duration = Duration::from_millis(250);
 /// Agreeing answers that end a burst.
 const BURST_AGREEMENT: u32 = 2;
 
-/// What [`start`] hands back: the receivers of views and reports, and the
-/// future that follows the cluster until shutdown.
+/// The settings of a follower that a configuration reload may change.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FollowerSettings {
+    pub policy: LeaderPolicy,
+    pub on_etcd_loss: EtcdLossPolicy,
+    pub max_replica_lag: Option<u64>,
+    pub health_interval: Duration,
+    pub health_timeout: Duration,
+}
+
+impl FollowerSettings {
+    pub fn from_config(config: &ClusterConfig) -> Self {
+        Self {
+            policy: config.effective_leader_policy(),
+            on_etcd_loss: config.on_etcd_loss,
+            max_replica_lag: config.max_replica_lag.map(|l| l.bytes()),
+            health_interval: config.health_interval.get(),
+            health_timeout: config.health_timeout.get(),
+        }
+    }
+}
+
+/// What [`start`] hands back: the receivers of views and reports, the
+/// sender of new settings, and the future that follows the cluster until
+/// shutdown.
 pub struct Following<F> {
     pub views: watch::Receiver<Arc<ClusterView>>,
     pub reports: watch::Receiver<Arc<ClusterReport>>,
+    pub settings: watch::Sender<FollowerSettings>,
     pub run: F,
 }
 
@@ -106,6 +130,7 @@ pub fn start(
         on_etcd_loss: config.on_etcd_loss,
         max_replica_lag: lag,
         health_interval: config.health_interval.get(),
+        health_timeout: config.health_timeout.get(),
         prober,
         rest_urls,
         views,
@@ -130,10 +155,12 @@ pub fn start(
         on_etcd_loss = follower.on_etcd_loss.as_str(),
         "following the Patroni cluster"
     );
+    let (settings, settings_rx) = watch::channel(FollowerSettings::from_config(config));
     Ok(Following {
         views: receiver,
         reports: report_receiver,
-        run: follower.run(etcd, shutdown),
+        settings,
+        run: follower.run(etcd, settings_rx, shutdown),
     })
 }
 
@@ -152,6 +179,7 @@ struct Follower {
     on_etcd_loss: EtcdLossPolicy,
     max_replica_lag: Option<u64>,
     health_interval: Duration,
+    health_timeout: Duration,
     prober: RestProber,
     rest_urls: Vec<Url>,
     views: watch::Sender<Arc<ClusterView>>,
@@ -169,7 +197,12 @@ struct Follower {
 type Checked = (String, RestCheck);
 
 impl Follower {
-    async fn run(mut self, etcd: Option<EtcdSource>, shutdown: CancellationToken) {
+    async fn run(
+        mut self,
+        etcd: Option<EtcdSource>,
+        mut settings: watch::Receiver<FollowerSettings>,
+        shutdown: CancellationToken,
+    ) {
         let (etcd_tx, mut etcd_rx) = mpsc::channel(64);
         let has_etcd = etcd.is_some();
         if let Some(source) = etcd {
@@ -185,6 +218,14 @@ impl Follower {
             let urgent = !self.bursts.is_empty() || self.views.borrow().leader().is_none();
             tokio::select! {
                 () = shutdown.cancelled() => return,
+                Ok(()) = settings.changed() => {
+                    let new = settings.borrow_and_update().clone();
+                    if new.health_interval != self.health_interval {
+                        regular = tokio::time::interval(new.health_interval);
+                        regular.set_missed_tick_behavior(MissedTickBehavior::Delay);
+                    }
+                    self.apply(new);
+                }
                 Some(event) = etcd_rx.recv(), if has_etcd => self.on_etcd(event, &checked_tx),
                 Some((member, check)) = checked_rx.recv() => self.on_check(&member, check),
                 Some(listing) = listing_rx.recv() => self.on_listing(listing, &checked_tx),
@@ -201,6 +242,28 @@ impl Follower {
             }
             self.publish();
         }
+    }
+
+    /// Takes reloaded settings; the next view is fused under them.
+    fn apply(&mut self, new: FollowerSettings) {
+        if new.health_timeout != self.health_timeout || new.max_replica_lag != self.max_replica_lag
+        {
+            match RestProber::new(new.health_timeout, new.max_replica_lag) {
+                Ok(prober) => self.prober = prober,
+                Err(e) => warn!(cluster = %self.cluster, "keeping the REST checker in use: {e}"),
+            }
+        }
+        info!(
+            cluster = %self.cluster,
+            policy = new.policy.as_str(),
+            on_etcd_loss = new.on_etcd_loss.as_str(),
+            "applied reloaded cluster settings"
+        );
+        self.policy = new.policy;
+        self.on_etcd_loss = new.on_etcd_loss;
+        self.max_replica_lag = new.max_replica_lag;
+        self.health_interval = new.health_interval;
+        self.health_timeout = new.health_timeout;
     }
 
     fn on_etcd(&mut self, event: EtcdEvent, checked: &mpsc::Sender<Checked>) {

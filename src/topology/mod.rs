@@ -40,6 +40,8 @@ pub struct Topology {
     /// never see a closed channel.
     _static_views: Vec<watch::Sender<Arc<ClusterView>>>,
     _static_reports: Vec<watch::Sender<Arc<ClusterReport>>>,
+    /// Where reloaded settings go, by cluster name (Patroni clusters only).
+    settings: HashMap<String, watch::Sender<follower::FollowerSettings>>,
     /// Background tasks (the followers of Patroni clusters); each returns
     /// what it was, for the error when one ends.
     pub tasks: JoinSet<String>,
@@ -53,6 +55,7 @@ impl Topology {
         let mut reports = HashMap::new();
         let mut senders = Vec::new();
         let mut report_senders = Vec::new();
+        let mut settings = HashMap::new();
         let mut tasks = JoinSet::new();
         for (name, cluster) in &config.clusters {
             if cluster.is_static() {
@@ -77,6 +80,7 @@ impl Topology {
                     .map_err(|e| anyhow::anyhow!("clusters.{name}: {e}"))?;
                 views.insert(name.clone(), following.views);
                 reports.insert(name.clone(), following.reports);
+                settings.insert(name.clone(), following.settings);
                 let name = name.clone();
                 let run = following.run;
                 tasks.spawn(async move {
@@ -88,6 +92,7 @@ impl Topology {
         Ok(Self {
             views,
             reports,
+            settings,
             _static_views: senders,
             _static_reports: report_senders,
             tasks,
@@ -114,6 +119,20 @@ impl Topology {
             .collect();
         views.sort_by(|a, b| a.0.cmp(&b.0));
         views
+    }
+
+    /// Hands reloaded routing settings to every Patroni cluster's follower.
+    pub fn apply(&self, config: &Config) {
+        for (name, sender) in &self.settings {
+            if let Some(cluster) = config.cluster(name) {
+                sender.send_if_modified(|current| {
+                    let new = follower::FollowerSettings::from_config(cluster);
+                    let changed = *current != new;
+                    *current = new;
+                    changed
+                });
+            }
+        }
     }
 
     /// A receiver of the named cluster's views.

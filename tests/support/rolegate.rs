@@ -18,10 +18,12 @@ pub struct Rolegate {
 }
 
 impl Rolegate {
-    /// Starts rolegate with `config` (TOML text) and waits until every
-    /// port in `ports` accepts connections. Unless `config` has an
-    /// `[admin]` table, the admin endpoint gets a free port of its own.
-    pub fn start(dir: &Path, name: &str, config: &str, ports: &[u16]) -> Self {
+    /// Starts rolegate with `config` (TOML text) and waits until it says it
+    /// is ready (every listener bound). Readiness is read from its log, not
+    /// probed with connections, which would take client slots. Unless
+    /// `config` has an `[admin]` table, the admin endpoint gets a free port
+    /// of its own.
+    pub fn start(dir: &Path, name: &str, config: &str) -> Self {
         std::fs::create_dir_all(dir).expect("create dir");
         let mut admin_port = 0;
         let config = if config.contains("[admin]") {
@@ -49,14 +51,12 @@ impl Rolegate {
             config_path,
             log_path,
         };
-        for &port in ports {
-            wait_until(Duration::from_secs(20), "rolegate to listen", || {
-                if let Ok(Some(status)) = rolegate.child.try_wait() {
-                    panic!("rolegate exited early ({status}):\n{}", rolegate.log());
-                }
-                std::net::TcpStream::connect(("127.0.0.1", port)).ok()
-            });
-        }
+        wait_until(Duration::from_secs(20), "rolegate to be ready", || {
+            if let Ok(Some(status)) = rolegate.child.try_wait() {
+                panic!("rolegate exited early ({status}):\n{}", rolegate.log());
+            }
+            rolegate.log().contains("rolegate is ready").then_some(())
+        });
         rolegate
     }
 

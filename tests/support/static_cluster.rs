@@ -76,7 +76,7 @@ role = "replica"
     /// Starts a rolegate with its own two ports (rw, ro).
     pub fn rolegate(&self, name: &str, extra: &str) -> (Rolegate, u16, u16) {
         let (rw, ro) = (free_port(), free_port());
-        let rolegate = Rolegate::start(&self.root, name, &self.config(rw, ro, extra), &[rw, ro]);
+        let rolegate = Rolegate::start(&self.root, name, &self.config(rw, ro, extra));
         (rolegate, rw, ro)
     }
 }
