@@ -39,6 +39,7 @@ failed = False
 def report(ok, listener, scenario, detail):
     global failed
     failed |= not ok
+    detail = " | ".join(line.strip() for line in str(detail).splitlines() if line.strip())
     print(f"{'ok' if ok else 'FAIL'} {listener} {scenario} {detail}".rstrip(), flush=True)
 
 
