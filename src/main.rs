@@ -78,10 +78,11 @@ fn run(path: &std::path::Path, log_format: Option<LogFormat>) -> ExitCode {
     {
         tracing::warn!("a TLS crypto provider was already installed");
     }
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if let Some(threads) = config.runtime.worker_threads {
+        builder.worker_threads(threads);
+    }
+    let runtime = match builder.enable_all().build() {
         Ok(runtime) => runtime,
         Err(e) => {
             eprintln!("rolegate: cannot start the async runtime: {e}");

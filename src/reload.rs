@@ -93,6 +93,9 @@ pub fn restart_needed(old: &Config, new: &Config) -> Option<String> {
     if old.log != new.log {
         return Some("log".to_owned());
     }
+    if old.runtime != new.runtime {
+        return Some("runtime".to_owned());
+    }
     if old.listeners.len() != new.listeners.len() {
         return Some("listeners".to_owned());
     }

@@ -38,6 +38,18 @@ pub struct Config {
     pub limits: Limits,
     #[serde(default)]
     pub tls: TlsConfig,
+    #[serde(default)]
+    pub runtime: RuntimeConfig,
+}
+
+/// `[runtime]`: how many threads rolegate uses.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuntimeConfig {
+    /// Worker threads; default: one per CPU. A sidecar next to one
+    /// application is well served by 1.
+    #[serde(default)]
+    pub worker_threads: Option<usize>,
 }
 
 /// `[tls]`: TLS for clients, terminated by rolegate.
@@ -579,6 +591,13 @@ fn validate(config: &Config) -> Result<(), (String, String)> {
             name,
         )
         .map_err(split_key)?;
+    }
+
+    if config.runtime.worker_threads == Some(0) {
+        return Err((
+            "runtime.worker_threads".to_owned(),
+            "must be at least 1".to_owned(),
+        ));
     }
 
     let limits = &config.limits;

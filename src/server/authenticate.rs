@@ -67,8 +67,11 @@ where
     C: AsyncRead + AsyncWrite + Unpin,
     B: AsyncRead + AsyncWrite + Unpin,
 {
-    let mut from_backend = BytesMut::with_capacity(4096);
-    let mut to_client = BytesMut::with_capacity(1024);
+    // A login's backend messages (authentication, a dozen ParameterStatus,
+    // BackendKeyData, ReadyForQuery) fit in well under 1 KiB; the buffers
+    // grow when a server says more.
+    let mut from_backend = BytesMut::with_capacity(1024);
+    let mut to_client = BytesMut::with_capacity(512);
     let mut backend_key = None;
     loop {
         let msg = read_backend(backend, &mut from_backend, member).await?;

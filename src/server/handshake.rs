@@ -103,7 +103,7 @@ pub async fn read_opening<P>(
 where
     P: AsyncRead + AsyncWrite + Unpin,
 {
-    let mut buf = BytesMut::with_capacity(512);
+    let mut buf = BytesMut::with_capacity(256);
     let mut ssl_answered = false;
     let mut gss_answered = false;
     let fail =

@@ -50,7 +50,10 @@ pub async fn run(
     let mut encrypting = false;
     let opening = timeout_at(
         handshake_deadline.into(),
-        read_opening(&mut tcp, &listener.tls, &mut encrypting),
+        // Boxed, like the other one-off stages below: an async state machine
+        // is as large as its largest stage, and sessions spend their life
+        // relaying, so the handshake must not size an idle session.
+        Box::pin(read_opening(&mut tcp, &listener.tls, &mut encrypting)),
     )
     .await;
     let Opened {
@@ -159,7 +162,7 @@ impl Session<'_> {
         let started = Instant::now();
         let shutdown = &self.shared.shutdown.end_sessions;
         let connected = tokio::select! {
-            connected = self.connect() => connected,
+            connected = Box::pin(self.connect()) => connected,
             () = shutdown.cancelled() => Err(shutdown_error()),
         };
         let (mut backend, member, held) = match connected {
@@ -179,22 +182,26 @@ impl Session<'_> {
         // Time spent held waiting for a target is not the client's delay.
         let deadline = self.handshake_deadline + held;
         let cluster = &*self.listener.cluster;
-        let auth = timeout_at(deadline.into(), async {
-            backend
-                .write_all(&startup.raw)
+        let auth = timeout_at(
+            deadline.into(),
+            Box::pin(async {
+                backend.write_all(&startup.raw).await.map_err(|e| {
+                    AuthError::Backend(lost_backend(&member, cluster, &e.to_string()))
+                })?;
+                let backend_tls = backend.is_tls();
+                relay_authentication(
+                    &mut client,
+                    &mut backend,
+                    buffered,
+                    &member.name,
+                    backend_tls,
+                )
                 .await
-                .map_err(|e| AuthError::Backend(lost_backend(&member, cluster, &e.to_string())))?;
-            let backend_tls = backend.is_tls();
-            relay_authentication(
-                &mut client,
-                &mut backend,
-                buffered,
-                &member.name,
-                backend_tls,
-            )
-            .await
-        })
+            }),
+        )
         .await;
+        // Forwarded: no need to keep the packet for the session's life.
+        drop(startup);
         let auth = match auth {
             Ok(Ok(auth)) => auth,
             Ok(Err(e)) => {
@@ -252,24 +259,23 @@ impl Session<'_> {
             Ended::Relay(RelayEnd::BackendClosed) | Ended::Relay(RelayEnd::BackendError(_)) => {
                 if !relay.backend_sent_error_last() {
                     let error = lost_backend(&member, cluster, "the server closed the connection");
-                    relay
-                        .finish_with(&mut client, &mut backend, &error.to_fatal())
-                        .await;
+                    Box::pin(relay.finish_with(&mut client, &mut backend, &error.to_fatal())).await;
                 }
                 EndReason::Backend
             }
             Ended::Misfit(misfit) => {
                 let error = misfit.to_error(cluster);
                 info!("ending session: {}", error.message);
-                relay
-                    .finish_with(&mut client, &mut backend, &error.to_fatal())
-                    .await;
+                Box::pin(relay.finish_with(&mut client, &mut backend, &error.to_fatal())).await;
                 EndReason::Demotion
             }
             Ended::Shutdown => {
-                relay
-                    .finish_with(&mut client, &mut backend, &shutdown_error().to_fatal())
-                    .await;
+                Box::pin(relay.finish_with(
+                    &mut client,
+                    &mut backend,
+                    &shutdown_error().to_fatal(),
+                ))
+                .await;
                 EndReason::Shutdown
             }
         };
@@ -380,10 +386,11 @@ pub(super) async fn cancel(key: &CancelKey, peer: SocketAddr, shared: &Shared) {
 /// (the client may not be reading).
 pub(super) async fn send_error<S: AsyncWrite + Unpin>(client: &mut S, error: &ProtocolError) {
     let bytes = error.to_fatal();
-    let _ = tokio::time::timeout(ERROR_WRITE_TIMEOUT, async {
+    // Boxed: a rare path, kept out of every session's state machine.
+    let _ = Box::pin(tokio::time::timeout(ERROR_WRITE_TIMEOUT, async {
         client.write_all(&bytes).await?;
         client.flush().await
-    })
+    }))
     .await;
 }
 
