@@ -433,7 +433,7 @@ fn sighup_serves_a_new_certificate_and_keeps_old_sessions(env: &Env) -> Result<(
         wait_until(Duration::from_secs(10), "the reload", || {
             rolegate
                 .log()
-                .contains("reloaded the TLS certificate")
+                .contains("SIGHUP: reloaded the configuration")
                 .then_some(())
         });
         let new = tls_session(port, &ca_path, false, None).await?;
@@ -449,7 +449,7 @@ fn sighup_serves_a_new_certificate_and_keeps_old_sessions(env: &Env) -> Result<(
         wait_until(Duration::from_secs(10), "the refused reload", || {
             rolegate
                 .log()
-                .contains("keeping the TLS certificate in use")
+                .contains("keeping the configuration in use")
                 .then_some(())
         });
         let after = tls_session(port, &ca_path, false, None).await?;
