@@ -12,6 +12,7 @@
 //! data, built once and handed to the parts that need it.
 
 mod units;
+mod validate;
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -19,6 +20,8 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
+
+use validate::validate;
 
 pub use units::{ByteSize, Duration};
 
@@ -506,209 +509,6 @@ fn describe_toml_error(e: &toml::de::Error, text: &str) -> String {
         }
         None => e.message().to_owned(),
     }
-}
-
-/// Checks the rules that the types alone cannot express.
-/// Returns the dotted key and a message on the first violation.
-fn validate(config: &Config) -> Result<(), (String, String)> {
-    parse_socket_addr(&config.admin.listen).map_err(|m| ("admin.listen".to_owned(), m))?;
-
-    if config.clusters.is_empty() {
-        return Err((
-            "clusters".to_owned(),
-            "no cluster is configured; add a [clusters.NAME] table".to_owned(),
-        ));
-    }
-    for (name, cluster) in &config.clusters {
-        validate_cluster(name, cluster)?;
-    }
-
-    if config.listeners.is_empty() {
-        return Err((
-            "listeners".to_owned(),
-            "no listener is configured; add a [[listeners]] table".to_owned(),
-        ));
-    }
-    let mut seen = BTreeMap::new();
-    for (i, listener) in config.listeners.iter().enumerate() {
-        let key = |field: &str| format!("listeners[{i}].{field}");
-        let addr = parse_socket_addr(&listener.listen).map_err(|m| (key("listen"), m))?;
-        if let Some(other) = seen.insert(addr, i) {
-            return Err((
-                key("listen"),
-                format!("{addr} is already used by listeners[{other}]"),
-            ));
-        }
-        if !config.clusters.contains_key(&listener.cluster) {
-            return Err((
-                key("cluster"),
-                format!(
-                    "no cluster named {:?} is configured (known: {})",
-                    listener.cluster,
-                    config
-                        .clusters
-                        .keys()
-                        .cloned()
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                ),
-            ));
-        }
-        if listener.replica_fallback == ReplicaFallback::Primary
-            && listener.role != ListenerRole::Replica
-        {
-            return Err((
-                key("replica_fallback"),
-                "only a listener with role = \"replica\" has a fallback".to_owned(),
-            ));
-        }
-    }
-
-    for i in 0..config.listeners.len() {
-        if config.listener_tls(i) != TlsMode::Disable
-            && (config.tls.cert.is_none() || config.tls.key.is_none())
-        {
-            let key = if config.listeners[i].tls.is_some() {
-                format!("listeners[{i}].tls")
-            } else {
-                "tls.mode".to_owned()
-            };
-            return Err((
-                key,
-                "TLS is enabled but [tls] cert and key are not both set".to_owned(),
-            ));
-        }
-    }
-    if config.tls.cert.is_some() || config.tls.key.is_some() {
-        crate::tls::server_config(&config.tls).map_err(split_key)?;
-    }
-    for (name, cluster) in &config.clusters {
-        crate::tls::backend_config(
-            cluster.backend_tls,
-            cluster.backend_ca.as_deref(),
-            cluster.backend_cert.as_deref(),
-            cluster.backend_key.as_deref(),
-            name,
-        )
-        .map_err(split_key)?;
-    }
-
-    if config.runtime.worker_threads == Some(0) {
-        return Err((
-            "runtime.worker_threads".to_owned(),
-            "must be at least 1".to_owned(),
-        ));
-    }
-
-    let limits = &config.limits;
-    if limits.max_client_connections == 0 {
-        return Err((
-            "limits.max_client_connections".to_owned(),
-            "must be at least 1".to_owned(),
-        ));
-    }
-    for (key, value) in [
-        ("handshake_timeout", limits.handshake_timeout),
-        ("connect_timeout", limits.connect_timeout),
-    ] {
-        if value.get().is_zero() {
-            return Err((format!("limits.{key}"), "must be longer than 0s".to_owned()));
-        }
-    }
-    Ok(())
-}
-
-/// Splits a `key: message` error from the TLS loader.
-fn split_key(error: String) -> (String, String) {
-    match error.split_once(": ") {
-        Some((key, message)) => (key.to_owned(), message.to_owned()),
-        None => ("tls".to_owned(), error),
-    }
-}
-
-fn validate_cluster(name: &str, cluster: &ClusterConfig) -> Result<(), (String, String)> {
-    let key = |field: &str| format!("clusters.{name}.{field}");
-    let is_static = cluster.primary.is_some() || !cluster.replicas.is_empty();
-    if is_static && !cluster.is_static() {
-        let field = if cluster.primary.is_some() {
-            "primary"
-        } else {
-            "replicas"
-        };
-        return Err((
-            key(field),
-            "a cluster is either static (`primary`/`replicas`) or Patroni-managed (`etcd`/`patroni`), not both".to_owned(),
-        ));
-    }
-    if !is_static && cluster.is_static() {
-        return Err((
-            key("etcd"),
-            "the cluster has no members: set `etcd` (or `patroni`) for a Patroni cluster, or `primary`/`replicas` for a static one".to_owned(),
-        ));
-    }
-    if !cluster.is_static() {
-        return validate_patroni_cluster(name, cluster);
-    }
-    if let Some(primary) = &cluster.primary {
-        parse_host_port(primary).map_err(|m| (key("primary"), m))?;
-    }
-    for (i, replica) in cluster.replicas.iter().enumerate() {
-        parse_host_port(replica).map_err(|m| (format!("clusters.{name}.replicas[{i}]"), m))?;
-    }
-    Ok(())
-}
-
-fn validate_patroni_cluster(name: &str, cluster: &ClusterConfig) -> Result<(), (String, String)> {
-    let key = |field: &str| format!("clusters.{name}.{field}");
-    for (i, endpoint) in cluster.etcd.iter().enumerate() {
-        parse_http_url(endpoint).map_err(|m| (format!("clusters.{name}.etcd[{i}]"), m))?;
-    }
-    for (i, endpoint) in cluster.patroni.iter().enumerate() {
-        parse_http_url(endpoint).map_err(|m| (format!("clusters.{name}.patroni[{i}]"), m))?;
-    }
-    let policy = cluster.effective_leader_policy();
-    if cluster.etcd.is_empty() && policy != LeaderPolicy::Patroni {
-        return Err((
-            key("leader_policy"),
-            format!(
-                "\"{}\" needs etcd, but `etcd` is not set; use \"patroni\" or add etcd endpoints",
-                policy.as_str()
-            ),
-        ));
-    }
-    if cluster.etcd_user.is_some() != cluster.etcd_password.is_some() {
-        return Err((
-            key("etcd_user"),
-            "`etcd_user` and `etcd_password` go together".to_owned(),
-        ));
-    }
-    if cluster.etcd_cert.is_some() != cluster.etcd_key.is_some() {
-        return Err((
-            key("etcd_cert"),
-            "`etcd_cert` and `etcd_key` go together".to_owned(),
-        ));
-    }
-    for (field, path) in [
-        ("etcd_ca", &cluster.etcd_ca),
-        ("etcd_cert", &cluster.etcd_cert),
-        ("etcd_key", &cluster.etcd_key),
-    ] {
-        if let Some(path) = path {
-            if !path.is_file() {
-                return Err((
-                    key(field),
-                    format!("{} is not a readable file", path.display()),
-                ));
-            }
-        }
-    }
-    if cluster.health_interval.get().is_zero() || cluster.health_timeout.get().is_zero() {
-        return Err((
-            key("health_interval"),
-            "health_interval and health_timeout must be longer than 0s".to_owned(),
-        ));
-    }
-    Ok(())
 }
 
 /// Parses an `http://` or `https://` URL with a host.
