@@ -83,7 +83,7 @@ pub fn auth_request_code(body: &[u8]) -> Option<u32> {
     Some(u32::from_be_bytes(code))
 }
 
-/// Authentication request codes ("AuthenticationXXX" messages).
+/// Authentication request codes (the code in every Authentication message).
 pub mod auth {
     pub const OK: u32 = 0;
     pub const SASL: u32 = 10;

@@ -77,31 +77,31 @@ impl RestProber {
     }
 
     async fn get(&self, url: Url) -> Result<(bool, Option<RestStatus>), String> {
-        let response = self
-            .client
-            .get(url.clone())
-            .send()
-            .await
-            .map_err(|e| format!("GET {url}: {e}"))?;
-        let ok = response.status() == StatusCode::OK;
-        let body = read_limited(response).await.ok();
-        Ok((ok, body.and_then(|b| RestStatus::parse(&b).ok())))
+        let (status, body) = self.fetch(&url).await?;
+        let status_body = body.ok().and_then(|b| RestStatus::parse(&b).ok());
+        Ok((status == StatusCode::OK, status_body))
     }
 
     /// Reads Patroni's `GET /cluster` from `base`.
     pub async fn cluster_listing(&self, base: &Url) -> Result<ClusterListing, String> {
         let url = endpoint(base, "cluster");
+        let (status, body) = self.fetch(&url).await?;
+        if !status.is_success() {
+            return Err(format!("GET {url}: HTTP {status}"));
+        }
+        ClusterListing::parse(&body?)
+    }
+
+    /// `GET url`: the status, and the body (at most [`MAX_BODY`] bytes).
+    /// Only a request that got no answer at all is an error.
+    async fn fetch(&self, url: &Url) -> Result<(StatusCode, Result<Vec<u8>, String>), String> {
         let response = self
             .client
             .get(url.clone())
             .send()
             .await
             .map_err(|e| format!("GET {url}: {e}"))?;
-        if !response.status().is_success() {
-            return Err(format!("GET {url}: HTTP {}", response.status()));
-        }
-        let body = read_limited(response).await?;
-        ClusterListing::parse(&body)
+        Ok((response.status(), read_limited(response).await))
     }
 }
 
