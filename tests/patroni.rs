@@ -8,45 +8,21 @@ mod support;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use libtest_mimic::{Arguments, Failed, Trial};
+use libtest_mimic::Failed;
 use tokio::sync::watch;
 
-use support::harness::check;
-use support::lab::{Lab, MEMBERS};
+use support::harness::{check, run_suite, TestFn};
+use support::lab::{replicas_of, MEMBERS};
+use support::lab_suite::LabSuite;
+use support::routes::{reached, wait_for_readers, wait_for_writable_leader};
 use support::rolegate::Rolegate;
-use support::{connect, connect_watched, conninfo, free_port, runtime, sqlstate, writer};
+use support::{connect, connect_watched, conninfo, runtime, sqlstate, writer};
 
-struct Env {
-    lab: Lab,
-    root: PathBuf,
-}
-
-impl Env {
-    /// Starts rolegate in front of the lab with the given cluster lines.
-    fn rolegate(&self, name: &str, cluster_extra: &str) -> (Rolegate, u16, u16) {
-        let (rw, ro) = (free_port(), free_port());
-        let config = self.lab.rolegate_config(
-            rw,
-            ro,
-            cluster_extra,
-            "[log]\nformat = \"json\"\n\n[limits]\nhold_timeout = \"30s\"\n",
-        );
-        let rolegate = Rolegate::start(&self.root, name, &config);
-        (rolegate, rw, ro)
-    }
-
-    fn default_rolegate(&self, name: &str) -> (Rolegate, u16, u16) {
-        self.rolegate(name, &self.lab.etcd_line())
-    }
-}
-
-type TestFn = fn(&Env) -> Result<(), Failed>;
+type Env = LabSuite;
 
 fn main() {
-    let mut args = Arguments::from_args();
     // Tests take turns with the one cluster.
-    args.test_threads = Some(1);
-    let tests: &[(&str, TestFn)] = &[
+    let tests: &[(&str, TestFn<Env>)] = &[
         (
             "rw_reaches_the_leader_and_ro_alternates_replicas",
             rw_reaches_the_leader_and_ro_alternates_replicas,
@@ -76,99 +52,7 @@ fn main() {
             etcd_loss_falls_back_to_rest_checks,
         ),
     ];
-    let env = (!args.list).then(|| {
-        let root = std::env::temp_dir().join(format!("rolegate-patroni-{}", std::process::id()));
-        std::fs::create_dir_all(&root).expect("test root");
-        std::sync::Arc::new(Env {
-            lab: Lab::ensure_up(),
-            root,
-        })
-    });
-    let trials = tests
-        .iter()
-        .map(|&(name, test)| {
-            let env = env.clone();
-            Trial::test(name, move || {
-                let Some(env) = env else { return Ok(()) };
-                let result = test(&env);
-                // Whatever happened, hand the next test a healthy cluster.
-                env.lab.run(&["wait"]);
-                result
-            })
-        })
-        .collect();
-    let conclusion = libtest_mimic::run(&args, trials);
-    if let Some(env) = env {
-        let _ = std::fs::remove_dir_all(&env.root);
-    }
-    conclusion.exit();
-}
-
-/// The port of the server a new session on `port` reaches, and whether it
-/// is in recovery.
-async fn reached(port: u16) -> Result<(u16, bool), Failed> {
-    let client = connect(&conninfo(port, "app", "app")).await?;
-    let row = client
-        .query_one("select inet_server_port(), pg_is_in_recovery()", &[])
-        .await?;
-    Ok((row.get::<_, i32>(0) as u16, row.get(1)))
-}
-
-/// Polls until a new rw session reaches a member that is not in recovery
-/// and is not `not`; returns that member.
-async fn wait_for_writable_leader(
-    env: &Env,
-    rw: u16,
-    not: Option<&str>,
-    limit: Duration,
-) -> Result<String, Failed> {
-    let started = Instant::now();
-    loop {
-        if let Ok((port, false)) = reached(rw).await {
-            if let Some(member) = env.lab.member_of_port(port) {
-                if Some(member) != not {
-                    return Ok(member.to_owned());
-                }
-            }
-        }
-        if started.elapsed() > limit {
-            return Err(format!("no writable leader other than {not:?} within {limit:?}").into());
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
-
-/// Waits until the ro port spreads sessions over exactly `expected`.
-async fn wait_for_readers(
-    env: &Env,
-    ro: u16,
-    expected: &[&str],
-    limit: Duration,
-) -> Result<(), Failed> {
-    let started = Instant::now();
-    let mut want: Vec<_> = expected.to_vec();
-    want.sort();
-    loop {
-        let mut seen = Vec::new();
-        for _ in 0..(2 * expected.len()).max(2) {
-            if let Ok((port, true)) = reached(ro).await {
-                seen.extend(env.lab.member_of_port(port));
-            }
-        }
-        seen.sort();
-        seen.dedup();
-        if seen == want {
-            return Ok(());
-        }
-        if started.elapsed() > limit {
-            return Err(format!("ro sessions reached {seen:?}, expected {want:?}").into());
-        }
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    }
-}
-
-fn replicas_of(leader: &str) -> Vec<&'static str> {
-    MEMBERS.into_iter().filter(|m| *m != leader).collect()
+    run_suite(tests, || LabSuite::start("patroni"), true);
 }
 
 /// `patronictl list` rows as (member, host:port, role), via `lab status`.
@@ -270,12 +154,12 @@ fn rest_only_cluster_routes_by_role(env: &Env) -> Result<(), Failed> {
     let (_rolegate, rw, ro) = env.rolegate("rest-only", &env.lab.patroni_line());
     let leader = env.lab.leader();
     runtime().block_on(async {
-        let member = wait_for_writable_leader(env, rw, None, Duration::from_secs(20)).await?;
+        let member = wait_for_writable_leader(&env.lab, rw, None, Duration::from_secs(20)).await?;
         check(
             member == leader,
             format!("rw reached {member}, leader is {leader}"),
         )?;
-        wait_for_readers(env, ro, &replicas_of(&leader), Duration::from_secs(20)).await
+        wait_for_readers(&env.lab, ro, &replicas_of(&leader), Duration::from_secs(20)).await
     })
 }
 
@@ -395,7 +279,7 @@ fn switchover_ends_old_write_sessions_and_holds_new_ones(env: &Env) -> Result<()
             format!("new leader {new_leader:?}"),
         )?;
         let member =
-            wait_for_writable_leader(env, rw, Some(&old_leader), Duration::from_secs(20)).await?;
+            wait_for_writable_leader(&env.lab, rw, Some(&old_leader), Duration::from_secs(20)).await?;
         check(
             member == new_leader,
             format!("rw reached {member}, new leader is {new_leader}"),
@@ -467,7 +351,7 @@ fn switchover_ends_old_write_sessions_and_holds_new_ones(env: &Env) -> Result<()
             format!("the writer barely wrote: {stats:?}"),
         )?;
         let missing =
-            writer::missing_rows(&conninfo(rw, "app", "app"), &stats.acknowledged).await?;
+            writer::missing_rows(&conninfo(rw, "app", "app"), &stats.seqs()).await?;
         check(
             missing == 0,
             format!("{missing} acknowledged rows are missing"),
@@ -516,12 +400,12 @@ fn killed_leader_writes_resume_on_the_new_leader(env: &Env) -> Result<(), Failed
             .unwrap_or_default()
             .to_owned();
         check(killed == old_leader, format!("killed {killed}, leader was {old_leader}"))?;
-        let new_leader = wait_for_writable_leader(env, rw, Some(&old_leader), Duration::from_secs(60)).await?;
+        let new_leader = wait_for_writable_leader(&env.lab, rw, Some(&old_leader), Duration::from_secs(60)).await?;
         tokio::time::sleep(Duration::from_secs(1)).await;
         let _ = stop_tx.send(true);
         let stats = writer.await?;
         check(stats.misrouted == 0, format!("{} writes were misrouted", stats.misrouted))?;
-        let missing = writer::missing_rows(&conninfo(rw, "app", "app"), &stats.acknowledged).await?;
+        let missing = writer::missing_rows(&conninfo(rw, "app", "app"), &stats.seqs()).await?;
         println!(
             "kill -9 of {old_leader}: writes resumed on {new_leader}; write-unavailability window {:?}, \
              failed connects {}, failed writes {}, acknowledged {}, missing after failover {missing} \
@@ -565,14 +449,14 @@ fn stopped_replica_leaves_the_rotation_and_its_sessions_end(env: &Env) -> Result
             client.simple_query("select 1").await.is_err(),
             "the session is closed",
         )?;
-        wait_for_readers(env, ro, &[survivor], Duration::from_secs(30)).await?;
+        wait_for_readers(&env.lab, ro, &[survivor], Duration::from_secs(30)).await?;
         let lab = env.lab.clone();
         tokio::task::spawn_blocking(move || {
             lab.run(&["start-member", victim]);
             lab.run(&["wait"]);
         })
         .await?;
-        wait_for_readers(env, ro, &replicas, Duration::from_secs(30)).await
+        wait_for_readers(&env.lab, ro, &replicas, Duration::from_secs(30)).await
     })
 }
 
@@ -583,7 +467,7 @@ fn noloadbalance_member_gets_no_reads(env: &Env) -> Result<(), Failed> {
     let (tagged, other) = (replicas[0], replicas[1]);
     env.lab.run(&["tag", tagged, "noloadbalance", "true"]);
     let result = runtime().block_on(async {
-        wait_for_readers(env, ro, &[other], Duration::from_secs(30)).await?;
+        wait_for_readers(&env.lab, ro, &[other], Duration::from_secs(30)).await?;
         for _ in 0..4 {
             let (port, _) = reached(ro).await?;
             check(
@@ -596,7 +480,7 @@ fn noloadbalance_member_gets_no_reads(env: &Env) -> Result<(), Failed> {
     env.lab.run(&["tag", tagged, "noloadbalance", "false"]);
     result?;
     runtime().block_on(wait_for_readers(
-        env,
+        &env.lab,
         ro,
         &replicas,
         Duration::from_secs(30),

@@ -18,7 +18,11 @@
 //! A replica takes new reads when its record says replica, running and
 //! streaming, it is not tagged `noloadbalance`, and (where REST is in use)
 //! its `/replica` check passes, lag limit included; under the `etcd` policy
-//! the lag is computed from the WAL positions in etcd. Pure functions only.
+//! the lag is computed from the WAL positions in etcd. A member Patroni is
+//! about to promote (it holds the leader key, or a switchover names it)
+//! takes no new reads even while its record and REST checks still say
+//! replica: a read session opened there would find itself on the primary
+//! moments later. Pure functions only.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -167,6 +171,18 @@ pub fn fuse(input: &FuseInput<'_>) -> ClusterView {
     let uses_rest = rule.uses_rest();
     let directory = input.directory;
     let leader_wal = directory.leader_wal_position();
+    let etcd_rule = matches!(
+        rule,
+        Rule::Policy(LeaderPolicy::Etcd | LeaderPolicy::EtcdAndPatroni)
+    );
+    let promoting = |name: &str| {
+        etcd_rule
+            && (directory.leader.as_deref() == Some(name)
+                || handover
+                    .as_ref()
+                    .and_then(|h| h.to.as_deref())
+                    .is_some_and(|to| to == name))
+    };
     let mut members = Vec::with_capacity(directory.members.len());
     for (name, record) in &directory.members {
         let Some((host, port)) = record.postgres_address() else {
@@ -192,6 +208,7 @@ pub fn fuse(input: &FuseInput<'_>) -> ClusterView {
             };
         let rest_replica_ok = !uses_rest || rest.is_some_and(|r| r.replica == Some(true));
         let readable = role == MemberRole::Replica
+            && !promoting(name)
             && healthy
             && record.is_streaming()
             && !record.tag("noloadbalance")
@@ -543,6 +560,7 @@ mod tests {
         // etcd+patroni takes REST's word that promotion finished.
         case.policy = LeaderPolicy::EtcdAndPatroni;
         assert_eq!(case.leader(), None, "REST has not confirmed yet");
+        assert_eq!(case.readable(), ["pg2"], "the key holder takes no new reads");
         case.set_rest("pg3", Some(true), Some(false));
         assert_eq!(case.leader().as_deref(), Some("pg3"));
     }
@@ -560,7 +578,7 @@ mod tests {
                 to: Some("pg3".into())
             })
         );
-        assert_eq!(case.readable(), ["pg2", "pg3"], "reads are unaffected");
+        assert_eq!(case.readable(), ["pg2"], "the candidate takes no new reads");
         // A scheduled switchover changes nothing until Patroni acts.
         case.directory.failover = FailoverIntent::parse(
             br#"{"leader":"pg1","member":"pg3","scheduled_at":"2030-01-01T00:00:00+00:00"}"#,

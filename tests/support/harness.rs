@@ -15,6 +15,10 @@ pub trait TestEnv: Send + Sync + 'static {
     fn scratch_dir(&self) -> Option<PathBuf> {
         None
     }
+
+    /// Runs after every test, whatever its result (e.g. hand the next test
+    /// a healthy cluster).
+    fn after_test(&self) {}
 }
 
 /// Runs `tests` against the environment `start` builds (not built when
@@ -41,7 +45,11 @@ pub fn run_suite<E: TestEnv>(
         .iter()
         .map(|&(name, test)| {
             let env = Arc::clone(&env);
-            Trial::test(name, move || test(&env))
+            Trial::test(name, move || {
+                let result = test(&env);
+                env.after_test();
+                result
+            })
         })
         .collect();
     let conclusion = libtest_mimic::run(&args, trials);

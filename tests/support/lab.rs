@@ -133,6 +133,11 @@ role = "replica"
     }
 }
 
+/// The members other than `leader`.
+pub fn replicas_of(leader: &str) -> Vec<&'static str> {
+    MEMBERS.into_iter().filter(|m| *m != leader).collect()
+}
+
 fn member_index(member: &str) -> u16 {
     MEMBERS
         .iter()

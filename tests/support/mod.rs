@@ -7,11 +7,16 @@
 #![allow(dead_code)]
 
 pub mod certs;
+pub mod churn;
+pub mod forwarder;
 pub mod harness;
 pub mod lab;
+pub mod lab_suite;
 pub mod pg;
 pub mod process;
+pub mod procinfo;
 pub mod rolegate;
+pub mod routes;
 pub mod static_cluster;
 pub mod wire;
 pub mod writer;

@@ -16,9 +16,18 @@ use super::connect;
 pub const TABLE: &str = "failover_probe";
 const CADENCE: Duration = Duration::from_millis(20);
 
+/// One acknowledged write: its row, when the ack arrived, and the port of
+/// the server that acknowledged it.
+#[derive(Debug, Clone, Copy)]
+pub struct Ack {
+    pub seq: i64,
+    pub at: Instant,
+    pub port: u16,
+}
+
 #[derive(Debug, Default)]
 pub struct WriterStats {
-    pub acknowledged: Vec<i64>,
+    pub acknowledged: Vec<Ack>,
     pub failed_connects: u32,
     pub failed_writes: u32,
     pub misrouted: u32,
@@ -27,6 +36,12 @@ pub struct WriterStats {
     pub longest_gap: Duration,
     /// When the longest gap ended.
     pub longest_gap_end: Option<Instant>,
+}
+
+impl WriterStats {
+    pub fn seqs(&self) -> Vec<i64> {
+        self.acknowledged.iter().map(|a| a.seq).collect()
+    }
 }
 
 /// Creates the probe table through `conninfo`, empty.
@@ -44,7 +59,7 @@ pub async fn prepare(conninfo: &str) -> Result<(), tokio_postgres::Error> {
 /// `connect_timeout=1`.
 pub async fn run(conninfo: String, seq_base: i64, mut stop: watch::Receiver<bool>) -> WriterStats {
     let mut stats = WriterStats::default();
-    let mut client: Option<tokio_postgres::Client> = None;
+    let mut client: Option<(tokio_postgres::Client, u16)> = None;
     let mut last_ok: Option<Instant> = None;
     let mut seq = seq_base;
     let mut ticker = tokio::time::interval(CADENCE);
@@ -59,8 +74,11 @@ pub async fn run(conninfo: String, seq_base: i64, mut stop: watch::Receiver<bool
         let session = match client.take() {
             Some(session) => session,
             None => match connect(&conninfo).await {
-                Ok(session) => match session.query_one("select pg_is_in_recovery()", &[]).await {
-                    Ok(row) if !row.get::<_, bool>(0) => session,
+                Ok(session) => match session
+                    .query_one("select pg_is_in_recovery(), inet_server_port()", &[])
+                    .await
+                {
+                    Ok(row) if !row.get::<_, bool>(0) => (session, row.get::<_, i32>(1) as u16),
                     Ok(_) => {
                         stats.misrouted += 1;
                         continue;
@@ -78,6 +96,7 @@ pub async fn run(conninfo: String, seq_base: i64, mut stop: watch::Receiver<bool
         };
         seq += 1;
         match session
+            .0
             .execute(&format!("insert into {TABLE} (seq) values ($1)"), &[&seq])
             .await
         {
@@ -91,7 +110,11 @@ pub async fn run(conninfo: String, seq_base: i64, mut stop: watch::Receiver<bool
                     }
                 }
                 last_ok = Some(now);
-                stats.acknowledged.push(seq);
+                stats.acknowledged.push(Ack {
+                    seq,
+                    at: now,
+                    port: session.1,
+                });
                 client = Some(session);
             }
             Err(e) => {

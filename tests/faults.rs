@@ -1,0 +1,523 @@
+//! Faults in the cluster around rolegate, on the real lab: etcd stopped
+//! and restarted under traffic, a slow and a stalled etcd link, a frozen
+//! Patroni, the leader partitioned from etcd, and a soak through
+//! switchovers and a kill. What must hold throughout: no write session on a
+//! server in recovery, no acknowledged write lost, no write acknowledged by
+//! a leader after its leader key expired, and nothing left behind.
+//! Tests change the cluster, so they run one at a time.
+
+mod support;
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use libtest_mimic::Failed;
+use tokio::sync::watch;
+
+use support::forwarder::{Forwarder, Link};
+use support::harness::{check, run_suite, TestFn};
+use support::lab::{replicas_of, Lab, MEMBERS};
+use support::lab_suite::LabSuite;
+use support::procinfo::Usage;
+use support::rolegate::Rolegate;
+use support::routes::{reached, wait_for_readers, wait_for_writable_leader};
+use support::{churn, conninfo, runtime, writer};
+
+type Env = LabSuite;
+
+fn main() {
+    let tests: &[(&str, TestFn<Env>)] = &[
+        (
+            "etcd_stopped_and_restarted_under_traffic",
+            etcd_stopped_and_restarted_under_traffic,
+        ),
+        (
+            "slow_then_stalled_etcd_link",
+            slow_then_stalled_etcd_link,
+        ),
+        (
+            "frozen_replica_patroni_leaves_the_read_rotation",
+            frozen_replica_patroni_leaves_the_read_rotation,
+        ),
+        (
+            "partitioned_leader_acknowledges_no_write_after_its_key_expires",
+            partitioned_leader_acknowledges_no_write_after_its_key_expires,
+        ),
+        (
+            "soak_through_switchovers_and_a_kill",
+            soak_through_switchovers_and_a_kill,
+        ),
+    ];
+    run_suite(tests, || LabSuite::start("faults"), true);
+}
+
+fn writer_conninfo(rw: u16) -> String {
+    format!("{} connect_timeout=1", conninfo(rw, "app", "app"))
+}
+
+fn etcd_address(lab: &Lab) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], lab.etcd_port()))
+}
+
+/// Runs a lab command off the async thread.
+async fn lab_run(lab: &Lab, args: &[&str]) -> Result<String, Failed> {
+    let lab = lab.clone();
+    let args: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
+    Ok(tokio::task::spawn_blocking(move || {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        lab.run(&args)
+    })
+    .await?)
+}
+
+/// Waits until rolegate's log holds `needle` at least `count` times.
+async fn wait_for_log(
+    rolegate: &Rolegate,
+    needle: &str,
+    count: usize,
+    limit: Duration,
+) -> Result<(), Failed> {
+    let started = Instant::now();
+    while rolegate.log().matches(needle).count() < count {
+        check(
+            started.elapsed() < limit,
+            format!("rolegate did not log {needle:?} (x{count}) within {limit:?}"),
+        )?;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Ok(())
+}
+
+/// Checks common to every writer: nothing misrouted, nothing lost.
+async fn check_writes(rw: u16, stats: &writer::WriterStats, what: &str) -> Result<usize, Failed> {
+    check(
+        stats.misrouted == 0,
+        format!("{what}: {} writes were misrouted", stats.misrouted),
+    )?;
+    check(
+        !stats.acknowledged.is_empty(),
+        format!("{what}: no write was acknowledged"),
+    )?;
+    let missing = writer::missing_rows(&conninfo(rw, "app", "app"), &stats.seqs()).await?;
+    check(
+        missing == 0,
+        format!("{what}: {missing} acknowledged rows are missing"),
+    )?;
+    Ok(missing)
+}
+
+fn etcd_stopped_and_restarted_under_traffic(env: &Env) -> Result<(), Failed> {
+    let (rolegate, rw, ro) = env.default_rolegate("etcd-restart");
+    let result = runtime().block_on(async {
+        writer::prepare(&conninfo(rw, "app", "app")).await?;
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let writer = tokio::spawn(writer::run(writer_conninfo(rw), 1_000_000, stop_rx.clone()));
+        let reader = tokio::spawn(churn::run(
+            conninfo(ro, "app", "app"),
+            true,
+            Duration::from_millis(100),
+            stop_rx,
+        ));
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        lab_run(&env.lab, &["stop-etcd"]).await?;
+        wait_for_log(&rolegate, "etcd is unreachable", 1, Duration::from_secs(15)).await?;
+        // Past Patroni's retry_timeout (5 s): without failsafe_mode the
+        // leader demotes itself and the cluster has no primary at all.
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        let watching = rolegate.log().matches("watching etcd").count();
+        lab_run(&env.lab, &["start-etcd"]).await?;
+        wait_for_log(&rolegate, "watching etcd", watching + 1, Duration::from_secs(30)).await?;
+        let leader = wait_for_writable_leader(&env.lab, rw, None, Duration::from_secs(90)).await?;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let _ = stop_tx.send(true);
+        let stats = writer.await?;
+        let reads = reader.await?;
+        let missing = check_writes(rw, &stats, "etcd restart").await?;
+        check(reads.sessions > 0, format!("no read session was served: {reads:?}"))?;
+        println!(
+            "etcd stopped and restarted: writes resumed on {leader}; longest write gap {:?}, \
+             acknowledged {}, failed connects {}, failed writes {}, missing {missing}; \
+             read sessions {:?}",
+            stats.longest_gap,
+            stats.acknowledged.len(),
+            stats.failed_connects,
+            stats.failed_writes,
+            reads,
+        );
+        Ok::<(), Failed>(())
+    });
+    env.lab.run(&["start-etcd"]);
+    result
+}
+
+fn slow_then_stalled_etcd_link(env: &Env) -> Result<(), Failed> {
+    let link = Forwarder::start(etcd_address(&env.lab));
+    link.set(Link::Delay(Duration::from_millis(250)));
+    let (rolegate, rw, _ro) = env.rolegate(
+        "slow-etcd",
+        &format!("etcd = [\"http://{}\"]", link.address()),
+    );
+    let old_leader = env.lab.leader();
+    runtime().block_on(async {
+        writer::prepare(&conninfo(rw, "app", "app")).await?;
+
+        // A slow etcd (250 ms each way) is still followed through a
+        // switchover, by its own watch.
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let writer = tokio::spawn(writer::run(writer_conninfo(rw), 1_000_000, stop_rx));
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let new_leader = lab_run(&env.lab, &["switchover"]).await?;
+        let reached =
+            wait_for_writable_leader(&env.lab, rw, Some(&old_leader), Duration::from_secs(30))
+                .await?;
+        check(reached == new_leader, format!("rw reached {reached}, leader is {new_leader}"))?;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let _ = stop_tx.send(true);
+        let slow = writer.await?;
+        check_writes(rw, &slow, "slow etcd").await?;
+        let log = rolegate.log();
+        check(
+            log.contains("etcd leader key changed"),
+            "the leader key change did not arrive through the slow etcd link",
+        )?;
+        check(
+            !log.contains("etcd is unreachable"),
+            "a slow etcd was taken for a lost one",
+        )?;
+
+        // A stalled link (a partition between rolegate and etcd, not a
+        // refused connection): rolegate notices, falls back to Patroni's
+        // REST checks, and the write session it serves is not disturbed.
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let writer = tokio::spawn(writer::run(writer_conninfo(rw), 2_000_000, stop_rx));
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let watching = rolegate.log().matches("watching etcd").count();
+        let cut_at = Instant::now();
+        link.set(Link::Cut);
+        wait_for_log(&rolegate, "etcd is unreachable", 1, Duration::from_secs(20)).await?;
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let healed_at = Instant::now();
+        link.set(Link::Pass);
+        wait_for_log(&rolegate, "watching etcd", watching + 1, Duration::from_secs(30)).await?;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let _ = stop_tx.send(true);
+        let stalled = writer.await?;
+        check_writes(rw, &stalled, "stalled etcd").await?;
+        let during = stalled
+            .acknowledged
+            .iter()
+            .filter(|a| a.at > cut_at && a.at < healed_at)
+            .count();
+        check(during > 0, "no write was acknowledged while the etcd link was cut")?;
+        check(
+            stalled.failed_writes == 0 && stalled.failed_connects == 0,
+            format!("the stalled etcd link disturbed the writer: {stalled:?}"),
+        )?;
+        println!(
+            "slow etcd: switchover {old_leader} -> {new_leader}, longest write gap {:?}; \
+             stalled etcd: {during} writes acknowledged during the cut, longest gap {:?}",
+            slow.longest_gap, stalled.longest_gap,
+        );
+        Ok(())
+    })
+}
+
+/// Thaws a frozen Patroni however the test ends.
+struct Frozen<'a> {
+    lab: &'a Lab,
+    member: &'a str,
+}
+
+impl Drop for Frozen<'_> {
+    fn drop(&mut self) {
+        self.lab.run(&["thaw", self.member]);
+    }
+}
+
+fn frozen_replica_patroni_leaves_the_read_rotation(env: &Env) -> Result<(), Failed> {
+    let (_rolegate, rw, ro) = env.default_rolegate("frozen-replica");
+    let leader = env.lab.leader();
+    let replicas = replicas_of(&leader);
+    let (frozen, other) = (replicas[0], replicas[1]);
+    runtime().block_on(async {
+        writer::prepare(&conninfo(rw, "app", "app")).await?;
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let writer = tokio::spawn(writer::run(writer_conninfo(rw), 1_000_000, stop_rx));
+        wait_for_readers(&env.lab, ro, &replicas, Duration::from_secs(20)).await?;
+        {
+            // Its REST API stops answering; its Postgres keeps streaming.
+            env.lab.run(&["freeze", frozen]);
+            let _thaw = Frozen {
+                lab: &env.lab,
+                member: frozen,
+            };
+            wait_for_readers(&env.lab, ro, &[other], Duration::from_secs(30)).await?;
+            tokio::time::sleep(Duration::from_secs(3)).await;
+            wait_for_readers(&env.lab, ro, &[other], Duration::from_secs(5)).await?;
+        }
+        wait_for_readers(&env.lab, ro, &replicas, Duration::from_secs(30)).await?;
+        let _ = stop_tx.send(true);
+        let stats = writer.await?;
+        check_writes(rw, &stats, "frozen replica").await?;
+        check(
+            stats.failed_writes == 0 && stats.failed_connects == 0,
+            format!("a replica's Patroni disturbed the writer: {stats:?}"),
+        )?;
+        println!(
+            "{frozen}'s Patroni frozen: reads went to {other} only, then to both again; \
+             the writer on {leader} wrote {} rows undisturbed",
+            stats.acknowledged.len()
+        );
+        Ok(())
+    })
+}
+
+/// The first moment the leader key stops naming `leader` (expired,
+/// deleted or taken over), as etcd itself reports it; `None` if that did
+/// not happen before `stop`.
+async fn leader_key_leaves(
+    etcd: SocketAddr,
+    leader: String,
+    mut stop: watch::Receiver<bool>,
+) -> Result<Option<Instant>, String> {
+    let mut client = etcd_client::Client::connect([format!("http://{etcd}")], None)
+        .await
+        .map_err(|e| e.to_string())?;
+    let key = "/service/demo/leader";
+    let mut stream = client.watch(key, None).await.map_err(|e| e.to_string())?;
+    let current = client.get(key, None).await.map_err(|e| e.to_string())?;
+    if current.kvs().first().map(|kv| kv.value()) != Some(leader.as_bytes()) {
+        return Err(format!("the leader key does not name {leader} at the start"));
+    }
+    loop {
+        let message = tokio::select! {
+            message = stream.message() => message.map_err(|e| e.to_string())?,
+            _ = stop.changed() => return Ok(None),
+        };
+        let Some(response) = message else {
+            return Err("the etcd watch ended".to_owned());
+        };
+        let left = response.events().iter().any(|event| {
+            event.event_type() == etcd_client::EventType::Delete
+                || event.kv().map(|kv| kv.value()) != Some(leader.as_bytes())
+        });
+        if left {
+            return Ok(Some(Instant::now()));
+        }
+    }
+}
+
+fn partitioned_leader_acknowledges_no_write_after_its_key_expires(
+    env: &Env,
+) -> Result<(), Failed> {
+    let first_leader = env.lab.leader();
+    let isolated = replicas_of(&first_leader)[0];
+    let link = Forwarder::start(etcd_address(&env.lab));
+    env.lab.run(&["etcd-via", isolated, &link.address()]);
+    let result = partition(env, isolated, &link);
+    // Heal, then put the member back on a direct line to etcd.
+    link.set(Link::Pass);
+    env.lab.run(&["etcd-via", isolated, "direct"]);
+    result
+}
+
+fn partition(env: &Env, isolated: &str, link: &Forwarder) -> Result<(), Failed> {
+    env.lab.run(&["wait"]);
+    env.lab.run(&["switchover", "--candidate", isolated]);
+    let (_rolegate, rw, _ro) = env.default_rolegate("partition");
+    let isolated_port = env.lab.pg_port(isolated);
+    runtime().block_on(async {
+        writer::prepare(&conninfo(rw, "app", "app")).await?;
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let watcher = tokio::spawn(leader_key_leaves(
+            etcd_address(&env.lab),
+            isolated.to_owned(),
+            stop_rx.clone(),
+        ));
+        let writer = tokio::spawn(writer::run(writer_conninfo(rw), 1_000_000, stop_rx));
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        if watcher.is_finished() {
+            return Err(format!("watching the leader key failed: {:?}", watcher.await).into());
+        }
+        // The leader's Patroni loses etcd; rolegate still reaches its
+        // Postgres and etcd.
+        let cut_at = Instant::now();
+        link.set(Link::Cut);
+        let new_leader =
+            wait_for_writable_leader(&env.lab, rw, Some(isolated), Duration::from_secs(60)).await?;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let _ = stop_tx.send(true);
+        let stats = writer.await?;
+        let expired_at = watcher
+            .await??
+            .ok_or(format!("the leader key never left {isolated}"))?;
+        let on_isolated: Vec<_> = stats
+            .acknowledged
+            .iter()
+            .filter(|a| a.port == isolated_port)
+            .collect();
+        let late = on_isolated.iter().filter(|a| a.at >= expired_at).count();
+        check(
+            late == 0,
+            format!("{late} writes were acknowledged by {isolated} after its leader key expired"),
+        )?;
+        let last_on_isolated = on_isolated
+            .last()
+            .map(|a| a.at)
+            .ok_or(format!("no write reached {isolated} before the partition"))?;
+        let first_on_new = stats
+            .acknowledged
+            .iter()
+            .find(|a| a.port == env.lab.pg_port(&new_leader))
+            .map(|a| a.at)
+            .ok_or(format!("no write reached {new_leader}"))?;
+        let missing = check_writes(rw, &stats, "partition").await?;
+        println!(
+            "{isolated} cut from etcd: its last acknowledged write {:?} after the cut and {:?} \
+             before its leader key expired ({:?} after the cut); writes resumed on {new_leader} \
+             {:?} after the expiry; failed writes {}, failed connects {}, missing {missing}",
+            last_on_isolated - cut_at,
+            expired_at - last_on_isolated,
+            expired_at - cut_at,
+            first_on_new.saturating_duration_since(expired_at),
+            stats.failed_writes,
+            stats.failed_connects,
+        );
+        Ok(())
+    })
+}
+
+fn soak_through_switchovers_and_a_kill(env: &Env) -> Result<(), Failed> {
+    env.lab.run(&["sync", "on"]);
+    let result = soak(env);
+    env.lab.run(&["wait"]);
+    env.lab.run(&["sync", "off"]);
+    result
+}
+
+fn soak(env: &Env) -> Result<(), Failed> {
+    let (rolegate, rw, ro) = env.default_rolegate("soak");
+    let pg_ports: Vec<u16> = MEMBERS.iter().map(|m| env.lab.pg_port(m)).collect();
+    let pid = rolegate.pid();
+    let usage = || Usage::of(pid).ok_or("cannot read rolegate's /proc entry");
+    runtime().block_on(async {
+        writer::prepare(&conninfo(rw, "app", "app")).await?;
+        // Warm up (TLS-free connection paths, REST clients, the allocator),
+        // then take the baseline with no session open.
+        for _ in 0..20 {
+            reached(rw).await?;
+            reached(ro).await?;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let baseline = usage()?;
+
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let writers: Vec<_> = (1..=2)
+            .map(|i| tokio::spawn(writer::run(writer_conninfo(rw), i * 10_000_000, stop_rx.clone())))
+            .collect();
+        let rw_churn = tokio::spawn(churn::run(
+            writer_conninfo(rw),
+            false,
+            Duration::from_millis(50),
+            stop_rx.clone(),
+        ));
+        let ro_churn: Vec<_> = (0..2)
+            .map(|_| {
+                tokio::spawn(churn::run(
+                    conninfo(ro, "app", "app"),
+                    true,
+                    Duration::from_millis(20),
+                    stop_rx.clone(),
+                ))
+            })
+            .collect();
+
+        let mut events = Vec::new();
+        for _ in 0..3 {
+            tokio::time::sleep(Duration::from_secs(8)).await;
+            let leader = lab_run(&env.lab, &["switchover"]).await?;
+            events.push(format!("switchover to {leader}"));
+        }
+        tokio::time::sleep(Duration::from_secs(8)).await;
+        // Waits for the failover, restarts the killed member, waits until
+        // it streams again.
+        let killed = lab_run(&env.lab, &["kill-leader"]).await?;
+        events.push(format!("kill -9 of {killed}"));
+        wait_for_writable_leader(&env.lab, rw, Some(&killed), Duration::from_secs(60)).await?;
+        tokio::time::sleep(Duration::from_secs(8)).await;
+        let _ = stop_tx.send(true);
+
+        let mut all = writer::WriterStats::default();
+        for writer in writers {
+            let stats = writer.await?;
+            check(
+                stats.misrouted == 0,
+                format!("{} writes reached a server in recovery", stats.misrouted),
+            )?;
+            all.acknowledged.extend(stats.acknowledged);
+            all.failed_writes += stats.failed_writes;
+            all.failed_connects += stats.failed_connects;
+            all.longest_gap = all.longest_gap.max(stats.longest_gap);
+        }
+        let missing = check_writes(rw, &all, "soak").await?;
+        let rw_sessions = rw_churn.await?;
+        check(
+            rw_sessions.wrong_role == 0,
+            format!("{} rw sessions were on a server in recovery", rw_sessions.wrong_role),
+        )?;
+        let mut reads = churn::ChurnStats::default();
+        for reader in ro_churn {
+            let stats = reader.await?;
+            reads.sessions += stats.sessions;
+            reads.wrong_role += stats.wrong_role;
+            reads.failed += stats.failed;
+        }
+        check(reads.sessions > 0, "no read session was served")?;
+
+        // Every session is gone from rolegate: no client or backend socket
+        // left, descriptors and memory back at the baseline.
+        let started = Instant::now();
+        let after = loop {
+            let now = usage()?;
+            let clean = now.accepted_on(&[rw, ro]) == 0
+                && now.connected_to(&pg_ports) == 0
+                && now.fds <= baseline.fds;
+            if clean || started.elapsed() > Duration::from_secs(20) {
+                break now;
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        };
+        check(
+            after.accepted_on(&[rw, ro]) == 0 && after.connected_to(&pg_ports) == 0,
+            format!("sessions left open after the soak: {:?}", after.sockets),
+        )?;
+        check(
+            after.fds <= baseline.fds,
+            format!("file descriptors: {} at the baseline, {} after", baseline.fds, after.fds),
+        )?;
+        check(
+            after.rss_kib <= baseline.rss_kib + 8 * 1024,
+            format!(
+                "resident memory grew from {} KiB to {} KiB",
+                baseline.rss_kib, after.rss_kib
+            ),
+        )?;
+        println!(
+            "soak ({}): {} writes acknowledged, {missing} missing, longest write gap {:?}, \
+             failed writes {}, failed connects {}; rw sessions {:?}; ro sessions {:?}; \
+             rolegate fds {} -> {}, RSS {} KiB -> {} KiB",
+            events.join(", "),
+            all.acknowledged.len(),
+            all.longest_gap,
+            all.failed_writes,
+            all.failed_connects,
+            rw_sessions,
+            reads,
+            baseline.fds,
+            after.fds,
+            baseline.rss_kib,
+            after.rss_kib,
+        );
+        Ok(())
+    })
+}
