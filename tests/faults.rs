@@ -473,6 +473,10 @@ fn soak(env: &Env) -> Result<(), Failed> {
             reads.failed += stats.failed;
         }
         check(reads.sessions > 0, "no read session was served")?;
+        check(
+            reads.wrong_role == 0,
+            format!("{} ro sessions were on the primary", reads.wrong_role),
+        )?;
 
         // Every session is gone from rolegate: no client or backend socket
         // left, descriptors and memory back at the baseline.
