@@ -96,6 +96,35 @@ mod tests {
         );
     }
 
+    /// Found by the `auth_messages` fuzz target (its invariant, not this
+    /// code, was wrong): a mechanism whose name merely ends in
+    /// SCRAM-SHA-256-PLUS is another mechanism and stays; only the exact
+    /// name goes. The body is the crasher's, byte for byte.
+    #[test]
+    fn only_the_exact_plus_name_is_removed() {
+        let crasher: &[u8] = b"AM-S@A-256-PLUS\x00SAMH\x00*\x00\xff\xff\x00SCRAM-SHA-256-PLUS\x00\
+            S\xbf\xb2\xb7\xf9SCRAM-SHA-256-PLUS\x00S\xff\xff\xfbaa5\x00\x00";
+        let rewritten = without_channel_binding(crasher)
+            .expect("well formed")
+            .expect("the exact name is removed");
+        let names: Vec<&[u8]> = rewritten[4..rewritten.len() - 1]
+            .split(|&b| b == 0)
+            .filter(|name| !name.is_empty())
+            .collect();
+        assert_eq!(
+            names,
+            [
+                &b"@A-256-PLUS"[..],
+                b"SAMH",
+                b"*",
+                b"\xff\xff",
+                b"S\xbf\xb2\xb7\xf9SCRAM-SHA-256-PLUS",
+                b"S\xff\xff\xfbaa5",
+            ]
+        );
+        assert_eq!(without_channel_binding(&rewritten), Ok(None));
+    }
+
     #[test]
     fn lists_without_plus_are_untouched() {
         assert_eq!(
