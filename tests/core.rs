@@ -14,6 +14,7 @@ use libtest_mimic::Failed;
 use nix::sys::signal::Signal;
 
 use support::harness::{check, run_suite, TestFn};
+use support::procinfo::Usage;
 use support::rolegate::Rolegate;
 use support::static_cluster::StaticCluster;
 use support::{connect, conninfo, free_port, runtime, sqlstate, wait_until, wire};
@@ -89,6 +90,10 @@ fn main() {
         (
             "sighup_reloads_limits_and_refuses_bad_files",
             sighup_reloads_limits_and_refuses_bad_files,
+        ),
+        (
+            "tcp_keepalive_guards_both_connections",
+            tcp_keepalive_guards_both_connections,
         ),
     ];
     run_suite(tests, || StaticCluster::start("core"), false);
@@ -817,4 +822,52 @@ fn sighup_reloads_limits_and_refuses_bad_files(env: &Env) -> Result<(), Failed> 
             && rolegate.metric("rolegate_config_reloads_total", "outcome=\"failed\"") == 2.0,
         "reload outcomes counted",
     )
+}
+
+/// The kernel timers on rolegate's two sockets of one idle session (the
+/// accepted client connection and the backend connection).
+fn idle_session_timers(rolegate: &Rolegate, rw: u16, backend: u16) -> Result<Vec<String>, Failed> {
+    let usage = Usage::of(rolegate.pid()).ok_or("cannot read rolegate's /proc entry")?;
+    let timers: Vec<String> = usage
+        .sockets
+        .iter()
+        .filter(|s| s.state == "01" && (s.local_port == rw || s.remote_port == backend))
+        .map(|s| s.timer.clone())
+        .collect();
+    check(
+        timers.len() == 2,
+        format!("expected 2 session sockets: {:?}", usage.sockets),
+    )?;
+    Ok(timers)
+}
+
+fn tcp_keepalive_guards_both_connections(env: &Env) -> Result<(), Failed> {
+    let backend = env.primary.port;
+    let (on, on_rw, _) = env.rolegate("keepalive-on", "[limits]\ntcp_keepalive = \"7s\"\n");
+    let (off, off_rw, _) = env.rolegate("keepalive-off", "[limits]\ntcp_keepalive = \"0s\"\n");
+    runtime().block_on(async {
+        let with = connect(&conninfo(on_rw, "app", "app")).await?;
+        let without = connect(&conninfo(off_rw, "app", "app")).await?;
+        with.simple_query("select 1").await?;
+        without.simple_query("select 1").await?;
+        // Idle now: a pending keepalive timer (02) on both of rolegate's
+        // sockets when keepalive is on, no timer at all (00) when off. A
+        // retransmit timer may linger for a moment after the last write.
+        let mut seen = (Vec::new(), Vec::new());
+        for _ in 0..20 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            seen = (
+                idle_session_timers(&on, on_rw, backend)?,
+                idle_session_timers(&off, off_rw, backend)?,
+            );
+            if seen.0.iter().all(|t| t == "02") && seen.1.iter().all(|t| t == "00") {
+                return Ok(());
+            }
+        }
+        Err(format!(
+            "socket timers with keepalive 7s {:?}, with 0s {:?}",
+            seen.0, seen.1
+        )
+        .into())
+    })
 }

@@ -31,10 +31,7 @@ fn main() {
             "etcd_stopped_and_restarted_under_traffic",
             etcd_stopped_and_restarted_under_traffic,
         ),
-        (
-            "slow_then_stalled_etcd_link",
-            slow_then_stalled_etcd_link,
-        ),
+        ("slow_then_stalled_etcd_link", slow_then_stalled_etcd_link),
         (
             "frozen_replica_patroni_leaves_the_read_rotation",
             frozen_replica_patroni_leaves_the_read_rotation,
@@ -126,14 +123,23 @@ fn etcd_stopped_and_restarted_under_traffic(env: &Env) -> Result<(), Failed> {
         tokio::time::sleep(Duration::from_secs(10)).await;
         let watching = rolegate.log().matches("watching etcd").count();
         lab_run(&env.lab, &["start-etcd"]).await?;
-        wait_for_log(&rolegate, "watching etcd", watching + 1, Duration::from_secs(30)).await?;
+        wait_for_log(
+            &rolegate,
+            "watching etcd",
+            watching + 1,
+            Duration::from_secs(30),
+        )
+        .await?;
         let leader = wait_for_writable_leader(&env.lab, rw, None, Duration::from_secs(90)).await?;
         tokio::time::sleep(Duration::from_secs(1)).await;
         let _ = stop_tx.send(true);
         let stats = writer.await?;
         let reads = reader.await?;
         let missing = check_writes(rw, &stats, "etcd restart").await?;
-        check(reads.sessions > 0, format!("no read session was served: {reads:?}"))?;
+        check(
+            reads.sessions > 0,
+            format!("no read session was served: {reads:?}"),
+        )?;
         println!(
             "etcd stopped and restarted: writes resumed on {leader}; longest write gap {:?}, \
              acknowledged {}, failed connects {}, failed writes {}, missing {missing}; \
@@ -170,7 +176,10 @@ fn slow_then_stalled_etcd_link(env: &Env) -> Result<(), Failed> {
         let reached =
             wait_for_writable_leader(&env.lab, rw, Some(&old_leader), Duration::from_secs(30))
                 .await?;
-        check(reached == new_leader, format!("rw reached {reached}, leader is {new_leader}"))?;
+        check(
+            reached == new_leader,
+            format!("rw reached {reached}, leader is {new_leader}"),
+        )?;
         tokio::time::sleep(Duration::from_secs(1)).await;
         let _ = stop_tx.send(true);
         let slow = writer.await?;
@@ -198,7 +207,13 @@ fn slow_then_stalled_etcd_link(env: &Env) -> Result<(), Failed> {
         tokio::time::sleep(Duration::from_secs(3)).await;
         let healed_at = Instant::now();
         link.set(Link::Pass);
-        wait_for_log(&rolegate, "watching etcd", watching + 1, Duration::from_secs(30)).await?;
+        wait_for_log(
+            &rolegate,
+            "watching etcd",
+            watching + 1,
+            Duration::from_secs(30),
+        )
+        .await?;
         tokio::time::sleep(Duration::from_secs(1)).await;
         let _ = stop_tx.send(true);
         let stalled = writer.await?;
@@ -208,7 +223,10 @@ fn slow_then_stalled_etcd_link(env: &Env) -> Result<(), Failed> {
             .iter()
             .filter(|a| a.at > cut_at && a.at < healed_at)
             .count();
-        check(during > 0, "no write was acknowledged while the etcd link was cut")?;
+        check(
+            during > 0,
+            "no write was acknowledged while the etcd link was cut",
+        )?;
         check(
             stalled.failed_writes == 0 && stalled.failed_connects == 0,
             format!("the stalled etcd link disturbed the writer: {stalled:?}"),
@@ -287,7 +305,9 @@ async fn leader_key_leaves(
     let mut stream = client.watch(key, None).await.map_err(|e| e.to_string())?;
     let current = client.get(key, None).await.map_err(|e| e.to_string())?;
     if current.kvs().first().map(|kv| kv.value()) != Some(leader.as_bytes()) {
-        return Err(format!("the leader key does not name {leader} at the start"));
+        return Err(format!(
+            "the leader key does not name {leader} at the start"
+        ));
     }
     loop {
         let message = tokio::select! {
@@ -307,9 +327,7 @@ async fn leader_key_leaves(
     }
 }
 
-fn partitioned_leader_acknowledges_no_write_after_its_key_expires(
-    env: &Env,
-) -> Result<(), Failed> {
+fn partitioned_leader_acknowledges_no_write_after_its_key_expires(env: &Env) -> Result<(), Failed> {
     let first_leader = env.lab.leader();
     let isolated = replicas_of(&first_leader)[0];
     let link = Forwarder::start(etcd_address(&env.lab));
@@ -413,7 +431,13 @@ fn soak(env: &Env) -> Result<(), Failed> {
 
         let (stop_tx, stop_rx) = watch::channel(false);
         let writers: Vec<_> = (1..=2)
-            .map(|i| tokio::spawn(writer::run(writer_conninfo(rw), i * 10_000_000, stop_rx.clone())))
+            .map(|i| {
+                tokio::spawn(writer::run(
+                    writer_conninfo(rw),
+                    i * 10_000_000,
+                    stop_rx.clone(),
+                ))
+            })
             .collect();
         let rw_churn = tokio::spawn(churn::run(
             writer_conninfo(rw),
@@ -463,7 +487,10 @@ fn soak(env: &Env) -> Result<(), Failed> {
         let rw_sessions = rw_churn.await?;
         check(
             rw_sessions.wrong_role == 0,
-            format!("{} rw sessions were on a server in recovery", rw_sessions.wrong_role),
+            format!(
+                "{} rw sessions were on a server in recovery",
+                rw_sessions.wrong_role
+            ),
         )?;
         let mut reads = churn::ChurnStats::default();
         for reader in ro_churn {
@@ -497,7 +524,10 @@ fn soak(env: &Env) -> Result<(), Failed> {
         )?;
         check(
             after.fds <= baseline.fds,
-            format!("file descriptors: {} at the baseline, {} after", baseline.fds, after.fds),
+            format!(
+                "file descriptors: {} at the baseline, {} after",
+                baseline.fds, after.fds
+            ),
         )?;
         check(
             after.rss_kib <= baseline.rss_kib + 8 * 1024,

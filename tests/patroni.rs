@@ -14,8 +14,8 @@ use tokio::sync::watch;
 use support::harness::{check, run_suite, TestFn};
 use support::lab::{replicas_of, MEMBERS};
 use support::lab_suite::LabSuite;
-use support::routes::{reached, wait_for_readers, wait_for_writable_leader};
 use support::rolegate::Rolegate;
+use support::routes::{reached, wait_for_readers, wait_for_writable_leader};
 use support::{connect, connect_watched, conninfo, runtime, sqlstate, writer};
 
 type Env = LabSuite;

@@ -1035,6 +1035,7 @@ fn configuration_reference_names_every_key_and_its_examples_are_valid() {
             "shutdown_timeout",
             format!("\"{}\"", limits.shutdown_timeout),
         ),
+        ("tcp_keepalive", format!("\"{}\"", limits.tcp_keepalive)),
     ] {
         let row = format!("| `{key}` | `{value}` |");
         assert!(

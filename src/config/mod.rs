@@ -423,6 +423,18 @@ pub struct Limits {
     /// How long a SIGTERM lets sessions finish before ending them.
     #[serde(default = "default_shutdown_timeout")]
     pub shutdown_timeout: Duration,
+    /// Silence on a client or backend connection before TCP keepalive
+    /// probes start; `"0s"` turns keepalive off.
+    #[serde(default = "default_tcp_keepalive")]
+    pub tcp_keepalive: Duration,
+}
+
+impl Limits {
+    /// The keepalive idle time, `None` when keepalive is off.
+    pub fn keepalive(&self) -> Option<std::time::Duration> {
+        let idle = self.tcp_keepalive.get();
+        (!idle.is_zero()).then_some(idle)
+    }
 }
 
 impl Default for Limits {
@@ -433,6 +445,7 @@ impl Default for Limits {
             hold_timeout: default_hold_timeout(),
             connect_timeout: default_connect_timeout(),
             shutdown_timeout: default_shutdown_timeout(),
+            tcp_keepalive: default_tcp_keepalive(),
         }
     }
 }
@@ -448,6 +461,9 @@ fn default_hold_timeout() -> Duration {
 }
 fn default_connect_timeout() -> Duration {
     Duration::from_secs(3)
+}
+fn default_tcp_keepalive() -> Duration {
+    Duration::from_secs(60)
 }
 fn default_shutdown_timeout() -> Duration {
     Duration::from_secs(30)

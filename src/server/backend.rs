@@ -15,8 +15,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 
+use super::socket;
 use super::stream::{BackendStream, MaybeTls};
-use crate::config::BackendTls;
+use crate::config::{BackendTls, Limits};
 use crate::metrics;
 use crate::protocol::{ProtocolError, SqlState};
 use crate::tls::server_name;
@@ -55,6 +56,7 @@ pub async fn open(
     port: u16,
     tls: &BackendTlsSettings,
     timeout: Duration,
+    keepalive: Option<Duration>,
 ) -> Result<BackendStream, OpenError> {
     let attempt = async {
         let mut tcp = TcpStream::connect((host, port))
@@ -67,9 +69,7 @@ pub async fn open(
                 },
                 message: e.to_string(),
             })?;
-        // Queries and results are small writes: do not let Nagle's
-        // algorithm hold them back.
-        let _ = tcp.set_nodelay(true);
+        socket::tune(&tcp, keepalive);
         let Some(config) = &tls.config else {
             return Ok(MaybeTls::Plain(tcp));
         };
@@ -120,10 +120,17 @@ pub async fn connect(
     member: &Member,
     cluster: &str,
     tls: &BackendTlsSettings,
-    timeout: Duration,
+    limits: &Limits,
 ) -> Result<BackendStream, ProtocolError> {
     let started = Instant::now();
-    let result = open(&member.host, member.port, tls, timeout).await;
+    let result = open(
+        &member.host,
+        member.port,
+        tls,
+        limits.connect_timeout.get(),
+        limits.keepalive(),
+    )
+    .await;
     let failure = result.as_ref().err().map(|e| e.reason);
     metrics::backend_connect(cluster, &member.name, started.elapsed(), failure);
     result.map_err(|e| {

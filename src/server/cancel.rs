@@ -118,9 +118,15 @@ pub async fn forward_cancel(
     connect_timeout: Duration,
 ) -> Result<(), String> {
     let packet = target.backend_key.encode_cancel_request();
-    let mut stream = open(&target.host, target.port, &target.tls, connect_timeout)
-        .await
-        .map_err(|e| e.message)?;
+    let mut stream = open(
+        &target.host,
+        target.port,
+        &target.tls,
+        connect_timeout,
+        None,
+    )
+    .await
+    .map_err(|e| e.message)?;
     let send = async {
         stream.write_all(&packet).await?;
         stream.shutdown().await

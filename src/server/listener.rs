@@ -47,7 +47,6 @@ pub async fn serve(listener: TcpListener, context: Arc<ListenerContext>, shared:
                 continue;
             }
         };
-        let _ = stream.set_nodelay(true);
         match shared.take_slot() {
             Some(slot) => {
                 let context = Arc::clone(&context);

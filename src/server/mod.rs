@@ -12,6 +12,7 @@ pub mod handshake;
 pub mod listener;
 pub mod relay;
 pub mod session;
+pub mod socket;
 pub mod stream;
 
 pub use backend::BackendTlsSettings;

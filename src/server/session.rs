@@ -23,6 +23,7 @@ use super::backend;
 use super::cancel::{forward_cancel, CancelTarget};
 use super::handshake::{read_opening, Failed, HandshakeError, Opened, Opening};
 use super::relay::{Relay, RelayEnd};
+use super::socket;
 use super::stream::BackendStream;
 use super::{ListenerContext, Shared};
 use crate::config::{Limits, ListenerRole};
@@ -45,6 +46,7 @@ pub async fn run(
     let _open = metrics::client_connection(&listener.label);
     let accepted = Instant::now();
     let limits = shared.limits();
+    socket::tune(&tcp, limits.keepalive());
     let handshake_deadline = accepted + limits.handshake_timeout.get();
     let outcome = |outcome| metrics::connection_outcome(&listener.label, outcome);
     let mut encrypting = false;
@@ -308,7 +310,7 @@ impl Session<'_> {
                     &member,
                     &self.listener.cluster,
                     &self.listener.backend_tls,
-                    limits.connect_timeout.get(),
+                    limits,
                 )
                 .await
                 {

@@ -560,7 +560,11 @@ mod tests {
         // etcd+patroni takes REST's word that promotion finished.
         case.policy = LeaderPolicy::EtcdAndPatroni;
         assert_eq!(case.leader(), None, "REST has not confirmed yet");
-        assert_eq!(case.readable(), ["pg2"], "the key holder takes no new reads");
+        assert_eq!(
+            case.readable(),
+            ["pg2"],
+            "the key holder takes no new reads"
+        );
         case.set_rest("pg3", Some(true), Some(false));
         assert_eq!(case.leader().as_deref(), Some("pg3"));
     }

@@ -123,7 +123,10 @@ async fn carry(
                         Link::Delay(d) => d,
                         Link::Pass | Link::Cut => Duration::ZERO,
                     };
-                    if chunks.send((Instant::now() + delay, buffer[..n].to_vec())).is_err() {
+                    if chunks
+                        .send((Instant::now() + delay, buffer[..n].to_vec()))
+                        .is_err()
+                    {
                         return;
                     }
                 }

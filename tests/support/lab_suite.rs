@@ -4,10 +4,10 @@
 
 use std::path::PathBuf;
 
+use super::free_port;
 use super::harness::TestEnv;
 use super::lab::Lab;
 use super::rolegate::Rolegate;
-use super::free_port;
 
 pub struct LabSuite {
     pub lab: Lab,

@@ -5,12 +5,14 @@
 use std::collections::HashSet;
 
 /// One TCP socket of a process: local and remote port, kernel state
-/// (`01` is ESTABLISHED, `0A` LISTEN).
+/// (`01` is ESTABLISHED, `0A` LISTEN) and the kernel timer pending on it
+/// (`00` none, `01` retransmit, `02` keepalive).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Socket {
     pub local_port: u16,
     pub remote_port: u16,
     pub state: String,
+    pub timer: String,
 }
 
 #[derive(Debug, Clone)]
@@ -46,7 +48,8 @@ impl Usage {
         }
         let mut sockets = Vec::new();
         for table in ["tcp", "tcp6"] {
-            let text = std::fs::read_to_string(format!("/proc/{pid}/net/{table}")).unwrap_or_default();
+            let text =
+                std::fs::read_to_string(format!("/proc/{pid}/net/{table}")).unwrap_or_default();
             for line in text.lines().skip(1) {
                 let cells: Vec<_> = line.split_whitespace().collect();
                 if cells.len() > 9 && inodes.contains(cells[9]) {
@@ -54,6 +57,7 @@ impl Usage {
                         local_port: port_of(cells[1])?,
                         remote_port: port_of(cells[2])?,
                         state: cells[3].to_owned(),
+                        timer: cells[5].split(':').next().unwrap_or_default().to_owned(),
                     });
                 }
             }
