@@ -25,6 +25,7 @@ use super::handshake::{read_opening, Failed, HandshakeError, Opened, Opening};
 use super::relay::{Relay, RelayEnd};
 use super::socket;
 use super::stream::BackendStream;
+use super::stream::ClientStream;
 use super::{ListenerContext, Shared};
 use crate::config::{Limits, ListenerRole};
 use crate::metrics::{self, ConnectionOutcome};
@@ -37,6 +38,12 @@ use crate::topology::{ClusterView, Member};
 const ERROR_WRITE_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Serves one accepted client connection to its end.
+///
+/// The one-off stages (the opening, connecting and authenticating) run in
+/// boxed futures: an async state machine is as large as its largest stage,
+/// and a session spends its life relaying, so only the relay stage sizes
+/// an idle session. Stage results come back as temporaries, never as named
+/// enums taken apart field by field, whose storage would stay reserved.
 pub async fn run(
     mut tcp: TcpStream,
     peer: SocketAddr,
@@ -49,13 +56,71 @@ pub async fn run(
     socket::tune(&tcp, limits.keepalive());
     let handshake_deadline = accepted + limits.handshake_timeout.get();
     let outcome = |outcome| metrics::connection_outcome(&listener.label, outcome);
+    let (client, startup, buffered) =
+        match Box::pin(open(&mut tcp, peer, &listener, &shared, handshake_deadline)).await {
+            Ok(started) => started,
+            Err(NotStarted::TimedOut { encrypting }) => {
+                debug!(client = %peer, listener = %listener.listen, "handshake timed out");
+                if !encrypting {
+                    send_error(&mut tcp, &handshake_timeout_error(&limits)).await;
+                }
+                return outcome(ConnectionOutcome::HandshakeTimeout);
+            }
+            Err(NotStarted::Ended(result)) => return outcome(result),
+        };
+    let span = tracing::info_span!(
+        "session",
+        listener = %listener.listen,
+        client = %peer,
+        tls = client.is_tls(),
+        user = %startup.user(),
+        database = %startup.database(),
+        member = tracing::field::Empty,
+    );
+    let session = Session {
+        listener: &listener,
+        shared: &shared,
+        limits: &limits,
+        accepted,
+        handshake_deadline,
+    };
+    let established = match Box::pin(
+        session
+            .establish(client, startup, buffered)
+            .instrument(span.clone()),
+    )
+    .await
+    {
+        Ok(established) => established,
+        Err(result) => return outcome(result),
+    };
+    let result = session.relay(Box::new(established)).instrument(span).await;
+    outcome(result);
+}
+
+/// Why a connection did not get as far as a StartupMessage.
+enum NotStarted {
+    /// No complete opening within `handshake_timeout`; `encrypting` when a
+    /// TLS handshake was under way (no plaintext error can be sent then).
+    TimedOut { encrypting: bool },
+    /// Answered here: an error, a cancel request.
+    Ended(ConnectionOutcome),
+}
+
+/// Reads the client's opening within `handshake_deadline` and answers what
+/// ends there: protocol errors and cancel requests. Returns the client
+/// stream and its StartupMessage.
+async fn open<'t>(
+    tcp: &'t mut TcpStream,
+    peer: SocketAddr,
+    listener: &ListenerContext,
+    shared: &Shared,
+    handshake_deadline: Instant,
+) -> Result<(ClientStream<&'t mut TcpStream>, StartupMessage, BytesMut), NotStarted> {
     let mut encrypting = false;
     let opening = timeout_at(
         handshake_deadline.into(),
-        // Boxed, like the other one-off stages below: an async state machine
-        // is as large as its largest stage, and sessions spend their life
-        // relaying, so the handshake must not size an idle session.
-        Box::pin(read_opening(&mut tcp, &listener.tls, &mut encrypting)),
+        read_opening(tcp, &listener.tls, &mut encrypting),
     )
     .await;
     let Opened {
@@ -82,44 +147,29 @@ pub async fn run(
             if let (HandshakeError::Protocol(e), Some(mut stream)) = (&error, stream) {
                 send_error(&mut stream, e).await;
             }
-            return outcome(result);
+            return Err(NotStarted::Ended(result));
         }
-        Err(_) => {
-            debug!(client = %peer, listener = %listener.listen, "handshake timed out");
-            if !encrypting {
-                send_error(&mut tcp, &handshake_timeout_error(&limits)).await;
-            }
-            return outcome(ConnectionOutcome::HandshakeTimeout);
-        }
+        Err(_) => return Err(NotStarted::TimedOut { encrypting }),
     };
     match opening {
         Opening::Cancel(key) => {
-            cancel(&key, peer, &shared).await;
-            outcome(ConnectionOutcome::Cancel);
+            cancel(&key, peer, shared).await;
+            Err(NotStarted::Ended(ConnectionOutcome::Cancel))
         }
-        Opening::Startup { startup, buffered } => {
-            let span = tracing::info_span!(
-                "session",
-                listener = %listener.listen,
-                client = %peer,
-                tls = client.is_tls(),
-                user = %startup.user(),
-                database = %startup.database(),
-                member = tracing::field::Empty,
-            );
-            let result = Session {
-                listener: &listener,
-                shared: &shared,
-                limits: &limits,
-                accepted,
-                handshake_deadline,
-            }
-            .serve(client, startup, buffered)
-            .instrument(span)
-            .await;
-            outcome(result);
-        }
+        Opening::Startup { startup, buffered } => Ok((client, startup, buffered)),
     }
+}
+
+/// A session whose backend has authenticated the client: everything the
+/// relay stage needs, and nothing else.
+struct Established<S> {
+    client: S,
+    backend: BackendStream,
+    member: Member,
+    held: Duration,
+    backend_key: Option<CancelKey>,
+    to_backend: BytesMut,
+    to_client: BytesMut,
 }
 
 /// Why a session ended, for its closing log line.
@@ -152,19 +202,20 @@ struct Session<'a> {
 }
 
 impl Session<'_> {
-    async fn serve<S>(
+    /// Routes, connects and relays authentication. Returns the established
+    /// session, or how the connection ended.
+    async fn establish<S>(
         &self,
         mut client: S,
         startup: StartupMessage,
         buffered: BytesMut,
-    ) -> ConnectionOutcome
+    ) -> Result<Established<S>, ConnectionOutcome>
     where
         S: AsyncRead + AsyncWrite + Unpin + Send,
     {
-        let started = Instant::now();
         let shutdown = &self.shared.shutdown.end_sessions;
         let connected = tokio::select! {
-            connected = Box::pin(self.connect()) => connected,
+            connected = self.connect() => connected,
             () = shutdown.cancelled() => Err(shutdown_error()),
         };
         let (mut backend, member, held) = match connected {
@@ -172,11 +223,11 @@ impl Session<'_> {
             Err(e) => {
                 info!(sqlstate = %e.sqlstate, "session refused: {}", e.message);
                 send_error(&mut client, &e).await;
-                return match e.sqlstate {
+                return Err(match e.sqlstate {
                     SqlState::CANNOT_CONNECT_NOW => ConnectionOutcome::NoTarget,
                     SqlState::ADMIN_SHUTDOWN => ConnectionOutcome::Shutdown,
                     _ => ConnectionOutcome::BackendUnreachable,
-                };
+                });
             }
         };
         tracing::Span::current().record("member", &*member.name);
@@ -184,26 +235,22 @@ impl Session<'_> {
         // Time spent held waiting for a target is not the client's delay.
         let deadline = self.handshake_deadline + held;
         let cluster = &*self.listener.cluster;
-        let auth = timeout_at(
-            deadline.into(),
-            Box::pin(async {
-                backend.write_all(&startup.raw).await.map_err(|e| {
-                    AuthError::Backend(lost_backend(&member, cluster, &e.to_string()))
-                })?;
-                let backend_tls = backend.is_tls();
-                relay_authentication(
-                    &mut client,
-                    &mut backend,
-                    buffered,
-                    &member.name,
-                    backend_tls,
-                )
+        let auth = timeout_at(deadline.into(), async {
+            backend
+                .write_all(&startup.raw)
                 .await
-            }),
-        )
+                .map_err(|e| AuthError::Backend(lost_backend(&member, cluster, &e.to_string())))?;
+            let backend_tls = backend.is_tls();
+            relay_authentication(
+                &mut client,
+                &mut backend,
+                buffered,
+                &member.name,
+                backend_tls,
+            )
+            .await
+        })
         .await;
-        // Forwarded: no need to keep the packet for the session's life.
-        drop(startup);
         let auth = match auth {
             Ok(Ok(auth)) => auth,
             Ok(Err(e)) => {
@@ -211,24 +258,53 @@ impl Session<'_> {
                 if let AuthError::Client(e) | AuthError::Backend(e) = &e {
                     send_error(&mut client, e).await;
                 }
-                return match e {
+                return Err(match e {
                     AuthError::Client(_) => ConnectionOutcome::ProtocolError,
                     AuthError::Backend(_) => ConnectionOutcome::BackendError,
                     AuthError::Refused => ConnectionOutcome::AuthRefused,
                     AuthError::ClientGone | AuthError::ClientIo(_) => ConnectionOutcome::ClientGone,
-                };
+                });
             }
             Err(_) => {
                 info!("handshake timed out during authentication");
                 send_error(&mut client, &handshake_timeout_error(self.limits)).await;
-                return ConnectionOutcome::HandshakeTimeout;
+                return Err(ConnectionOutcome::HandshakeTimeout);
             }
         };
         metrics::handshake_duration(
             &self.listener.label,
             self.accepted.elapsed().saturating_sub(held),
         );
-        let _cancel_registration = auth.backend_key.map(|backend_key| {
+        Ok(Established {
+            client,
+            backend,
+            member,
+            held,
+            backend_key: auth.backend_key,
+            to_backend: auth.to_backend,
+            to_client: auth.to_client,
+        })
+    }
+
+    /// Relays an established session until it ends, and ends it the way
+    /// its end calls for.
+    async fn relay<S>(&self, established: Box<Established<S>>) -> ConnectionOutcome
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send,
+    {
+        let Established {
+            mut client,
+            mut backend,
+            member,
+            held,
+            backend_key,
+            to_backend,
+            to_client,
+        } = *established;
+        let started = Instant::now();
+        let shutdown = &self.shared.shutdown.end_sessions;
+        let cluster = &*self.listener.cluster;
+        let _cancel_registration = backend_key.map(|backend_key| {
             self.shared.cancels.register(CancelTarget {
                 member: member.name.clone(),
                 host: member.host.clone(),
@@ -244,7 +320,7 @@ impl Session<'_> {
             self.shared
                 .sessions
                 .open(self.listener.cluster.clone(), member.name.clone(), role);
-        let mut relay = Relay::new(auth.to_backend, auth.to_client, self.shared.relayed.clone());
+        let mut relay = Relay::new(to_backend, to_client, self.shared.relayed.clone());
         let ended = tokio::select! {
             end = relay.run(&mut client, &mut backend) => Ended::Relay(end),
             misfit = wait_for_misfit(self.listener.router.subscribe(), role, &member.name) => {
