@@ -85,6 +85,18 @@ async fn wait_for_log(
     Ok(())
 }
 
+/// Waits until rolegate has established its etcd watch once more than
+/// the `before` times it had.
+async fn wait_for_new_watch(rolegate: &Rolegate, before: usize) -> Result<(), Failed> {
+    wait_for_log(
+        rolegate,
+        "watching etcd",
+        before + 1,
+        Duration::from_secs(30),
+    )
+    .await
+}
+
 /// Checks common to every writer: nothing misrouted, nothing lost.
 async fn check_writes(rw: u16, stats: &writer::WriterStats, what: &str) -> Result<usize, Failed> {
     check(
@@ -123,13 +135,7 @@ fn etcd_stopped_and_restarted_under_traffic(env: &Env) -> Result<(), Failed> {
         tokio::time::sleep(Duration::from_secs(10)).await;
         let watching = rolegate.log().matches("watching etcd").count();
         lab_run(&env.lab, &["start-etcd"]).await?;
-        wait_for_log(
-            &rolegate,
-            "watching etcd",
-            watching + 1,
-            Duration::from_secs(30),
-        )
-        .await?;
+        wait_for_new_watch(&rolegate, watching).await?;
         let leader = wait_for_writable_leader(&env.lab, rw, None, Duration::from_secs(90)).await?;
         tokio::time::sleep(Duration::from_secs(1)).await;
         let _ = stop_tx.send(true);
@@ -207,13 +213,7 @@ fn slow_then_stalled_etcd_link(env: &Env) -> Result<(), Failed> {
         tokio::time::sleep(Duration::from_secs(3)).await;
         let healed_at = Instant::now();
         link.set(Link::Pass);
-        wait_for_log(
-            &rolegate,
-            "watching etcd",
-            watching + 1,
-            Duration::from_secs(30),
-        )
-        .await?;
+        wait_for_new_watch(&rolegate, watching).await?;
         tokio::time::sleep(Duration::from_secs(1)).await;
         let _ = stop_tx.send(true);
         let stalled = writer.await?;
