@@ -240,15 +240,15 @@ fn slow_then_stalled_etcd_link(env: &Env) -> Result<(), Failed> {
     })
 }
 
-/// Thaws a frozen Patroni however the test ends.
-struct Frozen<'a> {
+/// Runs a lab command that undoes a fault however the test ends.
+struct Undo<'a> {
     lab: &'a Lab,
-    member: &'a str,
+    args: [&'a str; 2],
 }
 
-impl Drop for Frozen<'_> {
+impl Drop for Undo<'_> {
     fn drop(&mut self) {
-        self.lab.run(&["thaw", self.member]);
+        self.lab.run_in_cleanup(&self.args);
     }
 }
 
@@ -265,9 +265,9 @@ fn frozen_replica_patroni_leaves_the_read_rotation(env: &Env) -> Result<(), Fail
         {
             // Its REST API stops answering; its Postgres keeps streaming.
             env.lab.run(&["freeze", frozen]);
-            let _thaw = Frozen {
+            let _thaw = Undo {
                 lab: &env.lab,
-                member: frozen,
+                args: ["thaw", frozen],
             };
             wait_for_readers(&env.lab, ro, &[other], Duration::from_secs(30)).await?;
             tokio::time::sleep(Duration::from_secs(3)).await;
@@ -332,11 +332,28 @@ fn partitioned_leader_acknowledges_no_write_after_its_key_expires(env: &Env) -> 
     let isolated = replicas_of(&first_leader)[0];
     let link = Forwarder::start(etcd_address(&env.lab));
     env.lab.run(&["etcd-via", isolated, &link.address()]);
-    let result = partition(env, isolated, &link);
-    // Heal, then put the member back on a direct line to etcd.
-    link.set(Link::Pass);
-    env.lab.run(&["etcd-via", isolated, "direct"]);
-    result
+    let _direct = Rewired {
+        lab: &env.lab,
+        member: isolated,
+        link: &link,
+    };
+    partition(env, isolated, &link)
+}
+
+/// Heals the link and puts the member back on a direct line to etcd,
+/// however the test ends (a failed lab command panics).
+struct Rewired<'a> {
+    lab: &'a Lab,
+    member: &'a str,
+    link: &'a Forwarder,
+}
+
+impl Drop for Rewired<'_> {
+    fn drop(&mut self) {
+        self.link.set(Link::Pass);
+        self.lab
+            .run_in_cleanup(&["etcd-via", self.member, "direct"]);
+    }
 }
 
 fn partition(env: &Env, isolated: &str, link: &Forwarder) -> Result<(), Failed> {
@@ -407,10 +424,11 @@ fn partition(env: &Env, isolated: &str, link: &Forwarder) -> Result<(), Failed> 
 
 fn soak_through_switchovers_and_a_kill(env: &Env) -> Result<(), Failed> {
     env.lab.run(&["sync", "on"]);
-    let result = soak(env);
-    env.lab.run(&["wait"]);
-    env.lab.run(&["sync", "off"]);
-    result
+    let _async_again = Undo {
+        lab: &env.lab,
+        args: ["sync", "off"],
+    };
+    soak(env)
 }
 
 fn soak(env: &Env) -> Result<(), Failed> {

@@ -65,6 +65,20 @@ impl Lab {
         String::from_utf8_lossy(&output.stdout).trim().to_owned()
     }
 
+    /// Runs a lab command for cleanup: reports a failure instead of
+    /// panicking (a guard's `drop` may run while a test already panics).
+    pub fn run_in_cleanup(&self, args: &[&str]) {
+        match self.command(args).output() {
+            Ok(output) if output.status.success() => {}
+            Ok(output) => eprintln!(
+                "cleanup: lab {args:?} failed ({}):\n{}",
+                output.status,
+                String::from_utf8_lossy(&output.stderr)
+            ),
+            Err(e) => eprintln!("cleanup: lab {args:?}: {e}"),
+        }
+    }
+
     pub fn leader(&self) -> String {
         self.run(&["leader"])
     }
