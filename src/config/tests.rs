@@ -1,0 +1,140 @@
+use super::*;
+
+const MINIMAL: &str = r#"
+        [clusters.demo]
+        primary = "127.0.0.1:5441"
+        replicas = ["127.0.0.1:5442", "127.0.0.1:5443"]
+
+        [[listeners]]
+        listen = "127.0.0.1:6432"
+        cluster = "demo"
+        role = "primary"
+    "#;
+
+fn parse(text: &str) -> Result<Config, ConfigError> {
+    Config::parse(text, Path::new("proxy.toml"))
+}
+
+#[test]
+fn minimal_config_gets_defaults() {
+    let config = parse(MINIMAL).expect("valid");
+    assert_eq!(config.limits.max_client_connections, 10_000);
+    assert_eq!(config.limits.hold_timeout.get().as_secs(), 30);
+    assert_eq!(config.admin.listen, "127.0.0.1:9432");
+    assert_eq!(config.listeners[0].role, ListenerRole::Primary);
+}
+
+#[test]
+fn unknown_key_is_named_with_its_path() {
+    let text = format!("{MINIMAL}\n[limits]\nmax_clients = 3\n");
+    let err = parse(&text).expect_err("unknown key");
+    assert_eq!(err.key, "limits.max_clients");
+    assert!(err.message.contains("max_clients"), "{err}");
+    assert!(err.to_string().starts_with("proxy.toml: "), "{err}");
+}
+
+#[test]
+fn bad_duration_names_the_key() {
+    let text = format!("{MINIMAL}\n[limits]\nhold_timeout = \"ten seconds\"\n");
+    let err = parse(&text).expect_err("bad duration");
+    assert_eq!(err.key, "limits.hold_timeout");
+}
+
+#[test]
+fn bad_role_names_the_listener() {
+    let text = MINIMAL.replace("role = \"primary\"", "role = \"writer\"");
+    let err = parse(&text).expect_err("bad role");
+    assert_eq!(err.key, "listeners[0].role");
+}
+
+#[test]
+fn listener_must_name_a_known_cluster() {
+    let text = MINIMAL.replace("cluster = \"demo\"", "cluster = \"nope\"");
+    let err = parse(&text).expect_err("unknown cluster");
+    assert_eq!(err.key, "listeners[0].cluster");
+}
+
+#[test]
+fn bad_member_address_names_its_index() {
+    let text = MINIMAL.replace("127.0.0.1:5443", "localhost");
+    let err = parse(&text).expect_err("bad address");
+    assert_eq!(err.key, "clusters.demo.replicas[1]");
+}
+
+#[test]
+fn syntax_error_gives_a_line() {
+    let err = parse("[limits\n").expect_err("syntax");
+    assert_eq!(err.key, "(syntax)");
+    assert!(err.message.contains("line 1"), "{err}");
+}
+
+#[test]
+fn duplicate_listen_address_is_refused() {
+    let text = format!(
+            "{MINIMAL}\n[[listeners]]\nlisten = \"127.0.0.1:6432\"\ncluster = \"demo\"\nrole = \"replica\"\n"
+        );
+    let err = parse(&text).expect_err("duplicate");
+    assert_eq!(err.key, "listeners[1].listen");
+}
+
+#[test]
+fn patroni_cluster_defaults() {
+    let text = MINIMAL.replace(
+        "primary = \"127.0.0.1:5441\"\n        replicas = [\"127.0.0.1:5442\", \"127.0.0.1:5443\"]",
+        "etcd = [\"http://127.0.0.1:2379\"]",
+    );
+    let config = parse(&text).expect("valid");
+    let cluster = &config.clusters["demo"];
+    assert!(!cluster.is_static());
+    assert_eq!(
+        cluster.effective_leader_policy(),
+        LeaderPolicy::EtcdAndPatroni
+    );
+    assert_eq!(cluster.namespace, "/service/");
+    assert_eq!(cluster.on_etcd_loss, EtcdLossPolicy::Patroni);
+}
+
+#[test]
+fn static_and_patroni_keys_do_not_mix() {
+    let text = MINIMAL.replace(
+        "replicas = [",
+        "etcd = [\"http://127.0.0.1:2379\"]\n        replicas = [",
+    );
+    let err = parse(&text).expect_err("mixed");
+    assert_eq!(err.key, "clusters.demo.primary");
+}
+
+#[test]
+fn etcd_policy_needs_etcd() {
+    let text = MINIMAL.replace(
+        "primary = \"127.0.0.1:5441\"\n        replicas = [\"127.0.0.1:5442\", \"127.0.0.1:5443\"]",
+        "patroni = [\"http://127.0.0.1:8041\"]\n        leader_policy = \"etcd\"",
+    );
+    let err = parse(&text).expect_err("etcd policy without etcd");
+    assert_eq!(err.key, "clusters.demo.leader_policy");
+    let text = text.replace("leader_policy = \"etcd\"", "leader_policy = \"raft\"");
+    let err = parse(&text).expect_err("unknown policy");
+    assert_eq!(err.key, "clusters.demo.leader_policy");
+}
+
+#[test]
+fn bad_etcd_url_names_its_index() {
+    let text = MINIMAL.replace(
+        "primary = \"127.0.0.1:5441\"\n        replicas = [\"127.0.0.1:5442\", \"127.0.0.1:5443\"]",
+        "etcd = [\"http://127.0.0.1:2379\", \"127.0.0.1:2379\"]",
+    );
+    let err = parse(&text).expect_err("bad url");
+    assert_eq!(err.key, "clusters.demo.etcd[1]");
+}
+
+#[test]
+fn host_port_forms() {
+    assert_eq!(
+        parse_host_port("db.example:5432"),
+        Ok(("db.example".to_owned(), 5432))
+    );
+    assert_eq!(parse_host_port("[::1]:5432"), Ok(("::1".to_owned(), 5432)));
+    assert!(parse_host_port(":5432").is_err());
+    assert!(parse_host_port("host:0").is_err());
+    assert!(parse_host_port("host:99999").is_err());
+}

@@ -1,0 +1,326 @@
+use super::*;
+use crate::topology::dcs::DcsState;
+use crate::topology::patroni_data::{
+    fixture_dcs_state, split_http_capture, FailoverIntent, RestStatus,
+};
+
+fn directory() -> DcsState {
+    fixture_dcs_state()
+}
+
+/// REST states as the fixtures captured them: pg1 primary, pg2 and pg3
+/// replicas.
+fn rest_from_fixtures(at: Instant) -> HashMap<String, RestState> {
+    let mut rest = HashMap::new();
+    for (member, primary_file, replica_file) in [
+        ("pg1", "node-pg1-read-write.txt", "node-pg1-read-only.txt"),
+        ("pg2", "node-pg2-master.txt", "node-pg2-replica.txt"),
+        ("pg3", "node-pg3-primary.txt", "node-pg3-replica.txt"),
+    ] {
+        let check = |file: &str| {
+            let text = std::fs::read_to_string(
+                std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                    .join("../shared/fixtures/patroni")
+                    .join(file),
+            )
+            .ok();
+            text.map(|t| {
+                let (status, body) = split_http_capture(&t);
+                (status == 200, RestStatus::parse(body.as_bytes()).ok())
+            })
+        };
+        let (primary, status) = check(primary_file).expect("primary fixture");
+        // pg3 has no replica capture under that name: it is a replica.
+        let replica = check(replica_file).map(|(ok, _)| ok).unwrap_or(!primary);
+        let mut state = RestState::default();
+        state.record(RestCheck {
+            at,
+            took: Duration::ZERO,
+            primary: Some(primary),
+            replica: Some(replica),
+            status,
+            error: None,
+        });
+        rest.insert(member.to_owned(), state);
+    }
+    rest
+}
+
+struct Case {
+    directory: DcsState,
+    rest: HashMap<String, RestState>,
+    policy: LeaderPolicy,
+    etcd: EtcdStatus,
+    on_etcd_loss: EtcdLossPolicy,
+    leader_since: Option<Instant>,
+    previous_leader: Option<&'static str>,
+    max_lag: Option<u64>,
+    now: Instant,
+}
+
+impl Case {
+    fn new() -> Self {
+        let now = Instant::now();
+        Self {
+            directory: directory(),
+            rest: rest_from_fixtures(now),
+            policy: LeaderPolicy::EtcdAndPatroni,
+            etcd: EtcdStatus::Up,
+            on_etcd_loss: EtcdLossPolicy::Patroni,
+            leader_since: None,
+            previous_leader: None,
+            max_lag: None,
+            now,
+        }
+    }
+
+    fn view(&self) -> ClusterView {
+        let cluster: Arc<str> = "demo".into();
+        fuse(&FuseInput {
+            cluster: &cluster,
+            policy: self.policy,
+            on_etcd_loss: self.on_etcd_loss,
+            max_replica_lag: self.max_lag,
+            directory: &self.directory,
+            etcd: self.etcd,
+            rest: &self.rest,
+            leader_since: self.leader_since,
+            previous_leader: self.previous_leader,
+            now: self.now,
+        })
+    }
+
+    fn leader(&self) -> Option<String> {
+        self.view().leader().map(|m| m.name.to_string())
+    }
+
+    fn readable(&self) -> Vec<String> {
+        self.view()
+            .readable_replicas()
+            .map(|m| m.name.to_string())
+            .collect()
+    }
+
+    fn set_rest(&mut self, member: &str, primary: Option<bool>, replica: Option<bool>) {
+        let state = self.rest.entry(member.to_owned()).or_default();
+        state.record(RestCheck {
+            at: self.now,
+            took: Duration::ZERO,
+            primary,
+            replica,
+            status: None,
+            error: None,
+        });
+    }
+}
+
+#[test]
+fn healthy_cluster_under_every_policy() {
+    for policy in [
+        LeaderPolicy::EtcdAndPatroni,
+        LeaderPolicy::Etcd,
+        LeaderPolicy::Patroni,
+    ] {
+        let mut case = Case::new();
+        case.policy = policy;
+        assert_eq!(case.leader().as_deref(), Some("pg1"), "{policy:?}");
+        assert_eq!(case.readable(), ["pg2", "pg3"], "{policy:?}");
+        let view = case.view();
+        assert_eq!(view.member("pg1").map(|m| m.port), Some(5441));
+    }
+}
+
+#[test]
+fn sources_disagree_means_no_writes() {
+    let mut case = Case::new();
+    case.set_rest("pg2", Some(true), Some(false));
+    assert_eq!(case.leader(), None);
+    let reason = case.view().no_leader_reason.unwrap_or_default();
+    assert!(
+        reason.contains("disagree") && reason.contains("pg2"),
+        "{reason}"
+    );
+    // Under the patroni policy, two claimants are just as refused.
+    case.policy = LeaderPolicy::Patroni;
+    assert_eq!(case.leader(), None);
+    // Under the etcd policy, REST is not consulted for the leader.
+    case.policy = LeaderPolicy::Etcd;
+    assert_eq!(case.leader().as_deref(), Some("pg1"));
+}
+
+#[test]
+fn leader_key_holder_must_pass_rest_after_the_key_moved() {
+    let mut case = Case::new();
+    // The key moved to pg3 and pg3 promoted, per etcd.
+    case.directory.leader = Some("pg3".into());
+    if let Some(m) = case.directory.members.get_mut("pg3") {
+        m.role = Some("master".into());
+    }
+    if let Some(m) = case.directory.members.get_mut("pg1") {
+        m.role = Some("replica".into());
+    }
+    case.set_rest("pg1", Some(false), Some(true));
+    case.leader_since = Some(case.now + Duration::from_millis(10));
+    // pg3's REST state predates the key change: not confirmed.
+    case.set_rest("pg3", Some(true), Some(false));
+    assert_eq!(
+        case.leader(),
+        None,
+        "a REST answer older than the key does not confirm"
+    );
+    // The etcd policy trusts the record alone.
+    case.policy = LeaderPolicy::Etcd;
+    assert_eq!(case.leader().as_deref(), Some("pg3"));
+    case.policy = LeaderPolicy::EtcdAndPatroni;
+    case.now += Duration::from_millis(20);
+    case.set_rest("pg3", Some(true), Some(false));
+    assert_eq!(case.leader().as_deref(), Some("pg3"));
+    // A promoted replica keeps serving reads? No: it is the primary now.
+    assert_eq!(case.readable(), ["pg1", "pg2"]);
+}
+
+#[test]
+fn leader_key_holder_still_promoting() {
+    let mut case = Case::new();
+    case.directory.leader = Some("pg3".into());
+    if let Some(m) = case.directory.members.get_mut("pg3") {
+        m.role = Some("promoted".into());
+    }
+    case.set_rest("pg1", Some(false), Some(true));
+    // The etcd policy waits for the record to say "master".
+    case.policy = LeaderPolicy::Etcd;
+    assert_eq!(case.leader(), None);
+    let reason = case.view().no_leader_reason.unwrap_or_default();
+    assert!(reason.contains("promoted"), "{reason}");
+    // etcd+patroni takes REST's word that promotion finished.
+    case.policy = LeaderPolicy::EtcdAndPatroni;
+    assert_eq!(case.leader(), None, "REST has not confirmed yet");
+    assert_eq!(
+        case.readable(),
+        ["pg2"],
+        "the key holder takes no new reads"
+    );
+    case.set_rest("pg3", Some(true), Some(false));
+    assert_eq!(case.leader().as_deref(), Some("pg3"));
+}
+
+#[test]
+fn a_requested_switchover_stops_writes_to_the_old_leader() {
+    let mut case = Case::new();
+    case.directory.failover = FailoverIntent::parse(br#"{"leader":"pg1","member":"pg3"}"#);
+    let view = case.view();
+    assert!(view.leader().is_none());
+    assert_eq!(
+        view.handover,
+        Some(Handover {
+            from: "pg1".into(),
+            to: Some("pg3".into())
+        })
+    );
+    assert_eq!(case.readable(), ["pg2"], "the candidate takes no new reads");
+    // A scheduled switchover changes nothing until Patroni acts.
+    case.directory.failover = FailoverIntent::parse(
+        br#"{"leader":"pg1","member":"pg3","scheduled_at":"2030-01-01T00:00:00+00:00"}"#,
+    );
+    assert_eq!(case.leader().as_deref(), Some("pg1"));
+    // REST-only routing has no failover key to read.
+    case.directory.failover = FailoverIntent::parse(br#"{"leader":"pg1"}"#);
+    case.policy = LeaderPolicy::Patroni;
+    assert_eq!(case.leader().as_deref(), Some("pg1"));
+}
+
+#[test]
+fn empty_leader_key_and_stopping_leader() {
+    let mut case = Case::new();
+    case.directory.leader = None;
+    assert_eq!(case.leader(), None);
+    let mut case = Case::new();
+    if let Some(m) = case.directory.members.get_mut("pg1") {
+        m.state = Some("stopping".into());
+    }
+    assert_eq!(
+        case.leader(),
+        None,
+        "a leader that is shutting down takes no writes"
+    );
+    assert!(!case.view().member("pg1").is_some_and(|m| m.healthy));
+}
+
+#[test]
+fn one_lost_rest_answer_changes_nothing_two_do() {
+    let mut case = Case::new();
+    case.set_rest("pg2", None, None);
+    assert_eq!(case.readable(), ["pg2", "pg3"]);
+    case.set_rest("pg2", None, None);
+    assert_eq!(case.readable(), ["pg3"]);
+    assert!(!case.view().member("pg2").is_some_and(|m| m.healthy));
+    // The leader losing REST twice is no longer confirmed.
+    case.set_rest("pg1", None, None);
+    case.set_rest("pg1", None, None);
+    assert_eq!(case.leader(), None);
+}
+
+#[test]
+fn replica_eligibility() {
+    let mut case = Case::new();
+    if let Some(m) = case.directory.members.get_mut("pg3") {
+        m.tags
+            .insert("noloadbalance".into(), serde_json::Value::Bool(true));
+    }
+    assert_eq!(case.readable(), ["pg2"]);
+    // Lagging per REST (Patroni applied ?lag=): no new reads, but the
+    // member stays healthy so its sessions continue.
+    case.set_rest("pg2", Some(false), Some(false));
+    assert!(case.readable().is_empty());
+    assert!(case.view().member("pg2").is_some_and(|m| m.healthy));
+    // Not streaming.
+    let mut case = Case::new();
+    if let Some(m) = case.directory.members.get_mut("pg2") {
+        m.replication_state = Some("in archive recovery".into());
+    }
+    assert_eq!(case.readable(), ["pg3"]);
+}
+
+#[test]
+fn etcd_policy_computes_lag_from_wal_positions() {
+    let mut case = Case::new();
+    case.policy = LeaderPolicy::Etcd;
+    case.max_lag = Some(1024);
+    assert_eq!(case.readable(), ["pg2", "pg3"]);
+    if let Some(m) = case.directory.members.get_mut("pg2") {
+        m.xlog_location = Some(202_603_224 - 4096);
+    }
+    assert_eq!(case.readable(), ["pg3"]);
+}
+
+#[test]
+fn etcd_loss_policies() {
+    let since = Instant::now();
+    let mut case = Case::new();
+    case.etcd = EtcdStatus::Down { since };
+    case.previous_leader = Some("pg1");
+    // patroni: REST alone.
+    assert_eq!(case.leader().as_deref(), Some("pg1"));
+    // refuse: no writes.
+    case.on_etcd_loss = EtcdLossPolicy::Refuse;
+    assert_eq!(case.leader(), None);
+    assert_eq!(case.readable(), ["pg2", "pg3"], "reads continue");
+    // freeze without failsafe: until ttl (20 s here).
+    case.on_etcd_loss = EtcdLossPolicy::Freeze;
+    case.now = since + Duration::from_secs(5);
+    assert_eq!(case.leader().as_deref(), Some("pg1"));
+    case.now = since + Duration::from_secs(21);
+    assert_eq!(case.leader(), None);
+    // freeze with failsafe: as long as REST confirms.
+    case.directory.config.failsafe_mode = Some(true);
+    assert_eq!(case.leader().as_deref(), Some("pg1"));
+    case.set_rest("pg1", Some(false), Some(false));
+    assert_eq!(case.leader(), None);
+}
+
+#[test]
+fn nothing_before_the_first_read_of_etcd() {
+    let mut case = Case::new();
+    case.etcd = EtcdStatus::Connecting;
+    assert_eq!(case.leader(), None);
+}
