@@ -79,9 +79,7 @@ fn run(path: &std::path::Path, log_format: Option<LogFormat>) -> ExitCode {
         tracing::warn!("a TLS crypto provider was already installed");
     }
     let mut builder = tokio::runtime::Builder::new_multi_thread();
-    if let Some(threads) = config.runtime.worker_threads {
-        builder.worker_threads(threads);
-    }
+    builder.worker_threads(config.runtime.threads());
     let runtime = match builder.enable_all().build() {
         Ok(runtime) => runtime,
         Err(e) => {
