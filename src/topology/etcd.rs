@@ -24,9 +24,13 @@ const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(2);
 /// Bound on connecting and on the full read.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(3);
-/// HTTP/2 pings detect a dead etcd (or a partition) on an idle watch.
-const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(1);
-const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(2);
+/// HTTP/2 pings detect a dead etcd (or a partition) on an idle watch,
+/// within interval + timeout. etcd refuses pings closer together than its
+/// `--grpc-keepalive-min-time` (default 5 s): a client that pings more
+/// often gets its connection closed ("too many pings") now and then, and
+/// with it the watch. 6 s stays clear of that default.
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(6);
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// A key change seen by the watch.
 #[derive(Debug)]
