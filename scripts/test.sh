@@ -20,4 +20,5 @@ teardown() { lab/lab down --wipe || true; }
 trap teardown EXIT
 lab/lab up
 
-cargo test --all-targets "$@"
+# Every suite runs even after one fails, so a red run lists all failures.
+cargo test --all-targets --no-fail-fast "$@"
