@@ -24,8 +24,7 @@ use super::cancel::{forward_cancel, CancelTarget};
 use super::handshake::{read_opening, Failed, HandshakeError, Opened, Opening};
 use super::relay::{Relay, RelayEnd};
 use super::socket;
-use super::stream::BackendStream;
-use super::stream::ClientStream;
+use super::stream::{BackendStream, ClientStream};
 use super::{ListenerContext, Shared};
 use crate::config::{Limits, ListenerRole};
 use crate::metrics::{self, ConnectionOutcome};
@@ -328,35 +327,30 @@ impl Session<'_> {
             }
             () = shutdown.cancelled() => Ended::Shutdown,
         };
-        let reason = match ended {
-            Ended::Relay(RelayEnd::ClientClosed) => EndReason::Client,
+        // Why the session ended, and the FATAL rolegate owes the client, if
+        // any (a backend that said why itself needs none).
+        let (reason, fatal) = match ended {
+            Ended::Relay(RelayEnd::ClientClosed) => (EndReason::Client, None),
             Ended::Relay(RelayEnd::ClientError(e)) => {
                 debug!("client connection failed: {e}");
-                EndReason::Client
+                (EndReason::Client, None)
             }
             Ended::Relay(RelayEnd::BackendClosed) | Ended::Relay(RelayEnd::BackendError(_)) => {
-                if !relay.backend_sent_error_last() {
-                    let error = lost_backend(&member, cluster, "the server closed the connection");
-                    Box::pin(relay.finish_with(&mut client, &mut backend, &error.to_fatal())).await;
-                }
-                EndReason::Backend
+                let fatal = (!relay.backend_sent_error_last())
+                    .then(|| lost_backend(&member, cluster, "the server closed the connection"));
+                (EndReason::Backend, fatal)
             }
             Ended::Misfit(misfit) => {
                 let error = misfit.to_error(cluster);
                 info!("ending session: {}", error.message);
-                Box::pin(relay.finish_with(&mut client, &mut backend, &error.to_fatal())).await;
-                EndReason::Demotion
+                (EndReason::Demotion, Some(error))
             }
-            Ended::Shutdown => {
-                Box::pin(relay.finish_with(
-                    &mut client,
-                    &mut backend,
-                    &shutdown_error().to_fatal(),
-                ))
-                .await;
-                EndReason::Shutdown
-            }
+            Ended::Shutdown => (EndReason::Shutdown, Some(shutdown_error())),
         };
+        if let Some(error) = fatal {
+            // Boxed: a one-off stage, kept out of every session's state.
+            Box::pin(relay.finish_with(&mut client, &mut backend, &error.to_fatal())).await;
+        }
         metrics::session_ended(cluster, role, reason.as_str());
         info!(
             reason = reason.as_str(),
