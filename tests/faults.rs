@@ -56,17 +56,6 @@ fn etcd_address(lab: &Lab) -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], lab.etcd_port()))
 }
 
-/// Runs a lab command off the async thread.
-async fn lab_run(lab: &Lab, args: &[&str]) -> Result<String, Failed> {
-    let lab = lab.clone();
-    let args: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
-    Ok(tokio::task::spawn_blocking(move || {
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        lab.run(&args)
-    })
-    .await?)
-}
-
 /// Waits until rolegate's log holds `needle` at least `count` times.
 async fn wait_for_log(
     rolegate: &Rolegate,
@@ -128,13 +117,13 @@ fn etcd_stopped_and_restarted_under_traffic(env: &Env) -> Result<(), Failed> {
             stop_rx,
         ));
         tokio::time::sleep(Duration::from_secs(1)).await;
-        lab_run(&env.lab, &["stop-etcd"]).await?;
+        env.lab.run_async(&["stop-etcd"]).await?;
         wait_for_log(&rolegate, "etcd is unreachable", 1, Duration::from_secs(15)).await?;
         // Past Patroni's retry_timeout (5 s): without failsafe_mode the
         // leader demotes itself and the cluster has no primary at all.
         tokio::time::sleep(Duration::from_secs(10)).await;
         let watching = rolegate.log().matches("watching etcd").count();
-        lab_run(&env.lab, &["start-etcd"]).await?;
+        env.lab.run_async(&["start-etcd"]).await?;
         wait_for_new_watch(&rolegate, watching).await?;
         let leader = wait_for_writable_leader(&env.lab, rw, None, Duration::from_secs(90)).await?;
         tokio::time::sleep(Duration::from_secs(1)).await;
@@ -178,7 +167,7 @@ fn slow_then_stalled_etcd_link(env: &Env) -> Result<(), Failed> {
         let (stop_tx, stop_rx) = watch::channel(false);
         let writer = tokio::spawn(writer::run(writer_conninfo(rw), 1_000_000, stop_rx));
         tokio::time::sleep(Duration::from_millis(500)).await;
-        let new_leader = lab_run(&env.lab, &["switchover"]).await?;
+        let new_leader = env.lab.run_async(&["switchover"]).await?;
         let reached =
             wait_for_writable_leader(&env.lab, rw, Some(&old_leader), Duration::from_secs(30))
                 .await?;
@@ -477,13 +466,13 @@ fn soak(env: &Env) -> Result<(), Failed> {
         let mut events = Vec::new();
         for _ in 0..3 {
             tokio::time::sleep(Duration::from_secs(8)).await;
-            let leader = lab_run(&env.lab, &["switchover"]).await?;
+            let leader = env.lab.run_async(&["switchover"]).await?;
             events.push(format!("switchover to {leader}"));
         }
         tokio::time::sleep(Duration::from_secs(8)).await;
         // Waits for the failover, restarts the killed member, waits until
         // it streams again.
-        let killed = lab_run(&env.lab, &["kill-leader"]).await?;
+        let killed = env.lab.run_async(&["kill-leader"]).await?;
         events.push(format!("kill -9 of {killed}"));
         wait_for_writable_leader(&env.lab, rw, Some(&killed), Duration::from_secs(60)).await?;
         tokio::time::sleep(Duration::from_secs(8)).await;

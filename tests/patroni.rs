@@ -267,8 +267,9 @@ fn switchover_ends_old_write_sessions_and_holds_new_ones(env: &Env) -> Result<()
         };
         tokio::time::sleep(Duration::from_millis(500)).await;
 
-        let lab = env.lab.clone();
-        let new_leader = tokio::task::spawn_blocking(move || lab.run(&["switchover"]))
+        let new_leader = env
+            .lab
+            .run_async(&["switchover"])
             .await?
             .lines()
             .last()
@@ -392,8 +393,9 @@ fn killed_leader_writes_resume_on_the_new_leader(env: &Env) -> Result<(), Failed
         let writer_conninfo = format!("{} connect_timeout=1", conninfo(rw, "app", "app"));
         let writer = tokio::spawn(writer::run(writer_conninfo, 2_000_000, stop_rx));
         tokio::time::sleep(Duration::from_millis(500)).await;
-        let lab = env.lab.clone();
-        let killed = tokio::task::spawn_blocking(move || lab.run(&["kill-leader", "--no-restart"]))
+        let killed = env
+            .lab
+            .run_async(&["kill-leader", "--no-restart"])
             .await?
             .lines()
             .last()
@@ -438,8 +440,7 @@ fn stopped_replica_leaves_the_rotation_and_its_sessions_end(env: &Env) -> Result
             }
         }
         let (client, connection) = on_victim.ok_or("no read session reached the victim")?;
-        let lab = env.lab.clone();
-        tokio::task::spawn_blocking(move || lab.run(&["stop-member", victim])).await?;
+        env.lab.run_async(&["stop-member", victim]).await?;
         let ended = tokio::time::timeout(Duration::from_secs(20), connection).await;
         check(
             matches!(ended, Ok(Ok(Err(_)))),
@@ -450,12 +451,8 @@ fn stopped_replica_leaves_the_rotation_and_its_sessions_end(env: &Env) -> Result
             "the session is closed",
         )?;
         wait_for_readers(&env.lab, ro, &[survivor], Duration::from_secs(30)).await?;
-        let lab = env.lab.clone();
-        tokio::task::spawn_blocking(move || {
-            lab.run(&["start-member", victim]);
-            lab.run(&["wait"]);
-        })
-        .await?;
+        env.lab.run_async(&["start-member", victim]).await?;
+        env.lab.run_async(&["wait"]).await?;
         wait_for_readers(&env.lab, ro, &replicas, Duration::from_secs(30)).await
     })
 }

@@ -65,6 +65,18 @@ impl Lab {
         String::from_utf8_lossy(&output.stdout).trim().to_owned()
     }
 
+    /// [`Lab::run`] off the async thread, for tests that keep clients
+    /// going while the lab changes the cluster.
+    pub async fn run_async(&self, args: &[&str]) -> Result<String, libtest_mimic::Failed> {
+        let lab = self.clone();
+        let args: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
+        Ok(tokio::task::spawn_blocking(move || {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            lab.run(&args)
+        })
+        .await?)
+    }
+
     /// Runs a lab command for cleanup: reports a failure instead of
     /// panicking (a guard's `drop` may run while a test already panics).
     pub fn run_in_cleanup(&self, args: &[&str]) {
