@@ -6,8 +6,14 @@
 //! | policy          | confirmed leader                                              |
 //! |-----------------|---------------------------------------------------------------|
 //! | `etcd`          | the leader key names it, and its own record says primary and running |
-//! | `etcd+patroni`  | as `etcd`, and its REST `/primary` check passed after the key moved to it, and no other member answers `/primary` |
+//! | `etcd+patroni`  | the leader key names it, its record says running, its REST `/primary` check passed after the key moved to it, its record or that check's body says primary, and no other member answers `/primary` |
 //! | `patroni`       | exactly one member answers `/primary`                         |
+//!
+//! Patroni's `/primary` answers 200 as soon as the member holds the key,
+//! before PostgreSQL has left recovery, so its status alone does not show
+//! that a promotion finished. The body's role does: Patroni computes it
+//! from `pg_is_in_recovery()` for every answer, while the record in etcd
+//! says "master" only from Patroni's next HA loop (`loop_wait` later).
 //!
 //! While etcd is unreachable, `on_etcd_loss` picks the rule: `patroni`
 //! (REST alone), `freeze` (the last confirmed leader while its REST check
@@ -58,6 +64,8 @@ pub struct RestState {
     pub primary: Option<bool>,
     pub replica: Option<bool>,
     pub status: Option<RestStatus>,
+    /// When `status` was read.
+    pub status_at: Option<Instant>,
     /// False after [`REST_FAILURES_TO_UNREACHABLE`] checks without answer.
     pub reachable: bool,
     pub failures: u32,
@@ -76,6 +84,7 @@ impl RestState {
             self.replica = check.replica.or(self.replica);
             if check.status.is_some() {
                 self.status = check.status;
+                self.status_at = Some(check.at);
             }
             self.reachable = true;
             self.failures = 0;
@@ -178,10 +187,10 @@ pub fn fuse(input: &FuseInput<'_>) -> ClusterView {
     let promoting = |name: &str| {
         etcd_rule
             && (directory.leader.as_deref() == Some(name)
-                || handover
+                || directory
+                    .failover
                     .as_ref()
-                    .and_then(|h| h.to.as_deref())
-                    .is_some_and(|to| to == name))
+                    .is_some_and(|f| f.is_immediate_to(name)))
     };
     let mut members = Vec::with_capacity(directory.members.len());
     for (name, record) in &directory.members {
@@ -297,30 +306,40 @@ fn confirmed_leader(
                     handover.to.as_deref().unwrap_or("another member")
                 ));
             }
-            // With a REST confirmation to come, a freshly promoted member
-            // need not wait for Patroni to rewrite its record as "master".
-            let leader = etcd_leader(directory, policy == LeaderPolicy::EtcdAndPatroni)?;
-            if policy == LeaderPolicy::EtcdAndPatroni {
-                let fresh = rest_of(&leader).is_some_and(|r| {
-                    r.claims_primary()
-                        && r.checked_at
-                            .zip(input.leader_since)
-                            .is_none_or(|(checked, since)| checked >= since)
+            let Some(holder) = directory.leader.as_deref() else {
+                return Err("the leader key is empty (an election is in progress)".to_owned());
+            };
+            // A REST answer counts only if it was read after the key moved.
+            let fresh = |at: Option<Instant>| {
+                at.zip(input.leader_since)
+                    .is_none_or(|(read, since)| read >= since)
+            };
+            // With REST in use, Patroni's live answer that PostgreSQL left
+            // recovery stands in for the record, which says "master" only
+            // about one HA loop later.
+            let promoted = policy == LeaderPolicy::EtcdAndPatroni
+                && rest_of(holder).is_some_and(|r| {
+                    fresh(r.status_at)
+                        && r.status
+                            .as_ref()
+                            .is_some_and(RestStatus::is_running_primary)
                 });
-                if !fresh {
+            check_holder(directory, holder, promoted)?;
+            if policy == LeaderPolicy::EtcdAndPatroni {
+                if !rest_of(holder).is_some_and(|r| r.claims_primary() && fresh(r.checked_at)) {
                     return Err(format!(
-                        "{leader} holds the leader key but its REST /primary check has not confirmed it yet"
+                        "{holder} holds the leader key but its REST /primary check has not confirmed it yet"
                     ));
                 }
-                let others: Vec<_> = claimants().into_iter().filter(|m| *m != leader).collect();
+                let others: Vec<_> = claimants().into_iter().filter(|m| *m != holder).collect();
                 if !others.is_empty() {
                     return Err(format!(
-                        "sources disagree: etcd names {leader} but {} also passes /primary; refusing writes",
+                        "sources disagree: etcd names {holder} but {} also passes /primary; refusing writes",
                         others.join(", ")
                     ));
                 }
             }
-            Ok(leader)
+            Ok(holder.to_owned())
         }
         Rule::Freeze { deadline } => {
             let previous = input
@@ -341,24 +360,21 @@ fn confirmed_leader(
     }
 }
 
-fn etcd_leader(directory: &DcsState, accept_promoted: bool) -> Result<String, String> {
-    let leader = directory
-        .leader
-        .clone()
-        .ok_or("the leader key is empty (an election is in progress)")?;
+/// Checks the leader key's holder: its record must say running, and
+/// primary unless `promoted` (REST's live word) stands in for the role.
+fn check_holder(directory: &DcsState, holder: &str, promoted: bool) -> Result<(), String> {
     let record = directory
         .members
-        .get(&leader)
-        .ok_or_else(|| format!("the leader key names {leader}, which has no member record"))?;
-    let primary = record.is_primary_role() || (accept_promoted && record.is_promoted_role());
-    if !primary || !record.is_running() {
+        .get(holder)
+        .ok_or_else(|| format!("the leader key names {holder}, which has no member record"))?;
+    if !(record.is_primary_role() || promoted) || !record.is_running() {
         return Err(format!(
-            "{leader} holds the leader key but is not a running primary yet (role {}, state {})",
+            "{holder} holds the leader key but is not a running primary yet (role {}, state {})",
             record.role.as_deref().unwrap_or("unknown"),
             record.state.as_deref().unwrap_or("unknown")
         ));
     }
-    Ok(leader)
+    Ok(())
 }
 
 #[cfg(test)]

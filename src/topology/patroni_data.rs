@@ -51,12 +51,6 @@ impl MemberRecord {
         matches!(self.role.as_deref(), Some("master" | "primary"))
     }
 
-    /// Patroni has asked PostgreSQL to promote; the record says "master"
-    /// only from Patroni's next loop on.
-    pub fn is_promoted_role(&self) -> bool {
-        self.role.as_deref() == Some("promoted")
-    }
-
     pub fn is_replica_role(&self) -> bool {
         matches!(
             self.role.as_deref(),
@@ -136,6 +130,13 @@ impl FailoverIntent {
         (intent.leader.is_some() || intent.member.is_some()).then_some(intent)
     }
 
+    /// A switchover or failover to `member` that Patroni carries out now;
+    /// it stays requested while the leader key is empty between the old
+    /// leader's release and the candidate's promotion.
+    pub fn is_immediate_to(&self, member: &str) -> bool {
+        self.member.as_deref() == Some(member) && self.scheduled_at.is_none()
+    }
+
     /// A switchover away from `leader` that Patroni carries out now.
     pub fn is_immediate_switchover_from(&self, leader: &str) -> bool {
         self.leader.as_deref() == Some(leader) && self.scheduled_at.is_none()
@@ -158,6 +159,15 @@ pub struct RestStatus {
 impl RestStatus {
     pub fn parse(json: &[u8]) -> Result<Self, String> {
         serde_json::from_slice(json).map_err(|e| format!("malformed REST status: {e}"))
+    }
+
+    /// PostgreSQL is running and out of recovery. Patroni derives this
+    /// role from `pg_is_in_recovery()` when it answers, so it is live,
+    /// while the member record in etcd says "master" only from Patroni's
+    /// next loop after a promotion.
+    pub fn is_running_primary(&self) -> bool {
+        self.state.as_deref() == Some("running")
+            && matches!(self.role.as_deref(), Some("master" | "primary"))
     }
 }
 

@@ -101,6 +101,24 @@ impl Case {
             .collect()
     }
 
+    /// A check whose body gives PostgreSQL's live role, as Patroni's do.
+    fn set_rest_with_body(&mut self, member: &str, primary: bool, role: &str) {
+        let status = RestStatus {
+            state: Some("running".into()),
+            role: Some(role.into()),
+            ..RestStatus::default()
+        };
+        let state = self.rest.entry(member.to_owned()).or_default();
+        state.record(RestCheck {
+            at: self.now,
+            took: Duration::ZERO,
+            primary: Some(primary),
+            replica: Some(!primary),
+            status: Some(status),
+            error: None,
+        });
+    }
+
     fn set_rest(&mut self, member: &str, primary: Option<bool>, replica: Option<bool>) {
         let state = self.rest.entry(member.to_owned()).or_default();
         state.record(RestCheck {
@@ -192,7 +210,6 @@ fn leader_key_holder_still_promoting() {
     assert_eq!(case.leader(), None);
     let reason = case.view().no_leader_reason.unwrap_or_default();
     assert!(reason.contains("promoted"), "{reason}");
-    // etcd+patroni takes REST's word that promotion finished.
     case.policy = LeaderPolicy::EtcdAndPatroni;
     assert_eq!(case.leader(), None, "REST has not confirmed yet");
     assert_eq!(
@@ -200,7 +217,38 @@ fn leader_key_holder_still_promoting() {
         ["pg2"],
         "the key holder takes no new reads"
     );
+    // Patroni answers /primary 200 for the key holder while PostgreSQL is
+    // still in recovery: the body says so, and that is not enough.
+    case.set_rest_with_body("pg3", true, "replica");
+    assert_eq!(case.leader(), None, "still in recovery");
+    // Out of recovery per Patroni's live answer: confirmed, though the
+    // record says "promoted" (or still "replica") until Patroni's next loop.
+    case.set_rest_with_body("pg3", true, "master");
+    assert_eq!(case.leader().as_deref(), Some("pg3"));
+    if let Some(m) = case.directory.members.get_mut("pg3") {
+        m.role = Some("replica".into());
+    }
+    assert_eq!(case.leader().as_deref(), Some("pg3"));
+    // The etcd policy does not look at REST bodies.
+    case.policy = LeaderPolicy::Etcd;
+    assert_eq!(case.leader(), None);
+}
+
+#[test]
+fn a_primary_body_read_before_the_key_moved_does_not_confirm() {
+    let mut case = Case::new();
+    case.directory.leader = Some("pg3".into());
+    case.set_rest("pg1", Some(false), Some(true));
+    case.set_rest_with_body("pg3", true, "master");
+    case.leader_since = Some(case.now + Duration::from_millis(10));
+    assert_eq!(case.leader(), None);
+    // A later answer without a body confirms /primary but not the role.
+    case.now += Duration::from_millis(20);
     case.set_rest("pg3", Some(true), Some(false));
+    assert_eq!(case.leader(), None);
+    let reason = case.view().no_leader_reason.unwrap_or_default();
+    assert!(reason.contains("not a running primary yet"), "{reason}");
+    case.set_rest_with_body("pg3", true, "master");
     assert_eq!(case.leader().as_deref(), Some("pg3"));
 }
 
@@ -218,6 +266,20 @@ fn a_requested_switchover_stops_writes_to_the_old_leader() {
         })
     );
     assert_eq!(case.readable(), ["pg2"], "the candidate takes no new reads");
+    // The old leader released the key; the candidate has not taken it yet.
+    case.directory.leader = None;
+    if let Some(m) = case.directory.members.get_mut("pg1") {
+        m.role = Some("demoted".into());
+    }
+    assert_eq!(
+        case.readable(),
+        ["pg2"],
+        "the candidate takes no new reads between the two leaders"
+    );
+    case.directory.leader = Some("pg1".into());
+    if let Some(m) = case.directory.members.get_mut("pg1") {
+        m.role = Some("master".into());
+    }
     // A scheduled switchover changes nothing until Patroni acts.
     case.directory.failover = FailoverIntent::parse(
         br#"{"leader":"pg1","member":"pg3","scheduled_at":"2030-01-01T00:00:00+00:00"}"#,
