@@ -28,10 +28,37 @@ fn read(path: &str) -> String {
     std::fs::read_to_string(repo().join(path)).unwrap_or_else(|e| panic!("read {path}: {e}"))
 }
 
-fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("rolegate-shipping-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("scratch dir");
-    dir.join(name)
+/// A file in the temp directory, named after this process and `name`,
+/// deleted when dropped.
+struct Scratch(PathBuf);
+
+fn scratch(name: &str) -> Scratch {
+    Scratch(std::env::temp_dir().join(format!("rolegate-shipping-{}-{name}", std::process::id())))
+}
+
+impl std::ops::Deref for Scratch {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl AsRef<Path> for Scratch {
+    fn as_ref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl AsRef<std::ffi::OsStr> for Scratch {
+    fn as_ref(&self) -> &std::ffi::OsStr {
+        self.0.as_os_str()
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
 }
 
 fn run(command: &mut Command) -> Output {
@@ -792,8 +819,12 @@ fn systemd_unit_verifies_and_is_hardened() {
     let report = text(&security.stdout);
     let exposure: f64 = report
         .lines()
-        .find_map(|l| l.split("exposure level for rolegate.service: ").nth(1))
-        .and_then(|rest| rest.split_whitespace().next())
+        .find_map(|l| {
+            l.split_once("exposure level for ")?
+                .1
+                .split_once(".service: ")
+        })
+        .and_then(|(_, rest)| rest.split_whitespace().next())
         .and_then(|n| n.parse().ok())
         .unwrap_or_else(|| panic!("no exposure level in {report}{}", text(&security.stderr)));
     assert!(
