@@ -383,6 +383,7 @@ ROWS = [
     ("cpu/simple/32", "Proxy CPU per 1,000 tx, `-S` 32 clients", "ms", 1, "measure"),
     ("cpu/prepared/8", "Proxy CPU per 1,000 tx, `-S -M prepared` 8 clients", "ms", 1, "measure"),
     ("cpu/prepared/32", "Proxy CPU per 1,000 tx, `-S -M prepared` 32 clients", "ms", 1, "measure"),
+    ("cpu/rate/16", "Proxy CPU per 1,000 tx at a fixed 5,000 tx/s, `-S -R 5000` 16 clients", "ms", 1, "measure"),
     ("cpu/connrate/8", "Proxy CPU per 1,000 connections, `-S -C` 8 clients", "ms", 1, "measure"),
     ("lat/p50", "Latency p50, 1 client `-S`", "µs", 0, "measure"),
     ("lat/p99", "Latency p99, 1 client `-S`", "µs", 0, "measure"),
@@ -478,7 +479,7 @@ def evaluate_targets(data, meta):
         out[m] = ("≥ 1.00× HAProxy and ≥ 0.90× direct", met, f"{fmt_ratio(rh)} HAProxy, {fmt_ratio(rd)} direct")
     rh = ratio(rg("connrate/8"), ha("connrate/8"))
     out["connrate/8"] = ("≥ 1.00× HAProxy", None if rh is None else rh >= 1.0, f"{fmt_ratio(rh)} HAProxy")
-    for m in ("cpu/simple/8", "cpu/simple/32", "cpu/prepared/8", "cpu/prepared/32"):
+    for m in ("cpu/simple/8", "cpu/simple/32", "cpu/prepared/8", "cpu/prepared/32", "cpu/rate/16"):
         rh = ratio(rg(m), ha(m))
         out[m] = ("≤ HAProxy", None if rh is None else rh <= 1.0, f"{fmt_ratio(rh)} HAProxy")
     m = "mem/per_session"
