@@ -1,0 +1,137 @@
+//! Turning the follower's state into what others read: the fused
+//! [`ClusterView`] the router routes by (sent only when it changed, with a
+//! log line for each change a person would want to see), the metrics, and
+//! the `/cluster` report.
+
+use std::sync::Arc;
+
+use tokio::time::Instant;
+use tracing::{info, warn};
+
+use super::Follower;
+use crate::topology::fuse::{fuse, rule, EtcdStatus, FuseInput};
+use crate::topology::report::{self, ClusterReport, Sources};
+use crate::topology::view::ClusterView;
+
+impl Follower {
+    pub(super) fn publish(&mut self) {
+        let view = fuse(&self.fuse_input());
+        let current = self.views.borrow().clone();
+        if *current == view {
+            self.publish_report(&view);
+            return;
+        }
+        let now = report::now_rfc3339();
+        self.view_changed_at = now.clone();
+        for member in &view.members {
+            if current.member(&member.name) != Some(member) {
+                self.member_changed_at
+                    .insert(member.name.to_string(), now.clone());
+                self.metrics
+                    .member(&member.name, member.healthy, member.readable);
+            }
+        }
+        for gone in current
+            .members
+            .iter()
+            .filter(|m| view.member(&m.name).is_none())
+        {
+            self.member_changed_at.remove(&*gone.name);
+            self.metrics.member_gone(&gone.name);
+        }
+        let old_leader = current.leader().map(|m| m.name.clone());
+        let new_leader = view.leader().map(|m| m.name.clone());
+        if old_leader != new_leader {
+            self.metrics
+                .leader_gauge(old_leader.as_deref(), new_leader.as_deref());
+            if let (Some(new), Some(last)) = (&new_leader, &self.last_leader) {
+                if **new != **last {
+                    self.metrics.new_leader_confirmed();
+                }
+            }
+            match &new_leader {
+                Some(leader) => info!(
+                    cluster = %self.cluster,
+                    from = old_leader.as_deref().unwrap_or("(none)"),
+                    to = %leader,
+                    "confirmed leader changed"
+                ),
+                None => warn!(
+                    cluster = %self.cluster,
+                    from = old_leader.as_deref().unwrap_or("(none)"),
+                    reason = view.no_leader_reason.as_deref().unwrap_or(""),
+                    "no confirmed leader"
+                ),
+            }
+        }
+        let readable = |v: &ClusterView| {
+            v.readable_replicas()
+                .map(|m| m.name.to_string())
+                .collect::<Vec<_>>()
+        };
+        let (before, after) = (readable(&current), readable(&view));
+        if before != after {
+            info!(
+                cluster = %self.cluster,
+                before = %before.join(","),
+                after = %after.join(","),
+                "readable replicas changed"
+            );
+        }
+        if let Some(leader) = &new_leader {
+            self.last_leader = Some(leader.to_string());
+        }
+        self.publish_report(&view);
+        self.views.send_replace(Arc::new(view));
+    }
+
+    pub(super) fn fuse_input(&self) -> FuseInput<'_> {
+        FuseInput {
+            cluster: &self.cluster,
+            policy: self.policy,
+            on_etcd_loss: self.on_etcd_loss,
+            max_replica_lag: self.max_replica_lag,
+            directory: &self.directory,
+            etcd: self.etcd,
+            rest: &self.rest,
+            leader_since: self.leader_since,
+            previous_leader: self.last_leader.as_deref(),
+            now: Instant::now(),
+        }
+    }
+
+    pub(super) fn publish_report(&self, view: &ClusterView) {
+        let (etcd, etcd_down_since) = report::etcd_source(self.etcd);
+        let report = ClusterReport {
+            cluster: self.cluster.to_string(),
+            mode: "patroni",
+            leader_policy: Some(self.policy.as_str()),
+            on_etcd_loss: (self.etcd != EtcdStatus::NotConfigured)
+                .then_some(self.on_etcd_loss.as_str()),
+            rule: report::rule_name(rule(&self.fuse_input())),
+            leader: view.leader().map(|m| m.name.to_string()),
+            no_leader_reason: view.no_leader_reason.clone(),
+            switchover: view.handover.as_ref().map(|h| {
+                [
+                    ("from", Some(h.from.to_string())),
+                    ("to", h.to.as_deref().map(str::to_owned)),
+                ]
+                .into_iter()
+                .collect()
+            }),
+            sources: Sources {
+                etcd,
+                etcd_down_since,
+                patroni_rest: true,
+            },
+            members: report::member_reports(
+                view,
+                Some(&self.directory),
+                &self.rest,
+                &self.member_changed_at,
+            ),
+            view_changed_at: self.view_changed_at.clone(),
+        };
+        self.reports.send_replace(Arc::new(report));
+    }
+}
