@@ -78,8 +78,10 @@ fn run(path: &std::path::Path, log_format: Option<LogFormat>) -> ExitCode {
     {
         tracing::warn!("a TLS crypto provider was already installed");
     }
+    // One worker: the other `worker_threads` are event loops of their own,
+    // which the proxy starts (server::loops).
     let mut builder = tokio::runtime::Builder::new_multi_thread();
-    builder.worker_threads(config.runtime.threads());
+    builder.worker_threads(1);
     let runtime = match builder.enable_all().build() {
         Ok(runtime) => runtime,
         Err(e) => {

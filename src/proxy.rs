@@ -23,6 +23,7 @@ use crate::metrics;
 use crate::reload::Reloader;
 use crate::router::Router;
 use crate::server::handshake::ListenerTls;
+use crate::server::loops::Loops;
 use crate::server::BackendTlsSettings;
 use crate::server::{listener, ListenerContext, Shared};
 use crate::tls::{self, ServerTls};
@@ -35,8 +36,10 @@ const FINAL_CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 /// re-reads) until SIGTERM or SIGINT.
 pub async fn run(config: Config, path: PathBuf) -> anyhow::Result<()> {
     let metrics_handle = metrics::install().map_err(|e| anyhow::anyhow!(e))?;
-    let shared = Arc::new(Shared::new(config.limits.clone()));
     let background = CancellationToken::new();
+    let loops = Loops::start(config.runtime.threads(), &background)
+        .context("runtime.worker_threads: cannot start the event loops")?;
+    let shared = Arc::new(Shared::new(config.limits.clone(), loops));
     let mut topology = Topology::start(&config, &background)?;
 
     let admin_addr = parse_socket_addr(&config.admin.listen)

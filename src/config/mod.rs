@@ -49,24 +49,23 @@ pub struct Config {
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RuntimeConfig {
-    /// Worker threads; default: half the CPUs rolegate may use, at least 1
+    /// Event loops serving sessions; default: one per CPU rolegate may use
     /// (see [`RuntimeConfig::threads`]).
     #[serde(default)]
     pub worker_threads: Option<usize>,
 }
 
 impl RuntimeConfig {
-    /// The worker threads to start. By default half the CPUs this process
-    /// may run on (affinity and cgroup quota included), at least one:
-    /// relaying is mostly the kernel's socket work, which it does on the
-    /// calling thread, and the other half is left to the peers that share
-    /// the host (PostgreSQL, the application beside a sidecar). Measured on
-    /// 2 CPUs shared with pgbench and PostgreSQL, one thread spent 7-27%
-    /// less CPU per transaction than two, at the same throughput
-    /// (BENCHMARKS.md). A dedicated proxy host may set it to its CPU count.
+    /// The session event loops to run, each on a thread of its own. By
+    /// default one per CPU this process may run on (affinity and cgroup
+    /// quota included), as HAProxy's `nbthread`. A loop with nothing to do
+    /// sleeps in `epoll_wait` and costs nothing; a single loop on a busy
+    /// 2-CPU host left the CPUs 4-8% idle while it waited to be scheduled
+    /// (BENCHMARKS.md). A sidecar that must leave CPUs to its neighbours
+    /// may set fewer.
     pub fn threads(&self) -> usize {
         self.worker_threads.unwrap_or_else(|| {
-            std::thread::available_parallelism().map_or(1, |cpus| (cpus.get() / 2).max(1))
+            std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
         })
     }
 }

@@ -1,7 +1,8 @@
 //! Accept loops: one per configured listener.
 //!
 //! Each accepted connection takes a slot of `max_client_connections`
-//! before a session task is spawned. Without a slot, the client is still
+//! before its session is handed to one of the event loops
+//! ([`super::loops`]). Without a slot, the client is still
 //! answered properly: rolegate reads its opening (refusing TLS and GSS as
 //! usual) and replies FATAL 53300, so the client sees "too many
 //! connections" where it expects the server's answer. A CancelRequest is
@@ -51,10 +52,12 @@ pub async fn serve(listener: TcpListener, context: Arc<ListenerContext>, shared:
             Some(slot) => {
                 let context = Arc::clone(&context);
                 let task_shared = Arc::clone(&shared);
-                shared.tasks.spawn(async move {
-                    session::run(stream, peer, context, task_shared).await;
-                    drop(slot);
-                });
+                shared
+                    .loops
+                    .spawn(&shared.tasks, stream, move |stream| async move {
+                        session::run(stream, peer, context, task_shared).await;
+                        drop(slot);
+                    });
             }
             None => {
                 debug!(client = %peer, listener = %context.listen, "refusing: max_client_connections reached");

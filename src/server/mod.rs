@@ -10,6 +10,7 @@ pub mod backend;
 pub mod cancel;
 pub mod handshake;
 pub mod listener;
+pub mod loops;
 pub mod relay;
 pub mod session;
 pub mod socket;
@@ -31,6 +32,7 @@ use crate::metrics::{RelayedBytes, SessionCounts};
 use crate::router::Router;
 
 use self::cancel::CancelRegistry;
+use self::loops::Loops;
 
 /// The two stages of a graceful shutdown.
 #[derive(Clone, Default)]
@@ -55,11 +57,14 @@ pub struct Shared {
     /// Relaying sessions by cluster, member and role.
     pub sessions: Arc<SessionCounts>,
     pub relayed: RelayedBytes,
+    /// The event loops sessions are handed to.
+    pub loops: Loops,
 }
 
 impl Shared {
-    pub fn new(limits: Limits) -> Self {
+    pub fn new(limits: Limits, loops: Loops) -> Self {
         Self {
+            loops,
             limits: ArcSwap::from_pointee(limits),
             cancels: CancelRegistry::new(),
             shutdown: Shutdown::default(),
