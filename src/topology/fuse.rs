@@ -6,7 +6,7 @@
 //! | policy          | confirmed leader                                              |
 //! |-----------------|---------------------------------------------------------------|
 //! | `etcd`          | the leader key names it, and its own record says primary and running |
-//! | `etcd+patroni`  | the leader key names it, its record says running, its REST `/primary` check passed after the key moved to it, its record or that check's body says primary, and no other member answers `/primary` |
+//! | `etcd+patroni`  | the leader key names it, its record says running, its REST `/primary` check passed after the key moved to it (and has not failed since, though it may have stopped answering), its record or that check's body says primary, and no other member answers `/primary` |
 //! | `patroni`       | exactly one member answers `/primary`                         |
 //!
 //! Patroni's `/primary` answers 200 as soon as the member holds the key,
@@ -66,6 +66,9 @@ pub struct RestState {
     pub status: Option<RestStatus>,
     /// When `status` was read.
     pub status_at: Option<Instant>,
+    /// When `/primary` last answered 200, unless it has answered
+    /// otherwise since.
+    pub primary_at: Option<Instant>,
     /// False after [`REST_FAILURES_TO_UNREACHABLE`] checks without answer.
     pub reachable: bool,
     pub failures: u32,
@@ -80,6 +83,11 @@ impl RestState {
     pub fn record(&mut self, check: RestCheck) {
         self.checked_at = Some(check.at);
         if check.primary.is_some() || check.replica.is_some() {
+            match check.primary {
+                Some(true) => self.primary_at = Some(check.at),
+                Some(false) => self.primary_at = None,
+                None => {}
+            }
             self.primary = check.primary.or(self.primary);
             self.replica = check.replica.or(self.replica);
             if check.status.is_some() {
@@ -326,7 +334,16 @@ fn confirmed_leader(
                 });
             check_holder(directory, holder, promoted)?;
             if policy == LeaderPolicy::EtcdAndPatroni {
-                if !rest_of(holder).is_some_and(|r| r.claims_primary() && fresh(r.checked_at)) {
+                // Confirmed by a /primary 200 read after the key moved to
+                // it. A Patroni that has answered so and then stops
+                // answering (starved of CPU, say) keeps it: while the key
+                // holds, Patroni promotes nobody else, and if Patroni is
+                // gone the key expires within ttl. A 503 does not keep it.
+                let confirmed = |r: &RestState| {
+                    (r.claims_primary() && fresh(r.checked_at))
+                        || (!r.reachable && r.primary_at.is_some() && fresh(r.primary_at))
+                };
+                if !rest_of(holder).is_some_and(confirmed) {
                     return Err(format!(
                         "{holder} holds the leader key but its REST /primary check has not confirmed it yet"
                     ));

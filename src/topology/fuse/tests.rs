@@ -235,6 +235,28 @@ fn leader_key_holder_still_promoting() {
 }
 
 #[test]
+fn a_confirmed_leader_whose_patroni_stops_answering_stays_writable() {
+    let mut case = Case::new();
+    assert_eq!(case.leader().as_deref(), Some("pg1"));
+    // Two checks without an answer: REST unreachable.
+    case.set_rest("pg1", None, None);
+    case.set_rest("pg1", None, None);
+    assert_eq!(
+        case.leader().as_deref(),
+        Some("pg1"),
+        "the key still holds, so nobody else can be promoted"
+    );
+    // An answer that says "not primary" ends it.
+    case.set_rest("pg1", Some(false), Some(true));
+    assert_eq!(case.leader(), None);
+    // Silence after the key moved to pg1 again confirms nothing.
+    case.set_rest("pg1", None, None);
+    case.set_rest("pg1", None, None);
+    case.leader_since = Some(case.now + Duration::from_millis(10));
+    assert_eq!(case.leader(), None);
+}
+
+#[test]
 fn a_primary_body_read_before_the_key_moved_does_not_confirm() {
     let mut case = Case::new();
     case.directory.leader = Some("pg3".into());
@@ -316,9 +338,13 @@ fn one_lost_rest_answer_changes_nothing_two_do() {
     case.set_rest("pg2", None, None);
     assert_eq!(case.readable(), ["pg3"]);
     assert!(!case.view().member("pg2").is_some_and(|m| m.healthy));
-    // The leader losing REST twice is no longer confirmed.
+    // The leader losing REST twice: with etcd, its key still holds (see
+    // a_confirmed_leader_whose_patroni_stops_answering_stays_writable);
+    // with REST alone nothing is left to confirm it.
     case.set_rest("pg1", None, None);
     case.set_rest("pg1", None, None);
+    assert_eq!(case.leader().as_deref(), Some("pg1"));
+    case.policy = LeaderPolicy::Patroni;
     assert_eq!(case.leader(), None);
 }
 
