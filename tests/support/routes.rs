@@ -11,10 +11,21 @@ use super::{connect, conninfo};
 /// The port of the server a new session on `port` reaches, and whether it
 /// is in recovery.
 pub async fn reached(port: u16) -> Result<(u16, bool), Failed> {
-    let client = connect(&conninfo(port, "app", "app")).await?;
+    // tokio-postgres says only "db error"; the server's message is the
+    // part worth reading when a test fails.
+    let said = |e: tokio_postgres::Error| match e.as_db_error() {
+        Some(db) => Failed::from(format!(
+            "port {port}: {} ({})",
+            db.message(),
+            db.code().code()
+        )),
+        None => Failed::from(format!("port {port}: {e}")),
+    };
+    let client = connect(&conninfo(port, "app", "app")).await.map_err(said)?;
     let row = client
         .query_one("select inet_server_port(), pg_is_in_recovery()", &[])
-        .await?;
+        .await
+        .map_err(said)?;
     Ok((row.get::<_, i32>(0) as u16, row.get(1)))
 }
 
