@@ -43,12 +43,12 @@ impl MemberRecord {
 
     /// Patroni says PostgreSQL is up.
     pub fn is_running(&self) -> bool {
-        self.state.as_deref() == Some("running")
+        is_running_state(self.state.as_deref())
     }
 
-    /// Patroni reports this member as the primary (3.0 says "master").
+    /// Patroni reports this member as the primary.
     pub fn is_primary_role(&self) -> bool {
-        matches!(self.role.as_deref(), Some("master" | "primary"))
+        is_primary_role(self.role.as_deref())
     }
 
     pub fn is_replica_role(&self) -> bool {
@@ -166,9 +166,19 @@ impl RestStatus {
     /// while the member record in etcd says "master" only from Patroni's
     /// next loop after a promotion.
     pub fn is_running_primary(&self) -> bool {
-        self.state.as_deref() == Some("running")
-            && matches!(self.role.as_deref(), Some("master" | "primary"))
+        is_running_state(self.state.as_deref()) && is_primary_role(self.role.as_deref())
     }
+}
+
+/// Patroni's word for PostgreSQL being up, in records and REST answers.
+fn is_running_state(state: Option<&str>) -> bool {
+    state == Some("running")
+}
+
+/// Patroni's words for the primary: 3.0 says "master", later versions
+/// "primary"; records and REST answers use the same ones.
+fn is_primary_role(role: Option<&str>) -> bool {
+    matches!(role, Some("master" | "primary"))
 }
 
 /// One member in Patroni's `GET /cluster` answer.
