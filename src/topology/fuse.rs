@@ -318,16 +318,13 @@ fn confirmed_leader(
                 return Err("the leader key is empty (an election is in progress)".to_owned());
             };
             // A REST answer counts only if it was read after the key moved.
-            let fresh = |at: Option<Instant>| {
-                at.zip(input.leader_since)
-                    .is_none_or(|(read, since)| read >= since)
-            };
+            let fresh = |read: Instant| input.leader_since.is_none_or(|since| read >= since);
             // With REST in use, Patroni's live answer that PostgreSQL left
             // recovery stands in for the record, which says "master" only
             // about one HA loop later.
             let promoted = policy == LeaderPolicy::EtcdAndPatroni
                 && rest_of(holder).is_some_and(|r| {
-                    fresh(r.status_at)
+                    r.status_at.is_some_and(fresh)
                         && r.status
                             .as_ref()
                             .is_some_and(RestStatus::is_running_primary)
@@ -340,8 +337,8 @@ fn confirmed_leader(
                 // holds, Patroni promotes nobody else, and if Patroni is
                 // gone the key expires within ttl. A 503 does not keep it.
                 let confirmed = |r: &RestState| {
-                    (r.claims_primary() && fresh(r.checked_at))
-                        || (!r.reachable && r.primary_at.is_some() && fresh(r.primary_at))
+                    (r.claims_primary() && r.checked_at.is_some_and(fresh))
+                        || (!r.reachable && r.primary_at.is_some_and(fresh))
                 };
                 if !rest_of(holder).is_some_and(confirmed) {
                     return Err(format!(
