@@ -101,6 +101,13 @@ impl Case {
             .collect()
     }
 
+    /// Sets the role in `member`'s etcd record.
+    fn set_role(&mut self, member: &str, role: &str) {
+        if let Some(m) = self.directory.members.get_mut(member) {
+            m.role = Some(role.into());
+        }
+    }
+
     /// A check whose body gives PostgreSQL's live role, as Patroni's do.
     fn set_rest_with_body(&mut self, member: &str, primary: bool, role: &str) {
         let status = RestStatus {
@@ -171,12 +178,8 @@ fn leader_key_holder_must_pass_rest_after_the_key_moved() {
     let mut case = Case::new();
     // The key moved to pg3 and pg3 promoted, per etcd.
     case.directory.leader = Some("pg3".into());
-    if let Some(m) = case.directory.members.get_mut("pg3") {
-        m.role = Some("master".into());
-    }
-    if let Some(m) = case.directory.members.get_mut("pg1") {
-        m.role = Some("replica".into());
-    }
+    case.set_role("pg3", "master");
+    case.set_role("pg1", "replica");
     case.set_rest("pg1", Some(false), Some(true));
     case.leader_since = Some(case.now + Duration::from_millis(10));
     // pg3's REST state predates the key change: not confirmed.
@@ -201,9 +204,7 @@ fn leader_key_holder_must_pass_rest_after_the_key_moved() {
 fn leader_key_holder_still_promoting() {
     let mut case = Case::new();
     case.directory.leader = Some("pg3".into());
-    if let Some(m) = case.directory.members.get_mut("pg3") {
-        m.role = Some("promoted".into());
-    }
+    case.set_role("pg3", "promoted");
     case.set_rest("pg1", Some(false), Some(true));
     // The etcd policy waits for the record to say "master".
     case.policy = LeaderPolicy::Etcd;
@@ -225,9 +226,7 @@ fn leader_key_holder_still_promoting() {
     // record says "promoted" (or still "replica") until Patroni's next loop.
     case.set_rest_with_body("pg3", true, "master");
     assert_eq!(case.leader().as_deref(), Some("pg3"));
-    if let Some(m) = case.directory.members.get_mut("pg3") {
-        m.role = Some("replica".into());
-    }
+    case.set_role("pg3", "replica");
     assert_eq!(case.leader().as_deref(), Some("pg3"));
     // The etcd policy does not look at REST bodies.
     case.policy = LeaderPolicy::Etcd;
@@ -290,18 +289,14 @@ fn a_requested_switchover_stops_writes_to_the_old_leader() {
     assert_eq!(case.readable(), ["pg2"], "the candidate takes no new reads");
     // The old leader released the key; the candidate has not taken it yet.
     case.directory.leader = None;
-    if let Some(m) = case.directory.members.get_mut("pg1") {
-        m.role = Some("demoted".into());
-    }
+    case.set_role("pg1", "demoted");
     assert_eq!(
         case.readable(),
         ["pg2"],
         "the candidate takes no new reads between the two leaders"
     );
     case.directory.leader = Some("pg1".into());
-    if let Some(m) = case.directory.members.get_mut("pg1") {
-        m.role = Some("master".into());
-    }
+    case.set_role("pg1", "master");
     // A scheduled switchover changes nothing until Patroni acts.
     case.directory.failover = FailoverIntent::parse(
         br#"{"leader":"pg1","member":"pg3","scheduled_at":"2030-01-01T00:00:00+00:00"}"#,
