@@ -165,11 +165,6 @@ pub enum Misfit {
         old: Arc<str>,
         new: Option<Arc<str>>,
     },
-    /// A write session's member is handing over in a planned switchover.
-    Switchover {
-        old: Arc<str>,
-        candidate: Option<Arc<str>>,
-    },
     /// A read session's member left the view or failed its checks.
     MemberUnavailable { member: Arc<str> },
 }
@@ -192,14 +187,6 @@ impl Misfit {
                 ),
             )
             .with_hint("Reconnect; rolegate holds new sessions until a new primary is confirmed."),
-            Self::Switchover { old, candidate } => ProtocolError::new(
-                SqlState::ADMIN_SHUTDOWN,
-                format!(
-                    "terminating connection because cluster \"{cluster}\" is switching over from {old} to {}",
-                    candidate.as_deref().unwrap_or("another member")
-                ),
-            )
-            .with_hint("Reconnect; rolegate holds new sessions until the new primary is confirmed."),
             Self::MemberUnavailable { member } => ProtocolError::new(
                 SqlState::ADMIN_SHUTDOWN,
                 format!(
@@ -214,17 +201,21 @@ impl Misfit {
 /// Checks whether a session on `member`, opened through a listener of
 /// `role`, may continue under `view`.
 ///
-/// Write sessions need their member to remain the confirmed leader. Read
-/// sessions need it to remain present and healthy: a replica that is
-/// promoted keeps its readers, and rising lag does not end a session.
+/// Write sessions need their member to remain the confirmed leader, or to
+/// be the leader stepping down in a planned switchover: that member is
+/// still the primary until Patroni stops its PostgreSQL, which ends the
+/// sessions itself, after the checkpoint it takes while still serving and
+/// before the leader key moves (every write it acknowledged reaches the
+/// candidate first). Ending them at the request would only lengthen the
+/// outage; new write sessions are held meanwhile, since the view confirms
+/// no leader. Read sessions need their member to remain present and
+/// healthy: a replica that is promoted keeps its readers, and rising lag
+/// does not end a session.
 pub fn check_fit(role: ListenerRole, view: &ClusterView, member: &str) -> Result<(), Misfit> {
     match role {
         ListenerRole::Primary => match (view.leader(), &view.handover) {
             (Some(leader), _) if &*leader.name == member => Ok(()),
-            (None, Some(handover)) if &*handover.from == member => Err(Misfit::Switchover {
-                old: member.into(),
-                candidate: handover.to.clone(),
-            }),
+            (None, Some(handover)) if &*handover.from == member => Ok(()),
             (other, _) => Err(Misfit::LeaderChanged {
                 old: member.into(),
                 new: other.map(|m| m.name.clone()),
@@ -388,19 +379,16 @@ mod tests {
     }
 
     #[test]
-    fn write_sessions_end_at_a_requested_switchover() {
+    fn write_sessions_on_the_leader_stepping_down_run_until_the_key_moves() {
         let v = view(None).with_handover(Some(crate::topology::Handover {
             from: "pg1".into(),
             to: Some("pg3".into()),
         }));
-        let misfit = check_fit(ListenerRole::Primary, &v, "pg1").expect_err("handover");
-        let error = misfit.to_error("demo");
-        assert_eq!(error.sqlstate, SqlState::ADMIN_SHUTDOWN);
-        assert!(
-            error.message.contains("from pg1 to pg3"),
-            "{}",
-            error.message
-        );
+        assert_eq!(check_fit(ListenerRole::Primary, &v, "pg1"), Ok(()));
+        assert!(check_fit(ListenerRole::Primary, &v, "pg3").is_err());
+        // The key released, no new leader yet: the old one is done.
+        let misfit = check_fit(ListenerRole::Primary, &view(None), "pg1").expect_err("released");
+        assert_eq!(misfit.to_error("demo").sqlstate, SqlState::ADMIN_SHUTDOWN);
     }
 
     #[test]

@@ -260,7 +260,8 @@ pub fn fuse(input: &FuseInput<'_>) -> ClusterView {
 /// A switchover Patroni is carrying out now, away from the leader-key
 /// holder. Patroni stops that member's PostgreSQL (ending its sessions)
 /// before etcd shows any other sign, so this request is the earliest
-/// moment to stop sending it writes.
+/// moment to stop sending it new write sessions; those already there run
+/// on until PostgreSQL ends them (see [`crate::router::check_fit`]).
 fn handover(directory: &DcsState, rule: Rule) -> Option<Handover> {
     if !matches!(
         rule,
