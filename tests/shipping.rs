@@ -7,6 +7,7 @@
 //! file, python3's YAML parser reads the manifests, `systemd-analyze
 //! verify` checks the unit, `promtool` parses the dashboard's queries, and
 //! every configuration file shipped is run through `rolegate check-config`.
+//! BENCHMARKS.md is rendered again from the raw results it was made from.
 //! Missing Debian packages (docker-compose, python3-yaml, systemd,
 //! prometheus) are installed on first use, without recommends.
 
@@ -1095,4 +1096,56 @@ fn configuration_reference_names_every_key_and_its_examples_are_valid() {
     // The shipped configurations, too.
     check_config(&repo().join("proxy.toml"));
     check_config(&repo().join("docker/proxy.toml"));
+}
+
+/// BENCHMARKS.md is what `bench/bench.py report` renders from the raw
+/// results of the last full run (`bench/last-run/`, written by `bench/run`
+/// beside it) and the file's own hand-written section: a change to the
+/// report code, the template or the figures shows up here, and the bench
+/// scripts at least parse.
+#[test]
+fn benchmarks_md_is_rendered_from_the_last_runs_raw_results() {
+    for script in ["bench/run", "bench/tls_connections.sh"] {
+        let out = run(Command::new("bash").arg("-n").arg(repo().join(script)));
+        assert!(out.status.success(), "{script}: {}", text(&out.stderr));
+    }
+    let committed = read("BENCHMARKS.md");
+    let rendered = scratch("BENCHMARKS.md");
+    std::fs::write(&rendered, &committed).expect("write scratch BENCHMARKS.md");
+    let raw = repo().join("bench/last-run");
+    let out = run(Command::new("/usr/bin/python3")
+        .arg(repo().join("bench/bench.py"))
+        .arg("report")
+        .arg("--results")
+        .arg(raw.join("results.jsonl"))
+        .arg("--meta")
+        .arg(raw.join("meta.tsv"))
+        .arg("--writers")
+        .arg(&raw)
+        .arg("--template")
+        .arg(repo().join("bench/BENCHMARKS.md.in"))
+        .arg("--write")
+        .arg(&rendered));
+    assert!(
+        out.status.success(),
+        "bench.py report: {}",
+        text(&out.stderr)
+    );
+    let rendered = std::fs::read_to_string(&rendered).expect("read rendered");
+    if let Some((line, (ours, theirs))) = rendered
+        .lines()
+        .zip(committed.lines())
+        .enumerate()
+        .find(|(_, (a, b))| a != b)
+    {
+        panic!(
+            "BENCHMARKS.md line {} differs from what bench/last-run renders:\n  committed: {theirs}\n  rendered:  {ours}",
+            line + 1
+        );
+    }
+    assert_eq!(
+        rendered.lines().count(),
+        committed.lines().count(),
+        "BENCHMARKS.md and what bench/last-run renders differ in length"
+    );
 }
