@@ -274,7 +274,7 @@ fn a_primary_body_read_before_the_key_moved_does_not_confirm() {
 }
 
 #[test]
-fn a_requested_switchover_stops_writes_to_the_old_leader() {
+fn a_requested_switchover_sends_no_new_writes_to_the_old_leader() {
     let mut case = Case::new();
     case.directory.failover = FailoverIntent::parse(br#"{"leader":"pg1","member":"pg3"}"#);
     let view = case.view();
