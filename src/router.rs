@@ -205,8 +205,8 @@ impl Misfit {
 /// be the leader stepping down in a planned switchover: that member is
 /// still the primary until Patroni stops its PostgreSQL, which ends the
 /// sessions itself, after the checkpoint it takes while still serving and
-/// before the leader key moves (every write it acknowledged reaches the
-/// candidate first). Ending them at the request would only lengthen the
+/// before the leader key moves (its clean shutdown streams every commit to
+/// the replicas first). Ending them at the request would only lengthen the
 /// outage; new write sessions are held meanwhile, since the view confirms
 /// no leader. Read sessions need their member to remain present and
 /// healthy: a replica that is promoted keeps its readers, and rising lag
