@@ -321,11 +321,11 @@ fn switchover_drains_old_write_sessions_and_holds_new_ones(env: &Env) -> Result<
         // The sessions open on the old leader ran on until its PostgreSQL
         // ended them on Patroni's stop: rolegate ended none of them itself
         // at the request, and the idle one got the server's own FATAL.
+        let ended_by_rolegate = demotions() - demotions_before;
         check(
-            demotions() == demotions_before,
+            ended_by_rolegate == 0.0,
             format!(
-                "rolegate ended {} write sessions itself; the old leader's PostgreSQL should have",
-                demotions() - demotions_before
+                "rolegate ended {ended_by_rolegate} write sessions itself; the old leader's PostgreSQL should have"
             ),
         )?;
         let ended = tokio::time::timeout(Duration::from_secs(5), connection).await;
