@@ -1,5 +1,5 @@
 //! The lab itself: a real etcd and a 3-node Patroni cluster that looks
-//! like the one the fixtures in `shared/fixtures/patroni/` were captured
+//! like the one the fixtures in `tests/fixtures/patroni-3.0/` were captured
 //! from. These checks only read the cluster, so they run in parallel.
 
 mod support;
@@ -97,7 +97,7 @@ fn etcd_holds_the_leader_and_three_members(lab: &Lab) -> Result<(), Failed> {
     // rolegate's parser reads it.
     let fixture = std::fs::read_to_string(concat!(
         env!("CARGO_MANIFEST_DIR"),
-        "/../shared/fixtures/patroni/etcd-get-prefix.txt"
+        "/tests/fixtures/patroni-3.0/etcd-get-prefix.txt"
     ))?;
     let fixture_replica = fixture
         .lines()

@@ -9,7 +9,7 @@
 //! input: malformed JSON is an error value the caller logs.
 //!
 //! Reference: Patroni's docs, "REST API" and "Dynamic Configuration
-//! Settings"; samples in `shared/fixtures/patroni/`.
+//! Settings"; samples in `tests/fixtures/patroni-3.0/`.
 
 use std::collections::BTreeMap;
 
@@ -259,7 +259,7 @@ pub(crate) fn split_http_capture(text: &str) -> (u16, &str) {
 #[cfg(test)]
 pub(crate) fn fixture(name: &str) -> String {
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../shared/fixtures/patroni")
+        .join("tests/fixtures/patroni-3.0")
         .join(name);
     std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("fixture {}: {e}", path.display()))
 }

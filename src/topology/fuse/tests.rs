@@ -20,7 +20,7 @@ fn rest_from_fixtures(at: Instant) -> HashMap<String, RestState> {
         let check = |file: &str| {
             let text = std::fs::read_to_string(
                 std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-                    .join("../shared/fixtures/patroni")
+                    .join("tests/fixtures/patroni-3.0")
                     .join(file),
             )
             .ok();
