@@ -133,7 +133,12 @@ pub fn candidates(
             members
         }
     };
-    let replicas = || view.readable_replicas().cloned().collect::<Vec<_>>();
+    let replicas = || {
+        view.readable_replicas()
+            .filter(|m| serves_reads(view, m))
+            .cloned()
+            .collect::<Vec<_>>()
+    };
     match role {
         ListenerRole::Primary => leader(),
         ListenerRole::Replica => {
@@ -198,6 +203,17 @@ impl Misfit {
     }
 }
 
+/// Whether `member` may carry read sessions under `view`: the confirmed
+/// leader, or a member that is running and passing its checks. The
+/// confirmed leader counts even while its REST checks go unanswered (a
+/// Patroni starved of CPU; see [`crate::topology::fuse`]): writes go to it
+/// then, so reads may too. Routing offers only members this accepts, and
+/// a session ends when its member stops being accepted, so a session is
+/// never started on a member that would end it at once.
+fn serves_reads(view: &ClusterView, member: &Member) -> bool {
+    member.healthy || view.leader().is_some_and(|l| l.name == member.name)
+}
+
 /// Checks whether a session on `member`, opened through a listener of
 /// `role`, may continue under `view`.
 ///
@@ -223,7 +239,7 @@ pub fn check_fit(role: ListenerRole, view: &ClusterView, member: &str) -> Result
         },
         ListenerRole::Replica | ListenerRole::PreferReplica | ListenerRole::Any => {
             match view.member(member) {
-                Some(m) if m.healthy => Ok(()),
+                Some(m) if serves_reads(view, m) => Ok(()),
                 _ => Err(Misfit::MemberUnavailable {
                     member: member.into(),
                 }),
@@ -401,6 +417,103 @@ mod tests {
         let mut v = view(Some("pg1"));
         v.members[1].healthy = false;
         assert!(check_fit(ListenerRole::Any, &v, "pg2").is_err());
+    }
+
+    /// Every view three members can make: each member's role, health and
+    /// readability, the confirmed leader, and a switchover or none.
+    fn every_view() -> impl Iterator<Item = ClusterView> {
+        let roles = [
+            MemberRole::Primary,
+            MemberRole::Replica,
+            MemberRole::Unknown,
+        ];
+        let states: Vec<(MemberRole, bool, bool)> = roles
+            .iter()
+            .flat_map(|&r| {
+                [
+                    (r, false, false),
+                    (r, false, true),
+                    (r, true, false),
+                    (r, true, true),
+                ]
+            })
+            .collect();
+        let names = ["pg1", "pg2", "pg3"];
+        let mut views = Vec::new();
+        for a in &states {
+            for b in &states {
+                for c in &states {
+                    for leader in [None, Some("pg1"), Some("pg2"), Some("pg3")] {
+                        for handover in [None, Some(("pg1", Some("pg2"))), Some(("pg2", None))] {
+                            let members = [a, b, c]
+                                .iter()
+                                .zip(names)
+                                .zip([5441, 5442, 5443])
+                                .map(|((&&(role, healthy, readable), name), port)| {
+                                    let mut m = member(name, port, role);
+                                    m.healthy = healthy;
+                                    m.readable = readable;
+                                    m
+                                })
+                                .collect();
+                            let view = ClusterView::new("demo".into(), members, leader, true)
+                                .with_handover(handover.map(|(from, to)| {
+                                    crate::topology::Handover {
+                                        from: from.into(),
+                                        to: to.map(Into::into),
+                                    }
+                                }));
+                            views.push(view);
+                        }
+                    }
+                }
+            }
+        }
+        views.into_iter()
+    }
+
+    /// Routing and fit are one rule: a new session is never sent to a
+    /// member on which its listener's fit check would end it at once.
+    #[test]
+    fn every_candidate_fits() {
+        let roles = [
+            ListenerRole::Primary,
+            ListenerRole::Replica,
+            ListenerRole::PreferReplica,
+            ListenerRole::Any,
+        ];
+        let next = AtomicUsize::new(0);
+        let mut checked = 0;
+        for view in every_view() {
+            for role in roles {
+                for fallback in [ReplicaFallback::Hold, ReplicaFallback::Primary] {
+                    for candidate in candidates(role, fallback, &view, &next) {
+                        checked += 1;
+                        assert_eq!(
+                            check_fit(role, &view, &candidate.name),
+                            Ok(()),
+                            "{role} ({fallback:?}) offered {} under {view:?}",
+                            candidate.name
+                        );
+                    }
+                }
+            }
+        }
+        assert!(checked > 10_000, "only {checked} candidates checked");
+    }
+
+    #[test]
+    fn a_confirmed_leader_with_silent_rest_serves_reads_on_any() {
+        let mut v = view(Some("pg1"));
+        v.members[0].healthy = false;
+        let next = AtomicUsize::new(0);
+        let offered: Vec<_> = (0..3)
+            .flat_map(|_| candidates(ListenerRole::Any, ReplicaFallback::Hold, &v, &next))
+            .map(|m| m.name)
+            .collect();
+        assert!(offered.iter().any(|n| &**n == "pg1"));
+        assert_eq!(check_fit(ListenerRole::Any, &v, "pg1"), Ok(()));
+        assert!(check_fit(ListenerRole::Any, &v, "pg9").is_err());
     }
 
     #[tokio::test]

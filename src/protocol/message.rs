@@ -86,12 +86,34 @@ pub fn auth_request_code(body: &[u8]) -> Option<u32> {
 /// Authentication request codes (the code in every Authentication message).
 pub mod auth {
     pub const OK: u32 = 0;
+    pub const GSS_CONTINUE: u32 = 8;
+    pub const SSPI: u32 = 9;
     pub const SASL: u32 = 10;
     pub const SASL_FINAL: u32 = 12;
 
-    /// Whether the backend now waits for a message from the client.
-    pub fn expects_client_response(code: u32) -> bool {
-        !matches!(code, OK | SASL_FINAL)
+    /// Who speaks after an Authentication request with this code.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub enum Next {
+        /// The backend goes on (AuthenticationOk, SASLFinal).
+        Backend,
+        /// The backend waits for the client's answer.
+        Client,
+        /// Either: a GSSAPI or SSPI exchange. PostgreSQL sends the last
+        /// mutual-authentication token in an AuthenticationGSSContinue
+        /// and then AuthenticationOk without reading anything, while a
+        /// context that needs more rounds waits for the client's next
+        /// token; only the GSS library on each side knows which (see
+        /// `pg_GSS_recvauth` in PostgreSQL's `auth.c`).
+        Either,
+    }
+
+    /// Who speaks after the backend sent this request code.
+    pub fn next_speaker(code: u32) -> Next {
+        match code {
+            OK | SASL_FINAL => Next::Backend,
+            GSS_CONTINUE | SSPI => Next::Either,
+            _ => Next::Client,
+        }
     }
 }
 

@@ -4,7 +4,9 @@
 //! reads the backend's messages one by one and passes them on; whenever an
 //! Authentication request expects an answer (cleartext, MD5, SASL, GSS) it
 //! reads exactly one message from the client, checks that it is a
-//! password-type message of sane length, and forwards it. BackendKeyData
+//! password-type message of sane length, and forwards it. After a GSSAPI
+//! continuation (or SSPI) either side may speak next, so rolegate relays
+//! whichever does first. BackendKeyData
 //! is captured for cancel routing. The exchange ends at the first
 //! ReadyForQuery (the session is open) or at an ErrorResponse (the backend
 //! refused, and the client has already been given its error).
@@ -18,8 +20,9 @@
 use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
+use crate::protocol::message::auth::{self, Next};
 use crate::protocol::message::{
-    auth, auth_request_code, decode_message, tag, Message, MAX_BACKEND_HANDSHAKE_MESSAGE,
+    auth_request_code, decode_message, tag, Message, MAX_BACKEND_HANDSHAKE_MESSAGE,
     MAX_CLIENT_AUTH_MESSAGE,
 };
 use crate::protocol::sasl::{announces_unoffered_channel_binding, without_channel_binding};
@@ -73,8 +76,13 @@ where
     let mut from_backend = BytesMut::with_capacity(1024);
     let mut to_client = BytesMut::with_capacity(512);
     let mut backend_key = None;
+    // A backend message that arrived while either side could speak.
+    let mut spoke_first = None;
     loop {
-        let msg = read_backend(backend, &mut from_backend, member).await?;
+        let msg = match spoke_first.take() {
+            Some(msg) => msg,
+            None => read_backend(backend, &mut from_backend, member).await?,
+        };
         match without_channel_binding_offer(&msg) {
             Ok(Some(rewritten)) => to_client.extend_from_slice(&rewritten),
             Ok(None) => to_client.extend_from_slice(&msg.raw),
@@ -88,9 +96,32 @@ where
                         "an Authentication message without a code",
                     ))
                 })?;
-                if auth::expects_client_response(code) {
-                    flush(client, &mut to_client).await?;
-                    let answer = read_client(client, &mut from_client).await?;
+                let answer = match auth::next_speaker(code) {
+                    Next::Backend => None,
+                    Next::Client => {
+                        flush(client, &mut to_client).await?;
+                        Some(read_client(client, &mut from_client).await?)
+                    }
+                    Next::Either => {
+                        flush(client, &mut to_client).await?;
+                        let first = first_to_speak(
+                            client,
+                            backend,
+                            &mut from_client,
+                            &mut from_backend,
+                            member,
+                        )
+                        .await?;
+                        match first {
+                            Spoke::Client(answer) => Some(answer),
+                            Spoke::Backend(msg) => {
+                                spoke_first = Some(msg);
+                                None
+                            }
+                        }
+                    }
+                };
+                if let Some(answer) = answer {
                     if code == auth::SASL
                         && backend_tls
                         && announces_unoffered_channel_binding(answer.body())
@@ -154,21 +185,28 @@ async fn read_backend<B: AsyncRead + Unpin>(
     member: &str,
 ) -> Result<Message, AuthError> {
     loop {
-        match decode_message(buf, MAX_BACKEND_HANDSHAKE_MESSAGE, "server") {
-            Ok(Some(msg)) => return Ok(msg),
-            Ok(None) => {}
-            Err(e) => return Err(AuthError::Backend(backend_violation(member, &e.message))),
+        if let Some(msg) = backend_message(buf, member)? {
+            return Ok(msg);
         }
-        match backend.read_buf(buf).await {
-            Ok(0) => {
-                return Err(AuthError::Backend(backend_gone(
-                    member,
-                    "it closed the connection",
-                )))
-            }
-            Ok(_) => {}
-            Err(e) => return Err(AuthError::Backend(backend_gone(member, &e.to_string()))),
-        }
+        backend_read(backend.read_buf(buf).await, member)?;
+    }
+}
+
+/// The backend's next whole message in `buf`, if one is there.
+fn backend_message(buf: &mut BytesMut, member: &str) -> Result<Option<Message>, AuthError> {
+    decode_message(buf, MAX_BACKEND_HANDSHAKE_MESSAGE, "server")
+        .map_err(|e| AuthError::Backend(backend_violation(member, &e.message)))
+}
+
+/// The outcome of one read from the backend: more bytes, or why not.
+fn backend_read(read: std::io::Result<usize>, member: &str) -> Result<(), AuthError> {
+    match read {
+        Ok(0) => Err(AuthError::Backend(backend_gone(
+            member,
+            "it closed the connection",
+        ))),
+        Ok(_) => Ok(()),
+        Err(e) => Err(AuthError::Backend(backend_gone(member, &e.to_string()))),
     }
 }
 
@@ -178,26 +216,76 @@ async fn read_client<C: AsyncRead + Unpin>(
     buf: &mut BytesMut,
 ) -> Result<Message, AuthError> {
     loop {
-        if let Some(msg) =
-            decode_message(buf, MAX_CLIENT_AUTH_MESSAGE, "client").map_err(AuthError::Client)?
-        {
-            return match msg.tag() {
-                tag::PASSWORD => Ok(msg),
-                tag::TERMINATE => Err(AuthError::ClientGone),
-                other => Err(AuthError::Client(ProtocolError::new(
-                    SqlState::PROTOCOL_VIOLATION,
-                    format!(
-                        "expected a password or SASL response during authentication, got message type {:?}",
-                        char::from(other)
-                    ),
-                ))),
-            };
+        if let Some(msg) = client_message(buf)? {
+            return Ok(msg);
         }
-        match client.read_buf(buf).await {
-            Ok(0) => return Err(AuthError::ClientGone),
-            Ok(_) => {}
-            Err(e) => return Err(AuthError::ClientIo(e)),
+        fill_from_client(client, buf).await?;
+    }
+}
+
+/// The side that spoke first when either could, with what it said.
+enum Spoke {
+    Client(Message),
+    Backend(Message),
+}
+
+/// Waits until either side has sent a whole message and returns it. Reads
+/// are cancel-safe, so the side that loses the race keeps what it sent in
+/// its buffer.
+async fn first_to_speak<C, B>(
+    client: &mut C,
+    backend: &mut B,
+    from_client: &mut BytesMut,
+    from_backend: &mut BytesMut,
+    member: &str,
+) -> Result<Spoke, AuthError>
+where
+    C: AsyncRead + Unpin,
+    B: AsyncRead + Unpin,
+{
+    loop {
+        if let Some(msg) = backend_message(from_backend, member)? {
+            return Ok(Spoke::Backend(msg));
         }
+        if let Some(msg) = client_message(from_client)? {
+            return Ok(Spoke::Client(msg));
+        }
+        tokio::select! {
+            read = backend.read_buf(from_backend) => backend_read(read, member)?,
+            read = fill_from_client(client, from_client) => read?,
+        }
+    }
+}
+
+/// The client's next whole message in `buf`, if one is there; only a
+/// password-type message is an answer to an authentication request.
+fn client_message(buf: &mut BytesMut) -> Result<Option<Message>, AuthError> {
+    let Some(msg) =
+        decode_message(buf, MAX_CLIENT_AUTH_MESSAGE, "client").map_err(AuthError::Client)?
+    else {
+        return Ok(None);
+    };
+    match msg.tag() {
+        tag::PASSWORD => Ok(Some(msg)),
+        tag::TERMINATE => Err(AuthError::ClientGone),
+        other => Err(AuthError::Client(ProtocolError::new(
+            SqlState::PROTOCOL_VIOLATION,
+            format!(
+                "expected a password or SASL response during authentication, got message type {:?}",
+                char::from(other)
+            ),
+        ))),
+    }
+}
+
+async fn fill_from_client<C: AsyncRead + Unpin>(
+    client: &mut C,
+    buf: &mut BytesMut,
+) -> Result<(), AuthError> {
+    match client.read_buf(buf).await {
+        Ok(0) => Err(AuthError::ClientGone),
+        Ok(_) => Ok(()),
+        Err(e) => Err(AuthError::ClientIo(e)),
     }
 }
 
@@ -264,6 +352,82 @@ mod tests {
         let key = done.backend_key.expect("key");
         assert_eq!(key.pid, 42);
         assert_eq!(&key.secret[..], b"KEY!");
+        drop(server.await.expect("server"));
+    }
+
+    /// GSSAPI's last round: the server sends its final mutual-
+    /// authentication token in an AuthenticationGSSContinue and goes on to
+    /// AuthenticationOk without waiting; the client sends nothing more.
+    #[tokio::test]
+    async fn gss_final_continue_is_followed_by_the_server() {
+        let (mut client_app, mut client) = duplex(1 << 16);
+        let (mut backend, mut server_app) = duplex(1 << 16);
+        let server = tokio::spawn(async move {
+            server_app
+                .write_all(&msg(b'R', b"\0\0\0\x07"))
+                .await
+                .expect("write");
+            let mut token = vec![0u8; 5 + 6];
+            server_app.read_exact(&mut token).await.expect("read");
+            assert_eq!(token, msg(b'p', b"token1"));
+            let mut rest = msg(b'R', b"\0\0\0\x08final");
+            rest.extend(msg(b'R', b"\0\0\0\0"));
+            rest.extend(msg(b'K', b"\0\0\0\x07KEY!"));
+            rest.extend(msg(b'Z', b"I"));
+            server_app.write_all(&rest).await.expect("write");
+            server_app
+        });
+        client_app
+            .write_all(&msg(b'p', b"token1"))
+            .await
+            .expect("write");
+        let done = tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            relay_authentication(&mut client, &mut backend, BytesMut::new(), "pg1", false),
+        )
+        .await
+        .expect("no deadlock after the final GSS token")
+        .expect("authenticated");
+        assert_eq!(done.backend_key.map(|k| k.pid), Some(7));
+        let mut expected = msg(b'R', b"\0\0\0\x07");
+        expected.extend(msg(b'R', b"\0\0\0\x08final"));
+        expected.extend(msg(b'R', b"\0\0\0\0"));
+        let mut got = vec![0u8; expected.len()];
+        client_app.read_exact(&mut got).await.expect("read");
+        assert_eq!(got, expected);
+        drop(server.await.expect("server"));
+    }
+
+    /// A GSSAPI context that needs another round: after the continuation
+    /// the client answers, and its token reaches the server.
+    #[tokio::test]
+    async fn gss_continue_that_needs_the_client_relays_its_token() {
+        let (mut client_app, mut client) = duplex(1 << 16);
+        let (mut backend, mut server_app) = duplex(1 << 16);
+        let server = tokio::spawn(async move {
+            let mut opening = msg(b'R', b"\0\0\0\x07");
+            opening.extend(msg(b'R', b"\0\0\0\x08more"));
+            server_app.write_all(&opening).await.expect("write");
+            let mut tokens = vec![0u8; 2 * (5 + 6)];
+            server_app.read_exact(&mut tokens).await.expect("read");
+            let mut expected = msg(b'p', b"token1");
+            expected.extend(msg(b'p', b"token2"));
+            assert_eq!(tokens, expected);
+            let mut rest = msg(b'R', b"\0\0\0\0");
+            rest.extend(msg(b'Z', b"I"));
+            server_app.write_all(&rest).await.expect("write");
+            server_app
+        });
+        let mut answers = msg(b'p', b"token1");
+        answers.extend(msg(b'p', b"token2"));
+        client_app.write_all(&answers).await.expect("write");
+        tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            relay_authentication(&mut client, &mut backend, BytesMut::new(), "pg1", false),
+        )
+        .await
+        .expect("no deadlock")
+        .expect("authenticated");
         drop(server.await.expect("server"));
     }
 
