@@ -47,6 +47,8 @@ pub const REST_FAILURES_TO_UNREACHABLE: u32 = 2;
 /// The result of one REST check of a member.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RestCheck {
+    /// When the check started: an answer may reflect any moment after it,
+    /// so only the start is safe to compare with when the key moved.
     pub at: Instant,
     /// How long the check took.
     pub took: Duration,
@@ -72,7 +74,11 @@ pub struct RestState {
     /// False after [`REST_FAILURES_TO_UNREACHABLE`] checks without answer.
     pub reachable: bool,
     pub failures: u32,
+    /// When the last check started, answered or not.
     pub checked_at: Option<Instant>,
+    /// When the last check that got an answer started: what `primary`,
+    /// `replica` and `reachable` rest on.
+    pub answered_at: Option<Instant>,
     pub last_error: Option<String>,
 }
 
@@ -95,6 +101,7 @@ impl RestState {
                 self.status_at = Some(check.at);
             }
             self.reachable = true;
+            self.answered_at = Some(check.at);
             self.failures = 0;
             self.last_error = check.error;
         } else {
@@ -338,7 +345,7 @@ fn confirmed_leader(
                 // holds, Patroni promotes nobody else, and if Patroni is
                 // gone the key expires within ttl. A 503 does not keep it.
                 let confirmed = |r: &RestState| {
-                    (r.claims_primary() && r.checked_at.is_some_and(fresh))
+                    (r.claims_primary() && r.answered_at.is_some_and(fresh))
                         || (!r.reachable && r.primary_at.is_some_and(fresh))
                 };
                 if !rest_of(holder).is_some_and(confirmed) {

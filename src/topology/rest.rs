@@ -49,7 +49,7 @@ impl RestProber {
             self.get(endpoint(api_url, "primary")),
             self.get(replica_url)
         );
-        let at = Instant::now();
+        let finished = Instant::now();
         let mut error = None;
         let mut status = None;
         let mut verdict = |result: Result<(bool, Option<RestStatus>), String>| match result {
@@ -67,8 +67,8 @@ impl RestProber {
         let primary = verdict(primary);
         let replica = verdict(replica);
         RestCheck {
-            at,
-            took: at - started,
+            at: started,
+            took: finished - started,
             primary,
             replica,
             status,
@@ -127,6 +127,51 @@ fn endpoint(api_url: &Url, path: &str) -> Url {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// A check is stamped with its start, not with the arrival of the
+    /// answer, which may describe any moment in between.
+    #[tokio::test]
+    async fn a_check_is_stamped_with_its_start() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        let server = tokio::spawn(async move {
+            for _ in 0..2 {
+                let Ok((mut socket, _)) = listener.accept().await else {
+                    return;
+                };
+                tokio::spawn(async move {
+                    let mut request = [0u8; 1024];
+                    let _ = socket.read(&mut request).await;
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    let body = r#"{"state":"running","role":"master"}"#;
+                    let answer = format!(
+                        "HTTP/1.0 200 OK\r\nContent-Length: {}\r\n\r\n{body}",
+                        body.len()
+                    );
+                    let _ = socket.write_all(answer.as_bytes()).await;
+                });
+            }
+        });
+        // As main does; another test may have installed it already.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let prober = RestProber::new(Duration::from_secs(5), None).expect("prober");
+        let url = Url::parse(&format!("http://127.0.0.1:{port}")).expect("url");
+        let before = Instant::now();
+        let check = prober.check(&url).await;
+        let after = Instant::now();
+        assert_eq!(check.primary, Some(true), "{:?}", check.error);
+        assert!(check.took >= Duration::from_millis(200), "{:?}", check.took);
+        assert!(
+            check.at >= before && check.at + Duration::from_millis(150) < after,
+            "stamped {:?} after the start, the answer came {:?} after it",
+            check.at - before,
+            after - before
+        );
+        server.abort();
+    }
 
     #[test]
     fn endpoints_replace_the_path() {

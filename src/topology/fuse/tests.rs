@@ -255,6 +255,60 @@ fn a_confirmed_leader_whose_patroni_stops_answering_stays_writable() {
     assert_eq!(case.leader(), None);
 }
 
+/// A check without an answer says nothing new: an old "primary" verdict
+/// must not count as read after the key moved because a later check got
+/// no answer.
+#[test]
+fn a_failed_check_does_not_refresh_an_old_primary_answer() {
+    let mut case = Case::new();
+    let t0 = case.now;
+    // pg3 answered /primary with 200 at t0 (rest_from_fixtures gave pg3
+    // its own capture; make it a primary answer here).
+    case.set_rest("pg3", Some(true), Some(false));
+    // The key moves to pg3 at t1, its record says master.
+    case.directory.leader = Some("pg3".into());
+    case.set_role("pg3", "master");
+    case.set_role("pg1", "replica");
+    case.set_rest("pg1", Some(false), Some(true));
+    case.leader_since = Some(t0 + Duration::from_millis(10));
+    // One check at t2 gets no answer.
+    case.now = t0 + Duration::from_millis(20);
+    case.set_rest("pg3", None, None);
+    assert_eq!(
+        case.leader(),
+        None,
+        "only an answer read after the key moved confirms"
+    );
+    // An answer read after the key moved does.
+    case.now += Duration::from_millis(10);
+    case.set_rest("pg3", Some(true), Some(false));
+    assert_eq!(case.leader().as_deref(), Some("pg3"));
+}
+
+/// A check is stamped with its start: an answer Patroni gave before the
+/// key moved does not count as after it because it arrived later.
+#[test]
+fn a_check_started_before_the_key_moved_does_not_confirm() {
+    let mut case = Case::new();
+    let t0 = case.now;
+    case.directory.leader = Some("pg3".into());
+    case.set_role("pg3", "master");
+    case.set_role("pg1", "replica");
+    case.set_rest("pg1", Some(false), Some(true));
+    case.leader_since = Some(t0 + Duration::from_millis(10));
+    // Started at t0, before the key moved; its answer arrived at t0 + 50ms.
+    let state = case.rest.entry("pg3".to_owned()).or_default();
+    state.record(RestCheck {
+        at: t0,
+        took: Duration::from_millis(50),
+        primary: Some(true),
+        replica: Some(false),
+        status: None,
+        error: None,
+    });
+    assert_eq!(case.leader(), None);
+}
+
 #[test]
 fn a_primary_body_read_before_the_key_moved_does_not_confirm() {
     let mut case = Case::new();
