@@ -395,8 +395,14 @@ fn switchover_drains_old_write_sessions_and_holds_new_ones(env: &Env) -> Result<
     })
 }
 
+/// Also: a client without a connect timeout of its own (psql's default)
+/// that arrives just after the kill is held until the new leader is
+/// confirmed and then served. Its connect to the dead leader is refused,
+/// and the wait for a newer view is time held, which the handshake
+/// timeout does not count.
 fn killed_leader_writes_resume_on_the_new_leader(env: &Env) -> Result<(), Failed> {
-    let (_rolegate, rw, _ro) = env.default_rolegate("kill");
+    let (_rolegate, rw, _ro) =
+        env.rolegate_with_limits("kill", &env.lab.etcd_line(), "handshake_timeout = \"5s\"\n");
     let old_leader = env.lab.leader();
     runtime().block_on(async {
         writer::prepare(&conninfo(rw, "app", "app")).await?;
@@ -413,7 +419,17 @@ fn killed_leader_writes_resume_on_the_new_leader(env: &Env) -> Result<(), Failed
             .unwrap_or_default()
             .to_owned();
         check(killed == old_leader, format!("killed {killed}, leader was {old_leader}"))?;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let patient = tokio::spawn(reached(rw));
         let new_leader = wait_for_writable_leader(&env.lab, rw, Some(&old_leader), Duration::from_secs(60)).await?;
+        let (port, in_recovery) = tokio::time::timeout(Duration::from_secs(40), patient)
+            .await
+            .map_err(|_| Failed::from("the client that arrived after the kill was not served within 40 s"))??
+            .map_err(|e| format!("the client that arrived 1 s after the kill, without a connect timeout: {}", e.message().unwrap_or("failed")))?;
+        check(
+            !in_recovery && env.lab.member_of_port(port) == Some(new_leader.as_str()),
+            format!("the held client reached port {port} (in recovery: {in_recovery}), not {new_leader}"),
+        )?;
         tokio::time::sleep(Duration::from_secs(1)).await;
         let _ = stop_tx.send(true);
         let stats = writer.await?;

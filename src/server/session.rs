@@ -364,7 +364,10 @@ impl Session<'_> {
 
     /// Routes and connects, trying further candidates for reads and
     /// waiting for a new view (within the hold time) when every candidate
-    /// failed. Returns the backend, its member and the time spent held.
+    /// failed. Returns the backend, its member and the time spent held:
+    /// everything before the attempt that succeeded (waits for a target,
+    /// failed attempts, waits for a newer view after them), none of which
+    /// is the client's delay.
     async fn connect(&self) -> Result<(BackendStream, Member, Duration), ProtocolError> {
         let limits = self.limits;
         let started = Instant::now();
@@ -376,6 +379,7 @@ impl Session<'_> {
                 .await?;
             let mut failure = None;
             for member in route.candidates {
+                let attempt = Instant::now();
                 match backend::connect(
                     &member,
                     &self.listener.cluster,
@@ -384,7 +388,7 @@ impl Session<'_> {
                 )
                 .await
                 {
-                    Ok(stream) => return Ok((stream, member, route.held)),
+                    Ok(stream) => return Ok((stream, member, attempt - started)),
                     Err(e) => {
                         warn!("{}", e.message);
                         failure = Some(e);

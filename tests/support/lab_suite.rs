@@ -38,12 +38,22 @@ impl LabSuite {
     /// Starts rolegate in front of the lab with the given cluster lines;
     /// returns it with its rw and ro ports.
     pub fn rolegate(&self, name: &str, cluster_extra: &str) -> (Rolegate, u16, u16) {
+        self.rolegate_with_limits(name, cluster_extra, "")
+    }
+
+    /// As [`LabSuite::rolegate`], with more `[limits]` lines.
+    pub fn rolegate_with_limits(
+        &self,
+        name: &str,
+        cluster_extra: &str,
+        limits: &str,
+    ) -> (Rolegate, u16, u16) {
         let (rw, ro) = (free_port(), free_port());
         let config = self.lab.rolegate_config(
             rw,
             ro,
             cluster_extra,
-            "[log]\nformat = \"json\"\n\n[limits]\nhold_timeout = \"30s\"\n",
+            &format!("[log]\nformat = \"json\"\n\n[limits]\nhold_timeout = \"30s\"\n{limits}"),
         );
         let rolegate = Rolegate::start(&self.root, name, &config);
         (rolegate, rw, ro)
