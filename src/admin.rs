@@ -23,10 +23,11 @@ use hyper::body::Incoming;
 use hyper::header::{AUTHORIZATION, CONTENT_TYPE};
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use metrics_exporter_prometheus::PrometheusHandle;
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio::sync::{watch, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
@@ -37,8 +38,15 @@ use crate::topology::{ClusterReport, ClusterView};
 
 /// How often the exporter's histograms are rolled and idle entries pruned.
 const UPKEEP_INTERVAL: Duration = Duration::from_secs(5);
-/// Bound on serving one admin connection.
+/// Bound on the wait for each request's headers, the wait between
+/// requests on a kept-alive connection included: per request, so a
+/// scraper that keeps its connection open is never cut mid-answer.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// Admin connections served at once; one more is answered 503 and closed.
+pub const MAX_CONNECTIONS: usize = 64;
+/// After this long a connection is closed once its current answer is out
+/// (or `REQUEST_TIMEOUT` later, for a client that stopped reading).
+const CONNECTION_LIFETIME: Duration = Duration::from_secs(300);
 
 /// A listener as readiness sees it.
 pub struct ListenerTarget {
@@ -72,6 +80,7 @@ pub async fn serve(listener: TcpListener, admin: Arc<Admin>, shutdown: Cancellat
             }
         }
     });
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     loop {
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -84,21 +93,55 @@ pub async fn serve(listener: TcpListener, admin: Arc<Admin>, shutdown: Cancellat
             },
             () = shutdown.cancelled() => return,
         };
+        let Ok(permit) = Arc::clone(&slots).try_acquire_owned() else {
+            debug!(client = %peer, "admin connection refused: {MAX_CONNECTIONS} already open");
+            tokio::spawn(refuse(stream));
+            continue;
+        };
         let admin = Arc::clone(&admin);
         tokio::spawn(async move {
+            let _permit = permit;
             let service = service_fn(move |request| {
                 let admin = Arc::clone(&admin);
                 async move { Ok::<_, Infallible>(admin.answer(&request)) }
             });
             let connection = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(REQUEST_TIMEOUT)
                 .serve_connection(TokioIo::new(stream), service);
-            match tokio::time::timeout(REQUEST_TIMEOUT, connection).await {
+            tokio::pin!(connection);
+            let served = tokio::select! {
+                served = connection.as_mut() => Some(served),
+                () = tokio::time::sleep(CONNECTION_LIFETIME) => None,
+            };
+            let served = match served {
+                Some(served) => Ok(served),
+                None => {
+                    connection.as_mut().graceful_shutdown();
+                    tokio::time::timeout(REQUEST_TIMEOUT, connection).await
+                }
+            };
+            match served {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => debug!(client = %peer, "admin connection: {e}"),
-                Err(_) => debug!(client = %peer, "admin connection timed out"),
+                Err(_) => debug!(client = %peer, "admin connection stopped reading its answer"),
             }
         });
     }
+}
+
+/// Answers a connection over [`MAX_CONNECTIONS`] with 503 and closes it.
+async fn refuse(mut stream: tokio::net::TcpStream) {
+    let body = format!("too many admin connections (at most {MAX_CONNECTIONS}); retry shortly\n");
+    let answer = format!(
+        "HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\nRetry-After: 1\r\n\r\n{body}",
+        body.len()
+    );
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        stream.write_all(answer.as_bytes()).await?;
+        stream.shutdown().await
+    })
+    .await;
 }
 
 type Answer = Response<Full<Bytes>>;

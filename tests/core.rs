@@ -76,6 +76,10 @@ fn main() {
             check_config_names_the_key_and_file,
         ),
         (
+            "admin_connections_are_bounded_and_timed_per_request",
+            admin_connections_are_bounded_and_timed_per_request,
+        ),
+        (
             "admin_endpoint_serves_health_readiness_and_the_cluster",
             admin_endpoint_serves_health_readiness_and_the_cluster,
         ),
@@ -531,6 +535,73 @@ fn check_config_names_the_key_and_file(env: &Env) -> Result<(), Failed> {
         String::from_utf8_lossy(&version.stdout).contains(env!("CARGO_PKG_VERSION")),
         "--version prints the version",
     )
+}
+
+/// One HTTP/1.1 request on a kept-alive connection: the status.
+fn keep_alive_get(stream: &mut std::net::TcpStream, path: &str) -> Result<u16, Failed> {
+    use std::io::{BufRead, BufReader, Read};
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")?;
+    let mut reader = BufReader::new(stream.try_clone()?);
+    let mut status_line = String::new();
+    reader.read_line(&mut status_line)?;
+    let status = status_line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| format!("no HTTP status in {status_line:?}"))?;
+    let mut length = 0;
+    loop {
+        let mut line = String::new();
+        reader.read_line(&mut line)?;
+        if line.trim().is_empty() {
+            break;
+        }
+        if let Some(value) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+            length = value.trim().parse()?;
+        }
+    }
+    let mut body = vec![0; length];
+    reader.read_exact(&mut body)?;
+    check(reader.buffer().is_empty(), "nothing after the body")?;
+    Ok(status)
+}
+
+/// A scraper that keeps its connection open is served request after
+/// request, past the per-request timeout (10 s); a flood of connections
+/// gets 503 beyond the bound and leaves the endpoint serving.
+fn admin_connections_are_bounded_and_timed_per_request(env: &Env) -> Result<(), Failed> {
+    let (rolegate, _rw, _ro) = env.rolegate("admin-limits", "");
+    let address = ("127.0.0.1", rolegate.admin_port);
+    let mut kept = std::net::TcpStream::connect(address)?;
+    kept.set_read_timeout(Some(Duration::from_secs(5)))?;
+    let started = Instant::now();
+    for round in 0..7 {
+        let status = keep_alive_get(&mut kept, "/metrics").map_err(|e| {
+            format!(
+                "request {round} at {:?} on one connection: {e:?}",
+                started.elapsed()
+            )
+        })?;
+        check(status == 200, format!("request {round}: {status}"))?;
+        std::thread::sleep(Duration::from_secs(2));
+    }
+    // 64 idle connections take every slot; the next is told so.
+    let idle: Vec<_> = (0..64)
+        .map(|_| std::net::TcpStream::connect(address))
+        .collect::<Result<_, _>>()?;
+    std::thread::sleep(Duration::from_millis(300));
+    let (status, body) = rolegate.admin_get("/healthz").ok_or("GET over the limit")?;
+    check(
+        status == 503 && body.contains("too many admin connections"),
+        format!("over the limit: {status} {body}"),
+    )?;
+    drop(idle);
+    wait_until(
+        Duration::from_secs(5),
+        "the admin endpoint to serve again",
+        || (rolegate.admin_get("/healthz").map(|r| r.0) == Some(200)).then_some(()),
+    );
+    Ok(())
 }
 
 fn admin_endpoint_serves_health_readiness_and_the_cluster(env: &Env) -> Result<(), Failed> {

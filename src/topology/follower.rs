@@ -17,6 +17,7 @@
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::sync::Arc;
+use std::time::SystemTime;
 
 use tokio::sync::{mpsc, watch};
 use tokio::time::{Duration, Instant, MissedTickBehavior};
@@ -219,7 +220,10 @@ impl Follower {
         quick.set_missed_tick_behavior(MissedTickBehavior::Delay);
         loop {
             let urgent = !self.bursts.is_empty() || self.views.borrow().leader().is_none();
+            let scheduled = self.until_scheduled_switchover();
             tokio::select! {
+                // The view changes when a scheduled switchover falls due.
+                () = tokio::time::sleep(scheduled.unwrap_or_default()), if scheduled.is_some() => {}
                 () = shutdown.cancelled() => return,
                 Ok(()) = settings.changed() => {
                     let new = settings.borrow_and_update().clone();
@@ -245,6 +249,12 @@ impl Follower {
             }
             self.publish();
         }
+    }
+
+    /// How long until a switchover scheduled for later falls due.
+    fn until_scheduled_switchover(&self) -> Option<Duration> {
+        let at = self.directory.failover.as_ref()?.scheduled_for()?.ok()?;
+        at.duration_since(SystemTime::now()).ok()
     }
 
     /// Takes reloaded settings; the next view is fused under them.

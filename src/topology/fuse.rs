@@ -32,6 +32,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::SystemTime;
 
 use tokio::time::{Duration, Instant};
 
@@ -147,6 +148,8 @@ pub struct FuseInput<'a> {
     /// The leader of the previous view, for `on_etcd_loss = "freeze"`.
     pub previous_leader: Option<&'a str>,
     pub now: Instant,
+    /// The wall-clock time, for a switchover scheduled at a given time.
+    pub wall_now: SystemTime,
 }
 
 /// The rule in force at this moment.
@@ -190,7 +193,7 @@ pub fn rule(input: &FuseInput<'_>) -> Rule {
 /// Builds the view for `input`.
 pub fn fuse(input: &FuseInput<'_>) -> ClusterView {
     let rule = rule(input);
-    let handover = handover(input.directory, rule);
+    let handover = handover(input.directory, rule, input.wall_now);
     let leader = confirmed_leader(input, rule, handover.as_ref());
     let uses_rest = rule.uses_rest();
     let directory = input.directory;
@@ -205,7 +208,7 @@ pub fn fuse(input: &FuseInput<'_>) -> ClusterView {
                 || directory
                     .failover
                     .as_ref()
-                    .is_some_and(|f| f.is_immediate_to(name)))
+                    .is_some_and(|f| f.is_due_to(name, input.wall_now)))
     };
     let mut members = Vec::with_capacity(directory.members.len());
     for (name, record) in &directory.members {
@@ -269,7 +272,7 @@ pub fn fuse(input: &FuseInput<'_>) -> ClusterView {
 /// before etcd shows any other sign, so this request is the earliest
 /// moment to stop sending it new write sessions; those already there run
 /// on until PostgreSQL ends them (see [`crate::router::check_fit`]).
-fn handover(directory: &DcsState, rule: Rule) -> Option<Handover> {
+fn handover(directory: &DcsState, rule: Rule, wall_now: SystemTime) -> Option<Handover> {
     if !matches!(
         rule,
         Rule::Policy(LeaderPolicy::Etcd | LeaderPolicy::EtcdAndPatroni)
@@ -279,7 +282,7 @@ fn handover(directory: &DcsState, rule: Rule) -> Option<Handover> {
     let leader = directory.leader.as_deref()?;
     let intent = directory.failover.as_ref()?;
     intent
-        .is_immediate_switchover_from(leader)
+        .is_due_switchover_from(leader, wall_now)
         .then(|| Handover {
             from: leader.into(),
             to: intent.member.as_deref().map(Arc::from),

@@ -12,6 +12,7 @@
 //! Settings"; samples in `tests/fixtures/patroni-3.0/`.
 
 use std::collections::BTreeMap;
+use std::time::SystemTime;
 
 use serde::Deserialize;
 
@@ -130,16 +131,42 @@ impl FailoverIntent {
         (intent.leader.is_some() || intent.member.is_some()).then_some(intent)
     }
 
+    /// When a scheduled request is due: `scheduled_at` is an ISO 8601
+    /// time with an offset (Patroni refuses one without). `None` for an
+    /// immediate request, and for a time that does not parse, which
+    /// Patroni would not act on either.
+    pub fn scheduled_for(&self) -> Option<Result<SystemTime, ()>> {
+        let at = self.scheduled_at.as_deref()?;
+        Some(
+            time::OffsetDateTime::parse(
+                at,
+                &time::format_description::well_known::Iso8601::DEFAULT,
+            )
+            .map(SystemTime::from)
+            .map_err(|_| ()),
+        )
+    }
+
+    /// Whether Patroni carries the request out at `now`: at once, or from
+    /// its scheduled time on (at its first HA loop after that time).
+    pub fn is_due(&self, now: SystemTime) -> bool {
+        match self.scheduled_for() {
+            None => true,
+            Some(Ok(at)) => at <= now,
+            Some(Err(())) => false,
+        }
+    }
+
     /// A switchover or failover to `member` that Patroni carries out now;
     /// it stays requested while the leader key is empty between the old
     /// leader's release and the candidate's promotion.
-    pub fn is_immediate_to(&self, member: &str) -> bool {
-        self.member.as_deref() == Some(member) && self.scheduled_at.is_none()
+    pub fn is_due_to(&self, member: &str, now: SystemTime) -> bool {
+        self.member.as_deref() == Some(member) && self.is_due(now)
     }
 
     /// A switchover away from `leader` that Patroni carries out now.
-    pub fn is_immediate_switchover_from(&self, leader: &str) -> bool {
-        self.leader.as_deref() == Some(leader) && self.scheduled_at.is_none()
+    pub fn is_due_switchover_from(&self, leader: &str, now: SystemTime) -> bool {
+        self.leader.as_deref() == Some(leader) && self.is_due(now)
     }
 }
 
@@ -350,16 +377,34 @@ mod tests {
 
     #[test]
     fn failover_intents() {
+        let now = SystemTime::now();
         let intent = FailoverIntent::parse(br#"{"leader":"pg1"}"#).expect("switchover");
-        assert!(intent.is_immediate_switchover_from("pg1"));
-        assert!(!intent.is_immediate_switchover_from("pg2"));
+        assert!(intent.is_due_switchover_from("pg1", now));
+        assert!(!intent.is_due_switchover_from("pg2", now));
         let intent = FailoverIntent::parse(br#"{"leader":"pg1","member":"pg3"}"#).expect("parse");
         assert_eq!(intent.member.as_deref(), Some("pg3"));
         let later = FailoverIntent::parse(
             br#"{"leader":"pg1","member":"pg3","scheduled_at":"2030-01-01T00:00:00+00:00"}"#,
         )
         .expect("parse");
-        assert!(!later.is_immediate_switchover_from("pg1"));
+        assert!(!later.is_due_switchover_from("pg1", now));
+        assert!(!later.is_due_to("pg3", now));
+        // From its time on, a scheduled switchover is Patroni's to do.
+        let due = SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_893_456_000);
+        assert!(later.is_due_switchover_from("pg1", due));
+        assert!(later.is_due_to("pg3", due));
+        // Patroni writes microseconds and any offset.
+        let offset = FailoverIntent::parse(
+            br#"{"leader":"pg1","scheduled_at":"2029-12-31T23:00:00.250000-01:00"}"#,
+        )
+        .expect("parse");
+        assert_eq!(
+            offset.scheduled_for(),
+            Some(Ok(due + std::time::Duration::from_millis(250)))
+        );
+        let garbled =
+            FailoverIntent::parse(br#"{"leader":"pg1","scheduled_at":"soon"}"#).expect("parse");
+        assert!(!garbled.is_due(due));
         assert_eq!(FailoverIntent::parse(b"{}"), None);
         assert_eq!(FailoverIntent::parse(b"null"), None);
         assert_eq!(FailoverIntent::parse(b"pg1:pg3"), None);

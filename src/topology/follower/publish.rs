@@ -4,6 +4,7 @@
 //! the `/cluster` report.
 
 use std::sync::Arc;
+use std::time::SystemTime;
 
 use tokio::time::Instant;
 use tracing::{info, warn};
@@ -97,6 +98,7 @@ impl Follower {
             leader_since: self.leader_since,
             previous_leader: self.last_leader.as_deref(),
             now: Instant::now(),
+            wall_now: SystemTime::now(),
         }
     }
 

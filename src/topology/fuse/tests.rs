@@ -56,6 +56,7 @@ struct Case {
     previous_leader: Option<&'static str>,
     max_lag: Option<u64>,
     now: Instant,
+    wall_now: std::time::SystemTime,
 }
 
 impl Case {
@@ -71,6 +72,7 @@ impl Case {
             previous_leader: None,
             max_lag: None,
             now,
+            wall_now: std::time::SystemTime::now(),
         }
     }
 
@@ -87,6 +89,7 @@ impl Case {
             leader_since: self.leader_since,
             previous_leader: self.previous_leader,
             now: self.now,
+            wall_now: self.wall_now,
         })
     }
 
@@ -351,11 +354,18 @@ fn a_requested_switchover_sends_no_new_writes_to_the_old_leader() {
     );
     case.directory.leader = Some("pg1".into());
     case.set_role("pg1", "master");
-    // A scheduled switchover changes nothing until Patroni acts.
+    // A scheduled switchover changes nothing until its time comes...
     case.directory.failover = FailoverIntent::parse(
         br#"{"leader":"pg1","member":"pg3","scheduled_at":"2030-01-01T00:00:00+00:00"}"#,
     );
     assert_eq!(case.leader().as_deref(), Some("pg1"));
+    assert_eq!(case.readable(), ["pg2", "pg3"]);
+    // ...and from then on is a switchover under way.
+    case.wall_now = std::time::SystemTime::UNIX_EPOCH + Duration::from_secs(1_893_456_000);
+    assert_eq!(case.leader(), None);
+    assert_eq!(case.view().handover.map(|h| h.from), Some("pg1".into()));
+    assert_eq!(case.readable(), ["pg2"]);
+    case.wall_now = std::time::SystemTime::now();
     // REST-only routing has no failover key to read.
     case.directory.failover = FailoverIntent::parse(br#"{"leader":"pg1"}"#);
     case.policy = LeaderPolicy::Patroni;
