@@ -46,6 +46,7 @@ pub const PATRONI_CHECK_SECONDS: &str = "rolegate_patroni_check_duration_seconds
 pub const PATRONI_CHECK_FAILURES_TOTAL: &str = "rolegate_patroni_check_failures_total";
 pub const TLS_HANDSHAKES_TOTAL: &str = "rolegate_tls_handshakes_total";
 pub const CONFIG_RELOADS_TOTAL: &str = "rolegate_config_reloads_total";
+pub const BACKGROUND_TASK_FAILURES_TOTAL: &str = "rolegate_background_task_failures_total";
 
 /// Histogram buckets for durations, from 1 ms to 60 s.
 const SECONDS_BUCKETS: &[f64] = &[
@@ -154,6 +155,10 @@ fn describe() {
     describe_counter!(
         TLS_HANDSHAKES_TOTAL,
         "Client TLS handshakes, by listener and outcome (ok, failed)."
+    );
+    describe_counter!(
+        BACKGROUND_TASK_FAILURES_TOTAL,
+        "Background tasks that ended unexpectedly (a panic), by cluster and task (etcd_watch, rest_check); each is restarted or retried."
     );
     describe_counter!(
         CONFIG_RELOADS_TOTAL,
@@ -422,6 +427,11 @@ impl ClusterMetrics {
 
     pub fn etcd_up(&self, up: bool) {
         gauge!(ETCD_UP, "cluster" => self.cluster.clone()).set(f64::from(u8::from(up)));
+    }
+
+    pub fn background_task_failed(&self, task: &'static str) {
+        counter!(BACKGROUND_TASK_FAILURES_TOTAL, "cluster" => self.cluster.clone(), "task" => task)
+            .increment(1);
     }
 
     pub fn etcd_reconnected(&self) {

@@ -130,6 +130,10 @@ fn main() {
             "client_ca_requires_a_client_certificate",
             client_ca_requires_a_client_certificate,
         ),
+        (
+            "a_slow_tls_reader_gets_every_byte_and_a_clean_close",
+            a_slow_tls_reader_gets_every_byte_and_a_clean_close,
+        ),
     ];
     run_suite(tests, Env::start, false);
 }
@@ -551,4 +555,66 @@ fn client_ca_requires_a_client_certificate(env: &Env) -> Result<(), Failed> {
         !out.status.success(),
         "a client without a certificate must be refused",
     )
+}
+
+/// The backend ends the session right after a large result (the session
+/// terminates itself, so PostgreSQL sends its FATAL 57P01 and closes),
+/// while the TLS client is not reading yet. When the client does read, it
+/// gets every row, the server's own FATAL, and a TLS close_notify: nothing
+/// is lost in rolegate's TLS buffers when the backend goes, and OpenSSL 3
+/// clients see no "unexpected eof".
+fn a_slow_tls_reader_gets_every_byte_and_a_clean_close(env: &Env) -> Result<(), Failed> {
+    let (_rolegate, port) = env.rolegate("slow-reader", "allow", "");
+    runtime().block_on(async {
+        let mut stream = tls_session(port, &env.ca, false, None).await?;
+        stream
+            .write_all(&wire::startup_packet(
+                3,
+                0,
+                &[("user", "trustuser"), ("database", "app")],
+            ))
+            .await?;
+        read_until_ready(&mut stream).await?;
+        let sql = b"select repeat('x', 100000) from generate_series(1, 40); \
+                    select pg_terminate_backend(pg_backend_pid())\0";
+        let mut message = vec![b'Q'];
+        message.extend_from_slice(&((sql.len() + 4) as u32).to_be_bytes());
+        message.extend_from_slice(sql);
+        stream.write_all(&message).await?;
+        stream.flush().await?;
+        // The backend sends 4 MB and closes while nobody reads.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let mut rows = 0;
+        let mut fatal = None;
+        let ended = loop {
+            let tag = match stream.read_u8().await {
+                Ok(tag) => tag,
+                Err(e) => break Err(e),
+            };
+            let len = stream.read_u32().await? as usize;
+            let mut body = vec![0u8; len.saturating_sub(4)];
+            stream.read_exact(&mut body).await?;
+            match tag {
+                // The repeat() rows; pg_terminate_backend's own row may
+                // come before its signal is taken.
+                b'D' if body.len() > 100_000 => rows += 1,
+                b'E' => fatal = Some(String::from_utf8_lossy(&body).into_owned()),
+                _ => {}
+            }
+            if fatal.is_some() {
+                let mut rest = Vec::new();
+                break stream.read_to_end(&mut rest).await.map(|_| rest);
+            }
+        };
+        check(rows == 40, format!("{rows} of 40 rows arrived"))?;
+        let fatal = fatal.ok_or("the server's FATAL was lost")?;
+        check(fatal.contains("C57P01"), format!("expected 57P01: {fatal}"))?;
+        match ended {
+            Ok(rest) => check(
+                rest.is_empty(),
+                format!("{} bytes after the FATAL", rest.len()),
+            ),
+            Err(e) => Err(format!("the TLS session did not end with close_notify: {e}").into()),
+        }
+    })
 }

@@ -35,6 +35,8 @@ use crate::topology::{ClusterView, Member};
 
 /// How long rolegate tries to deliver its own error to a client.
 const ERROR_WRITE_TIMEOUT: Duration = Duration::from_secs(1);
+/// How long an ended session's last bytes may take to reach the client.
+const FINAL_FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Serves one accepted client connection to its end.
 ///
@@ -351,6 +353,7 @@ impl Session<'_> {
             // Boxed: a one-off stage, kept out of every session's state.
             Box::pin(relay.finish_with(&mut client, &mut backend, &error.to_fatal())).await;
         }
+        Box::pin(close(&mut client, &mut backend)).await;
         metrics::session_ended(cluster, role, reason.as_str());
         info!(
             reason = reason.as_str(),
@@ -458,16 +461,34 @@ pub(super) async fn cancel(key: &CancelKey, peer: SocketAddr, shared: &Shared) {
     }
 }
 
-/// Writes `error` as a FATAL ErrorResponse, giving up after a short time
-/// (the client may not be reading).
+/// Writes `error` as a FATAL ErrorResponse and closes the connection
+/// (with close_notify under TLS), giving up after a short time (the client
+/// may not be reading).
 pub(super) async fn send_error<S: AsyncWrite + Unpin>(client: &mut S, error: &ProtocolError) {
     let bytes = error.to_fatal();
     // Boxed: a rare path, kept out of every session's state machine.
     let _ = Box::pin(tokio::time::timeout(ERROR_WRITE_TIMEOUT, async {
         client.write_all(&bytes).await?;
-        client.flush().await
+        client.shutdown().await
     }))
     .await;
+}
+
+/// Ends both connections of a relayed session, however it ended: what was
+/// accepted for the client (rows, the server's own FATAL, rolegate's) is
+/// delivered from the TLS buffers, and TLS ends with close_notify, so a
+/// client that reads slowly loses nothing and OpenSSL 3 clients see no
+/// "unexpected eof". Bounded: a client that stopped reading gets
+/// [`FINAL_FLUSH_TIMEOUT`].
+async fn close<C, B>(client: &mut C, backend: &mut B)
+where
+    C: AsyncWrite + Unpin,
+    B: AsyncWrite + Unpin,
+{
+    let _ = tokio::join!(
+        tokio::time::timeout(FINAL_FLUSH_TIMEOUT, client.shutdown()),
+        tokio::time::timeout(ERROR_WRITE_TIMEOUT, backend.shutdown()),
+    );
 }
 
 fn handshake_timeout_error(limits: &Limits) -> ProtocolError {

@@ -7,7 +7,9 @@
 //! watch's start) leads to a fresh full read and a new watch from *its*
 //! revision, so no event is lost across reconnects: the snapshot replaces
 //! whatever happened in between. Reconnects back off from 100 ms to 2 s
-//! across all configured endpoints.
+//! across all configured endpoints. Every request requires the etcd member
+//! to have a leader, so a member cut off from its quorum is not mistaken
+//! for a quiet cluster.
 
 use std::time::Duration;
 
@@ -50,6 +52,7 @@ pub enum EtcdEvent {
     Down(String),
 }
 
+#[derive(Clone)]
 pub struct EtcdSource {
     endpoints: Vec<String>,
     options: ConnectOptions,
@@ -58,10 +61,17 @@ pub struct EtcdSource {
 
 impl EtcdSource {
     pub fn new(config: &ClusterConfig, prefix: String) -> Result<Self, String> {
+        // Every request and the watch require the member to have a raft
+        // leader: a member cut off from its quorum otherwise keeps the
+        // watch open, answers pings and sends nothing, so a stale leader
+        // key would look current. With the requirement, reads fail at once
+        // and etcd cancels the watch after about three election timeouts
+        // ("etcdserver: no leader"), which rolegate treats as etcd lost.
         let mut options = ConnectOptions::new()
             .with_connect_timeout(REQUEST_TIMEOUT)
             .with_keep_alive(KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT)
-            .with_keep_alive_while_idle(true);
+            .with_keep_alive_while_idle(true)
+            .with_require_leader(true);
         if let (Some(user), Some(password)) = (&config.etcd_user, &config.etcd_password) {
             options = options.with_user(user.clone(), password.clone());
         }

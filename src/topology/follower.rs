@@ -20,14 +20,15 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 use tokio::sync::{mpsc, watch};
+use tokio::task::{JoinError, JoinHandle};
 use tokio::time::{Duration, Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 use url::Url;
 
 use super::dcs::{cluster_prefix, DcsChange, DcsState};
 use super::etcd::{EtcdEvent, EtcdSource, KeyEvent};
-use super::fuse::{EtcdStatus, RestCheck, RestState};
+use super::fuse::{EtcdStatus, RestState};
 use super::patroni_data::ClusterListing;
 use super::report::{self, ClusterReport, Sources};
 use super::rest::RestProber;
@@ -36,6 +37,8 @@ use crate::config::{ClusterConfig, EtcdLossPolicy, LeaderPolicy};
 use crate::metrics::ClusterMetrics;
 
 mod probing;
+
+use probing::Probes;
 mod publish;
 
 /// Interval of the quick checks that follow an etcd event.
@@ -46,6 +49,14 @@ pub const BURST_LIMIT: Duration = Duration::from_secs(15);
 pub const LEADERLESS_INTERVAL: Duration = Duration::from_millis(250);
 /// Agreeing answers that end a burst.
 const BURST_AGREEMENT: u32 = 2;
+/// How long a lost etcd connection may take to come back before etcd
+/// counts as lost and `on_etcd_loss` applies. An etcd member restart, a
+/// rolling upgrade or a reset stream reconnects well within it (to the
+/// same member or another endpoint); meanwhile routing goes on from the
+/// state last read, as it would between two watch events.
+pub const ETCD_RECONNECT_GRACE: Duration = Duration::from_secs(3);
+/// Pause before the etcd watch task is started again after it failed.
+const SOURCE_RESTART_DELAY: Duration = Duration::from_secs(1);
 
 /// The settings of a follower that a configuration reload may change.
 #[derive(Debug, Clone, PartialEq)]
@@ -151,6 +162,7 @@ pub fn start(
         bursts: HashMap::new(),
         in_flight: HashSet::new(),
         last_probe: HashMap::new(),
+        etcd_trouble: None,
     };
     info!(
         cluster = name,
@@ -196,9 +208,9 @@ struct Follower {
     bursts: HashMap<String, Burst>,
     in_flight: HashSet<String>,
     last_probe: HashMap<String, Instant>,
+    /// Why etcd was last unreachable, while it is.
+    etcd_trouble: Option<String>,
 }
-
-type Checked = (String, RestCheck);
 
 impl Follower {
     async fn run(
@@ -209,10 +221,16 @@ impl Follower {
     ) {
         let (etcd_tx, mut etcd_rx) = mpsc::channel(64);
         let has_etcd = etcd.is_some();
-        if let Some(source) = etcd {
-            tokio::spawn(source.run(etcd_tx, shutdown.clone()));
-        }
-        let (checked_tx, mut checked_rx) = mpsc::channel::<Checked>(64);
+        let start_source = |delay: Duration| {
+            let source = etcd.clone()?;
+            let (events, stop) = (etcd_tx.clone(), shutdown.clone());
+            Some(tokio::spawn(async move {
+                tokio::time::sleep(delay).await;
+                source.run(events, stop).await;
+            }))
+        };
+        let mut source_task = start_source(Duration::ZERO);
+        let mut probes = Probes::default();
         let (listing_tx, mut listing_rx) = mpsc::channel::<ClusterListing>(4);
         let mut regular = tokio::time::interval(self.health_interval);
         regular.set_missed_tick_behavior(MissedTickBehavior::Delay);
@@ -221,9 +239,20 @@ impl Follower {
         loop {
             let urgent = !self.bursts.is_empty() || self.views.borrow().leader().is_none();
             let scheduled = self.until_scheduled_switchover();
+            let grace_ends = self.etcd_grace_ends();
             tokio::select! {
                 // The view changes when a scheduled switchover falls due.
                 () = tokio::time::sleep(scheduled.unwrap_or_default()), if scheduled.is_some() => {}
+                () = tokio::time::sleep_until(grace_ends.unwrap_or_else(Instant::now)), if grace_ends.is_some() => {
+                    self.etcd_lost();
+                }
+                ended = task_end(&mut source_task) => {
+                    if shutdown.is_cancelled() {
+                        return;
+                    }
+                    self.etcd_source_failed(&ended);
+                    source_task = start_source(SOURCE_RESTART_DELAY);
+                }
                 () = shutdown.cancelled() => return,
                 Ok(()) = settings.changed() => {
                     let new = settings.borrow_and_update().clone();
@@ -233,19 +262,19 @@ impl Follower {
                     }
                     self.apply(new);
                 }
-                Some(event) = etcd_rx.recv(), if has_etcd => self.on_etcd(event, &checked_tx),
-                Some((member, check)) = checked_rx.recv() => self.on_check(&member, check),
-                Some(listing) = listing_rx.recv() => self.on_listing(listing, &checked_tx),
+                Some(event) = etcd_rx.recv(), if has_etcd => self.on_etcd(event, &mut probes),
+                Some((member, check, failed)) = probes.next() => self.on_check(&member, check, failed),
+                Some(listing) = listing_rx.recv() => self.on_listing(listing, &mut probes),
                 _ = regular.tick() => {
                     if !has_etcd {
                         self.fetch_listing(&listing_tx);
                     }
                     let members: Vec<_> = self.directory.members.keys().cloned().collect();
                     for member in members {
-                        self.probe(&member, &checked_tx);
+                        self.probe(&member, &mut probes);
                     }
                 }
-                _ = quick.tick(), if urgent => self.probe_urgent(&checked_tx),
+                _ = quick.tick(), if urgent => self.probe_urgent(&mut probes),
             }
             self.publish();
         }
@@ -279,7 +308,7 @@ impl Follower {
         self.health_timeout = new.health_timeout;
     }
 
-    fn on_etcd(&mut self, event: EtcdEvent, checked: &mpsc::Sender<Checked>) {
+    fn on_etcd(&mut self, event: EtcdEvent, probes: &mut Probes) {
         let now = Instant::now();
         match event {
             EtcdEvent::Snapshot(kvs) => {
@@ -287,14 +316,26 @@ impl Follower {
                     &self.prefix,
                     kvs.iter().map(|(k, v)| (k.as_slice(), v.as_slice())),
                 );
-                if let EtcdStatus::Down { since } = self.etcd {
-                    info!(
-                        cluster = %self.cluster,
-                        down_for_ms = since.elapsed().as_millis() as u64,
-                        "etcd is reachable again"
-                    );
-                    self.metrics.etcd_reconnected();
+                match self.etcd {
+                    EtcdStatus::Down { since } => {
+                        info!(
+                            cluster = %self.cluster,
+                            down_for_ms = since.elapsed().as_millis() as u64,
+                            "etcd is reachable again"
+                        );
+                        self.metrics.etcd_reconnected();
+                    }
+                    EtcdStatus::Reconnecting { since } => {
+                        info!(
+                            cluster = %self.cluster,
+                            after_ms = since.elapsed().as_millis() as u64,
+                            "etcd watch re-established within the grace period"
+                        );
+                        self.metrics.etcd_reconnected();
+                    }
+                    EtcdStatus::NotConfigured | EtcdStatus::Connecting | EtcdStatus::Up => {}
                 }
+                self.etcd_trouble = None;
                 self.metrics.etcd_up(true);
                 if fresh.leader != self.directory.leader {
                     self.leader_since = Some(now);
@@ -306,7 +347,7 @@ impl Follower {
                 // Everything may have changed while we were not watching.
                 let members: Vec<_> = self.directory.members.keys().cloned().collect();
                 for member in members {
-                    self.start_burst(&member, now, checked);
+                    self.start_burst(&member, now, probes);
                 }
             }
             EtcdEvent::Events(events) => {
@@ -327,12 +368,12 @@ impl Follower {
                             );
                             self.leader_since = Some(now);
                             for member in old.iter().chain(new.iter()) {
-                                self.start_burst(member, now, checked);
+                                self.start_burst(member, now, probes);
                             }
                         }
                         DcsChange::MemberRole(member) => {
                             if self.directory.members.contains_key(&member) {
-                                self.start_burst(&member, now, checked);
+                                self.start_burst(&member, now, probes);
                             } else {
                                 self.rest.remove(&member);
                                 self.bursts.remove(&member);
@@ -343,7 +384,7 @@ impl Follower {
                             // down: watch it and its candidate closely.
                             if let Some(intent) = self.directory.failover.clone() {
                                 for member in intent.leader.iter().chain(intent.member.iter()) {
-                                    self.start_burst(member, now, checked);
+                                    self.start_burst(member, now, probes);
                                 }
                             }
                         }
@@ -355,22 +396,78 @@ impl Follower {
                 }
             }
             EtcdEvent::Down(reason) => {
-                if !matches!(self.etcd, EtcdStatus::Down { .. }) {
-                    warn!(
-                        cluster = %self.cluster,
-                        on_etcd_loss = self.on_etcd_loss.as_str(),
-                        "etcd is unreachable: {reason}"
-                    );
-                    self.etcd = EtcdStatus::Down { since: now };
-                    self.metrics.etcd_up(false);
-                } else {
-                    debug!(cluster = %self.cluster, "etcd still unreachable: {reason}");
+                match self.etcd {
+                    EtcdStatus::Up => {
+                        info!(
+                            cluster = %self.cluster,
+                            grace_ms = ETCD_RECONNECT_GRACE.as_millis() as u64,
+                            "etcd connection lost, reconnecting: {reason}"
+                        );
+                        self.etcd = EtcdStatus::Reconnecting { since: now };
+                        self.metrics.etcd_up(false);
+                    }
+                    EtcdStatus::Connecting => {
+                        // Nothing was read yet: there is no state to go on.
+                        self.etcd = EtcdStatus::Reconnecting { since: now };
+                        self.etcd_trouble = Some(reason);
+                        self.etcd_lost();
+                        return;
+                    }
+                    EtcdStatus::Reconnecting { .. } | EtcdStatus::Down { .. } => {
+                        debug!(cluster = %self.cluster, "etcd still unreachable: {reason}");
+                    }
+                    EtcdStatus::NotConfigured => {}
                 }
+                self.etcd_trouble = Some(reason);
             }
         }
     }
 
-    fn on_listing(&mut self, listing: ClusterListing, checked: &mpsc::Sender<Checked>) {
+    /// When the grace period of a lost etcd connection ends, if one runs.
+    fn etcd_grace_ends(&self) -> Option<Instant> {
+        match self.etcd {
+            EtcdStatus::Reconnecting { since } => Some(since + ETCD_RECONNECT_GRACE),
+            _ => None,
+        }
+    }
+
+    /// etcd did not come back within the grace period (or cannot be
+    /// followed at all): from now on `on_etcd_loss` decides, counting from
+    /// the moment the connection was lost.
+    fn etcd_lost(&mut self) {
+        let EtcdStatus::Reconnecting { since } = self.etcd else {
+            return;
+        };
+        warn!(
+            cluster = %self.cluster,
+            on_etcd_loss = self.on_etcd_loss.as_str(),
+            "etcd is unreachable: {}",
+            self.etcd_trouble.as_deref().unwrap_or("no reason given")
+        );
+        self.etcd = EtcdStatus::Down { since };
+        self.metrics.etcd_up(false);
+    }
+
+    /// The etcd watch task ended while the follower runs: it never does on
+    /// its own, so it failed. etcd is lost at once (nothing follows it any
+    /// more), loudly, and the caller starts the task again.
+    fn etcd_source_failed(&mut self, ended: &Result<(), JoinError>) {
+        let why = match ended {
+            Ok(()) => "it returned".to_owned(),
+            Err(e) => e.to_string(),
+        };
+        error!(cluster = %self.cluster, "the etcd watch task ended unexpectedly ({why}); starting it again");
+        self.metrics.background_task_failed("etcd_watch");
+        let since = match self.etcd {
+            EtcdStatus::Reconnecting { since } | EtcdStatus::Down { since } => since,
+            _ => Instant::now(),
+        };
+        self.etcd = EtcdStatus::Reconnecting { since };
+        self.etcd_trouble = Some(format!("the etcd watch task failed: {why}"));
+        self.etcd_lost();
+    }
+
+    fn on_listing(&mut self, listing: ClusterListing, probes: &mut Probes) {
         let mut fresh = DcsState::default();
         for member in &listing.members {
             fresh
@@ -388,7 +485,19 @@ impl Follower {
         self.rest
             .retain(|m, _| self.directory.members.contains_key(m));
         for member in new_members {
-            self.start_burst(&member, now, checked);
+            self.start_burst(&member, now, probes);
         }
+    }
+}
+
+/// Resolves when the task ends; never, when there is none. Cancel-safe.
+async fn task_end(task: &mut Option<JoinHandle<()>>) -> Result<(), JoinError> {
+    match task {
+        Some(handle) => {
+            let ended = handle.await;
+            *task = None;
+            ended
+        }
+        None => std::future::pending().await,
     }
 }

@@ -128,6 +128,12 @@ pub enum EtcdStatus {
     /// Not yet read once.
     Connecting,
     Up,
+    /// The connection ended moments ago and is being re-established:
+    /// routing goes on from the last state read (an etcd member restart or
+    /// a reset stream is not an outage) until the grace period ends.
+    Reconnecting {
+        since: Instant,
+    },
     Down {
         since: Instant,
     },
@@ -175,7 +181,7 @@ pub fn rule(input: &FuseInput<'_>) -> Rule {
     match input.etcd {
         EtcdStatus::NotConfigured => Rule::Policy(LeaderPolicy::Patroni),
         EtcdStatus::Connecting => Rule::Waiting,
-        EtcdStatus::Up => Rule::Policy(input.policy),
+        EtcdStatus::Up | EtcdStatus::Reconnecting { .. } => Rule::Policy(input.policy),
         EtcdStatus::Down { since } => match input.on_etcd_loss {
             EtcdLossPolicy::Patroni => Rule::Policy(LeaderPolicy::Patroni),
             EtcdLossPolicy::Refuse => Rule::Refuse,

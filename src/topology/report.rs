@@ -100,6 +100,7 @@ pub fn etcd_source(status: EtcdStatus) -> (&'static str, Option<String>) {
         EtcdStatus::NotConfigured => ("not configured", None),
         EtcdStatus::Connecting => ("connecting", None),
         EtcdStatus::Up => ("up", None),
+        EtcdStatus::Reconnecting { since } => ("reconnecting", Some(wall_time(since))),
         EtcdStatus::Down { since } => ("down", Some(wall_time(since))),
     }
 }

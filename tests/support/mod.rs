@@ -8,6 +8,7 @@
 
 pub mod certs;
 pub mod churn;
+pub mod etcd_cluster;
 pub mod forwarder;
 pub mod harness;
 pub mod lab;

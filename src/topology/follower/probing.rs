@@ -2,17 +2,69 @@
 //! `health_interval`, the members an etcd event touched in a burst of quick
 //! checks until their answers agree with etcd, and every member often while
 //! no leader is confirmed. At most one check per member runs at a time.
+//!
+//! Checks run as tasks in [`Probes`], which the follower polls: a check
+//! whose task panics comes back as a failed check, so its member is never
+//! left "in flight" (and unchecked) for good.
 
+use std::collections::HashMap;
+use std::future::Future;
 use std::sync::Arc;
 
 use tokio::sync::mpsc;
+use tokio::task::{Id, JoinError, JoinSet};
 use tokio::time::Instant;
-use tracing::{debug, warn};
+use tracing::{debug, error, warn};
 use url::Url;
 
-use super::{Burst, Checked, Follower, BURST_AGREEMENT, BURST_LIMIT, LEADERLESS_INTERVAL};
+use super::{Burst, Follower, BURST_AGREEMENT, BURST_LIMIT, LEADERLESS_INTERVAL};
 use crate::topology::fuse::{EtcdStatus, RestCheck};
 use crate::topology::patroni_data::ClusterListing;
+
+/// The REST checks under way, each with the member it checks.
+#[derive(Default)]
+pub(super) struct Probes {
+    tasks: JoinSet<RestCheck>,
+    members: HashMap<Id, (String, Instant)>,
+}
+
+impl Probes {
+    fn spawn(&mut self, member: String, check: impl Future<Output = RestCheck> + Send + 'static) {
+        let task = self.tasks.spawn(check);
+        self.members.insert(task.id(), (member, Instant::now()));
+    }
+
+    /// The next check to finish: its member and its result, or, for a
+    /// check whose task failed (the `true`), a check without an answer
+    /// that says so. `None` while no check runs. Cancel-safe.
+    pub(super) async fn next(&mut self) -> Option<(String, RestCheck, bool)> {
+        let joined = self.tasks.join_next_with_id().await?;
+        let id = match &joined {
+            Ok((id, _)) => *id,
+            Err(e) => e.id(),
+        };
+        let (member, started) = self.members.remove(&id)?;
+        Some(match joined {
+            Ok((_, check)) => (member, check, false),
+            Err(e) => (member, failed_task(started, &e), true),
+        })
+    }
+}
+
+/// A check whose task ended without a result (a panic): no answer, with
+/// the reason, loud in the log.
+fn failed_task(started: Instant, e: &JoinError) -> RestCheck {
+    let reason = format!("the REST check task failed: {e}");
+    error!("{reason}");
+    RestCheck {
+        at: started,
+        took: started.elapsed(),
+        primary: None,
+        replica: None,
+        status: None,
+        error: Some(reason),
+    }
+}
 
 impl Follower {
     pub(super) fn fetch_listing(&self, listings: &mpsc::Sender<ClusterListing>) {
@@ -37,8 +89,11 @@ impl Follower {
         });
     }
 
-    pub(super) fn on_check(&mut self, member: &str, check: RestCheck) {
+    pub(super) fn on_check(&mut self, member: &str, check: RestCheck, task_failed: bool) {
         self.in_flight.remove(member);
+        if task_failed {
+            self.metrics.background_task_failed("rest_check");
+        }
         if !self.directory.members.contains_key(member) {
             return;
         }
@@ -75,12 +130,7 @@ impl Follower {
         self.rest.get(member).and_then(|r| r.primary) == Some(expect_primary)
     }
 
-    pub(super) fn start_burst(
-        &mut self,
-        member: &str,
-        now: Instant,
-        checked: &mpsc::Sender<Checked>,
-    ) {
+    pub(super) fn start_burst(&mut self, member: &str, now: Instant, probes: &mut Probes) {
         self.bursts.insert(
             member.to_owned(),
             Burst {
@@ -88,10 +138,10 @@ impl Follower {
                 agreeing: 0,
             },
         );
-        self.probe(member, checked);
+        self.probe(member, probes);
     }
 
-    pub(super) fn probe_urgent(&mut self, checked: &mpsc::Sender<Checked>) {
+    pub(super) fn probe_urgent(&mut self, probes: &mut Probes) {
         let now = Instant::now();
         self.bursts.retain(|_, b| now < b.until);
         let leaderless = self.views.borrow().leader().is_none();
@@ -110,12 +160,12 @@ impl Follower {
             .cloned()
             .collect();
         for member in members {
-            self.probe(&member, checked);
+            self.probe(&member, probes);
         }
     }
 
     /// Starts a REST check of `member` unless one is already running.
-    pub(super) fn probe(&mut self, member: &str, checked: &mpsc::Sender<Checked>) {
+    pub(super) fn probe(&mut self, member: &str, probes: &mut Probes) {
         if self.in_flight.contains(member) {
             return;
         }
@@ -131,11 +181,30 @@ impl Follower {
         self.in_flight.insert(member.to_owned());
         self.last_probe.insert(member.to_owned(), Instant::now());
         let prober = self.prober.clone();
-        let checked = checked.clone();
-        let member = member.to_owned();
-        tokio::spawn(async move {
-            let check = prober.check(&url).await;
-            let _ = checked.send((member, check)).await;
-        });
+        probes.spawn(member.to_owned(), async move { prober.check(&url).await });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A check whose task panics comes back as a failed check of its
+    /// member, so the member is checked again instead of staying "in
+    /// flight" for good.
+    #[tokio::test]
+    async fn a_panicking_check_comes_back_as_a_failed_check() {
+        let mut probes = Probes::default();
+        probes.spawn("pg2".to_owned(), async { panic!("a bug in a check") });
+        let (member, check, task_failed) = probes.next().await.expect("a finished check");
+        assert_eq!(member, "pg2");
+        assert!(task_failed);
+        assert_eq!((check.primary, check.replica), (None, None));
+        assert!(
+            check.error.as_deref().is_some_and(|e| e.contains("panic")),
+            "{:?}",
+            check.error
+        );
+        assert!(probes.next().await.is_none(), "nothing left in flight");
     }
 }

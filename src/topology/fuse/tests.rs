@@ -465,6 +465,24 @@ fn etcd_loss_policies() {
     assert_eq!(case.leader(), None);
 }
 
+/// While a lost etcd connection is being re-established (within the
+/// grace period) the policy still rules, from the state last read: a
+/// watch reconnect is not an outage, even under `refuse`.
+#[test]
+fn a_reconnecting_watch_keeps_the_policy() {
+    let mut case = Case::new();
+    case.on_etcd_loss = EtcdLossPolicy::Refuse;
+    case.etcd = EtcdStatus::Reconnecting { since: case.now };
+    assert_eq!(case.leader().as_deref(), Some("pg1"));
+    case.directory.failover = FailoverIntent::parse(br#"{"leader":"pg1","member":"pg3"}"#);
+    assert!(
+        case.view().handover.is_some(),
+        "switchover protection holds"
+    );
+    case.etcd = EtcdStatus::Down { since: case.now };
+    assert_eq!(case.leader(), None);
+}
+
 #[test]
 fn nothing_before_the_first_read_of_etcd() {
     let mut case = Case::new();
