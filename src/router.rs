@@ -6,6 +6,7 @@
 //! | `primary`        | the confirmed leader only                           |
 //! | `replica`        | readable replicas round-robin; none → hold, or the primary with `replica_fallback = "primary"` |
 //! | `prefer-replica` | readable replicas round-robin, else the primary      |
+//! | `sync-replica`   | readable synchronous (or quorum) standbys round-robin; none → hold, or the primary with `replica_fallback = "primary"` |
 //! | `any`            | the leader and readable replicas round-robin        |
 //!
 //! When no target exists the router *holds* the new session: it waits on
@@ -133,15 +134,20 @@ pub fn candidates(
             .cloned()
             .collect::<Vec<_>>()
     };
+    let or_fallback = |members: Vec<Member>| {
+        if members.is_empty() && fallback == ReplicaFallback::Primary {
+            leader()
+        } else {
+            members
+        }
+    };
     match role {
         ListenerRole::Primary => leader(),
-        ListenerRole::Replica => {
-            let replicas = rotated(replicas());
-            if replicas.is_empty() && fallback == ReplicaFallback::Primary {
-                leader()
-            } else {
-                replicas
-            }
+        ListenerRole::Replica => or_fallback(rotated(replicas())),
+        ListenerRole::SyncReplica => {
+            let mut synchronous = replicas();
+            synchronous.retain(|m| m.synchronous);
+            or_fallback(rotated(synchronous))
         }
         ListenerRole::PreferReplica => {
             let mut members = rotated(replicas());
@@ -166,6 +172,9 @@ pub enum Misfit {
     },
     /// A read session's member left the view or failed its checks.
     MemberUnavailable { member: Arc<str> },
+    /// A `sync-replica` session's member is no longer a synchronous
+    /// standby.
+    NoLongerSynchronous { member: Arc<str> },
 }
 
 impl Misfit {
@@ -193,6 +202,13 @@ impl Misfit {
                 ),
             )
             .with_hint("Reconnect to be routed to another member."),
+            Self::NoLongerSynchronous { member } => ProtocolError::new(
+                SqlState::ADMIN_SHUTDOWN,
+                format!(
+                    "terminating connection because member {member} of cluster \"{cluster}\" is no longer a synchronous standby, so it may miss acknowledged commits"
+                ),
+            )
+            .with_hint("Reconnect to be routed to a synchronous standby."),
         }
     }
 }
@@ -205,7 +221,11 @@ impl Misfit {
 /// a session ends when its member stops being accepted, so a session is
 /// never started on a member that would end it at once.
 fn serves_reads(view: &ClusterView, member: &Member) -> bool {
-    member.healthy || view.leader().is_some_and(|l| l.name == member.name)
+    member.healthy || is_leader(view, member)
+}
+
+fn is_leader(view: &ClusterView, member: &Member) -> bool {
+    view.leader().is_some_and(|l| l.name == member.name)
 }
 
 /// Checks whether a session on `member`, opened through a listener of
@@ -239,6 +259,17 @@ pub fn check_fit(role: ListenerRole, view: &ClusterView, member: &str) -> Result
                 }),
             }
         }
+        // A standby that leaves the sync key may miss commits from now on;
+        // the leader (a fallback, or a promoted standby) has them all.
+        ListenerRole::SyncReplica => match view.member(member) {
+            Some(m) if serves_reads(view, m) && (m.synchronous || is_leader(view, m)) => Ok(()),
+            Some(m) if serves_reads(view, m) => Err(Misfit::NoLongerSynchronous {
+                member: member.into(),
+            }),
+            _ => Err(Misfit::MemberUnavailable {
+                member: member.into(),
+            }),
+        },
     }
 }
 
@@ -253,6 +284,9 @@ fn no_target_error(role: ListenerRole, view: &ClusterView, waited: Duration) -> 
             format!("cluster \"{cluster}\" has no confirmed primary ({reason})")
         }
         ListenerRole::Replica => format!("cluster \"{cluster}\" has no eligible replica"),
+        ListenerRole::SyncReplica => format!(
+            "cluster \"{cluster}\" has no eligible synchronous standby (synchronous_mode off, or none streaming)"
+        ),
         ListenerRole::PreferReplica | ListenerRole::Any => {
             format!("cluster \"{cluster}\" has no healthy member")
         }
@@ -439,25 +473,38 @@ mod tests {
                 for c in &states {
                     for leader in [None, Some("pg1"), Some("pg2"), Some("pg3")] {
                         for handover in [None, Some(("pg1", Some("pg2"))), Some(("pg2", None))] {
-                            let members = [a, b, c]
-                                .iter()
-                                .zip(names)
-                                .zip([5441, 5442, 5443])
-                                .map(|((&&(role, healthy, readable), name), port)| {
-                                    let mut m = member(name, port, role);
-                                    m.healthy = healthy;
-                                    m.readable = readable;
-                                    m
-                                })
-                                .collect();
-                            let view = ClusterView::new("demo".into(), members, leader, true)
-                                .with_handover(handover.map(|(from, to)| {
-                                    crate::topology::Handover {
-                                        from: from.into(),
-                                        to: to.map(Into::into),
-                                    }
-                                }));
-                            views.push(view);
+                            for synchronous in [
+                                [false, false, false],
+                                [false, true, false],
+                                [true, false, true],
+                            ] {
+                                let members = [a, b, c]
+                                    .iter()
+                                    .zip(names)
+                                    .zip([5441, 5442, 5443])
+                                    .zip(synchronous)
+                                    .map(
+                                        |(
+                                            ((&&(role, healthy, readable), name), port),
+                                            synchronous,
+                                        )| {
+                                            let mut m = member(name, port, role);
+                                            m.healthy = healthy;
+                                            m.readable = readable;
+                                            m.synchronous = synchronous;
+                                            m
+                                        },
+                                    )
+                                    .collect();
+                                let view = ClusterView::new("demo".into(), members, leader, true)
+                                    .with_handover(handover.map(|(from, to)| {
+                                        crate::topology::Handover {
+                                            from: from.into(),
+                                            to: to.map(Into::into),
+                                        }
+                                    }));
+                                views.push(view);
+                            }
                         }
                     }
                 }
@@ -474,6 +521,7 @@ mod tests {
             ListenerRole::Primary,
             ListenerRole::Replica,
             ListenerRole::PreferReplica,
+            ListenerRole::SyncReplica,
             ListenerRole::Any,
         ];
         let next = AtomicUsize::new(0);
@@ -508,6 +556,39 @@ mod tests {
         assert!(offered.iter().any(|n| &**n == "pg1"));
         assert_eq!(check_fit(ListenerRole::Any, &v, "pg1"), Ok(()));
         assert!(check_fit(ListenerRole::Any, &v, "pg9").is_err());
+    }
+
+    #[test]
+    fn sync_replica_gets_synchronous_standbys_only() {
+        let next = AtomicUsize::new(0);
+        let mut v = view(Some("pg1"));
+        let c = candidates(ListenerRole::SyncReplica, ReplicaFallback::Hold, &v, &next);
+        assert!(c.is_empty(), "no synchronous standby: hold");
+        let c = candidates(
+            ListenerRole::SyncReplica,
+            ReplicaFallback::Primary,
+            &v,
+            &next,
+        );
+        assert_eq!(names(&c), ["pg1"]);
+        v.members[2].synchronous = true;
+        for _ in 0..3 {
+            let c = candidates(ListenerRole::SyncReplica, ReplicaFallback::Hold, &v, &next);
+            assert_eq!(names(&c), ["pg3"]);
+        }
+        assert_eq!(check_fit(ListenerRole::SyncReplica, &v, "pg3"), Ok(()));
+        // pg3 leaves the sync key: its sync-replica sessions end.
+        v.members[2].synchronous = false;
+        let misfit = check_fit(ListenerRole::SyncReplica, &v, "pg3").expect_err("left");
+        assert_eq!(
+            misfit,
+            Misfit::NoLongerSynchronous {
+                member: "pg3".into()
+            }
+        );
+        assert!(misfit.to_error("demo").message.contains("synchronous"));
+        // Its plain replica sessions stay.
+        assert_eq!(check_fit(ListenerRole::Replica, &v, "pg3"), Ok(()));
     }
 
     #[tokio::test]

@@ -159,10 +159,12 @@ fn a_member_cut_off_from_its_quorum_counts_as_etcd_lost(env: &Env) -> Result<(),
         cut.elapsed()
     );
     match refused {
-        Ok(port) => return Err(format!(
+        Ok(port) => {
+            return Err(format!(
             "a write session reached port {port} while etcd was lost and on_etcd_loss = \"refuse\""
         )
-        .into()),
+            .into())
+        }
         Err(e) => check(
             sqlstate(&e).as_deref() == Some("57P03"),
             format!("expected 57P03, got {e:?}"),

@@ -124,16 +124,6 @@ fn cases() -> Vec<(&'static str, Vec<u8>, Expect)> {
             Expect::Error("0A000"),
         ),
         (
-            "protocol 3.1",
-            packet(V3 | 1, &user, None),
-            Expect::Error("0A000"),
-        ),
-        (
-            "protocol 3.3",
-            packet(V3 | 3, &user, None),
-            Expect::Error("0A000"),
-        ),
-        (
             "protocol 4.0",
             packet(4 << 16, &user, None),
             Expect::Error("0A000"),

@@ -391,6 +391,9 @@ pub enum ListenerRole {
     Primary,
     Replica,
     PreferReplica,
+    /// Synchronous (in quorum mode, quorum) standbys only: reads that see
+    /// every commit the primary acknowledged.
+    SyncReplica,
     Any,
 }
 
@@ -400,6 +403,7 @@ impl ListenerRole {
             Self::Primary => "primary",
             Self::Replica => "replica",
             Self::PreferReplica => "prefer-replica",
+            Self::SyncReplica => "sync-replica",
             Self::Any => "any",
         }
     }

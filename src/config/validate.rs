@@ -58,11 +58,29 @@ pub(super) fn validate(config: &Config) -> Result<(), (String, String)> {
             ));
         }
         if listener.replica_fallback == ReplicaFallback::Primary
-            && listener.role != ListenerRole::Replica
+            && !matches!(
+                listener.role,
+                ListenerRole::Replica | ListenerRole::SyncReplica
+            )
         {
             return Err((
                 key("replica_fallback"),
-                "only a listener with role = \"replica\" has a fallback".to_owned(),
+                "only a listener with role = \"replica\" or \"sync-replica\" has a fallback"
+                    .to_owned(),
+            ));
+        }
+        if listener.role == ListenerRole::SyncReplica
+            && config
+                .clusters
+                .get(&listener.cluster)
+                .is_some_and(|c| c.is_static())
+        {
+            return Err((
+                key("role"),
+                format!(
+                    "\"sync-replica\" needs a Patroni cluster: the static cluster \"{}\" does not know its synchronous standbys",
+                    listener.cluster
+                ),
             ));
         }
     }

@@ -3,7 +3,8 @@
 //!
 //! Implements "Message Formats" and "Start-up" of the PostgreSQL frontend/
 //! backend protocol (chapter 55 of the PostgreSQL 18 docs), for protocol
-//! versions 3.0 and 3.2. A direct-TLS ClientHello (first byte 0x16,
+//! 3: 3.0, 3.2, and any later minor a client asks for, which the server
+//! negotiates down (NegotiateProtocolVersion). A direct-TLS ClientHello (first byte 0x16,
 //! PostgreSQL 17's `sslnegotiation=direct`) is recognised before any length
 //! is read.
 //!
@@ -177,11 +178,16 @@ fn parse_packet(raw: Bytes) -> Result<FirstPacket, ProtocolError> {
                 major: (code >> 16) as u16,
                 minor: (code & 0xffff) as u16,
             };
-            if version.major != 3 || !(version.minor == 0 || version.minor == 2) {
+            // Any 3.x goes to the server as it is: a server that speaks an
+            // older minor answers NegotiateProtocolVersion (with the `_pq_`
+            // options it does not know), which is relayed, and the session
+            // goes on at the server's version; cancel keys are taken as
+            // BackendKeyData gives them.
+            if version.major != 3 {
                 return Err(ProtocolError::new(
                     SqlState::FEATURE_NOT_SUPPORTED,
                     format!(
-                        "unsupported frontend protocol {version}: rolegate supports protocol 3.0 and 3.2"
+                        "unsupported frontend protocol {version}: rolegate speaks protocol 3 (3.0, 3.2 and later minors are negotiated with the server)"
                     ),
                 ));
             }
@@ -318,7 +324,7 @@ mod tests {
 
     #[test]
     fn startup_30_and_32_keep_raw_bytes() {
-        for minor in [0, 2] {
+        for minor in [0, 2, 3, 9999] {
             let buf = startup(minor, b"user\0app\0database\0db\0\0");
             let raw = buf.clone().freeze();
             let Ok(Some(FirstPacket::Startup(msg))) = decode(buf) else {
@@ -327,7 +333,7 @@ mod tests {
             assert_eq!(msg.raw, raw);
             assert_eq!(msg.user(), "app");
             assert_eq!(msg.database(), "db");
-            assert_eq!(msg.has_long_cancel_keys(), minor == 2);
+            assert_eq!(msg.has_long_cancel_keys(), minor >= 2);
         }
     }
 
@@ -363,7 +369,7 @@ mod tests {
 
     #[test]
     fn unsupported_versions() {
-        for (major, minor) in [(2, 0), (3, 1), (3, 3), (4, 0), (0, 0)] {
+        for (major, minor) in [(2, 0), (4, 0), (0, 0), (1, 2)] {
             let buf = packet((major << 16) | minor, b"user\0app\0\0");
             assert_eq!(
                 sqlstate(decode(buf)),

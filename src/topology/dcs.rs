@@ -10,7 +10,7 @@
 
 use std::collections::BTreeMap;
 
-use super::patroni_data::{DynamicConfig, FailoverIntent, MemberRecord};
+use super::patroni_data::{DynamicConfig, FailoverIntent, MemberRecord, SyncKey};
 
 /// What an applied key event changed.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -28,6 +28,8 @@ pub enum DcsChange {
     Optime,
     /// A switchover or failover was requested or finished.
     Failover,
+    /// The synchronous standbys changed.
+    Sync,
     /// A key rolegate does not act on.
     Other,
 }
@@ -41,6 +43,8 @@ pub struct DcsState {
     pub optime: Option<u64>,
     /// A pending switchover or failover request.
     pub failover: Option<FailoverIntent>,
+    /// The synchronous (or quorum) standbys, with `synchronous_mode`.
+    pub sync: Option<SyncKey>,
 }
 
 impl DcsState {
@@ -84,6 +88,10 @@ impl DcsState {
                 self.failover = FailoverIntent::parse(value);
                 DcsChange::Failover
             }
+            "sync" => {
+                self.sync = SyncKey::parse(value);
+                DcsChange::Sync
+            }
             "optime/leader" => {
                 self.optime = std::str::from_utf8(value)
                     .ok()
@@ -116,6 +124,10 @@ impl DcsState {
             Some("failover") => {
                 self.failover = None;
                 DcsChange::Failover
+            }
+            Some("sync") => {
+                self.sync = None;
+                DcsChange::Sync
             }
             Some(name) => match name.strip_prefix("members/") {
                 Some(member) if !member.is_empty() => self.remove_member(member),
@@ -153,6 +165,22 @@ impl DcsState {
             Some(_) => DcsChange::MemberRole(name.to_owned()),
             None => DcsChange::Other,
         }
+    }
+
+    /// Whether `member` is a synchronous (or quorum) standby of the
+    /// current leader: named in the `sync` key for this leader, or, from
+    /// `/cluster` (REST-only discovery), listed as `sync_standby` or
+    /// `quorum_standby`.
+    pub fn is_synchronous(&self, member: &str) -> bool {
+        let named = match (&self.sync, self.leader.as_deref()) {
+            (Some(sync), Some(leader)) => sync.standbys_of(leader).contains(&member),
+            _ => false,
+        };
+        named
+            || self
+                .members
+                .get(member)
+                .is_some_and(MemberRecord::is_synchronous_role)
     }
 
     /// The WAL position replicas are compared with: `status.optime`, else

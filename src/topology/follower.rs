@@ -127,6 +127,7 @@ pub fn start(
         leader: None,
         no_leader_reason: None,
         switchover: None,
+        sync: None,
         sources: Sources {
             etcd: "connecting",
             etcd_down_since: None,
@@ -389,6 +390,7 @@ impl Follower {
                             }
                         }
                         DcsChange::MemberData(_)
+                        | DcsChange::Sync
                         | DcsChange::Config
                         | DcsChange::Optime
                         | DcsChange::Other => {}

@@ -37,7 +37,7 @@ use std::time::SystemTime;
 use tokio::time::{Duration, Instant};
 
 use super::dcs::DcsState;
-use super::patroni_data::RestStatus;
+use super::patroni_data::{MemberRecord, RestStatus};
 use super::view::{ClusterView, Handover, Member, MemberRole};
 use crate::config::{EtcdLossPolicy, LeaderPolicy};
 
@@ -210,7 +210,11 @@ pub fn fuse(input: &FuseInput<'_>) -> ClusterView {
     );
     let promoting = |name: &str| {
         etcd_rule
-            && (directory.leader.as_deref() == Some(name)
+            && ((directory.leader.as_deref() == Some(name)
+                && !directory
+                    .members
+                    .get(name)
+                    .is_some_and(MemberRecord::is_standby_leader))
                 || directory
                     .failover
                     .as_ref()
@@ -254,6 +258,7 @@ pub fn fuse(input: &FuseInput<'_>) -> ClusterView {
             role,
             healthy,
             readable,
+            synchronous: directory.is_synchronous(name),
         });
     }
     let (leader_name, reason) = match leader {
@@ -311,6 +316,15 @@ fn confirmed_leader(
             .map(String::as_str)
             .collect()
     };
+    if let Some((standby_leader, _)) = directory
+        .members
+        .iter()
+        .find(|(_, record)| record.is_standby_leader())
+    {
+        return Err(format!(
+            "it is a standby cluster: its leader {standby_leader} replicates from another cluster (standby_cluster), so no member takes writes"
+        ));
+    }
     match rule {
         Rule::Waiting => Err("etcd has not been read yet".to_owned()),
         Rule::Refuse => Err("etcd is unreachable and on_etcd_loss = \"refuse\"".to_owned()),

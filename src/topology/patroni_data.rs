@@ -33,9 +33,16 @@ pub struct MemberRecord {
     pub timeline: Option<u64>,
     #[serde(default)]
     pub replication_state: Option<String>,
+    /// The Patroni version that wrote the record (`"4.1.5"`).
+    #[serde(default)]
+    pub version: Option<String>,
     #[serde(default)]
     pub tags: BTreeMap<String, serde_json::Value>,
 }
+
+/// The first Patroni version that reports `replication_state`: from it
+/// on, a replica record without the field is not streaming.
+const REPLICATION_STATE_SINCE: (u32, u32, u32) = (3, 0, 4);
 
 impl MemberRecord {
     pub fn parse(json: &[u8]) -> Result<Self, String> {
@@ -52,19 +59,54 @@ impl MemberRecord {
         is_primary_role(self.role.as_deref())
     }
 
+    /// A standby that may serve reads: a replica, a synchronous or quorum
+    /// standby, or the leader of a standby cluster (which replicates from
+    /// elsewhere and takes no writes).
     pub fn is_replica_role(&self) -> bool {
         matches!(
             self.role.as_deref(),
-            Some("replica" | "sync_standby" | "quorum_standby")
+            Some("replica" | "sync_standby" | "quorum_standby" | "standby_leader")
         )
     }
 
-    /// `replication_state` is reported from Patroni 3.0.3 on; where it is
-    /// absent the member counts as streaming.
+    /// A synchronous or quorum standby, as `/cluster` names them.
+    pub fn is_synchronous_role(&self) -> bool {
+        matches!(
+            self.role.as_deref(),
+            Some("sync_standby" | "quorum_standby")
+        )
+    }
+
+    /// The leader of a standby cluster (`standby_cluster` in Patroni's
+    /// configuration): it holds the leader key, but no member of the
+    /// cluster takes writes.
+    pub fn is_standby_leader(&self) -> bool {
+        self.role.as_deref() == Some("standby_leader")
+    }
+
+    /// Whether the member streams WAL from its upstream. Patroni reports
+    /// `replication_state` from 3.0.4 on, and from then on a record without
+    /// it describes a replica that does not stream (and has no
+    /// `restore_command`); records of older versions never carry it, and
+    /// count as streaming.
     pub fn is_streaming(&self) -> bool {
-        self.replication_state
-            .as_deref()
-            .is_none_or(|s| s == "streaming")
+        match self.replication_state.as_deref() {
+            Some(state) => state == "streaming",
+            None => !self
+                .patroni_version()
+                .is_some_and(|v| v >= REPLICATION_STATE_SINCE),
+        }
+    }
+
+    /// `version` as numbers; `None` when absent or not `X.Y.Z`.
+    fn patroni_version(&self) -> Option<(u32, u32, u32)> {
+        let mut parts = self.version.as_deref()?.split('.');
+        let mut next = || -> Option<u32> {
+            let part = parts.next()?;
+            let digits: String = part.chars().take_while(char::is_ascii_digit).collect();
+            digits.parse().ok()
+        };
+        Some((next()?, next()?, next().unwrap_or(0)))
     }
 
     /// A boolean tag, accepting Patroni's `true` and `"true"` spellings.
@@ -90,13 +132,42 @@ impl MemberRecord {
 }
 
 /// The parts of Patroni's dynamic `config` key that change rolegate's
-/// behaviour.
+/// behaviour. Patroni accepts numbers written as strings and booleans
+/// written as `"on"`, `"true"`, `"yes"`, `"1"` (and their opposites), so
+/// these do too; a value of another shape is ignored, not fatal.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
 pub struct DynamicConfig {
-    #[serde(default)]
+    #[serde(default, deserialize_with = "lenient::number")]
     pub ttl: Option<u64>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "lenient::boolean")]
     pub failsafe_mode: Option<bool>,
+}
+
+/// Patroni's lenient reading of configuration values.
+mod lenient {
+    use serde::{Deserialize, Deserializer};
+    use serde_json::Value;
+
+    pub fn number<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+        Ok(match Value::deserialize(d)? {
+            Value::Number(n) => n.as_u64(),
+            Value::String(s) => s.trim().parse().ok(),
+            _ => None,
+        })
+    }
+
+    pub fn boolean<'de, D: Deserializer<'de>>(d: D) -> Result<Option<bool>, D::Error> {
+        Ok(match Value::deserialize(d)? {
+            Value::Bool(b) => Some(b),
+            Value::Number(n) => n.as_u64().map(|n| n != 0),
+            Value::String(s) => match s.trim().to_ascii_lowercase().as_str() {
+                "on" | "true" | "yes" | "1" => Some(true),
+                "off" | "false" | "no" | "0" => Some(false),
+                _ => None,
+            },
+            _ => None,
+        })
+    }
 }
 
 impl DynamicConfig {
@@ -107,6 +178,43 @@ impl DynamicConfig {
     /// Patroni's default leader-key TTL is 30 s.
     pub fn ttl_secs(&self) -> u64 {
         self.ttl.unwrap_or(30)
+    }
+}
+
+/// The value of the `sync` key, which Patroni keeps with
+/// `synchronous_mode`: the leader it applies to, the synchronous standbys
+/// (comma-separated), and in quorum mode (Patroni 4.0+,
+/// `synchronous_mode: quorum`) how many of them must confirm a commit.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+pub struct SyncKey {
+    #[serde(default)]
+    pub leader: Option<String>,
+    #[serde(default)]
+    pub sync_standby: Option<String>,
+    #[serde(default, deserialize_with = "lenient::number")]
+    pub quorum: Option<u64>,
+}
+
+impl SyncKey {
+    /// Parses the key's value; `{}`, `null` and malformed values mean no
+    /// synchronous standby.
+    pub fn parse(json: &[u8]) -> Option<Self> {
+        serde_json::from_slice(json).ok()
+    }
+
+    /// The synchronous (or quorum) standbys of `leader`; none when the key
+    /// belongs to another leader (it lags a leader change by a loop).
+    pub fn standbys_of(&self, leader: &str) -> Vec<&str> {
+        if self.leader.as_deref() != Some(leader) {
+            return Vec::new();
+        }
+        self.sync_standby
+            .as_deref()
+            .unwrap_or("")
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .collect()
     }
 }
 
@@ -164,9 +272,19 @@ impl FailoverIntent {
         self.member.as_deref() == Some(member) && self.is_due(now)
     }
 
-    /// A switchover away from `leader` that Patroni carries out now.
+    /// A planned change away from `leader`, the healthy key holder, that
+    /// Patroni carries out now: a switchover (`leader` names it), or a
+    /// failover to a named candidate requested while it leads
+    /// (`patronictl failover --candidate`, `POST /failover`: `member`
+    /// only), which Patroni 4 carries out the same way, the leader
+    /// demoting itself gracefully.
     pub fn is_due_switchover_from(&self, leader: &str, now: SystemTime) -> bool {
-        self.leader.as_deref() == Some(leader) && self.is_due(now)
+        let away = match (self.leader.as_deref(), self.member.as_deref()) {
+            (Some(named), _) => named == leader,
+            (None, Some(candidate)) => candidate != leader,
+            (None, None) => false,
+        };
+        away && self.is_due(now)
     }
 }
 
@@ -243,10 +361,18 @@ impl ClusterListingMember {
     /// The same member as etcd would describe it, so both discovery paths
     /// feed one fuser. `/cluster` calls the leader "leader" (or
     /// "standby_leader"); its role in etcd terms comes from REST checks.
+    /// From Patroni 3.0.4 on, a replica's `state` there is its replication
+    /// state (`streaming`, `in archive recovery`): PostgreSQL is running.
     pub fn to_record(&self) -> MemberRecord {
         let role = match self.role.as_deref() {
             Some("leader") => Some("master".to_owned()),
             other => other.map(str::to_owned),
+        };
+        let (state, replication_state) = match self.state.as_deref() {
+            Some(replication @ ("streaming" | "in archive recovery")) => {
+                (Some("running".to_owned()), Some(replication.to_owned()))
+            }
+            other => (other.map(str::to_owned), None),
         };
         MemberRecord {
             conn_url: self.host.as_ref().map(|h| {
@@ -258,11 +384,12 @@ impl ClusterListingMember {
                 format!("postgres://{host}:{}/postgres", self.port.unwrap_or(5432))
             }),
             api_url: self.api_url.clone(),
-            state: self.state.clone(),
+            state,
             role,
             xlog_location: None,
             timeline: self.timeline,
-            replication_state: None,
+            replication_state,
+            version: None,
             tags: self.tags.clone(),
         }
     }
@@ -408,6 +535,92 @@ mod tests {
         assert_eq!(FailoverIntent::parse(b"{}"), None);
         assert_eq!(FailoverIntent::parse(b"null"), None);
         assert_eq!(FailoverIntent::parse(b"pg1:pg3"), None);
+    }
+
+    /// From Patroni 3.0.4 on a replica record without `replication_state`
+    /// does not stream; older records never carry the field.
+    #[test]
+    fn replication_state_follows_the_version() {
+        let record = |json: &str| MemberRecord::parse(json.as_bytes()).expect("parse");
+        let old = record(r#"{"role":"replica","state":"running","version":"3.0.2"}"#);
+        assert!(old.is_streaming());
+        let new = record(r#"{"role":"replica","state":"running","version":"4.1.5"}"#);
+        assert!(!new.is_streaming(), "4.1 without replication_state");
+        let boundary = record(r#"{"role":"replica","state":"running","version":"3.0.4"}"#);
+        assert!(!boundary.is_streaming());
+        let streaming = record(
+            r#"{"role":"replica","state":"running","version":"4.1.5","replication_state":"streaming"}"#,
+        );
+        assert!(streaming.is_streaming());
+        let unknown = record(r#"{"role":"replica","state":"running","version":"dev"}"#);
+        assert!(
+            unknown.is_streaming(),
+            "an unreadable version is taken as old"
+        );
+        assert!(record(r#"{"role":"replica","state":"running"}"#).is_streaming());
+    }
+
+    /// Patroni 4 writes numbers as strings and booleans as words when an
+    /// operator did (`patronictl edit-config`); Patroni accepts them, so
+    /// rolegate must read them, not fall back to defaults.
+    #[test]
+    fn dynamic_config_accepts_patronis_spellings() {
+        let config = DynamicConfig::parse(br#"{"ttl":"25","failsafe_mode":"on"}"#).expect("parse");
+        assert_eq!((config.ttl_secs(), config.failsafe_mode), (25, Some(true)));
+        for (word, value) in [
+            ("true", true),
+            ("yes", true),
+            ("off", false),
+            ("false", false),
+        ] {
+            let json = format!(r#"{{"failsafe_mode":"{word}"}}"#);
+            let config = DynamicConfig::parse(json.as_bytes()).expect("parse");
+            assert_eq!(config.failsafe_mode, Some(value), "{word}");
+        }
+        let odd = DynamicConfig::parse(br#"{"ttl":{"x":1},"failsafe_mode":"maybe"}"#)
+            .expect("a value of another shape is ignored");
+        assert_eq!((odd.ttl, odd.failsafe_mode), (None, None));
+    }
+
+    /// Patroni 4.1's `/cluster` gives a replica's replication state as its
+    /// `state`; the member is running.
+    #[test]
+    fn cluster_listing_replication_states_are_running() {
+        let listing = ClusterListing::parse(
+            br#"{"members":[
+                {"name":"pg1","role":"leader","state":"running","host":"127.0.0.1","port":5441,"timeline":1},
+                {"name":"pg2","role":"replica","state":"streaming","host":"127.0.0.1","port":5442,"timeline":1,"lag":0},
+                {"name":"pg3","role":"replica","state":"in archive recovery","host":"127.0.0.1","port":5443,"timeline":1,"lag":0}
+            ]}"#,
+        )
+        .expect("parse");
+        let records: Vec<_> = listing.members.iter().map(|m| m.to_record()).collect();
+        assert!(records[0].is_primary_role() && records[0].is_running());
+        assert!(
+            records[1].is_replica_role() && records[1].is_running() && records[1].is_streaming()
+        );
+        assert!(records[2].is_running() && !records[2].is_streaming());
+    }
+
+    /// `patronictl failover --candidate` with a healthy leader writes the
+    /// key with `member` only; the leader steps down as in a switchover.
+    #[test]
+    fn a_failover_to_a_candidate_moves_away_from_the_leader() {
+        let now = SystemTime::now();
+        let intent = FailoverIntent::parse(br#"{"member":"pg3"}"#).expect("parse");
+        assert!(intent.is_due_switchover_from("pg1", now));
+        assert!(!intent.is_due_switchover_from("pg3", now), "already there");
+        assert!(intent.is_due_to("pg3", now));
+    }
+
+    #[test]
+    fn standby_leader_serves_reads_and_leads_no_writes() {
+        let record = MemberRecord::parse(
+            br#"{"role":"standby_leader","state":"running","version":"4.1.5","replication_state":"streaming"}"#,
+        )
+        .expect("parse");
+        assert!(record.is_standby_leader() && record.is_replica_role());
+        assert!(!record.is_primary_role());
     }
 
     #[test]

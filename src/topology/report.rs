@@ -29,10 +29,35 @@ pub struct ClusterReport {
     pub no_leader_reason: Option<String>,
     /// A switchover requested and not yet done: `{"from", "to"}`.
     pub switchover: Option<BTreeMap<&'static str, Option<String>>>,
+    /// Patroni's `sync` key, with `synchronous_mode`: the leader's
+    /// synchronous standbys, and in quorum mode how many must confirm.
+    pub sync: Option<SyncReport>,
     pub sources: Sources,
     pub members: Vec<MemberReport>,
     /// When the routing view last changed (RFC 3339).
     pub view_changed_at: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct SyncReport {
+    pub leader: Option<String>,
+    pub standbys: Vec<String>,
+    /// Set in quorum mode (`synchronous_mode: quorum`, Patroni 4.0+).
+    pub quorum: Option<u64>,
+}
+
+impl SyncReport {
+    pub fn of(sync: &crate::topology::patroni_data::SyncKey) -> Self {
+        Self {
+            leader: sync.leader.clone(),
+            standbys: sync
+                .leader
+                .as_deref()
+                .map(|l| sync.standbys_of(l).into_iter().map(str::to_owned).collect())
+                .unwrap_or_default(),
+            quorum: sync.quorum,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -52,6 +77,8 @@ pub struct MemberReport {
     pub role: &'static str,
     pub healthy: bool,
     pub readable: bool,
+    /// A synchronous (or quorum) standby of the leader.
+    pub synchronous: bool,
     /// What Patroni published for the member (etcd or `/cluster`).
     pub patroni_state: Option<String>,
     pub patroni_role: Option<String>,
@@ -131,6 +158,7 @@ pub fn member_reports(
                 role: member.role.as_str(),
                 healthy: member.healthy,
                 readable: member.readable,
+                synchronous: member.synchronous,
                 patroni_state: record.and_then(|r| r.state.clone()),
                 patroni_role: record.and_then(|r| r.role.clone()),
                 timeline: record.and_then(|r| r.timeline),

@@ -24,6 +24,7 @@ pub fn static_view(name: &str, config: &ClusterConfig) -> Result<ClusterView, St
             role,
             healthy: true,
             readable: role == MemberRole::Replica,
+            synchronous: false,
         });
         Ok(())
     };
@@ -48,6 +49,7 @@ pub fn static_report(view: &ClusterView) -> ClusterReport {
         leader: view.leader().map(|m| m.name.to_string()),
         no_leader_reason: view.no_leader_reason.clone(),
         switchover: None,
+        sync: None,
         sources: Sources {
             etcd: "not configured",
             etcd_down_since: None,

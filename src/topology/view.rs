@@ -44,6 +44,9 @@ pub struct Member {
     /// Eligible for new read sessions (a healthy replica within the lag
     /// limit and not excluded from load balancing).
     pub readable: bool,
+    /// A synchronous (or quorum) standby of the current leader: it has
+    /// every commit the leader acknowledged.
+    pub synchronous: bool,
 }
 
 impl Member {
@@ -149,6 +152,7 @@ pub(crate) mod test_support {
             role,
             healthy: role != MemberRole::Unknown,
             readable: role == MemberRole::Replica,
+            synchronous: false,
         }
     }
 }

@@ -121,6 +121,7 @@ impl Follower {
                 .into_iter()
                 .collect()
             }),
+            sync: self.directory.sync.as_ref().map(report::SyncReport::of),
             sources: Sources {
                 etcd,
                 etcd_down_since,

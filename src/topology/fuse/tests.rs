@@ -372,6 +372,69 @@ fn a_requested_switchover_sends_no_new_writes_to_the_old_leader() {
     assert_eq!(case.leader().as_deref(), Some("pg1"));
 }
 
+/// `patronictl failover --candidate pg3` while pg1 leads: Patroni 4
+/// writes `{"member": "pg3"}` and pg1 demotes itself gracefully, so new
+/// writes are held from the request, as in a switchover.
+#[test]
+fn a_failover_to_a_candidate_with_a_healthy_leader_is_a_handover() {
+    let mut case = Case::new();
+    case.directory.failover = FailoverIntent::parse(br#"{"member":"pg3"}"#);
+    let view = case.view();
+    assert!(view.leader().is_none());
+    assert_eq!(
+        view.handover,
+        Some(Handover {
+            from: "pg1".into(),
+            to: Some("pg3".into())
+        })
+    );
+    assert_eq!(case.readable(), ["pg2"], "the candidate takes no new reads");
+}
+
+/// With `synchronous_mode` (or Patroni 4's quorum mode) the `sync` key
+/// names the leader's synchronous standbys; a key left from the previous
+/// leader names none.
+#[test]
+fn the_sync_key_marks_synchronous_standbys() {
+    let mut case = Case::new();
+    let prefix = "/service/demo/";
+    case.directory.apply_put(
+        prefix,
+        b"/service/demo/sync",
+        br#"{"leader":"pg1","sync_standby":"pg2,pg3","quorum":1}"#,
+    );
+    let view = case.view();
+    let synchronous: Vec<_> = view
+        .members
+        .iter()
+        .filter(|m| m.synchronous)
+        .map(|m| m.name.to_string())
+        .collect();
+    assert_eq!(synchronous, ["pg2", "pg3"]);
+    assert_eq!(case.directory.sync.as_ref().and_then(|s| s.quorum), Some(1));
+    case.directory.apply_put(
+        prefix,
+        b"/service/demo/sync",
+        br#"{"leader":"pg2","sync_standby":"pg3"}"#,
+    );
+    assert!(case.view().members.iter().all(|m| !m.synchronous));
+    case.directory.apply_delete(prefix, b"/service/demo/sync");
+    assert_eq!(case.directory.sync, None);
+}
+
+/// A standby cluster's leader holds the key but replicates from another
+/// cluster: nobody takes writes, and the standby leader serves reads.
+#[test]
+fn a_standby_cluster_takes_no_writes() {
+    let mut case = Case::new();
+    case.policy = LeaderPolicy::Etcd;
+    case.set_role("pg1", "standby_leader");
+    assert_eq!(case.leader(), None);
+    let reason = case.view().no_leader_reason.unwrap_or_default();
+    assert!(reason.contains("standby cluster"), "{reason}");
+    assert_eq!(case.readable(), ["pg1", "pg2", "pg3"]);
+}
+
 #[test]
 fn empty_leader_key_and_stopping_leader() {
     let mut case = Case::new();
