@@ -1,6 +1,8 @@
 //! The lab itself: a real etcd and a 3-node Patroni cluster that looks
-//! like the one the fixtures in `tests/fixtures/patroni-3.0/` were captured
-//! from. These checks only read the cluster, so they run in parallel.
+//! like the one the fixtures of its stack were captured from
+//! (`tests/fixtures/patroni-3.0/` for Debian's Patroni 3.0.2,
+//! `tests/fixtures/patroni-4.1/` for the current stack). These checks only
+//! read the cluster, so they run in parallel.
 
 mod support;
 
@@ -95,14 +97,21 @@ fn etcd_holds_the_leader_and_three_members(lab: &Lab) -> Result<(), Failed> {
 
     // Each member record has the fields of the captured fixture, and
     // rolegate's parser reads it.
-    let fixture = std::fs::read_to_string(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/tests/fixtures/patroni-3.0/etcd-get-prefix.txt"
-    ))?;
-    let fixture_replica = fixture
-        .lines()
-        .skip_while(|l| *l != "/service/demo/members/pg2")
-        .nth(1)
+    let fixture = std::fs::read_to_string(lab.fixtures().join("etcd-get-prefix.txt"))?;
+    let fixture_lines: Vec<_> = fixture.lines().collect();
+    let fixture_pairs: Vec<_> = fixture_lines.chunks(2).filter(|c| c.len() == 2).collect();
+    let fixture_leader = fixture_pairs
+        .iter()
+        .find(|c| c[0] == "/service/demo/leader")
+        .map(|c| c[1])
+        .unwrap_or_default();
+    let fixture_replica = fixture_pairs
+        .iter()
+        .find(|c| {
+            c[0].starts_with("/service/demo/members/")
+                && c[0] != format!("/service/demo/members/{fixture_leader}")
+        })
+        .map(|c| c[1])
         .unwrap_or_default();
     let fixture_fields = json_fields(fixture_replica);
     let leader = lab.leader();
@@ -153,8 +162,14 @@ fn rest_checks_answer_as_patroni_documents(lab: &Lab) -> Result<(), Failed> {
         let (_, body) = http_get(lab.rest_port(member), "/patroni").ok_or("GET /patroni")?;
         let status = RestStatus::parse(body.as_bytes())?;
         let role = status.role.as_deref().unwrap_or_default();
+        // Patroni 3.0 says "master", 4.x "primary".
+        let expected = if lab.stack() == "debian" {
+            "master"
+        } else {
+            "primary"
+        };
         check(
-            (role == "master") == is_leader,
+            (role == expected) == is_leader,
             format!("{member} reports role {role:?}"),
         )?;
     }

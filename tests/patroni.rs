@@ -36,6 +36,10 @@ fn main() {
             switchover_drains_old_write_sessions_and_holds_new_ones,
         ),
         (
+            "failover_to_a_candidate_is_followed_like_a_switchover",
+            failover_to_a_candidate_is_followed_like_a_switchover,
+        ),
+        (
             "killed_leader_writes_resume_on_the_new_leader",
             killed_leader_writes_resume_on_the_new_leader,
         ),
@@ -201,7 +205,24 @@ fn leader_change_timings(log: &str, new_leader: &str) -> (Option<f64>, Option<f6
 }
 
 fn switchover_drains_old_write_sessions_and_holds_new_ones(env: &Env) -> Result<(), Failed> {
-    let (rolegate, rw, _ro) = env.default_rolegate("switchover");
+    planned_leader_change(env, "switchover", &["switchover"])
+}
+
+/// `patronictl failover --candidate` while the leader is healthy: Patroni
+/// writes the failover key with the candidate only, and the leader steps
+/// down as in a switchover. rolegate treats it as one: new writes held
+/// from the request, none on the demoting leader, open ones drained.
+fn failover_to_a_candidate_is_followed_like_a_switchover(env: &Env) -> Result<(), Failed> {
+    let leader = env.lab.leader();
+    let candidate = replicas_of(&leader)[1];
+    planned_leader_change(env, "failover", &["failover", "--candidate", candidate])
+}
+
+/// A leader change Patroni carries out with a healthy leader (`lab`
+/// command `change`), under a writer, a stream of new clients, an idle
+/// write session and a readiness poller.
+fn planned_leader_change(env: &Env, name: &str, change: &[&str]) -> Result<(), Failed> {
+    let (rolegate, rw, _ro) = env.default_rolegate(name);
     let old_leader = env.lab.leader();
     let changes_before = rolegate.metric("rolegate_leader_changes_total", "cluster=\"demo\"");
     let demotions = || {
@@ -276,7 +297,7 @@ fn switchover_drains_old_write_sessions_and_holds_new_ones(env: &Env) -> Result<
 
         let new_leader = env
             .lab
-            .run_async(&["switchover"])
+            .run_async(change)
             .await?
             .lines()
             .last()
@@ -371,7 +392,7 @@ fn switchover_drains_old_write_sessions_and_holds_new_ones(env: &Env) -> Result<
         if let Ok(dir) = std::env::var("ROLEGATE_TEST_KEEP_LOGS") {
             let _ = std::fs::copy(
                 &rolegate.log_path,
-                PathBuf::from(dir).join("switchover.log"),
+                PathBuf::from(dir).join(format!("{name}.log")),
             );
         }
         check(
@@ -380,7 +401,7 @@ fn switchover_drains_old_write_sessions_and_holds_new_ones(env: &Env) -> Result<
         )?;
         let (confirmed, first_session) = leader_change_timings(&rolegate.log(), &new_leader);
         println!(
-            "switchover {old_leader} -> {new_leader}: write-unavailability window {:?}, \
+            "{name} {old_leader} -> {new_leader}: write-unavailability window {:?}, \
              failed connects {}, failed writes {}, acknowledged {}, missing {missing}; \
              leader key -> confirmed {:?}s, leader key -> first write session {:?}s; \
              clients held and served {served}",

@@ -479,6 +479,7 @@ fn lab_rendered(member: &str) -> String {
         .replace("@NOLOADBALANCE@", "false")
         .replace("@LAB_DIR@", "/tmp/rolegate-lab")
         .replace("@SOCKET_DIR@", "/tmp/rolegate-lab/sock")
+        .replace("@PG_BIN@", "/usr/lib/postgresql/15/bin")
 }
 
 #[test]

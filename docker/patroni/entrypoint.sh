@@ -23,6 +23,8 @@ namespace=${NAMESPACE:-/service/}
 etcd_host=${ETCD_HOST:-etcd:2379}
 lab_dir=${LAB_DIR:-/var/lib/postgresql/lab}
 template=${TEMPLATE:-/etc/patroni/patroni.yml.in}
+# The image runs Debian's stack: Patroni 3.0.2 and PostgreSQL 15.
+pg_bin=${PG_BIN:-/usr/lib/postgresql/15/bin}
 
 render() {
   echo "# $name: rendered by docker/patroni/entrypoint.sh from lab/patroni.yml.in (comments dropped)"
@@ -37,6 +39,7 @@ render() {
       -e "s|@NOLOADBALANCE@|false|g" \
       -e "s|@LAB_DIR@|$lab_dir|g" \
       -e "s|@SOCKET_DIR@|$lab_dir/sock|g" \
+      -e "s|@PG_BIN@|$pg_bin|g" \
       -e "s|^\( *listen:\) 127\.0\.0\.1:|\1 0.0.0.0:|" \
       -e "s|^\( *connect_address:\) 127\.0\.0\.1:|\1 $name:|" \
       -e "s|^\( *hosts:\) 127\.0\.0\.1:2379|\1 $etcd_host|" \

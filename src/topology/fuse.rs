@@ -423,4 +423,6 @@ fn check_holder(directory: &DcsState, holder: &str, promoted: bool) -> Result<()
 }
 
 #[cfg(test)]
+mod patroni41_tests;
+#[cfg(test)]
 mod tests;

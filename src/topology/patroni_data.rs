@@ -410,10 +410,18 @@ pub(crate) fn split_http_capture(text: &str) -> (u16, &str) {
     (status, body.map(|(_, b)| b.trim()).unwrap_or(""))
 }
 
+/// A file captured from Patroni 3.0.2 (`tests/fixtures/patroni-3.0/`).
 #[cfg(test)]
 pub(crate) fn fixture(name: &str) -> String {
+    fixture_of("3.0", name)
+}
+
+/// A file captured by `scripts/capture-fixtures` from the lab of one
+/// Patroni version (`"3.0"`: Debian's 3.0.2; `"4.1"`: 4.1.5).
+#[cfg(test)]
+pub(crate) fn fixture_of(version: &str, name: &str) -> String {
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures/patroni-3.0")
+        .join(format!("tests/fixtures/patroni-{version}"))
         .join(name);
     std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("fixture {}: {e}", path.display()))
 }
@@ -422,7 +430,12 @@ pub(crate) fn fixture(name: &str) -> String {
 /// line), as the DCS mirror reads it.
 #[cfg(test)]
 pub(crate) fn fixture_dcs_state() -> super::dcs::DcsState {
-    let text = fixture("etcd-get-prefix.txt");
+    fixture_dcs_state_of("3.0")
+}
+
+#[cfg(test)]
+pub(crate) fn fixture_dcs_state_of(version: &str) -> super::dcs::DcsState {
+    let text = fixture_of(version, "etcd-get-prefix.txt");
     let lines: Vec<_> = text.lines().collect();
     super::dcs::DcsState::from_keys(
         "/service/demo/",

@@ -95,6 +95,29 @@ impl Lab {
         self.run(&["leader"])
     }
 
+    /// The stack the lab runs (`LAB_STACK`): `current` (Patroni 4.1,
+    /// PostgreSQL 18) or `debian` (Patroni 3.0.2, PostgreSQL 15).
+    pub fn stack(&self) -> String {
+        self.run(&["env"])
+            .lines()
+            .find_map(|l| l.strip_prefix("export LAB_STACK="))
+            .unwrap_or_default()
+            .to_owned()
+    }
+
+    /// The fixtures captured from a lab of this stack
+    /// (`scripts/capture-fixtures`).
+    pub fn fixtures(&self) -> PathBuf {
+        let version = if self.stack() == "debian" {
+            "3.0"
+        } else {
+            "4.1"
+        };
+        PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures")
+            .join(format!("patroni-{version}"))
+    }
+
     /// Superuser SQL on a member over its unix socket.
     pub fn psql(&self, member: &str, sql: &str) -> String {
         self.run(&["psql", member, "-AtX", "-c", sql])
