@@ -55,6 +55,14 @@ fn main() {
             "etcd_loss_falls_back_to_rest_checks",
             etcd_loss_falls_back_to_rest_checks,
         ),
+        (
+            "sync_replica_listener_follows_the_sync_key",
+            sync_replica_listener_follows_the_sync_key,
+        ),
+        (
+            "a_standby_cluster_serves_reads_and_refuses_writes",
+            a_standby_cluster_serves_reads_and_refuses_writes,
+        ),
     ];
     run_suite(tests, || LabSuite::start("patroni"), true);
 }
@@ -573,4 +581,137 @@ fn etcd_loss_falls_back_to_rest_checks(env: &Env) -> Result<(), Failed> {
     env.lab.run(&["start-etcd"]);
     env.lab.run(&["failsafe", "off"]);
     result
+}
+
+/// rolegate following `scope` on the lab's etcd, with one listener per
+/// role in `roles`; returns it and the listeners' ports in that order.
+fn rolegate_with_roles(env: &Env, name: &str, scope: &str, roles: &[&str]) -> (Rolegate, Vec<u16>) {
+    let ports: Vec<u16> = roles.iter().map(|_| support::free_port()).collect();
+    let listeners: String = roles
+        .iter()
+        .zip(&ports)
+        .map(|(role, port)| {
+            format!("\n[[listeners]]\nlisten = \"127.0.0.1:{port}\"\ncluster = \"c\"\nrole = \"{role}\"\n")
+        })
+        .collect();
+    let config = format!(
+        "[log]\nformat = \"json\"\n\n[limits]\nhold_timeout = \"3s\"\n\n[clusters.c]\nscope = \"{scope}\"\nnamespace = \"/service/\"\n{}\n{listeners}",
+        env.lab.etcd_line()
+    );
+    (Rolegate::start(&env.root, name, &config), ports)
+}
+
+/// A `sync-replica` listener sends sessions to Patroni's synchronous
+/// standbys only (with Patroni 4's quorum commit, to every quorum
+/// standby), and ends a session whose standby leaves the sync key.
+fn sync_replica_listener_follows_the_sync_key(env: &Env) -> Result<(), Failed> {
+    let (_rolegate, ports) = rolegate_with_roles(env, "sync-replica", "demo", &["sync-replica"]);
+    let sync_port = ports[0];
+    let sync = env.lab.run(&["sync", "on"]);
+    let result = runtime().block_on(async {
+        let sync = sync.lines().last().unwrap_or_default().to_owned();
+        check(
+            MEMBERS.contains(&sync.as_str()),
+            format!("synchronous standby {sync:?}"),
+        )?;
+        wait_for_readers(
+            &env.lab,
+            sync_port,
+            &[sync.as_str()],
+            Duration::from_secs(30),
+        )
+        .await?;
+        if env.lab.stack() == "current" {
+            let quorum = env.lab.run_async(&["sync", "quorum"]).await?;
+            let standbys: Vec<&str> = quorum
+                .lines()
+                .last()
+                .unwrap_or_default()
+                .split(',')
+                .collect();
+            check(standbys.len() == 2, format!("quorum standbys {standbys:?}"))?;
+            wait_for_readers(&env.lab, sync_port, &standbys, Duration::from_secs(30)).await?;
+        }
+        // A session on a synchronous standby ends when it leaves the key.
+        let (client, connection) = connect_watched(&conninfo(sync_port, "app", "app")).await?;
+        client.simple_query("select 1").await?;
+        env.lab.run_async(&["sync", "off"]).await?;
+        let ended = tokio::time::timeout(Duration::from_secs(20), connection)
+            .await
+            .map_err(|_| "the sync-replica session outlived the sync key")?;
+        let err = match ended {
+            Ok(Err(e)) => e,
+            other => return Err(format!("the session did not end with an error: {other:?}").into()),
+        };
+        check(
+            sqlstate(&err).as_deref() == Some("57P01")
+                && server_message(&err).contains("no longer a synchronous standby"),
+            format!("ended with {}", server_message(&err)),
+        )?;
+        // No synchronous standby now: new sessions are held, then 57P03.
+        let refused = connect(&conninfo(sync_port, "app", "app")).await;
+        match refused {
+            Err(e) => check(
+                sqlstate(&e).as_deref() == Some("57P03"),
+                format!("refused with {}", server_message(&e)),
+            ),
+            Ok(_) => Err("a sync-replica session was served without a synchronous standby".into()),
+        }
+    });
+    env.lab.run(&["sync", "off"]);
+    result
+}
+
+/// A standby cluster (Patroni's `standby_cluster`, replicating from the
+/// lab's cluster): its standby leader serves reads, and the primary
+/// listener answers 57P03 saying it is a standby cluster.
+fn a_standby_cluster_serves_reads_and_refuses_writes(env: &Env) -> Result<(), Failed> {
+    env.lab.run(&["standby", "up"]);
+    let standby_port = 5444 + env.lab.offset;
+    let result = (|| {
+        let (_rolegate, ports) =
+            rolegate_with_roles(env, "standby", "demo-standby", &["primary", "replica"]);
+        runtime().block_on(async {
+            let started = std::time::Instant::now();
+            loop {
+                match reached(ports[1]).await {
+                    Ok((port, in_recovery)) => {
+                        check(
+                            port == standby_port && in_recovery,
+                            format!("a read reached port {port} (in recovery: {in_recovery})"),
+                        )?;
+                        break;
+                    }
+                    Err(e) if started.elapsed() > Duration::from_secs(30) => {
+                        return Err(format!(
+                            "no read reached the standby leader: {}",
+                            e.message().unwrap_or("failed")
+                        )
+                        .into())
+                    }
+                    Err(_) => tokio::time::sleep(Duration::from_millis(300)).await,
+                }
+            }
+            match connect(&conninfo(ports[0], "app", "app")).await {
+                Ok(_) => Err(Failed::from(
+                    "a write session was served by a standby cluster",
+                )),
+                Err(e) => check(
+                    sqlstate(&e).as_deref() == Some("57P03")
+                        && server_message(&e).contains("standby cluster"),
+                    format!("the primary listener answered {}", server_message(&e)),
+                ),
+            }
+        })
+    })();
+    env.lab.run(&["standby", "down"]);
+    result
+}
+
+/// The server's message of a tokio-postgres error (its Display says only
+/// "db error").
+fn server_message(e: &tokio_postgres::Error) -> String {
+    e.as_db_error()
+        .map(|db| db.message().to_owned())
+        .unwrap_or_else(|| e.to_string())
 }

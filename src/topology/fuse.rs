@@ -243,7 +243,15 @@ pub fn fuse(input: &FuseInput<'_>) -> ClusterView {
                 (Some(_), _, None) => false,
                 _ => true,
             };
-        let rest_replica_ok = !uses_rest || rest.is_some_and(|r| r.replica == Some(true));
+        let rest_replica_ok = !uses_rest
+            || rest.is_some_and(|r| {
+                r.replica == Some(true)
+                    || (record.is_standby_leader()
+                        && r.reachable
+                        && r.status
+                            .as_ref()
+                            .is_some_and(RestStatus::is_running_standby_leader))
+            });
         let readable = role == MemberRole::Replica
             && !promoting(name)
             && healthy

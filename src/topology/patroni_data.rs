@@ -313,6 +313,13 @@ impl RestStatus {
     pub fn is_running_primary(&self) -> bool {
         is_running_state(self.state.as_deref()) && is_primary_role(self.role.as_deref())
     }
+
+    /// A running standby leader: Patroni answers its `/replica` with 503
+    /// (it holds its cluster's leader key) but it serves reads, as its
+    /// `/read-only` says.
+    pub fn is_running_standby_leader(&self) -> bool {
+        is_running_state(self.state.as_deref()) && self.role.as_deref() == Some("standby_leader")
+    }
 }
 
 /// Patroni's word for PostgreSQL being up, in records and REST answers.

@@ -433,6 +433,15 @@ fn a_standby_cluster_takes_no_writes() {
     let reason = case.view().no_leader_reason.unwrap_or_default();
     assert!(reason.contains("standby cluster"), "{reason}");
     assert_eq!(case.readable(), ["pg1", "pg2", "pg3"]);
+    // With REST: Patroni answers the standby leader's /replica with 503
+    // and a body saying standby_leader; that is its read check.
+    case.policy = LeaderPolicy::EtcdAndPatroni;
+    case.set_rest_with_body("pg1", false, "standby_leader");
+    if let Some(r) = case.rest.get_mut("pg1") {
+        r.replica = Some(false);
+    }
+    assert_eq!(case.leader(), None);
+    assert_eq!(case.readable(), ["pg1", "pg2", "pg3"]);
 }
 
 #[test]
