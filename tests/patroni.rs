@@ -56,6 +56,10 @@ fn main() {
             etcd_loss_falls_back_to_rest_checks,
         ),
         (
+            "protocol_3_9999_is_negotiated_by_the_member",
+            protocol_3_9999_is_negotiated_by_the_member,
+        ),
+        (
             "sync_replica_listener_follows_the_sync_key",
             sync_replica_listener_follows_the_sync_key,
         ),
@@ -714,4 +718,67 @@ fn server_message(e: &tokio_postgres::Error) -> String {
     e.as_db_error()
         .map(|db| db.message().to_owned())
         .unwrap_or_else(|| e.to_string())
+}
+
+/// A client asking for protocol 3.9999 (libpq's test builds do; future
+/// clients will ask for 3.3+) with a `_pq_` option: rolegate passes the
+/// request on, the member answers NegotiateProtocolVersion with the newest
+/// version it speaks (3.2 for PostgreSQL 18, 3.0 for 15), and the session
+/// goes on at that version, its cancel key as the member issued it (32
+/// bytes under 3.2), and a cancel through rolegate cancels.
+fn protocol_3_9999_is_negotiated_by_the_member(env: &Env) -> Result<(), Failed> {
+    let (_rolegate, rw, _ro) = env.default_rolegate("v3-9999");
+    let mut stream = support::wire::connect(rw);
+    use std::io::Write;
+    stream.write_all(&support::wire::startup_packet(
+        3,
+        9999,
+        &[
+            ("user", "app"),
+            ("database", "app"),
+            ("_pq_.rolegate_test", "x"),
+        ],
+    ))?;
+    let login = support::wire::login(&mut stream, "app");
+    check(login.error.is_none(), format!("login failed: {login:?}"))?;
+    let expected_minor = if env.lab.stack() == "debian" { 0 } else { 2 };
+    check(
+        login.negotiated_minor == Some(expected_minor),
+        format!(
+            "negotiated {:?}, expected 3.{expected_minor}",
+            login.negotiated_minor
+        ),
+    )?;
+    check(
+        login.unrecognised == ["_pq_.rolegate_test"],
+        format!("unrecognised options {:?}", login.unrecognised),
+    )?;
+    let (pid, secret) = login.key.clone().ok_or("no BackendKeyData")?;
+    let expected_len = if expected_minor >= 2 { 32 } else { 4 };
+    check(
+        secret.len() == expected_len,
+        format!(
+            "a {}-byte cancel key under 3.{expected_minor}",
+            secret.len()
+        ),
+    )?;
+    stream.write_all(&support::wire::message(b'Q', b"select pg_sleep(30)\0"))?;
+    std::thread::sleep(Duration::from_millis(500));
+    let mut canceller = support::wire::connect(rw);
+    canceller.write_all(&support::wire::cancel_request(pid, &secret))?;
+    let started = std::time::Instant::now();
+    let cancelled = loop {
+        match support::wire::read_msg(&mut stream) {
+            Some(msg) if msg.tag == b'E' => break msg.field(b'C'),
+            Some(_) => continue,
+            None => break None,
+        }
+    };
+    check(
+        cancelled.as_deref() == Some("57014") && started.elapsed() < Duration::from_secs(10),
+        format!(
+            "pg_sleep ended with {cancelled:?} after {:?}",
+            started.elapsed()
+        ),
+    )
 }

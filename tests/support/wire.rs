@@ -91,3 +91,91 @@ pub fn closes(stream: &mut TcpStream) -> bool {
         }
     }
 }
+
+/// A message with a type byte.
+pub fn message(tag: u8, body: &[u8]) -> Vec<u8> {
+    let mut out = vec![tag];
+    out.extend_from_slice(&((body.len() + 4) as u32).to_be_bytes());
+    out.extend_from_slice(body);
+    out
+}
+
+/// What a session's login said, up to its first ReadyForQuery.
+#[derive(Debug, Default)]
+pub struct Login {
+    /// The newest minor version in NegotiateProtocolVersion, if one came.
+    pub negotiated_minor: Option<u16>,
+    /// `_pq_` options the server did not recognise.
+    pub unrecognised: Vec<String>,
+    /// BackendKeyData: the process id and the secret.
+    pub key: Option<(u32, Vec<u8>)>,
+    /// The SQLSTATE of an ErrorResponse that ended the login.
+    pub error: Option<String>,
+}
+
+/// Logs in on `stream` after the StartupMessage was sent, answering a
+/// SCRAM-SHA-256 exchange with `password` (and cleartext, md5-less trust).
+pub fn login(stream: &mut TcpStream, password: &str) -> Login {
+    use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
+    let mut login = Login::default();
+    let mut scram = None;
+    while let Some(msg) = read_msg(stream) {
+        match msg.tag {
+            b'v' if msg.body.len() >= 8 => {
+                login.negotiated_minor = Some(u16::from_be_bytes([msg.body[2], msg.body[3]]));
+                login.unrecognised = msg.body[8..]
+                    .split(|b| *b == 0)
+                    .filter(|s| !s.is_empty())
+                    .map(|s| String::from_utf8_lossy(s).into_owned())
+                    .collect();
+            }
+            b'R' if msg.body.len() >= 4 => {
+                let code = u32::from_be_bytes([msg.body[0], msg.body[1], msg.body[2], msg.body[3]]);
+                match code {
+                    10 => {
+                        let client =
+                            ScramSha256::new(password.as_bytes(), ChannelBinding::unsupported());
+                        let mut body = b"SCRAM-SHA-256\0".to_vec();
+                        body.extend_from_slice(&(client.message().len() as u32).to_be_bytes());
+                        body.extend_from_slice(client.message());
+                        let _ = stream.write_all(&message(b'p', &body));
+                        scram = Some(client);
+                    }
+                    11 => {
+                        if let Some(client) = scram.as_mut() {
+                            if client.update(&msg.body[4..]).is_ok() {
+                                let _ = stream.write_all(&message(b'p', client.message()));
+                            }
+                        }
+                    }
+                    12 => {
+                        if let Some(client) = scram.as_mut() {
+                            let _ = client.finish(&msg.body[4..]);
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            b'K' if msg.body.len() >= 8 => {
+                let pid = u32::from_be_bytes([msg.body[0], msg.body[1], msg.body[2], msg.body[3]]);
+                login.key = Some((pid, msg.body[4..].to_vec()));
+            }
+            b'E' => {
+                login.error = msg.field(b'C');
+                return login;
+            }
+            b'Z' => return login,
+            _ => {}
+        }
+    }
+    login
+}
+
+/// A CancelRequest for the key `(pid, secret)`.
+pub fn cancel_request(pid: u32, secret: &[u8]) -> Vec<u8> {
+    let mut packet = ((12 + secret.len()) as u32).to_be_bytes().to_vec();
+    packet.extend_from_slice(&80_877_102u32.to_be_bytes());
+    packet.extend_from_slice(&pid.to_be_bytes());
+    packet.extend_from_slice(secret);
+    packet
+}
