@@ -125,6 +125,18 @@ mod tests {
         assert_eq!(without_channel_binding(&rewritten), Ok(None));
     }
 
+    /// PostgreSQL 18 offers OAUTHBEARER beside SCRAM when `pg_hba.conf`
+    /// says `oauth`; it is relayed untouched, only SCRAM-SHA-256-PLUS goes.
+    #[test]
+    fn oauthbearer_passes_through() {
+        assert_eq!(without_channel_binding(&body(&[b"OAUTHBEARER"])), Ok(None));
+        let offered = body(&[b"OAUTHBEARER", b"SCRAM-SHA-256-PLUS", b"SCRAM-SHA-256"]);
+        assert_eq!(
+            without_channel_binding(&offered),
+            Ok(Some(body(&[b"OAUTHBEARER", b"SCRAM-SHA-256"])))
+        );
+    }
+
     #[test]
     fn lists_without_plus_are_untouched() {
         assert_eq!(

@@ -8,7 +8,7 @@
 //! keys and says what kind of change each was, so the follower knows which
 //! members to probe at once. Pure data: no I/O.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use super::patroni_data::{DynamicConfig, FailoverIntent, MemberRecord, SyncKey};
 
@@ -45,6 +45,9 @@ pub struct DcsState {
     pub failover: Option<FailoverIntent>,
     /// The synchronous (or quorum) standbys, with `synchronous_mode`.
     pub sync: Option<SyncKey>,
+    /// The members of the `failsafe` key: those the leader may keep
+    /// serving with when Patroni loses etcd under `failsafe_mode`.
+    pub failsafe: BTreeSet<String>,
 }
 
 impl DcsState {
@@ -92,6 +95,13 @@ impl DcsState {
                 self.sync = SyncKey::parse(value);
                 DcsChange::Sync
             }
+            "failsafe" => {
+                self.failsafe =
+                    serde_json::from_slice::<BTreeMap<String, serde_json::Value>>(value)
+                        .map(|m| m.into_keys().collect())
+                        .unwrap_or_default();
+                DcsChange::Other
+            }
             "optime/leader" => {
                 self.optime = std::str::from_utf8(value)
                     .ok()
@@ -129,7 +139,17 @@ impl DcsState {
                 self.sync = None;
                 DcsChange::Sync
             }
+            Some("failsafe") => {
+                self.failsafe.clear();
+                DcsChange::Other
+            }
             Some(name) => match name.strip_prefix("members/") {
+                Some(member) if !member.is_empty() && self.keeps_under_failsafe(member) => {
+                    if let Some(record) = self.members.get_mut(member) {
+                        record.kept_by_failsafe = true;
+                    }
+                    DcsChange::MemberRole(member.to_owned())
+                }
                 Some(member) if !member.is_empty() => self.remove_member(member),
                 _ => DcsChange::Other,
             },
@@ -158,6 +178,30 @@ impl DcsState {
         };
         self.members.insert(name.to_owned(), record);
         change
+    }
+
+    /// Whether a member whose key went away stays: with `failsafe_mode` on
+    /// and the member in the `failsafe` key, Patroni lost etcd but may keep
+    /// running, its leader serving as primary while every member confirms
+    /// it. REST checks then say what each member is.
+    fn keeps_under_failsafe(&self, member: &str) -> bool {
+        self.config.failsafe_mode == Some(true)
+            && self.failsafe.contains(member)
+            && self.members.contains_key(member)
+    }
+
+    /// After a full re-read, keeps the members `old` kept under failsafe
+    /// that are still absent (their keys do not come back by re-reading).
+    pub fn carry_failsafe_members(&mut self, old: &DcsState) {
+        for (name, record) in &old.members {
+            if record.kept_by_failsafe
+                && !self.members.contains_key(name)
+                && self.config.failsafe_mode == Some(true)
+                && self.failsafe.contains(name)
+            {
+                self.members.insert(name.clone(), record.clone());
+            }
+        }
     }
 
     fn remove_member(&mut self, name: &str) -> DcsChange {

@@ -313,7 +313,7 @@ impl Follower {
         let now = Instant::now();
         match event {
             EtcdEvent::Snapshot(kvs) => {
-                let fresh = DcsState::from_keys(
+                let mut fresh = DcsState::from_keys(
                     &self.prefix,
                     kvs.iter().map(|(k, v)| (k.as_slice(), v.as_slice())),
                 );
@@ -341,6 +341,7 @@ impl Follower {
                 if fresh.leader != self.directory.leader {
                     self.leader_since = Some(now);
                 }
+                fresh.carry_failsafe_members(&self.directory);
                 self.directory = fresh;
                 self.etcd = EtcdStatus::Up;
                 self.rest

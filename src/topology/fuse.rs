@@ -236,7 +236,14 @@ pub fn fuse(input: &FuseInput<'_>) -> ClusterView {
             MemberRole::Unknown
         };
         let rest_reachable = rest.is_none_or(|r| r.reachable || r.checked_at.is_none());
-        let healthy = record.is_running() && (!uses_rest || rest_reachable);
+        // A record kept under failsafe is Patroni's last word before it lost
+        // etcd: only REST can say the member still runs.
+        let healthy = record.is_running()
+            && if uses_rest {
+                rest_reachable
+            } else {
+                !record.kept_by_failsafe
+            };
         let lag_ok = uses_rest
             || match (input.max_replica_lag, leader_wal, record.xlog_location) {
                 (Some(max), Some(leader), Some(own)) => leader.saturating_sub(own) <= max,
@@ -354,7 +361,9 @@ fn confirmed_leader(
                 ));
             }
             let Some(holder) = directory.leader.as_deref() else {
-                return Err("the leader key is empty (an election is in progress)".to_owned());
+                return failsafe_primary(input, policy).ok_or_else(|| {
+                    "the leader key is empty (an election is in progress)".to_owned()
+                });
             };
             // A REST answer counts only if it was read after the key moved.
             let fresh = |read: Instant| input.leader_since.is_none_or(|since| read >= since);
@@ -410,6 +419,33 @@ fn confirmed_leader(
             }
             Ok(previous.to_owned())
         }
+    }
+}
+
+/// The primary Patroni keeps under `failsafe_mode` while the leader key is
+/// gone: Patroni (not rolegate) lost etcd, the keys expired, and the
+/// primary runs on because every member confirmed it over REST. Patroni
+/// says so in each REST answer (`failsafe_mode_is_active`); a primary it
+/// could not keep demotes and stops answering `/primary` with 200. Only
+/// REST can tell, so only `etcd+patroni` follows it, and only when exactly
+/// one member claims the primary in an answer read after the key went.
+fn failsafe_primary(input: &FuseInput<'_>, policy: LeaderPolicy) -> Option<String> {
+    let directory = input.directory;
+    if policy != LeaderPolicy::EtcdAndPatroni || directory.config.failsafe_mode != Some(true) {
+        return None;
+    }
+    let fresh = |read: Instant| input.leader_since.is_none_or(|since| read >= since);
+    let mut claimants = input.rest.iter().filter(|(name, r)| {
+        directory.members.contains_key(name.as_str())
+            && r.claims_primary()
+            && r.answered_at.is_some_and(fresh)
+            && r.status
+                .as_ref()
+                .is_some_and(RestStatus::is_failsafe_primary)
+    });
+    match (claimants.next(), claimants.next()) {
+        (Some((name, _)), None) => Some(name.clone()),
+        _ => None,
     }
 }
 

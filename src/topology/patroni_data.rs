@@ -36,6 +36,12 @@ pub struct MemberRecord {
     /// The Patroni version that wrote the record (`"4.1.5"`).
     #[serde(default)]
     pub version: Option<String>,
+    /// Set by rolegate, never by Patroni: the record's lease expired while
+    /// `failsafe_mode` was on and the member is listed in the `failsafe`
+    /// key, so it is kept (Patroni may keep running without etcd) and only
+    /// REST checks say what it is now.
+    #[serde(skip)]
+    pub kept_by_failsafe: bool,
     #[serde(default)]
     pub tags: BTreeMap<String, serde_json::Value>,
 }
@@ -299,6 +305,10 @@ pub struct RestStatus {
     pub timeline: Option<u64>,
     #[serde(default)]
     pub replication_state: Option<String>,
+    /// Set while Patroni keeps its primary running under `failsafe_mode`
+    /// without etcd (every member confirmed it over REST).
+    #[serde(default)]
+    pub failsafe_mode_is_active: Option<bool>,
 }
 
 impl RestStatus {
@@ -312,6 +322,11 @@ impl RestStatus {
     /// next loop after a promotion.
     pub fn is_running_primary(&self) -> bool {
         is_running_state(self.state.as_deref()) && is_primary_role(self.role.as_deref())
+    }
+
+    /// A running primary that Patroni keeps under active failsafe.
+    pub fn is_failsafe_primary(&self) -> bool {
+        self.is_running_primary() && self.failsafe_mode_is_active == Some(true)
     }
 
     /// A running standby leader: Patroni answers its `/replica` with 503
@@ -397,6 +412,7 @@ impl ClusterListingMember {
             timeline: self.timeline,
             replication_state,
             version: None,
+            kept_by_failsafe: false,
             tags: self.tags.clone(),
         }
     }

@@ -444,6 +444,76 @@ fn a_standby_cluster_takes_no_writes() {
     assert_eq!(case.readable(), ["pg1", "pg2", "pg3"]);
 }
 
+/// Patroni (not rolegate) lost etcd with `failsafe_mode` on: its keys
+/// expire, the primary runs on while every member confirms it, and says so
+/// in its REST answers. rolegate follows Patroni's decision.
+#[test]
+fn a_primary_patroni_keeps_under_failsafe_stays_writable() {
+    let mut case = Case::new();
+    let prefix = "/service/demo/";
+    case.directory.apply_put(
+        prefix,
+        b"/service/demo/config",
+        br#"{"ttl":20,"failsafe_mode":"on"}"#,
+    );
+    case.directory.apply_put(
+        prefix,
+        b"/service/demo/failsafe",
+        br#"{"pg1":"http://127.0.0.1:8041/patroni","pg2":"http://127.0.0.1:8042/patroni","pg3":"http://127.0.0.1:8043/patroni"}"#,
+    );
+    // The leases expire: leader key and member keys go.
+    case.directory.apply_delete(prefix, b"/service/demo/leader");
+    for member in ["pg1", "pg2", "pg3"] {
+        let key = format!("/service/demo/members/{member}");
+        case.directory.apply_delete(prefix, key.as_bytes());
+    }
+    assert_eq!(case.directory.members.len(), 3, "kept under failsafe");
+    case.leader_since = Some(case.now);
+    case.now += Duration::from_millis(10);
+    // pg1 answers as a primary, not (yet) saying failsafe is active.
+    case.set_rest_with_body("pg1", true, "primary");
+    assert_eq!(case.leader(), None);
+    // Patroni says it keeps pg1 under failsafe.
+    let failsafe = RestStatus {
+        state: Some("running".into()),
+        role: Some("primary".into()),
+        failsafe_mode_is_active: Some(true),
+        ..RestStatus::default()
+    };
+    let state = case.rest.entry("pg1".to_owned()).or_default();
+    state.record(RestCheck {
+        at: case.now,
+        took: Duration::ZERO,
+        primary: Some(true),
+        replica: Some(false),
+        status: Some(failsafe),
+        error: None,
+    });
+    assert_eq!(case.leader().as_deref(), Some("pg1"));
+    assert_eq!(
+        case.readable(),
+        ["pg2", "pg3"],
+        "replicas keep serving reads"
+    );
+    // The etcd policy cannot see Patroni's decision.
+    case.policy = LeaderPolicy::Etcd;
+    assert_eq!(case.leader(), None);
+    assert!(
+        case.readable().is_empty(),
+        "kept records alone prove nothing"
+    );
+    case.policy = LeaderPolicy::EtcdAndPatroni;
+    // Patroni demoted it: /primary 503.
+    case.set_rest_with_body("pg1", false, "replica");
+    assert_eq!(case.leader(), None);
+    // Without failsafe_mode, expired members are gone.
+    let mut plain = Case::new();
+    plain
+        .directory
+        .apply_delete(prefix, b"/service/demo/members/pg3");
+    assert!(!plain.directory.members.contains_key("pg3"));
+}
+
 #[test]
 fn empty_leader_key_and_stopping_leader() {
     let mut case = Case::new();
