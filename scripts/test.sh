@@ -22,7 +22,7 @@ patroni_suites=(--test lab --test patroni --test faults --test drivers)
 lab_of() {
   case $1 in
     debian) echo "${ROLEGATE_TEST_LAB_OFFSET:-100} ${ROLEGATE_TEST_LAB_DIR:-/tmp/rolegate-test-lab}" ;;
-    current) echo "200 /tmp/rolegate-test-lab-current" ;;
+    current) echo "300 /tmp/rolegate-test-lab-current" ;;
     *) echo "scripts/test.sh: unknown stack '$1' (debian, current)" >&2; exit 2 ;;
   esac
 }
