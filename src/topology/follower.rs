@@ -52,7 +52,7 @@ const BURST_AGREEMENT: u32 = 2;
 /// How long a lost etcd connection may take to come back before etcd
 /// counts as lost and `on_etcd_loss` applies. An etcd member restart, a
 /// rolling upgrade or a reset stream reconnects well within it (to the
-/// same member or another endpoint: 0.1 s here), unless the restarted
+/// same member or another endpoint: 0.1–0.4 s here), unless the restarted
 /// member led etcd's raft and the election that follows is slow, which on a
 /// loaded machine took over 3 s; meanwhile routing goes on from the state
 /// last read, as it would between two watch events.
