@@ -671,45 +671,47 @@ fn sync_replica_listener_follows_the_sync_key(env: &Env) -> Result<(), Failed> {
 /// listener answers 57P03 saying it is a standby cluster.
 fn a_standby_cluster_serves_reads_and_refuses_writes(env: &Env) -> Result<(), Failed> {
     env.lab.run(&["standby", "up"]);
-    let standby_port = 5444 + env.lab.offset;
-    let result = (|| {
-        let (_rolegate, ports) =
-            rolegate_with_roles(env, "standby", "demo-standby", &["primary", "replica"]);
-        runtime().block_on(async {
-            let started = std::time::Instant::now();
-            loop {
-                match reached(ports[1]).await {
-                    Ok((port, in_recovery)) => {
-                        check(
-                            port == standby_port && in_recovery,
-                            format!("a read reached port {port} (in recovery: {in_recovery})"),
-                        )?;
-                        break;
-                    }
-                    Err(e) if started.elapsed() > Duration::from_secs(30) => {
-                        return Err(format!(
-                            "no read reached the standby leader: {}",
-                            e.message().unwrap_or("failed")
-                        )
-                        .into())
-                    }
-                    Err(_) => tokio::time::sleep(Duration::from_millis(300)).await,
-                }
-            }
-            match connect(&conninfo(ports[0], "app", "app")).await {
-                Ok(_) => Err(Failed::from(
-                    "a write session was served by a standby cluster",
-                )),
-                Err(e) => check(
-                    sqlstate(&e).as_deref() == Some("57P03")
-                        && server_message(&e).contains("standby cluster"),
-                    format!("the primary listener answered {}", server_message(&e)),
-                ),
-            }
-        })
-    })();
+    let result = standby_cluster_routes(env);
     env.lab.run(&["standby", "down"]);
     result
+}
+
+fn standby_cluster_routes(env: &Env) -> Result<(), Failed> {
+    let standby_port = 5444 + env.lab.offset;
+    let (_rolegate, ports) =
+        rolegate_with_roles(env, "standby", "demo-standby", &["primary", "replica"]);
+    runtime().block_on(async {
+        let started = std::time::Instant::now();
+        loop {
+            match reached(ports[1]).await {
+                Ok((port, in_recovery)) => {
+                    check(
+                        port == standby_port && in_recovery,
+                        format!("a read reached port {port} (in recovery: {in_recovery})"),
+                    )?;
+                    break;
+                }
+                Err(e) if started.elapsed() > Duration::from_secs(30) => {
+                    return Err(format!(
+                        "no read reached the standby leader: {}",
+                        e.message().unwrap_or("failed")
+                    )
+                    .into())
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(300)).await,
+            }
+        }
+        match connect(&conninfo(ports[0], "app", "app")).await {
+            Ok(_) => Err(Failed::from(
+                "a write session was served by a standby cluster",
+            )),
+            Err(e) => check(
+                sqlstate(&e).as_deref() == Some("57P03")
+                    && server_message(&e).contains("standby cluster"),
+                format!("the primary listener answered {}", server_message(&e)),
+            ),
+        }
+    })
 }
 
 /// The server's message of a tokio-postgres error (its Display says only

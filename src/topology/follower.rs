@@ -92,22 +92,48 @@ pub struct Following<F> {
     pub run: F,
 }
 
+/// Starts the task that follows etcd, after a delay, sending what it sees
+/// to the channel; called again when the task failed.
+type SourceStarter = Box<dyn Fn(Duration, mpsc::Sender<EtcdEvent>) -> JoinHandle<()> + Send + Sync>;
+
 /// Prepares to follow the Patroni cluster `name` until `shutdown`.
 pub fn start(
     name: &str,
     config: &ClusterConfig,
     shutdown: CancellationToken,
 ) -> Result<Following<impl Future<Output = ()> + Send + 'static>, String> {
+    let scope = config.scope.clone().unwrap_or_else(|| name.to_owned());
+    let prefix = cluster_prefix(&config.namespace, &scope);
+    let etcd = if config.etcd.is_empty() {
+        None
+    } else {
+        let source = EtcdSource::new(config, prefix)?;
+        let stop = shutdown.clone();
+        let starter: SourceStarter = Box::new(move |delay, events| {
+            let (source, stop) = (source.clone(), stop.clone());
+            tokio::spawn(async move {
+                tokio::time::sleep(delay).await;
+                source.run(events, stop).await;
+            })
+        });
+        Some(starter)
+    };
+    follow(name, config, shutdown, etcd)
+}
+
+/// [`start`] with the etcd source given: the real watcher, or in tests one
+/// that fails on purpose.
+fn follow(
+    name: &str,
+    config: &ClusterConfig,
+    shutdown: CancellationToken,
+    etcd: Option<SourceStarter>,
+) -> Result<Following<impl Future<Output = ()> + Send + 'static>, String> {
     let cluster: Arc<str> = name.into();
     let scope = config.scope.clone().unwrap_or_else(|| name.to_owned());
     let prefix = cluster_prefix(&config.namespace, &scope);
     let lag = config.max_replica_lag.map(|l| l.bytes());
     let prober = RestProber::new(config.health_timeout.get(), lag)?;
-    let etcd = if config.etcd.is_empty() {
-        None
-    } else {
-        Some(EtcdSource::new(config, prefix.clone())?)
-    };
     let rest_urls = config
         .patroni
         .iter()
@@ -218,20 +244,14 @@ struct Follower {
 impl Follower {
     async fn run(
         mut self,
-        etcd: Option<EtcdSource>,
+        etcd: Option<SourceStarter>,
         mut settings: watch::Receiver<FollowerSettings>,
         shutdown: CancellationToken,
     ) {
         let (etcd_tx, mut etcd_rx) = mpsc::channel(64);
         let has_etcd = etcd.is_some();
-        let start_source = |delay: Duration| {
-            let source = etcd.clone()?;
-            let (events, stop) = (etcd_tx.clone(), shutdown.clone());
-            Some(tokio::spawn(async move {
-                tokio::time::sleep(delay).await;
-                source.run(events, stop).await;
-            }))
-        };
+        let start_source =
+            |delay: Duration| etcd.as_ref().map(|start| start(delay, etcd_tx.clone()));
         let mut source_task = start_source(Duration::ZERO);
         let mut probes = Probes::default();
         let (listing_tx, mut listing_rx) = mpsc::channel::<ClusterListing>(4);
@@ -506,3 +526,6 @@ async fn task_end(task: &mut Option<JoinHandle<()>>) -> Result<(), JoinError> {
         None => std::future::pending().await,
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -98,9 +98,9 @@ impl MemberRecord {
     pub fn is_streaming(&self) -> bool {
         match self.replication_state.as_deref() {
             Some(state) => state == "streaming",
-            None => !self
+            None => self
                 .patroni_version()
-                .is_some_and(|v| v >= REPLICATION_STATE_SINCE),
+                .is_none_or(|v| v < REPLICATION_STATE_SINCE),
         }
     }
 
