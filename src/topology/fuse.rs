@@ -119,6 +119,26 @@ impl RestState {
     fn claims_primary(&self) -> bool {
         self.primary == Some(true)
     }
+
+    /// The state after one answered check, for tests built on captures.
+    #[cfg(test)]
+    pub(crate) fn after_check(
+        at: Instant,
+        primary: bool,
+        replica: bool,
+        status: Option<RestStatus>,
+    ) -> Self {
+        let mut state = Self::default();
+        state.record(RestCheck {
+            at,
+            took: Duration::ZERO,
+            primary: Some(primary),
+            replica: Some(replica),
+            status,
+            error: None,
+        });
+        state
+    }
 }
 
 /// The state of the etcd source.

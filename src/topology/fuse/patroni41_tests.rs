@@ -21,16 +21,7 @@ fn rest_of(member: &str, at: Instant) -> RestState {
     };
     let (primary, status) = check("primary");
     let (replica, _) = check("replica");
-    let mut state = RestState::default();
-    state.record(RestCheck {
-        at,
-        took: Duration::ZERO,
-        primary: Some(primary),
-        replica: Some(replica),
-        status,
-        error: None,
-    });
-    state
+    RestState::after_check(at, primary, replica, status)
 }
 
 fn view(

@@ -32,16 +32,10 @@ fn rest_from_fixtures(at: Instant) -> HashMap<String, RestState> {
         let (primary, status) = check(primary_file).expect("primary fixture");
         // pg3 has no replica capture under that name: it is a replica.
         let replica = check(replica_file).map(|(ok, _)| ok).unwrap_or(!primary);
-        let mut state = RestState::default();
-        state.record(RestCheck {
-            at,
-            took: Duration::ZERO,
-            primary: Some(primary),
-            replica: Some(replica),
-            status,
-            error: None,
-        });
-        rest.insert(member.to_owned(), state);
+        rest.insert(
+            member.to_owned(),
+            RestState::after_check(at, primary, replica, status),
+        );
     }
     rest
 }
@@ -330,10 +324,9 @@ fn a_primary_body_read_before_the_key_moved_does_not_confirm() {
     assert_eq!(case.leader().as_deref(), Some("pg3"));
 }
 
-#[test]
-fn a_requested_switchover_sends_no_new_writes_to_the_old_leader() {
-    let mut case = Case::new();
-    case.directory.failover = FailoverIntent::parse(br#"{"leader":"pg1","member":"pg3"}"#);
+/// A handover under way from pg1 to pg3: nobody writable, and the
+/// candidate takes no new reads.
+fn assert_handover_from_pg1_to_pg3(case: &Case) {
     let view = case.view();
     assert!(view.leader().is_none());
     assert_eq!(
@@ -344,6 +337,13 @@ fn a_requested_switchover_sends_no_new_writes_to_the_old_leader() {
         })
     );
     assert_eq!(case.readable(), ["pg2"], "the candidate takes no new reads");
+}
+
+#[test]
+fn a_requested_switchover_sends_no_new_writes_to_the_old_leader() {
+    let mut case = Case::new();
+    case.directory.failover = FailoverIntent::parse(br#"{"leader":"pg1","member":"pg3"}"#);
+    assert_handover_from_pg1_to_pg3(&case);
     // The old leader released the key; the candidate has not taken it yet.
     case.directory.leader = None;
     case.set_role("pg1", "demoted");
@@ -379,16 +379,7 @@ fn a_requested_switchover_sends_no_new_writes_to_the_old_leader() {
 fn a_failover_to_a_candidate_with_a_healthy_leader_is_a_handover() {
     let mut case = Case::new();
     case.directory.failover = FailoverIntent::parse(br#"{"member":"pg3"}"#);
-    let view = case.view();
-    assert!(view.leader().is_none());
-    assert_eq!(
-        view.handover,
-        Some(Handover {
-            from: "pg1".into(),
-            to: Some("pg3".into())
-        })
-    );
-    assert_eq!(case.readable(), ["pg2"], "the candidate takes no new reads");
+    assert_handover_from_pg1_to_pg3(&case);
 }
 
 /// With `synchronous_mode` (or Patroni 4's quorum mode) the `sync` key
