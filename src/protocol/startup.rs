@@ -129,10 +129,6 @@ impl StartupMessage {
         self.param_lossy("database").unwrap_or_else(|| self.user())
     }
 
-    /// Protocol 3.2 cancel keys are variable length; 3.0 keys are 4 bytes.
-    pub fn has_long_cancel_keys(&self) -> bool {
-        self.version.minor >= 2
-    }
 }
 
 /// Decodes the first packet from `buf`.
@@ -333,7 +329,7 @@ mod tests {
             assert_eq!(msg.raw, raw);
             assert_eq!(msg.user(), "app");
             assert_eq!(msg.database(), "db");
-            assert_eq!(msg.has_long_cancel_keys(), minor >= 2);
+            assert_eq!(msg.version.minor, minor);
         }
     }
 
