@@ -1,15 +1,16 @@
 //! What Patroni and etcd hand rolegate: member JSON, REST status bodies,
-//! `/cluster` listings, the dynamic config and failover keys, applied to
-//! the DCS mirror as etcd puts. Never panics on any input.
+//! `/cluster` listings, the dynamic config, failover (with `scheduled_at`),
+//! sync and failsafe keys, applied to the DCS mirror as etcd puts and
+//! deletes. Never panics on any input.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
 use rolegate::topology::dcs::DcsState;
 use rolegate::topology::patroni_data::{
-    ClusterListing, DynamicConfig, FailoverIntent, MemberRecord, RestStatus,
+    ClusterListing, DynamicConfig, FailoverIntent, MemberRecord, RestStatus, SyncKey,
 };
 
-const KEYS: [&[u8]; 7] = [
+const KEYS: [&[u8]; 9] = [
     b"/service/demo/leader",
     b"/service/demo/members/pg1",
     b"/service/demo/config",
@@ -17,6 +18,8 @@ const KEYS: [&[u8]; 7] = [
     b"/service/demo/failover",
     b"/service/demo/optime/leader",
     b"/service/demo/members/",
+    b"/service/demo/sync",
+    b"/service/demo/failsafe",
 ];
 
 fuzz_target!(|data: &[u8]| {
@@ -30,12 +33,18 @@ fuzz_target!(|data: &[u8]| {
         }
     }
     let _ = DynamicConfig::parse(data).map(|c| c.ttl_secs());
-    let _ = FailoverIntent::parse(data);
+    if let Some(intent) = FailoverIntent::parse(data) {
+        let now = std::time::SystemTime::now();
+        let _ = (intent.scheduled_for(), intent.is_due_switchover_from("pg1", now));
+    }
+    if let Some(sync) = SyncKey::parse(data) {
+        let _ = sync.standbys_of("pg1");
+    }
     let mut state = DcsState::default();
     for key in KEYS {
         let _ = state.apply_put("/service/demo/", key, data);
     }
-    let _ = state.leader_wal_position();
+    let _ = (state.leader_wal_position(), state.is_synchronous("pg1"));
     for key in KEYS {
         let _ = state.apply_delete("/service/demo/", key);
     }
