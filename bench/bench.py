@@ -408,6 +408,17 @@ ROWS = [
     ("failover/kill/missing_after_outage", "Leader `kill -9`: of which acknowledged after the outage began", "rows", 0, "counter"),
 ]
 
+# The failover rows again for the second stack bench/run measures (events
+# `switchover@current`, `kill@current`): Patroni 4.1 + PostgreSQL 18.
+SECOND_STACK = "current"
+SECOND_STACK_LABEL = "Patroni 4.1 + PostgreSQL 18"
+ROWS += [
+    (m.replace("failover/switchover/", f"failover/switchover@{SECOND_STACK}/")
+      .replace("failover/kill/", f"failover/kill@{SECOND_STACK}/"),
+     f"{SECOND_STACK_LABEL}: {label}", unit, dec, kind)
+    for m, label, unit, dec, kind in list(ROWS) if m.startswith("failover/")
+]
+
 
 def load_results(path):
     data = {}  # metric -> target -> {rep: value}
@@ -488,32 +499,35 @@ def evaluate_targets(data, meta):
         out[m] = ("≤ HAProxy and ≤ 16 KiB", met, f"{rg(m):.1f} KiB vs HAProxy {ha(m):.1f} KiB")
     else:
         out[m] = ("≤ HAProxy and ≤ 16 KiB", None, "")
-    m = "failover/switchover/window_ms"
-    rh = ratio(rg(m), ha(m))
-    out[m] = ("≤ 1/5 of HAProxy (≤ 0.20×)", None if rh is None else rh <= 0.20, f"{fmt_ratio(rh)} HAProxy")
-    m = "failover/kill/window_ms"
-    limit = (float(meta.get("ttl", 20)) + 1.0) * 1000
-    worst = mx(m)
-    out[m] = (f"≤ ttl + 1 s = {limit / 1000:.0f} s (every run)", None if worst is None else worst <= limit,
-              "" if worst is None else f"worst {worst / 1000:.1f} s")
-    m = "failover/switchover/connect_failures"
-    worst = mx(m)
-    out[m] = ("0 (every run)", None if worst is None else worst == 0, "")
-    for ev in ("switchover", "kill"):
-        for k in ("readonly_refused", "recovery_sessions"):
-            m = f"failover/{ev}/{k}"
-            worst = mx(m)
-            out[m] = ("0 (every run): none reach the demoted leader", None if worst is None else worst == 0, "")
-    # A switchover shuts the old leader down cleanly: nothing may be lost.
-    m = "failover/switchover/missing"
-    worst = mx(m)
-    out[m] = ("0 (every run)", None if worst is None else worst == 0, "")
-    # A kill -9 may lose the killed leader's last commits (asynchronous
-    # replication; Patroni's maximum_lag_on_failover), whatever the proxy
-    # does: only rows acknowledged after the outage began are the proxy's.
-    m = "failover/kill/missing_after_outage"
-    worst = mx(m)
-    out[m] = ("0 lost by rolegate's fault (every run)", None if worst is None else worst == 0, "")
+    # The same failover targets on each stack measured.
+    for stack in ("", f"@{SECOND_STACK}"):
+        switchover, kill = f"failover/switchover{stack}", f"failover/kill{stack}"
+        m = f"{switchover}/window_ms"
+        rh = ratio(rg(m), ha(m))
+        out[m] = ("≤ 1/5 of HAProxy (≤ 0.20×)", None if rh is None else rh <= 0.20, f"{fmt_ratio(rh)} HAProxy")
+        m = f"{kill}/window_ms"
+        limit = (float(meta.get("ttl", 20)) + 1.0) * 1000
+        worst = mx(m)
+        out[m] = (f"≤ ttl + 1 s = {limit / 1000:.0f} s (every run)", None if worst is None else worst <= limit,
+                  "" if worst is None else f"worst {worst / 1000:.1f} s")
+        m = f"{switchover}/connect_failures"
+        worst = mx(m)
+        out[m] = ("0 (every run)", None if worst is None else worst == 0, "")
+        for ev in (switchover, kill):
+            for k in ("readonly_refused", "recovery_sessions"):
+                m = f"{ev}/{k}"
+                worst = mx(m)
+                out[m] = ("0 (every run): none reach the demoted leader", None if worst is None else worst == 0, "")
+        # A switchover shuts the old leader down cleanly: nothing may be lost.
+        m = f"{switchover}/missing"
+        worst = mx(m)
+        out[m] = ("0 (every run)", None if worst is None else worst == 0, "")
+        # A kill -9 may lose the killed leader's last commits (asynchronous
+        # replication; Patroni's maximum_lag_on_failover), whatever the proxy
+        # does: only rows acknowledged after the outage began are the proxy's.
+        m = f"{kill}/missing_after_outage"
+        worst = mx(m)
+        out[m] = ("0 lost by rolegate's fault (every run)", None if worst is None else worst == 0, "")
     return out
 
 
@@ -567,9 +581,11 @@ def failover_errors(writer_dir):
         for msg, n in d.get("errors", {}).items():
             bucket[msg] = bucket.get(msg, 0) + n
     lines = []
-    for (event, target), msgs in sorted(agg.items(), key=lambda kv: (kv[0][0] != "switchover", kv[0][1])):
+    order = lambda ev: (ev.split("@")[1:], ev.split("@")[0] != "switchover")
+    for (event, target), msgs in sorted(agg.items(), key=lambda kv: (order(kv[0][0]), kv[0][1])):
         text = "; ".join(f"{n} × `{m}`" for m, n in sorted(msgs.items(), key=lambda kv: -kv[1])) or "none"
-        lines.append(f"- {event}, {'HAProxy' if target == 'haproxy' else target}: {text}")
+        name = event.replace(f"@{SECOND_STACK}", f" ({SECOND_STACK_LABEL})")
+        lines.append(f"- {name}, {'HAProxy' if target == 'haproxy' else target}: {text}")
     return "\n".join(lines) or "(no failover runs)"
 
 
