@@ -128,7 +128,6 @@ impl StartupMessage {
     pub fn database(&self) -> String {
         self.param_lossy("database").unwrap_or_else(|| self.user())
     }
-
 }
 
 /// Decodes the first packet from `buf`.
