@@ -358,24 +358,50 @@ impl Drop for Rewired<'_> {
     }
 }
 
+/// A writer through `rw` and a watch on the leader key (which names
+/// `leader` at the start), both stopped by `stop`.
+struct KeyWatchedWrites {
+    stop: watch::Sender<bool>,
+    /// The first moment the key stops naming `leader`.
+    watcher: tokio::task::JoinHandle<Result<Option<Instant>, String>>,
+    writer: tokio::task::JoinHandle<writer::WriterStats>,
+}
+
+async fn write_and_watch_the_key(
+    env: &Env,
+    rw: u16,
+    leader: &str,
+) -> Result<KeyWatchedWrites, Failed> {
+    writer::prepare(&conninfo(rw, "app", "app")).await?;
+    let (stop, stop_rx) = watch::channel(false);
+    let watcher = tokio::spawn(leader_key_leaves(
+        etcd_address(&env.lab),
+        leader.to_owned(),
+        stop_rx.clone(),
+    ));
+    let writer = tokio::spawn(writer::run(writer_conninfo(rw), 1_000_000, stop_rx));
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    if watcher.is_finished() {
+        return Err(format!("watching the leader key failed: {:?}", watcher.await).into());
+    }
+    Ok(KeyWatchedWrites {
+        stop,
+        watcher,
+        writer,
+    })
+}
+
 fn partition(env: &Env, isolated: &str, link: &Forwarder) -> Result<(), Failed> {
     env.lab.run(&["wait"]);
     env.lab.run(&["switchover", "--candidate", isolated]);
     let (_rolegate, rw, _ro) = env.default_rolegate("partition");
     let isolated_port = env.lab.pg_port(isolated);
     runtime().block_on(async {
-        writer::prepare(&conninfo(rw, "app", "app")).await?;
-        let (stop_tx, stop_rx) = watch::channel(false);
-        let watcher = tokio::spawn(leader_key_leaves(
-            etcd_address(&env.lab),
-            isolated.to_owned(),
-            stop_rx.clone(),
-        ));
-        let writer = tokio::spawn(writer::run(writer_conninfo(rw), 1_000_000, stop_rx));
-        tokio::time::sleep(Duration::from_secs(1)).await;
-        if watcher.is_finished() {
-            return Err(format!("watching the leader key failed: {:?}", watcher.await).into());
-        }
+        let KeyWatchedWrites {
+            stop: stop_tx,
+            watcher,
+            writer,
+        } = write_and_watch_the_key(env, rw, isolated).await?;
         // The leader's Patroni loses etcd; rolegate still reaches its
         // Postgres and etcd.
         let cut_at = Instant::now();
@@ -615,18 +641,11 @@ fn a_primary_kept_under_failsafe_stays_writable(env: &Env) -> Result<(), Failed>
     let leader_port = env.lab.pg_port(&leader);
     let (_rolegate, rw, _ro) = env.default_rolegate("failsafe");
     runtime().block_on(async {
-        writer::prepare(&conninfo(rw, "app", "app")).await?;
-        let (stop_tx, stop_rx) = watch::channel(false);
-        let watcher = tokio::spawn(leader_key_leaves(
-            etcd_address(&env.lab),
-            leader.clone(),
-            stop_rx.clone(),
-        ));
-        let writer = tokio::spawn(writer::run(writer_conninfo(rw), 1_000_000, stop_rx));
-        tokio::time::sleep(Duration::from_secs(1)).await;
-        if watcher.is_finished() {
-            return Err(format!("watching the leader key failed: {:?}", watcher.await).into());
-        }
+        let KeyWatchedWrites {
+            stop: stop_tx,
+            watcher,
+            writer,
+        } = write_and_watch_the_key(env, rw, &leader).await?;
         let cut_at = Instant::now();
         link.set(Link::Cut);
         // The key expires (ttl 20 s); then writes must go on for a while.
