@@ -16,7 +16,7 @@ use support::lab::{replicas_of, MEMBERS};
 use support::lab_suite::LabSuite;
 use support::rolegate::Rolegate;
 use support::routes::{reached, wait_for_readers, wait_for_writable_leader};
-use support::{connect, connect_watched, conninfo, runtime, sqlstate, writer};
+use support::{connect, connect_watched, conninfo, runtime, server_message, sqlstate, writer};
 
 type Env = LabSuite;
 
@@ -712,14 +712,6 @@ fn standby_cluster_routes(env: &Env) -> Result<(), Failed> {
             ),
         }
     })
-}
-
-/// The server's message of a tokio-postgres error (its Display says only
-/// "db error").
-fn server_message(e: &tokio_postgres::Error) -> String {
-    e.as_db_error()
-        .map(|db| db.message().to_owned())
-        .unwrap_or_else(|| e.to_string())
 }
 
 /// A client asking for protocol 3.9999 (libpq's test builds do; future

@@ -78,6 +78,14 @@ pub fn sqlstate(e: &tokio_postgres::Error) -> Option<String> {
     e.as_db_error().map(|d| d.code().code().to_owned())
 }
 
+/// The server's message of a tokio-postgres error (its Display says only
+/// "db error"), or the error itself when the server sent none.
+pub fn server_message(e: &tokio_postgres::Error) -> String {
+    e.as_db_error()
+        .map(|db| db.message().to_owned())
+        .unwrap_or_else(|| e.to_string())
+}
+
 /// Connects and hands back the connection's own result, which carries an
 /// error the server sent while the session was idle (e.g. a FATAL).
 pub async fn connect_watched(
