@@ -10,6 +10,7 @@ packages=(
   postgresql-contrib   # pgbench
   protobuf-compiler    # protoc, needed to build etcd-client
   prometheus           # promtool, to validate the /metrics exposition in tests
+  chromium             # the headless browser that loads the status page in tests
 )
 
 missing=()

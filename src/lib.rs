@@ -11,7 +11,10 @@
 //!   authentication relay, byte relay, cancel routing.
 //! - [`router`]: which member a session goes to, and whether it still fits.
 //! - [`topology`]: the published [`topology::ClusterView`] of each cluster.
-//! - [`admin`]: the HTTP endpoint for `/metrics`, health, readiness, `/cluster`.
+//! - [`events`]: the timeline of what happened to each cluster.
+//! - [`admin`]: the HTTP endpoint for `/metrics`, health, readiness,
+//!   `/cluster`, `/events` and the status page.
+//! - [`status`]: `rolegate status`, the admin endpoint's picture as a table.
 //! - [`metrics`]: every exported metric, in one place.
 //! - [`proxy`]: assembles the parts and runs them until a signal.
 //! - [`reload`]: SIGHUP re-reads `proxy.toml` and applies what it can.
@@ -20,6 +23,7 @@
 
 pub mod admin;
 pub mod config;
+pub mod events;
 pub mod logging;
 pub mod metrics;
 pub mod protocol;
@@ -27,5 +31,6 @@ pub mod proxy;
 pub mod reload;
 pub mod router;
 pub mod server;
+pub mod status;
 pub mod tls;
 pub mod topology;

@@ -1,4 +1,5 @@
-//! The `rolegate` command: run the proxy, or check a config file.
+//! The `rolegate` command: run the proxy, check a config file, or show a
+//! running proxy's status.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -32,12 +33,36 @@ enum Command {
         /// The file to check (defaults to --config).
         file: Option<PathBuf>,
     },
+    /// Show a running rolegate's clusters, members, listeners and last
+    /// events. Exit 0 when every cluster has a confirmed primary, 1 when
+    /// one has none, 2 when the admin endpoint cannot be read.
+    Status {
+        /// The admin endpoint (default: `[admin] listen` of --config, else
+        /// http://127.0.0.1:9432).
+        #[arg(long)]
+        admin: Option<String>,
+        /// Show only this cluster.
+        #[arg(long)]
+        cluster: Option<String>,
+        /// Redraw every second until interrupted.
+        #[arg(long)]
+        watch: bool,
+        /// The admin token (default: `[admin] token` of --config).
+        #[arg(long, env = "ROLEGATE_ADMIN_TOKEN", hide_env_values = true)]
+        token: Option<String>,
+    },
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Some(Command::CheckConfig { file }) => check_config(&file.unwrap_or(cli.config)),
+        Some(Command::Status {
+            admin,
+            cluster,
+            watch,
+            token,
+        }) => status(&cli.config, admin, cluster, watch, token),
         Some(Command::Run) | None => run(&cli.config, cli.log_format),
     }
 }
@@ -58,6 +83,45 @@ fn check_config(path: &std::path::Path) -> ExitCode {
             ExitCode::from(2)
         }
     }
+}
+
+fn status(
+    config: &std::path::Path,
+    admin: Option<String>,
+    cluster: Option<String>,
+    watch: bool,
+    token: Option<String>,
+) -> ExitCode {
+    // The config file, when there is one, says where the admin endpoint is.
+    let config = Config::load(config).ok();
+    let admin = admin.unwrap_or_else(|| {
+        let listen = config
+            .as_ref()
+            .map_or("127.0.0.1:9432", |c| c.admin.listen.as_str());
+        let reachable = listen
+            .replace("0.0.0.0:", "127.0.0.1:")
+            .replace("[::]:", "[::1]:");
+        format!("http://{reachable}")
+    });
+    let token = token.or_else(|| config.and_then(|c| c.admin.token));
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("rolegate status: cannot start the async runtime: {e}");
+            return ExitCode::from(rolegate::status::EXIT_UNREACHABLE);
+        }
+    };
+    let options = rolegate::status::Options {
+        admin,
+        cluster,
+        token,
+        watch,
+    };
+    ExitCode::from(runtime.block_on(rolegate::status::run(&options)))
 }
 
 fn run(path: &std::path::Path, log_format: Option<LogFormat>) -> ExitCode {

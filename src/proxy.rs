@@ -17,8 +17,9 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::admin::{self, Admin, ListenerTarget};
+use crate::admin::{self, Admin};
 use crate::config::{parse_socket_addr, Config, TlsMode};
+use crate::events::EventLog;
 use crate::metrics;
 use crate::reload::Reloader;
 use crate::router::Router;
@@ -39,8 +40,22 @@ pub async fn run(config: Config, path: PathBuf) -> anyhow::Result<()> {
     let background = CancellationToken::new();
     let loops = Loops::start(config.runtime.threads(), &background)
         .context("runtime.worker_threads: cannot start the event loops")?;
-    let shared = Arc::new(Shared::new(config.limits.clone(), loops));
-    let mut topology = Topology::start(&config, &background)?;
+    let events = EventLog::new();
+    let shared = Arc::new(Shared::new(
+        config.limits.clone(),
+        loops,
+        Arc::clone(&events),
+    ));
+    let mut topology = Topology::start(&config, &background, &events)?;
+
+    // One server TLS configuration, shared by every listener that offers TLS.
+    let server_tls = match (&config.tls.cert, &config.tls.key) {
+        (Some(_), Some(_)) => Some(Arc::new(
+            ServerTls::new(config.tls.clone()).map_err(|e| anyhow::anyhow!(e))?,
+        )),
+        _ => None,
+    };
+    let listeners = bind_listeners(&config, &topology, server_tls.as_ref()).await?;
 
     let admin_addr = parse_socket_addr(&config.admin.listen)
         .map_err(|e| anyhow::anyhow!("admin.listen: {e}"))?;
@@ -51,88 +66,20 @@ pub async fn run(config: Config, path: PathBuf) -> anyhow::Result<()> {
         metrics: metrics_handle,
         views: topology.views(),
         reports: topology.reports(),
-        listeners: config
-            .listeners
-            .iter()
-            .map(|l| ListenerTarget {
-                listen: l.listen.clone(),
-                cluster: l.cluster.clone(),
-                role: l.role,
-                fallback: l.replica_fallback,
-            })
-            .collect(),
+        listeners: listeners.iter().map(|(_, c)| Arc::clone(c)).collect(),
         sessions: Arc::clone(&shared.sessions),
+        events,
         ready_when: config.admin.ready_when,
         token: config.admin.token.clone(),
     });
-    info!(listen = %admin_addr, "admin endpoint: /metrics /healthz /readyz /cluster");
+    info!(listen = %admin_addr, "admin endpoint: / (status page) /metrics /healthz /readyz /cluster /events");
     let admin_stop = background.clone();
     topology.tasks.spawn(async move {
         admin::serve(admin_socket, admin, admin_stop).await;
         "the admin endpoint".to_owned()
     });
 
-    // One server TLS configuration, shared by every listener that offers TLS.
-    let server_tls = match (&config.tls.cert, &config.tls.key) {
-        (Some(_), Some(_)) => Some(Arc::new(
-            ServerTls::new(config.tls.clone()).map_err(|e| anyhow::anyhow!(e))?,
-        )),
-        _ => None,
-    };
-
-    let mut accept_loops = Vec::new();
-    for (i, listener_config) in config.listeners.iter().enumerate() {
-        let key = format!("listeners[{i}].listen");
-        let addr = parse_socket_addr(&listener_config.listen)
-            .map_err(|e| anyhow::anyhow!("{key}: {e}"))?;
-        let socket = TcpListener::bind(addr)
-            .await
-            .with_context(|| format!("{key}: cannot listen on {addr}"))?;
-        let views = topology
-            .watch(&listener_config.cluster)
-            .with_context(|| format!("listeners[{i}].cluster: unknown cluster"))?;
-        let listen = socket.local_addr().unwrap_or(addr);
-        let tls_mode = config.listener_tls(i);
-        let cluster = config
-            .cluster(&listener_config.cluster)
-            .with_context(|| format!("listeners[{i}].cluster: unknown cluster"))?;
-        let backend_tls = BackendTlsSettings {
-            mode: cluster.backend_tls,
-            config: tls::backend_config(
-                cluster.backend_tls,
-                cluster.backend_ca.as_deref(),
-                cluster.backend_cert.as_deref(),
-                cluster.backend_key.as_deref(),
-                &listener_config.cluster,
-            )
-            .map_err(|e| anyhow::anyhow!(e))?,
-        };
-        let context = Arc::new(ListenerContext {
-            tls: ListenerTls {
-                mode: tls_mode,
-                server: (tls_mode != TlsMode::Disable)
-                    .then(|| server_tls.clone())
-                    .flatten(),
-            },
-            backend_tls,
-            listen,
-            label: listen.to_string(),
-            cluster: listener_config.cluster.as_str().into(),
-            router: Router::new(
-                listener_config.role,
-                listener_config.replica_fallback,
-                views,
-            ),
-        });
-        info!(
-            listen = %context.listen,
-            cluster = %context.cluster,
-            role = %listener_config.role,
-            "listening"
-        );
-        accept_loops.push((socket, context));
-    }
-    let accept_tasks: Vec<_> = accept_loops
+    let accept_tasks: Vec<_> = listeners
         .into_iter()
         .map(|(socket, context)| {
             tokio::spawn(listener::serve(socket, context, Arc::clone(&shared)))
@@ -194,6 +141,69 @@ pub async fn run(config: Config, path: PathBuf) -> anyhow::Result<()> {
     background.cancel();
     info!("rolegate stopped");
     Ok(())
+}
+
+/// Binds every listener of `config` (all before any accepts, so a port
+/// clash fails the start with the key that named the port) and builds what
+/// its sessions need.
+async fn bind_listeners(
+    config: &Config,
+    topology: &Topology,
+    server_tls: Option<&Arc<ServerTls>>,
+) -> anyhow::Result<Vec<(TcpListener, Arc<ListenerContext>)>> {
+    let mut bound = Vec::new();
+    for (i, listener_config) in config.listeners.iter().enumerate() {
+        let key = format!("listeners[{i}].listen");
+        let addr = parse_socket_addr(&listener_config.listen)
+            .map_err(|e| anyhow::anyhow!("{key}: {e}"))?;
+        let socket = TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("{key}: cannot listen on {addr}"))?;
+        let views = topology
+            .watch(&listener_config.cluster)
+            .with_context(|| format!("listeners[{i}].cluster: unknown cluster"))?;
+        let listen = socket.local_addr().unwrap_or(addr);
+        let tls_mode = config.listener_tls(i);
+        let cluster = config
+            .cluster(&listener_config.cluster)
+            .with_context(|| format!("listeners[{i}].cluster: unknown cluster"))?;
+        let backend_tls = BackendTlsSettings {
+            mode: cluster.backend_tls,
+            config: tls::backend_config(
+                cluster.backend_tls,
+                cluster.backend_ca.as_deref(),
+                cluster.backend_cert.as_deref(),
+                cluster.backend_key.as_deref(),
+                &listener_config.cluster,
+            )
+            .map_err(|e| anyhow::anyhow!(e))?,
+        };
+        let context = Arc::new(ListenerContext {
+            tls: ListenerTls {
+                mode: tls_mode,
+                server: (tls_mode != TlsMode::Disable)
+                    .then(|| server_tls.cloned())
+                    .flatten(),
+            },
+            backend_tls,
+            listen,
+            label: listen.to_string(),
+            cluster: listener_config.cluster.as_str().into(),
+            router: Router::new(
+                listener_config.role,
+                listener_config.replica_fallback,
+                views,
+            ),
+        });
+        info!(
+            listen = %context.listen,
+            cluster = %context.cluster,
+            role = %listener_config.role,
+            "listening"
+        );
+        bound.push((socket, context));
+    }
+    Ok(bound)
 }
 
 /// Resolves when the first background task (cluster follower, admin

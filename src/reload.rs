@@ -14,9 +14,8 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use tracing::{info, warn};
-
 use crate::config::{ClusterConfig, Config};
+use crate::events::{EventKind, EventLog};
 use crate::metrics;
 use crate::server::Shared;
 use crate::tls::ServerTls;
@@ -27,6 +26,7 @@ pub struct Reloader {
     current: Config,
     shared: Arc<Shared>,
     server_tls: Option<Arc<ServerTls>>,
+    events: Arc<EventLog>,
 }
 
 impl Reloader {
@@ -36,11 +36,13 @@ impl Reloader {
         shared: Arc<Shared>,
         server_tls: Option<Arc<ServerTls>>,
     ) -> Self {
+        let events = Arc::clone(&shared.events);
         Self {
             path,
             current,
             shared,
             server_tls,
+            events,
         }
     }
 
@@ -49,11 +51,13 @@ impl Reloader {
         match self.try_reload(topology) {
             Ok(()) => {
                 metrics::config_reload(true);
-                info!(file = %self.path.display(), "SIGHUP: reloaded the configuration");
+                let file = self.path.display().to_string();
+                self.events.record(None, EventKind::ConfigReloaded { file });
             }
             Err(reason) => {
                 metrics::config_reload(false);
-                warn!("SIGHUP: keeping the configuration in use: {reason}");
+                self.events
+                    .record(None, EventKind::ConfigRefused { reason });
             }
         }
     }

@@ -31,6 +31,20 @@ pub struct Router {
     fallback: ReplicaFallback,
     views: watch::Receiver<Arc<ClusterView>>,
     next: AtomicUsize,
+    /// Sessions waiting for a target now.
+    held: AtomicUsize,
+}
+
+/// One held session: counted in the router and the metric while it lives.
+struct Held<'a> {
+    count: &'a AtomicUsize,
+    _gauge: metrics::GaugeGuard,
+}
+
+impl Drop for Held<'_> {
+    fn drop(&mut self) {
+        self.count.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// The outcome of routing: the view it was made from and the members to
@@ -52,11 +66,29 @@ impl Router {
             fallback,
             views,
             next: AtomicUsize::new(0),
+            held: AtomicUsize::new(0),
         }
     }
 
     pub fn role(&self) -> ListenerRole {
         self.role
+    }
+
+    pub fn fallback(&self) -> ReplicaFallback {
+        self.fallback
+    }
+
+    /// Sessions this router holds now, waiting for a target.
+    pub fn held(&self) -> usize {
+        self.held.load(Ordering::Relaxed)
+    }
+
+    /// Where a new session would go now (best first), without taking a
+    /// turn of the round-robin.
+    pub fn targets_now(&self) -> Vec<Member> {
+        let view = self.view();
+        let scratch = AtomicUsize::new(0);
+        candidates(self.role, self.fallback, &view, &scratch)
     }
 
     /// The current view of this listener's cluster.
@@ -75,7 +107,7 @@ impl Router {
         let started = Instant::now();
         let mut views = self.views.clone();
         // Raised while this session waits for a target.
-        let mut held: Option<metrics::GaugeGuard> = None;
+        let mut held: Option<Held<'_>> = None;
         loop {
             let view = views.borrow_and_update().clone();
             let candidates = candidates(self.role, self.fallback, &view, &self.next);
@@ -89,7 +121,13 @@ impl Router {
             if !view.dynamic || remaining.is_zero() {
                 return Err(self.hold_failed(&view, started, held.is_some()));
             }
-            held.get_or_insert_with(|| metrics::held_session(&view.cluster, self.role));
+            held.get_or_insert_with(|| {
+                self.held.fetch_add(1, Ordering::Relaxed);
+                Held {
+                    count: &self.held,
+                    _gauge: metrics::held_session(&view.cluster, self.role),
+                }
+            });
             match tokio::time::timeout(remaining, views.changed()).await {
                 Ok(Ok(())) => {}
                 // Timed out, or the source is gone and nothing will change.

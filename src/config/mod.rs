@@ -102,6 +102,16 @@ pub enum TlsMode {
     Require,
 }
 
+impl TlsMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Disable => "disable",
+            Self::Allow => "allow",
+            Self::Require => "require",
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
 pub enum TlsVersion {
     #[default]
@@ -423,6 +433,15 @@ pub enum ReplicaFallback {
     Hold,
     /// Send the session to the primary instead.
     Primary,
+}
+
+impl ReplicaFallback {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Hold => "hold",
+            Self::Primary => "primary",
+        }
+    }
 }
 
 /// `[limits]`: bounds on what clients may cost.

@@ -28,6 +28,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::Limits;
+use crate::events::EventLog;
 use crate::metrics::{RelayedBytes, SessionCounts};
 use crate::router::Router;
 
@@ -59,12 +60,16 @@ pub struct Shared {
     pub relayed: RelayedBytes,
     /// The event loops sessions are handed to.
     pub loops: Loops,
+    /// Where sessions ended by rolegate, holds that timed out and a new
+    /// leader's first session are recorded.
+    pub events: Arc<EventLog>,
 }
 
 impl Shared {
-    pub fn new(limits: Limits, loops: Loops) -> Self {
+    pub fn new(limits: Limits, loops: Loops, events: Arc<EventLog>) -> Self {
         Self {
             loops,
+            events,
             limits: ArcSwap::from_pointee(limits),
             cancels: CancelRegistry::new(),
             shutdown: Shutdown::default(),

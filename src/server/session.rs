@@ -223,6 +223,13 @@ impl Session<'_> {
             Ok(connected) => connected,
             Err(e) => {
                 info!(sqlstate = %e.sqlstate, "session refused: {}", e.message);
+                if e.sqlstate == SqlState::CANNOT_CONNECT_NOW {
+                    let reason = e.message.split(';').next().unwrap_or_default();
+                    let role = self.listener.router.role().as_str();
+                    self.shared
+                        .events
+                        .hold_timed_out(&self.listener.cluster, role, reason);
+                }
                 send_error(&mut client, &e).await;
                 return Err(match e.sqlstate {
                     SqlState::CANNOT_CONNECT_NOW => ConnectionOutcome::NoTarget,
@@ -315,6 +322,9 @@ impl Session<'_> {
             })
         });
         info!(held_ms = held.as_millis() as u64, "session open");
+        self.shared
+            .events
+            .session_served(&self.listener.cluster, &member.name);
 
         let role = self.listener.router.role();
         let _counted =
@@ -345,6 +355,12 @@ impl Session<'_> {
             Ended::Misfit(misfit) => {
                 let error = misfit.to_error(cluster);
                 info!("ending session: {}", error.message);
+                let reason = error
+                    .message
+                    .trim_start_matches("terminating connection because ");
+                self.shared
+                    .events
+                    .session_ended(&self.listener.cluster, &member.name, reason);
                 (EndReason::Demotion, Some(error))
             }
             Ended::Shutdown => (EndReason::Shutdown, Some(shutdown_error())),

@@ -34,6 +34,7 @@ use super::report::{self, ClusterReport, Sources};
 use super::rest::RestProber;
 use super::view::ClusterView;
 use crate::config::{ClusterConfig, EtcdLossPolicy, LeaderPolicy};
+use crate::events::{EventKind, EventLog};
 use crate::metrics::ClusterMetrics;
 
 mod probing;
@@ -96,11 +97,13 @@ pub struct Following<F> {
 /// to the channel; called again when the task failed.
 type SourceStarter = Box<dyn Fn(Duration, mpsc::Sender<EtcdEvent>) -> JoinHandle<()> + Send + Sync>;
 
-/// Prepares to follow the Patroni cluster `name` until `shutdown`.
+/// Prepares to follow the Patroni cluster `name` until `shutdown`,
+/// recording what happens to it in `events`.
 pub fn start(
     name: &str,
     config: &ClusterConfig,
     shutdown: CancellationToken,
+    events: Arc<EventLog>,
 ) -> Result<Following<impl Future<Output = ()> + Send + 'static>, String> {
     let scope = config.scope.clone().unwrap_or_else(|| name.to_owned());
     let prefix = cluster_prefix(&config.namespace, &scope);
@@ -118,7 +121,7 @@ pub fn start(
         });
         Some(starter)
     };
-    follow(name, config, shutdown, etcd)
+    follow(name, config, shutdown, etcd, events)
 }
 
 /// [`start`] with the etcd source given: the real watcher, or in tests one
@@ -128,6 +131,7 @@ fn follow(
     config: &ClusterConfig,
     shutdown: CancellationToken,
     etcd: Option<SourceStarter>,
+    events: Arc<EventLog>,
 ) -> Result<Following<impl Future<Output = ()> + Send + 'static>, String> {
     let cluster: Arc<str> = name.into();
     let scope = config.scope.clone().unwrap_or_else(|| name.to_owned());
@@ -166,6 +170,7 @@ fn follow(
     }));
     let follower = Follower {
         metrics: ClusterMetrics::new(name),
+        events,
         reports,
         view_changed_at: report::now_rfc3339(),
         member_changed_at: HashMap::new(),
@@ -216,6 +221,7 @@ struct Burst {
 
 struct Follower {
     metrics: ClusterMetrics,
+    events: Arc<EventLog>,
     reports: watch::Sender<Arc<ClusterReport>>,
     view_changed_at: String,
     member_changed_at: HashMap<String, String>,
@@ -341,18 +347,22 @@ impl Follower {
                 );
                 match self.etcd {
                     EtcdStatus::Down { since } => {
-                        info!(
-                            cluster = %self.cluster,
-                            down_for_ms = since.elapsed().as_millis() as u64,
-                            "etcd is reachable again"
+                        self.events.record(
+                            Some(&self.cluster),
+                            EventKind::EtcdRegained {
+                                down_ms: since.elapsed().as_millis() as u64,
+                                within_grace: false,
+                            },
                         );
                         self.metrics.etcd_reconnected();
                     }
                     EtcdStatus::Reconnecting { since } => {
-                        info!(
-                            cluster = %self.cluster,
-                            after_ms = since.elapsed().as_millis() as u64,
-                            "etcd watch re-established within the grace period"
+                        self.events.record(
+                            Some(&self.cluster),
+                            EventKind::EtcdRegained {
+                                down_ms: since.elapsed().as_millis() as u64,
+                                within_grace: true,
+                            },
                         );
                         self.metrics.etcd_reconnected();
                     }
@@ -384,11 +394,12 @@ impl Follower {
                     };
                     match change {
                         DcsChange::Leader { old, new } => {
-                            info!(
-                                cluster = %self.cluster,
-                                from = old.as_deref().unwrap_or("(none)"),
-                                to = new.as_deref().unwrap_or("(none)"),
-                                "etcd leader key changed"
+                            self.events.record(
+                                Some(&self.cluster),
+                                EventKind::LeaderKeyChanged {
+                                    from: old.clone(),
+                                    to: new.clone(),
+                                },
                             );
                             self.leader_since = Some(now);
                             for member in old.iter().chain(new.iter()) {
@@ -407,6 +418,15 @@ impl Follower {
                             // A switchover starts with the leader stepping
                             // down: watch it and its candidate closely.
                             if let Some(intent) = self.directory.failover.clone() {
+                                self.events.record(
+                                    Some(&self.cluster),
+                                    EventKind::SwitchoverRequested {
+                                        key: "failover",
+                                        leader: intent.leader.clone(),
+                                        candidate: intent.member.clone(),
+                                        scheduled_at: intent.scheduled_at.clone(),
+                                    },
+                                );
                                 for member in intent.leader.iter().chain(intent.member.iter()) {
                                     self.start_burst(member, now, probes);
                                 }
@@ -423,10 +443,12 @@ impl Follower {
             EtcdEvent::Down(reason) => {
                 match self.etcd {
                     EtcdStatus::Up => {
-                        info!(
-                            cluster = %self.cluster,
-                            grace_ms = ETCD_RECONNECT_GRACE.as_millis() as u64,
-                            "etcd connection lost, reconnecting: {reason}"
+                        self.events.record(
+                            Some(&self.cluster),
+                            EventKind::EtcdReconnecting {
+                                reason: reason.clone(),
+                                grace_ms: ETCD_RECONNECT_GRACE.as_millis() as u64,
+                            },
                         );
                         self.etcd = EtcdStatus::Reconnecting { since: now };
                         self.metrics.etcd_up(false);
@@ -463,11 +485,15 @@ impl Follower {
         let EtcdStatus::Reconnecting { since } = self.etcd else {
             return;
         };
-        warn!(
-            cluster = %self.cluster,
-            on_etcd_loss = self.on_etcd_loss.as_str(),
-            "etcd is unreachable: {}",
-            self.etcd_trouble.as_deref().unwrap_or("no reason given")
+        self.events.record(
+            Some(&self.cluster),
+            EventKind::EtcdLost {
+                reason: self
+                    .etcd_trouble
+                    .clone()
+                    .unwrap_or_else(|| "no reason given".to_owned()),
+                on_etcd_loss: self.on_etcd_loss.as_str(),
+            },
         );
         self.etcd = EtcdStatus::Down { since };
         self.metrics.etcd_up(false);

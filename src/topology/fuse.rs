@@ -38,7 +38,7 @@ use tokio::time::{Duration, Instant};
 
 use super::dcs::DcsState;
 use super::patroni_data::{MemberRecord, RestStatus};
-use super::view::{ClusterView, Handover, Member, MemberRole};
+use super::view::{static_exclusion, ClusterView, Handover, Member, MemberRole};
 use crate::config::{EtcdLossPolicy, LeaderPolicy};
 
 /// Consecutive failed REST checks before a member counts as unreachable:
@@ -81,6 +81,8 @@ pub struct RestState {
     /// `replica` and `reachable` rest on.
     pub answered_at: Option<Instant>,
     pub last_error: Option<String>,
+    /// How long the last check took, answered or not.
+    pub took: Option<Duration>,
 }
 
 impl RestState {
@@ -89,6 +91,7 @@ impl RestState {
     /// the unreachable threshold and otherwise keeps the last verdict.
     pub fn record(&mut self, check: RestCheck) {
         self.checked_at = Some(check.at);
+        self.took = Some(check.took);
         if check.primary.is_some() || check.replica.is_some() {
             match check.primary {
                 Some(true) => self.primary_at = Some(check.at),
@@ -113,6 +116,23 @@ impl RestState {
                 self.primary = None;
                 self.replica = None;
             }
+        }
+    }
+
+    /// What the checks say the member is, in one word: `unchecked`,
+    /// `unreachable`, `primary`, `replica` or `neither`. The event
+    /// timeline records each change of it.
+    pub fn verdict(&self) -> &'static str {
+        if self.checked_at.is_none() {
+            "unchecked"
+        } else if !self.reachable {
+            "unreachable"
+        } else if self.primary == Some(true) {
+            "primary"
+        } else if self.replica == Some(true) {
+            "replica"
+        } else {
+            "neither"
         }
     }
 
@@ -279,20 +299,31 @@ pub fn fuse(input: &FuseInput<'_>) -> ClusterView {
                             .as_ref()
                             .is_some_and(RestStatus::is_running_standby_leader))
             });
-        let readable = role == MemberRole::Replica
-            && !promoting(name)
-            && healthy
-            && record.is_streaming()
-            && !record.tag("noloadbalance")
-            && lag_ok
-            && rest_replica_ok;
+        let unreadable_because = if role != MemberRole::Replica {
+            static_exclusion(role)
+        } else if promoting(name) {
+            Some("it is being promoted")
+        } else if !healthy {
+            Some("its REST check fails")
+        } else if !record.is_streaming() {
+            Some("not streaming from the leader")
+        } else if record.tag("noloadbalance") {
+            Some("tagged noloadbalance")
+        } else if !lag_ok {
+            Some("lagging more than max_replica_lag")
+        } else if !rest_replica_ok {
+            Some("Patroni's /replica check does not pass (lag or replication state)")
+        } else {
+            None
+        };
         members.push(Member {
             name: name.as_str().into(),
             host: host.into(),
             port,
             role,
             healthy,
-            readable,
+            readable: unreadable_because.is_none(),
+            unreadable_because,
             synchronous: directory.is_synchronous(name),
         });
     }

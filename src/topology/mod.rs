@@ -27,6 +27,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
+use crate::events::EventLog;
 use crate::metrics::ClusterMetrics;
 
 pub use report::ClusterReport;
@@ -49,8 +50,12 @@ pub struct Topology {
 
 impl Topology {
     /// Starts the view source of every cluster in `config`. Followers run
-    /// until `shutdown` is cancelled.
-    pub fn start(config: &Config, shutdown: &CancellationToken) -> anyhow::Result<Self> {
+    /// until `shutdown` is cancelled and record what happens in `events`.
+    pub fn start(
+        config: &Config,
+        shutdown: &CancellationToken,
+        events: &Arc<EventLog>,
+    ) -> anyhow::Result<Self> {
         let mut views = HashMap::new();
         let mut reports = HashMap::new();
         let mut senders = Vec::new();
@@ -76,8 +81,9 @@ impl Topology {
                 report_senders.push(tx);
                 reports.insert(name.clone(), rx);
             } else {
-                let following = follower::start(name, cluster, shutdown.child_token())
-                    .map_err(|e| anyhow::anyhow!("clusters.{name}: {e}"))?;
+                let following =
+                    follower::start(name, cluster, shutdown.child_token(), Arc::clone(events))
+                        .map_err(|e| anyhow::anyhow!("clusters.{name}: {e}"))?;
                 views.insert(name.clone(), following.views);
                 reports.insert(name.clone(), following.reports);
                 settings.insert(name.clone(), following.settings);

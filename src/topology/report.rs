@@ -77,6 +77,8 @@ pub struct MemberReport {
     pub role: &'static str,
     pub healthy: bool,
     pub readable: bool,
+    /// Why the member takes no new read sessions, when it takes none.
+    pub not_readable_because: Option<&'static str>,
     /// A synchronous (or quorum) standby of the leader.
     pub synchronous: bool,
     /// What Patroni published for the member (etcd or `/cluster`).
@@ -97,6 +99,8 @@ pub struct RestReport {
     pub replica: Option<bool>,
     pub reachable: bool,
     pub checked_at: Option<String>,
+    /// How long the last check took, in milliseconds.
+    pub latency_ms: Option<f64>,
     pub last_error: Option<String>,
 }
 
@@ -149,6 +153,7 @@ pub fn member_reports(
                 replica: r.replica,
                 reachable: r.reachable,
                 checked_at: r.checked_at.map(wall_time),
+                latency_ms: r.took.map(|t| (t.as_secs_f64() * 10_000.0).round() / 10.0),
                 last_error: r.last_error.clone(),
             });
             MemberReport {
@@ -158,6 +163,7 @@ pub fn member_reports(
                 role: member.role.as_str(),
                 healthy: member.healthy,
                 readable: member.readable,
+                not_readable_because: member.unreadable_because,
                 synchronous: member.synchronous,
                 patroni_state: record.and_then(|r| r.state.clone()),
                 patroni_role: record.and_then(|r| r.role.clone()),

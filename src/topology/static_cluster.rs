@@ -9,7 +9,7 @@ use std::sync::Arc;
 use crate::config::{parse_host_port, ClusterConfig};
 
 use super::report::{self, ClusterReport, Sources};
-use super::view::{ClusterView, Member, MemberRole};
+use super::view::{static_exclusion, ClusterView, Member, MemberRole};
 
 /// Builds the fixed view of a static cluster. Members are named by their
 /// configured address, which is what an operator will recognise in logs.
@@ -24,6 +24,7 @@ pub fn static_view(name: &str, config: &ClusterConfig) -> Result<ClusterView, St
             role,
             healthy: true,
             readable: role == MemberRole::Replica,
+            unreadable_because: static_exclusion(role),
             synchronous: false,
         });
         Ok(())

@@ -44,6 +44,9 @@ pub struct Member {
     /// Eligible for new read sessions (a healthy replica within the lag
     /// limit and not excluded from load balancing).
     pub readable: bool,
+    /// Why the member takes no new read sessions, when `readable` is
+    /// false: for `/cluster`, the status page and the event timeline.
+    pub unreadable_because: Option<&'static str>,
     /// A synchronous (or quorum) standby of the current leader: it has
     /// every commit the leader acknowledged.
     pub synchronous: bool,
@@ -140,6 +143,16 @@ impl ClusterView {
     }
 }
 
+/// Why a member of a fixed role takes no reads: the leader, or a member
+/// that is neither leader nor replica.
+pub fn static_exclusion(role: MemberRole) -> Option<&'static str> {
+    match role {
+        MemberRole::Primary => Some("it is the leader"),
+        MemberRole::Replica => None,
+        MemberRole::Unknown => Some("not a running replica"),
+    }
+}
+
 #[cfg(test)]
 pub(crate) mod test_support {
     use super::*;
@@ -152,6 +165,7 @@ pub(crate) mod test_support {
             role,
             healthy: role != MemberRole::Unknown,
             readable: role == MemberRole::Replica,
+            unreadable_because: static_exclusion(role),
             synchronous: false,
         }
     }

@@ -18,6 +18,7 @@ use tracing::{debug, error, warn};
 use url::Url;
 
 use super::{Burst, Follower, BURST_AGREEMENT, BURST_LIMIT, LEADERLESS_INTERVAL};
+use crate::events::EventKind;
 use crate::topology::fuse::{EtcdStatus, RestCheck};
 use crate::topology::patroni_data::ClusterListing;
 
@@ -102,10 +103,22 @@ impl Follower {
         }
         let answered = check.primary.is_some() || check.replica.is_some();
         self.metrics.patroni_check(member, check.took, answered);
-        self.rest
-            .entry(member.to_owned())
-            .or_default()
-            .record(check);
+        let state = self.rest.entry(member.to_owned()).or_default();
+        let before = state.verdict();
+        state.record(check);
+        let after = state.verdict();
+        if before != after && before != "unchecked" {
+            let error = state.last_error.clone().filter(|_| after == "unreachable");
+            self.events.record(
+                Some(&self.cluster),
+                EventKind::RestCheckChanged {
+                    member: member.to_owned(),
+                    from: before.to_owned(),
+                    to: after.to_owned(),
+                    error,
+                },
+            );
+        }
         let agrees = self.rest_agrees_with_etcd(member);
         if let Some(burst) = self.bursts.get_mut(member) {
             burst.agreeing = if agrees { burst.agreeing + 1 } else { 0 };

@@ -1,15 +1,15 @@
 //! Turning the follower's state into what others read: the fused
-//! [`ClusterView`] the router routes by (sent only when it changed, with a
-//! log line for each change a person would want to see), the metrics, and
-//! the `/cluster` report.
+//! [`ClusterView`] the router routes by (sent only when it changed, with an
+//! event, and its log line, for each change a person would want to see),
+//! the metrics, and the `/cluster` report.
 
 use std::sync::Arc;
 use std::time::SystemTime;
 
 use tokio::time::Instant;
-use tracing::{info, warn};
 
 use super::Follower;
+use crate::events::EventKind;
 use crate::topology::fuse::{fuse, rule, EtcdStatus, FuseInput};
 use crate::topology::report::{self, ClusterReport, Sources};
 use crate::topology::view::ClusterView;
@@ -50,33 +50,51 @@ impl Follower {
                     self.metrics.new_leader_confirmed();
                 }
             }
-            match &new_leader {
-                Some(leader) => info!(
-                    cluster = %self.cluster,
-                    from = old_leader.as_deref().unwrap_or("(none)"),
-                    to = %leader,
-                    "confirmed leader changed"
-                ),
-                None => warn!(
-                    cluster = %self.cluster,
-                    from = old_leader.as_deref().unwrap_or("(none)"),
-                    reason = view.no_leader_reason.as_deref().unwrap_or(""),
-                    "no confirmed leader"
-                ),
+            let previous = self.last_leader.clone();
+            let event = match &new_leader {
+                Some(leader) => EventKind::LeaderConfirmed {
+                    leader: leader.to_string(),
+                    previous,
+                    evidence: report::rule_name(rule(&self.fuse_input())),
+                },
+                None => EventKind::LeaderLost {
+                    previous: previous.unwrap_or_else(|| "(none)".to_owned()),
+                    reason: view.no_leader_reason.clone().unwrap_or_default(),
+                },
+            };
+            self.events.record(Some(&self.cluster), event);
+        }
+        for member in &view.members {
+            let was = current.member(&member.name);
+            let was_readable = was.is_some_and(|m| m.readable);
+            if member.readable && !was_readable {
+                self.events.record(
+                    Some(&self.cluster),
+                    EventKind::ReadableJoined {
+                        member: member.name.to_string(),
+                    },
+                );
+            } else if was_readable && !member.readable {
+                self.events.record(
+                    Some(&self.cluster),
+                    EventKind::ReadableLeft {
+                        member: member.name.to_string(),
+                        why: member.unreadable_because.unwrap_or("unknown").to_owned(),
+                    },
+                );
             }
         }
-        let readable = |v: &ClusterView| {
-            v.readable_replicas()
-                .map(|m| m.name.to_string())
-                .collect::<Vec<_>>()
-        };
-        let (before, after) = (readable(&current), readable(&view));
-        if before != after {
-            info!(
-                cluster = %self.cluster,
-                before = %before.join(","),
-                after = %after.join(","),
-                "readable replicas changed"
+        for gone in current
+            .members
+            .iter()
+            .filter(|m| m.readable && view.member(&m.name).is_none())
+        {
+            self.events.record(
+                Some(&self.cluster),
+                EventKind::ReadableLeft {
+                    member: gone.name.to_string(),
+                    why: "it left the cluster".to_owned(),
+                },
             );
         }
         if let Some(leader) = &new_leader {

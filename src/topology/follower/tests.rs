@@ -43,8 +43,14 @@ async fn a_failed_etcd_watch_task_is_loud_and_restarted() {
     // As main does; another test may have installed it already.
     let _ = rustls::crypto::ring::default_provider().install_default();
     let shutdown = CancellationToken::new();
-    let following =
-        follow("demo", &cluster_config(), shutdown.clone(), Some(starter)).expect("follow");
+    let following = follow(
+        "demo",
+        &cluster_config(),
+        shutdown.clone(),
+        Some(starter),
+        crate::events::EventLog::new(),
+    )
+    .expect("follow");
     let mut reports = following.reports.clone();
     let follower = tokio::spawn(following.run);
     let mut seen: Vec<&'static str> = Vec::new();

@@ -1,4 +1,5 @@
-//! The admin HTTP endpoint: `/metrics`, `/healthz`, `/readyz`, `/cluster`.
+//! The admin HTTP endpoint: `/metrics`, `/healthz`, `/readyz`, `/cluster`,
+//! `/events` and the status page at `/`.
 //!
 //! - `/metrics`: Prometheus text exposition of everything in [`crate::metrics`].
 //! - `/healthz`: 200 while the process serves HTTP at all.
@@ -6,21 +7,32 @@
 //!   `ready_when = "targets"`, when every listener has a target); 503 with
 //!   a one-line reason otherwise. For load balancers in front of a fleet.
 //! - `/cluster`: JSON of each cluster's fused view and the evidence behind
-//!   it, with session counts per member and role; optionally behind a
-//!   bearer token.
+//!   it, with session counts per member and role, and each listener with
+//!   where it would send a new session now and how many it holds.
+//! - `/events`: the event timeline (see [`crate::events`]), newest first,
+//!   with `?cluster=` and `?since=` (RFC 3339), and each cluster's last
+//!   leader change in phases.
+//! - `/`: the status page, one self-contained HTML page that draws the two
+//!   above and refreshes itself; `POST /login` signs a browser in.
+//!
+//! `/cluster`, `/events` and `/` are behind `[admin] token` when one is set
+//! (see [`auth`]).
 //!
 //! It binds to loopback by default and reads only published snapshots:
 //! nothing here can slow the data path.
 
+mod auth;
+mod json;
+mod status_page;
+
 use std::convert::Infallible;
-use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http_body_util::Full;
+use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
-use hyper::header::{AUTHORIZATION, CONTENT_TYPE};
+use hyper::header::{HeaderValue, CACHE_CONTROL, CONTENT_TYPE, LOCATION, SET_COOKIE};
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -31,9 +43,10 @@ use tokio::sync::{watch, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
-use crate::config::{ListenerRole, ReadyWhen, ReplicaFallback};
+use crate::config::ReadyWhen;
+use crate::events::EventLog;
 use crate::metrics::SessionCounts;
-use crate::router::candidates;
+use crate::server::ListenerContext;
 use crate::topology::{ClusterReport, ClusterView};
 
 /// How often the exporter's histograms are rolled and idle entries pruned.
@@ -42,27 +55,22 @@ const UPKEEP_INTERVAL: Duration = Duration::from_secs(5);
 /// requests on a kept-alive connection included: per request, so a
 /// scraper that keeps its connection open is never cut mid-answer.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a sign-in with a wrong token waits for its answer.
+const WRONG_TOKEN_DELAY: Duration = Duration::from_secs(1);
 /// Admin connections served at once; one more is answered 503 and closed.
 pub const MAX_CONNECTIONS: usize = 64;
 /// After this long a connection is closed once its current answer is out
 /// (or `REQUEST_TIMEOUT` later, for a client that stopped reading).
 const CONNECTION_LIFETIME: Duration = Duration::from_secs(300);
 
-/// A listener as readiness sees it.
-pub struct ListenerTarget {
-    pub listen: String,
-    pub cluster: String,
-    pub role: ListenerRole,
-    pub fallback: ReplicaFallback,
-}
-
 /// Everything the admin endpoint reads.
 pub struct Admin {
     pub metrics: PrometheusHandle,
     pub views: Vec<(String, watch::Receiver<Arc<ClusterView>>)>,
     pub reports: Vec<(String, watch::Receiver<Arc<ClusterReport>>)>,
-    pub listeners: Vec<ListenerTarget>,
+    pub listeners: Vec<Arc<ListenerContext>>,
     pub sessions: Arc<SessionCounts>,
+    pub events: Arc<EventLog>,
     pub ready_when: ReadyWhen,
     pub token: Option<String>,
 }
@@ -103,7 +111,7 @@ pub async fn serve(listener: TcpListener, admin: Arc<Admin>, shutdown: Cancellat
             let _permit = permit;
             let service = service_fn(move |request| {
                 let admin = Arc::clone(&admin);
-                async move { Ok::<_, Infallible>(admin.answer(&request)) }
+                async move { Ok::<_, Infallible>(admin.answer(request).await) }
             });
             let connection = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
@@ -153,19 +161,26 @@ fn text(status: StatusCode, body: impl Into<Bytes>) -> Answer {
 fn respond(status: StatusCode, content_type: &'static str, body: impl Into<Bytes>) -> Answer {
     let mut response = Response::new(Full::new(body.into()));
     *response.status_mut() = status;
-    response.headers_mut().insert(
-        CONTENT_TYPE,
-        hyper::header::HeaderValue::from_static(content_type),
-    );
+    response
+        .headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
     response
 }
 
 impl Admin {
-    fn answer(&self, request: &Request<Incoming>) -> Answer {
-        if request.method() != Method::GET && request.method() != Method::HEAD {
-            return text(StatusCode::METHOD_NOT_ALLOWED, "only GET is served\n");
+    async fn answer(&self, request: Request<Incoming>) -> Answer {
+        let path = request.uri().path();
+        if request.method() == Method::POST && path == "/login" {
+            return self.sign_in(request).await;
         }
-        match request.uri().path() {
+        if request.method() != Method::GET && request.method() != Method::HEAD {
+            return text(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "only GET is served (and POST /login)\n",
+            );
+        }
+        let authorized = auth::authorized(request.headers(), self.token.as_deref());
+        match path {
             "/metrics" => respond(
                 StatusCode::OK,
                 "text/plain; version=0.0.4; charset=utf-8",
@@ -179,32 +194,67 @@ impl Admin {
                     format!("not ready: {reason}\n"),
                 ),
             },
-            "/cluster" => {
-                if !self.authorized(request) {
-                    return text(
-                        StatusCode::UNAUTHORIZED,
-                        "a bearer token is required for /cluster\n",
-                    );
-                }
-                respond(StatusCode::OK, "application/json", self.cluster_json())
+            // The page holds no data: without the token it shows only its
+            // sign-in form.
+            "/" => {
+                let status = if authorized {
+                    StatusCode::OK
+                } else {
+                    StatusCode::UNAUTHORIZED
+                };
+                let mut page = respond(status, "text/html; charset=utf-8", status_page::PAGE);
+                page.headers_mut()
+                    .insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
+                page
             }
+            "/cluster" | "/events" if !authorized => text(
+                StatusCode::UNAUTHORIZED,
+                format!("a bearer token (or the status page's sign-in) is required for {path}\n"),
+            ),
+            "/cluster" => respond(StatusCode::OK, "application/json", json::cluster(self)),
+            "/events" => match json::events(self, request.uri().query()) {
+                Ok(body) => respond(StatusCode::OK, "application/json", body),
+                Err(e) => text(StatusCode::BAD_REQUEST, format!("{e}\n")),
+            },
             _ => text(
                 StatusCode::NOT_FOUND,
-                "not found; try /metrics, /healthz, /readyz or /cluster\n",
+                "not found; try /, /metrics, /healthz, /readyz, /cluster or /events\n",
             ),
         }
     }
 
-    fn authorized(&self, request: &Request<Incoming>) -> bool {
+    /// `POST /login` from the status page's form: with the right token,
+    /// sets the cookie and goes back to the page.
+    async fn sign_in(&self, request: Request<Incoming>) -> Answer {
         let Some(token) = &self.token else {
-            return true;
+            return see_other("/", None);
         };
-        request
-            .headers()
-            .get(AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .is_some_and(|given| constant_time_eq(given.as_bytes(), token.as_bytes()))
+        let body = match Limited::new(request.into_body(), auth::MAX_FORM_BYTES)
+            .collect()
+            .await
+        {
+            Ok(body) => body.to_bytes(),
+            Err(_) => {
+                return text(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    format!(
+                        "the sign-in form is limited to {} bytes\n",
+                        auth::MAX_FORM_BYTES
+                    ),
+                )
+            }
+        };
+        let given = auth::token_from_form(&body).unwrap_or_default();
+        if !auth::token_matches(&given, token) {
+            debug!("status page sign-in with a wrong token");
+            // Guessing costs time.
+            tokio::time::sleep(WRONG_TOKEN_DELAY).await;
+            return text(
+                StatusCode::UNAUTHORIZED,
+                "wrong token; go back and try again\n",
+            );
+        }
+        see_other("/", auth::sign_in_cookie(token))
     }
 
     /// Why rolegate is not ready, or `None` when it is.
@@ -220,65 +270,27 @@ impl Admin {
                 })
             }),
             ReadyWhen::Targets => self.listeners.iter().find_map(|listener| {
-                let views = self
-                    .views
-                    .iter()
-                    .find(|(name, _)| *name == listener.cluster)?;
-                let view = views.1.borrow();
-                let scratch = AtomicUsize::new(0);
-                candidates(listener.role, listener.fallback, &view, &scratch)
-                    .is_empty()
-                    .then(|| {
-                        format!(
-                            "listener {} ({} of cluster {}) has no target",
-                            listener.listen, listener.role, listener.cluster
-                        )
-                    })
+                listener.router.targets_now().is_empty().then(|| {
+                    format!(
+                        "listener {} ({} of cluster {}) has no target",
+                        listener.listen,
+                        listener.router.role(),
+                        listener.cluster
+                    )
+                })
             }),
         }
     }
-
-    fn cluster_json(&self) -> String {
-        let clusters: Vec<_> = self
-            .reports
-            .iter()
-            .map(|(name, reports)| {
-                let report = reports.borrow().clone();
-                let mut value = serde_json::to_value(&*report).unwrap_or_default();
-                let sessions: Vec<_> = self
-                    .sessions
-                    .of_cluster(name)
-                    .into_iter()
-                    .map(|(member, role, count)| {
-                        serde_json::json!({"member": &*member, "role": role.as_str(), "sessions": count})
-                    })
-                    .collect();
-                if let Some(object) = value.as_object_mut() {
-                    object.insert("sessions".to_owned(), serde_json::Value::Array(sessions));
-                }
-                value
-            })
-            .collect();
-        let mut body = serde_json::to_string_pretty(&serde_json::json!({ "clusters": clusters }))
-            .unwrap_or_else(|_| "{}".to_owned());
-        body.push('\n');
-        body
-    }
 }
 
-/// Compares secrets without an early exit on the first differing byte.
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn token_comparison() {
-        assert!(constant_time_eq(b"secret", b"secret"));
-        assert!(!constant_time_eq(b"secret", b"secreT"));
-        assert!(!constant_time_eq(b"secret", b"secret2"));
+/// A redirect after a form, optionally setting a cookie.
+fn see_other(location: &'static str, cookie: Option<HeaderValue>) -> Answer {
+    let mut response = text(StatusCode::SEE_OTHER, "signed in\n");
+    response
+        .headers_mut()
+        .insert(LOCATION, HeaderValue::from_static(location));
+    if let Some(cookie) = cookie {
+        response.headers_mut().insert(SET_COOKIE, cookie);
     }
+    response
 }
