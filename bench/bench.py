@@ -129,6 +129,8 @@ def cmd_writer(args):
         errors[msg] = errors.get(msg, 0) + 1
 
     acks = []  # (seq, monotonic time of the acknowledgement)
+    failures = []  # (monotonic time, "connect" | "read-only" | "ended")
+    event_at = None  # when bench/run started the event (its marker file)
     conn = cur = None
     seq = 0
     t0 = time.monotonic()
@@ -150,6 +152,8 @@ def cmd_writer(args):
         now = time.monotonic()
         if now >= deadline:
             break
+        if event_at is None and args.started and os.path.exists(args.started):
+            event_at = now
         if done_at is None and os.path.exists(args.done):
             done_at = now
         if done_at is not None:
@@ -163,6 +167,7 @@ def cmd_writer(args):
                 conn = connect(psycopg2, args.dsn)
             except Exception as e:
                 st["connect_failures"] += 1
+                failures.append((time.monotonic(), "connect"))
                 note(e)
                 conn = None
                 last_error = time.monotonic()
@@ -178,6 +183,7 @@ def cmd_writer(args):
                     st["recovery_sessions"] += 1
             except Exception as e:
                 st["sessions_ended"] += 1
+                failures.append((time.monotonic(), "ended"))
                 note(e)
                 drop()
                 last_error = time.monotonic()
@@ -189,8 +195,10 @@ def cmd_writer(args):
         except Exception as e:
             if getattr(e, "pgcode", None) == "25006":
                 st["readonly_refused"] += 1
+                failures.append((time.monotonic(), "read-only"))
             else:
                 st["sessions_ended"] += 1
+                failures.append((time.monotonic(), "ended"))
             note(e)
             drop()
             last_error = time.monotonic()
@@ -251,6 +259,14 @@ def cmd_writer(args):
               "sessions_ended", "missing", "missing_after_outage", "acked"):
         append_result(args.results, f"failover/{args.event}/{k}", args.target, args.rep, st[k])
     st["errors"] = errors
+    # Every acknowledgement and failed attempt, in seconds from the start of
+    # the event, for bench/plot.py's pictures.
+    origin = event_at if event_at is not None else t0
+    st["timeline"] = {
+        "event_at_s": round(origin - t0, 3),
+        "acks": [round(at - origin, 3) for _, at in acks],
+        "failures": [[round(at - origin, 3), kind] for at, kind in failures],
+    }
     print(json.dumps({"run": args.run, **st}, sort_keys=True))
 
 
@@ -663,6 +679,7 @@ def main():
     p.add_argument("--target", required=True)
     p.add_argument("--rep", type=int, required=True)
     p.add_argument("--done", required=True)
+    p.add_argument("--started", help="file bench/run creates when it starts the event")
     p.add_argument("--results", required=True)
     p.add_argument("--steady", type=float, default=3.0)
     p.add_argument("--max-after", type=float, default=60.0)

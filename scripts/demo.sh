@@ -16,6 +16,8 @@ Patroni pg1..pg3 on 5441..5443). Connect with:
   read-write:  psql "host=127.0.0.1 port=6432 user=app dbname=app"   (password: app)
   read-only:   psql "host=127.0.0.1 port=6433 user=app dbname=app"
 
+Watch it:        http://127.0.0.1:9432/ (status page)   or
+                 target/release/rolegate status --watch
 Try a failover:  lab/lab switchover     or     lab/lab kill-leader
 Stop rolegate:   Ctrl-C              Stop the cluster:  lab/lab down [--wipe]
 
