@@ -17,19 +17,24 @@
 //! - [`status`]: `rolegate status`, the admin endpoint's picture as a table.
 //! - [`metrics`]: every exported metric, in one place.
 //! - [`proxy`]: assembles the parts and runs them until a signal.
+//! - [`running`]: the parts a configuration makes, kept current by reloads.
 //! - [`reload`]: SIGHUP re-reads `proxy.toml` and applies what it can.
+//! - [`handover`]: a new process takes over the listening sockets of the
+//!   one it replaces, so restarts refuse no connection.
 //! - [`tls`]: rustls configurations for clients and backends.
 //! - [`logging`]: the `tracing` subscriber.
 
 pub mod admin;
 pub mod config;
 pub mod events;
+pub mod handover;
 pub mod logging;
 pub mod metrics;
 pub mod protocol;
 pub mod proxy;
 pub mod reload;
 pub mod router;
+pub mod running;
 pub mod server;
 pub mod status;
 pub mod tls;

@@ -132,10 +132,7 @@ fn run(path: &std::path::Path, log_format: Option<LogFormat>) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    rolegate::logging::init(
-        log_format.unwrap_or(config.log.format),
-        config.log.level.as_deref(),
-    );
+    let log = rolegate::logging::init(&config.log, log_format);
     if rustls::crypto::ring::default_provider()
         .install_default()
         .is_err()
@@ -153,7 +150,7 @@ fn run(path: &std::path::Path, log_format: Option<LogFormat>) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(rolegate::proxy::run(config, path.to_owned())) {
+    match runtime.block_on(rolegate::proxy::run(config, path.to_owned(), log)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e:#}");

@@ -106,11 +106,10 @@ pub struct ServerTls {
 }
 
 impl ServerTls {
-    pub fn new(settings: TlsConfig) -> Result<Self, String> {
-        let config = server_config(&settings)?;
-        Ok(Self {
+    pub fn new(config: ServerConfig) -> Self {
+        Self {
             current: ArcSwap::from_pointee(config),
-        })
+        }
     }
 
     /// The configuration for a new handshake.
@@ -118,13 +117,10 @@ impl ServerTls {
         self.current.load_full()
     }
 
-    /// Builds a configuration from `settings`, reading the certificate,
-    /// key and CA files afresh, and uses it for new handshakes. On error
-    /// the configuration in use stays.
-    pub fn replace(&self, settings: TlsConfig) -> Result<(), String> {
-        let config = server_config(&settings)?;
+    /// Uses `config` (built by [`server_config`], which reads the
+    /// certificate, key and CA files afresh) for new handshakes.
+    pub fn set(&self, config: ServerConfig) {
         self.current.store(Arc::new(config));
-        Ok(())
     }
 }
 

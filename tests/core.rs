@@ -817,7 +817,7 @@ fn example_alert_rules_are_valid(_env: &Env) -> Result<(), Failed> {
 
 fn sighup_reloads_limits_and_refuses_bad_files(env: &Env) -> Result<(), Failed> {
     let (rolegate, rw, ro) = env.rolegate("reload", "[limits]\nmax_client_connections = 1\n");
-    // Keep the [admin] table the harness wrote (a restart-only key).
+    // Keep the [admin] table the harness wrote (the port the test reads).
     let admin = std::fs::read_to_string(&rolegate.config_path)?
         .lines()
         .take_while(|l| !l.starts_with("[clusters"))
@@ -874,13 +874,17 @@ fn sighup_reloads_limits_and_refuses_bad_files(env: &Env) -> Result<(), Failed> 
             .map_err(|e| format!("third connection after a refused reload: {e:?}"))?;
         third.simple_query("select 1").await?;
 
-        // A change only a restart can apply is refused whole.
-        let moved = free_port();
+        // A change only a restart can apply (the number of event loops) is
+        // refused whole: the lower limit in the same file is not applied.
         std::fs::write(
             &rolegate.config_path,
             format!(
                 "{admin}\n{}",
-                env.config(moved, ro, "[limits]\nmax_client_connections = 1\n")
+                env.config(
+                    rw,
+                    ro,
+                    "[limits]\nmax_client_connections = 1\n\n[runtime]\nworker_threads = 7\n"
+                )
             ),
         )?;
         rolegate.signal(Signal::SIGHUP);

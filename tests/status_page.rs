@@ -8,12 +8,14 @@ use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use libtest_mimic::Failed;
+use nix::sys::signal::Signal;
 use serde_json::Value;
 
 use support::browser;
 use support::harness::{check, run_suite, TestFn};
 use support::lab::{http_request, MEMBERS};
 use support::lab_suite::LabSuite;
+use support::process::stop_pid;
 use support::rolegate::Rolegate;
 use support::routes::wait_for_writable_leader;
 use support::{free_port, runtime};
@@ -116,13 +118,19 @@ fn the_status_page_shows_a_switchover(env: &Env) -> Result<(), Failed> {
         "the timeline shows the first confirmation",
     )?;
 
-    env.lab.run(&["switchover"]);
-    let new = runtime().block_on(wait_for_writable_leader(
-        &env.lab,
-        rw,
-        Some(&old),
-        Duration::from_secs(60),
-    ))?;
+    // A client keeps trying to write while the lab switches over, so the
+    // new leader's first session comes as soon as rolegate serves it.
+    let new = std::thread::scope(|scope| {
+        let switchover = scope.spawn(|| env.lab.run(&["switchover"]));
+        let new = runtime().block_on(wait_for_writable_leader(
+            &env.lab,
+            rw,
+            Some(&old),
+            Duration::from_secs(60),
+        ));
+        let _ = switchover.join();
+        new
+    })?;
     // The session that found the new leader was its first through rolegate.
     let events = wait_for_events(&rolegate, Duration::from_secs(20), |events| {
         let phases = &events["last_failover"]["demo"];
@@ -198,6 +206,26 @@ fn the_status_page_shows_a_switchover(env: &Env) -> Result<(), Failed> {
             format!("no row for {member}:\n{table}"),
         )?;
     }
+    // --watch redraws every second until stopped.
+    let watching = Command::new(env!("CARGO_BIN_EXE_rolegate"))
+        .args(["status", "--watch", "--admin", &admin])
+        .env("ROLEGATE_CONFIG", "/nonexistent/rolegate.toml")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()?;
+    std::thread::sleep(Duration::from_millis(2_500));
+    stop_pid(
+        watching.id() as i32,
+        Signal::SIGTERM,
+        Duration::from_secs(5),
+    );
+    let watched = watching.wait_with_output()?;
+    let frames = text(&watched.stdout).matches("\x1b[2J").count();
+    check(
+        (2..=4).contains(&frames),
+        format!("--watch drew {frames} frames in 2.5 s"),
+    )?;
+
     let unknown = rolegate_status(&["--admin", &admin, "--cluster", "nosuch"])?;
     check(
         unknown.status.code() == Some(2) && text(&unknown.stderr).contains("\"nosuch\""),

@@ -5,11 +5,11 @@ use std::time::SystemTime;
 
 use serde_json::{json, Value};
 
-use super::Admin;
+use super::{Admin, AdminState};
 
 /// `/cluster`: each cluster's report with its sessions, and the listeners.
-pub fn cluster(admin: &Admin) -> String {
-    let clusters: Vec<_> = admin
+pub fn cluster(admin: &Admin, state: &AdminState) -> String {
+    let clusters: Vec<_> = state
         .reports
         .iter()
         .map(|(name, reports)| {
@@ -29,7 +29,7 @@ pub fn cluster(admin: &Admin) -> String {
             value
         })
         .collect();
-    let listeners: Vec<_> = admin
+    let listeners: Vec<_> = state
         .listeners
         .iter()
         .map(|listener| {
@@ -59,7 +59,7 @@ pub fn cluster(admin: &Admin) -> String {
 
 /// `/events?cluster=NAME&since=RFC3339`: events newest first, and each
 /// cluster's last leader change in phases.
-pub fn events(admin: &Admin, query: Option<&str>) -> Result<String, String> {
+pub fn events(admin: &Admin, state: &AdminState, query: Option<&str>) -> Result<String, String> {
     let mut cluster = None;
     let mut since = None;
     for (name, value) in url::form_urlencoded::parse(query.unwrap_or_default().as_bytes()) {
@@ -74,7 +74,7 @@ pub fn events(admin: &Admin, query: Option<&str>) -> Result<String, String> {
         }
     }
     let events = admin.events.query(cluster.as_deref(), since);
-    let failovers: serde_json::Map<String, Value> = admin
+    let failovers: serde_json::Map<String, Value> = state
         .reports
         .iter()
         .filter(|(name, _)| cluster.as_deref().is_none_or(|c| c == name))

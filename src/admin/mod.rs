@@ -29,6 +29,7 @@ use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
@@ -66,28 +67,56 @@ const CONNECTION_LIFETIME: Duration = Duration::from_secs(300);
 /// Everything the admin endpoint reads.
 pub struct Admin {
     pub metrics: PrometheusHandle,
+    pub sessions: Arc<SessionCounts>,
+    pub events: Arc<EventLog>,
+    /// Replaced whole by a reload.
+    state: ArcSwap<AdminState>,
+}
+
+/// What a reload changes: the clusters, the listeners, the settings.
+pub struct AdminState {
     pub views: Vec<(String, watch::Receiver<Arc<ClusterView>>)>,
     pub reports: Vec<(String, watch::Receiver<Arc<ClusterReport>>)>,
     pub listeners: Vec<Arc<ListenerContext>>,
-    pub sessions: Arc<SessionCounts>,
-    pub events: Arc<EventLog>,
     pub ready_when: ReadyWhen,
     pub token: Option<String>,
 }
 
-/// Serves admin requests on `listener` until `shutdown`.
-pub async fn serve(listener: TcpListener, admin: Arc<Admin>, shutdown: CancellationToken) {
-    let upkeep_handle = admin.metrics.clone();
-    let upkeep_stop = shutdown.clone();
-    tokio::spawn(async move {
-        let mut interval = tokio::time::interval(UPKEEP_INTERVAL);
-        loop {
-            tokio::select! {
-                _ = interval.tick() => upkeep_handle.run_upkeep(),
-                () = upkeep_stop.cancelled() => return,
-            }
+impl Admin {
+    pub fn new(
+        metrics: PrometheusHandle,
+        sessions: Arc<SessionCounts>,
+        events: Arc<EventLog>,
+        state: AdminState,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            metrics,
+            sessions,
+            events,
+            state: ArcSwap::from_pointee(state),
+        })
+    }
+
+    /// Replaces what the endpoint shows and how it guards it.
+    pub fn set(&self, state: AdminState) {
+        self.state.store(Arc::new(state));
+    }
+}
+
+/// Rolls the exporter's histograms and prunes idle entries until `stop`.
+pub async fn upkeep(metrics: PrometheusHandle, stop: CancellationToken) {
+    let mut interval = tokio::time::interval(UPKEEP_INTERVAL);
+    loop {
+        tokio::select! {
+            _ = interval.tick() => metrics.run_upkeep(),
+            () = stop.cancelled() => return,
         }
-    });
+    }
+}
+
+/// Serves admin requests on `listener` until `shutdown` (the process's, or
+/// a reload that moved the endpoint).
+pub async fn serve(listener: Arc<TcpListener>, admin: Arc<Admin>, shutdown: CancellationToken) {
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     loop {
         let (stream, peer) = tokio::select! {
@@ -169,9 +198,10 @@ fn respond(status: StatusCode, content_type: &'static str, body: impl Into<Bytes
 
 impl Admin {
     async fn answer(&self, request: Request<Incoming>) -> Answer {
+        let state = self.state.load_full();
         let path = request.uri().path();
         if request.method() == Method::POST && path == "/login" {
-            return self.sign_in(request).await;
+            return self.sign_in(&state, request).await;
         }
         if request.method() != Method::GET && request.method() != Method::HEAD {
             return text(
@@ -179,7 +209,7 @@ impl Admin {
                 "only GET is served (and POST /login)\n",
             );
         }
-        let authorized = auth::authorized(request.headers(), self.token.as_deref());
+        let authorized = auth::authorized(request.headers(), state.token.as_deref());
         match path {
             "/metrics" => respond(
                 StatusCode::OK,
@@ -187,7 +217,7 @@ impl Admin {
                 self.metrics.render(),
             ),
             "/healthz" => text(StatusCode::OK, "ok\n"),
-            "/readyz" => match self.not_ready() {
+            "/readyz" => match state.not_ready() {
                 None => text(StatusCode::OK, "ready\n"),
                 Some(reason) => text(
                     StatusCode::SERVICE_UNAVAILABLE,
@@ -211,8 +241,12 @@ impl Admin {
                 StatusCode::UNAUTHORIZED,
                 format!("a bearer token (or the status page's sign-in) is required for {path}\n"),
             ),
-            "/cluster" => respond(StatusCode::OK, "application/json", json::cluster(self)),
-            "/events" => match json::events(self, request.uri().query()) {
+            "/cluster" => respond(
+                StatusCode::OK,
+                "application/json",
+                json::cluster(self, &state),
+            ),
+            "/events" => match json::events(self, &state, request.uri().query()) {
                 Ok(body) => respond(StatusCode::OK, "application/json", body),
                 Err(e) => text(StatusCode::BAD_REQUEST, format!("{e}\n")),
             },
@@ -225,8 +259,8 @@ impl Admin {
 
     /// `POST /login` from the status page's form: with the right token,
     /// sets the cookie and goes back to the page.
-    async fn sign_in(&self, request: Request<Incoming>) -> Answer {
-        let Some(token) = &self.token else {
+    async fn sign_in(&self, state: &AdminState, request: Request<Incoming>) -> Answer {
+        let Some(token) = &state.token else {
             return see_other("/", None);
         };
         let body = match Limited::new(request.into_body(), auth::MAX_FORM_BYTES)
@@ -256,7 +290,9 @@ impl Admin {
         }
         see_other("/", auth::sign_in_cookie(token))
     }
+}
 
+impl AdminState {
     /// Why rolegate is not ready, or `None` when it is.
     fn not_ready(&self) -> Option<String> {
         match self.ready_when {

@@ -1,4 +1,8 @@
-//! Accept loops: one per configured listener.
+//! Accept loops: one per listener of the live set ([`super::listener_set`]).
+//!
+//! The loop reads the listener's context anew for each connection, so a
+//! reload that changes the listener (its role, cluster or TLS) applies to
+//! the next session while those already open keep what they started with.
 //!
 //! Each accepted connection takes a slot of `max_client_connections`
 //! before its session is handed to one of the event loops
@@ -14,8 +18,10 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info};
 
 use super::handshake::{read_opening, ListenerTls, Opened, Opening};
@@ -31,15 +37,20 @@ const REFUSAL_READ_TIMEOUT: Duration = Duration::from_secs(2);
 /// Pause after an accept error (e.g. out of file descriptors).
 const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
 
-/// Accepts connections until shutdown begins.
-pub async fn serve(listener: TcpListener, context: Arc<ListenerContext>, shared: Arc<Shared>) {
+/// Accepts connections until `stop` (shutdown, or the listener's removal).
+pub async fn serve(
+    listener: Arc<TcpListener>,
+    contexts: Arc<ArcSwap<ListenerContext>>,
+    shared: Arc<Shared>,
+    stop: CancellationToken,
+) {
     let refusals = Arc::new(Semaphore::new(MAX_CONCURRENT_REFUSALS));
-    let stop = shared.shutdown.stop_accepting.clone();
     loop {
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
             () = stop.cancelled() => break,
         };
+        let context = contexts.load_full();
         let (stream, peer) = match accepted {
             Ok(accepted) => accepted,
             Err(e) => {
@@ -82,7 +93,7 @@ pub async fn serve(listener: TcpListener, context: Arc<ListenerContext>, shared:
             }
         }
     }
-    info!(listener = %context.listen, "stopped accepting connections");
+    info!(listener = %contexts.load().listen, "stopped accepting connections");
 }
 
 async fn refuse(

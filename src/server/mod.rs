@@ -1,6 +1,8 @@
 //! The client-facing side: accept, handshake, session, relay, cancel.
 //!
-//! Modules follow the connection path: [`listener`] accepts, [`handshake`]
+//! [`listener_set`] keeps the listeners the configuration names running,
+//! adding, changing and removing them on reload. Modules then follow the
+//! connection path: [`listener`] accepts, [`handshake`]
 //! reads the opening, [`session`] routes and connects through
 //! [`backend`], [`authenticate`] relays the login, [`relay`] pumps bytes,
 //! and [`cancel`] routes cancel requests to the backend that issued a key.
@@ -10,6 +12,7 @@ pub mod backend;
 pub mod cancel;
 pub mod handshake;
 pub mod listener;
+pub mod listener_set;
 pub mod loops;
 pub mod relay;
 pub mod session;
@@ -122,4 +125,8 @@ pub struct ListenerContext {
     pub label: String,
     pub cluster: Arc<str>,
     pub router: Router,
+    /// Cancelled to end this listener's sessions with FATAL 57P01: at
+    /// shutdown (a child of [`Shutdown::end_sessions`]), or
+    /// `shutdown_timeout` after a reload removed the listener.
+    pub end_sessions: CancellationToken,
 }

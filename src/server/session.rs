@@ -214,7 +214,7 @@ impl Session<'_> {
     where
         S: AsyncRead + AsyncWrite + Unpin + Send,
     {
-        let shutdown = &self.shared.shutdown.end_sessions;
+        let shutdown = &self.listener.end_sessions;
         let connected = tokio::select! {
             connected = self.connect() => connected,
             () = shutdown.cancelled() => Err(shutdown_error()),
@@ -310,7 +310,7 @@ impl Session<'_> {
             to_client,
         } = *established;
         let started = Instant::now();
-        let shutdown = &self.shared.shutdown.end_sessions;
+        let shutdown = &self.listener.end_sessions;
         let cluster = &*self.listener.cluster;
         let _cancel_registration = backend_key.map(|backend_key| {
             self.shared.cancels.register(CancelTarget {

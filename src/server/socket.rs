@@ -1,4 +1,10 @@
-//! Options rolegate sets on every TCP connection it accepts or opens.
+//! Options rolegate sets on every TCP connection it accepts or opens, and
+//! on the sockets it listens on.
+//!
+//! Listening sockets are bound with `SO_REUSEPORT`: a second rolegate
+//! started with the same configuration binds beside the running one
+//! instead of failing, which is how a restart or an upgrade starts (see
+//! [`crate::handover`] for how it then avoids resetting connections).
 //!
 //! `TCP_NODELAY`: queries and results are small writes that must not wait
 //! for Nagle's algorithm.
@@ -10,13 +16,32 @@
 //! peer every `idle / 4` (at least 1 s); after 4 unanswered probes it
 //! resets the connection, and the session ends as on any other reset.
 
+use std::io;
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use socket2::{SockRef, TcpKeepalive};
-use tokio::net::TcpStream;
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tracing::debug;
 
 const PROBES: u32 = 4;
+/// Connections the kernel queues for a listener before rolegate accepts
+/// them (as tokio's and std's own `bind`).
+const LISTEN_BACKLOG: u32 = 1024;
+
+/// Binds a listening socket on `addr` with `SO_REUSEADDR` and
+/// `SO_REUSEPORT`.
+pub fn bind_listener(addr: SocketAddr) -> io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.set_reuseport(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
+}
 
 /// Sets `TCP_NODELAY` and, unless `keepalive` is `None`, keepalive probes
 /// after that much silence.

@@ -97,12 +97,14 @@ pub struct Following<F> {
 /// to the channel; called again when the task failed.
 type SourceStarter = Box<dyn Fn(Duration, mpsc::Sender<EtcdEvent>) -> JoinHandle<()> + Send + Sync>;
 
-/// Prepares to follow the Patroni cluster `name` until `shutdown`,
-/// recording what happens to it in `events`.
+/// Prepares to follow the Patroni cluster `name` until `shutdown`, or
+/// until `retire` and no reader of its views is left, recording what
+/// happens to it in `events`.
 pub fn start(
     name: &str,
     config: &ClusterConfig,
     shutdown: CancellationToken,
+    retire: CancellationToken,
     events: Arc<EventLog>,
 ) -> Result<Following<impl Future<Output = ()> + Send + 'static>, String> {
     let scope = config.scope.clone().unwrap_or_else(|| name.to_owned());
@@ -121,7 +123,7 @@ pub fn start(
         });
         Some(starter)
     };
-    follow(name, config, shutdown, etcd, events)
+    follow(name, config, shutdown, retire, etcd, events)
 }
 
 /// [`start`] with the etcd source given: the real watcher, or in tests one
@@ -130,6 +132,7 @@ fn follow(
     name: &str,
     config: &ClusterConfig,
     shutdown: CancellationToken,
+    retire: CancellationToken,
     etcd: Option<SourceStarter>,
     events: Arc<EventLog>,
 ) -> Result<Following<impl Future<Output = ()> + Send + 'static>, String> {
@@ -210,7 +213,7 @@ fn follow(
         views: receiver,
         reports: report_receiver,
         settings,
-        run: follower.run(etcd, settings_rx, shutdown),
+        run: follower.run(etcd, settings_rx, shutdown, retire),
     })
 }
 
@@ -253,7 +256,9 @@ impl Follower {
         etcd: Option<SourceStarter>,
         mut settings: watch::Receiver<FollowerSettings>,
         shutdown: CancellationToken,
+        retire: CancellationToken,
     ) {
+        let mut retiring = false;
         let (etcd_tx, mut etcd_rx) = mpsc::channel(64);
         let has_etcd = etcd.is_some();
         let start_source =
@@ -283,6 +288,12 @@ impl Follower {
                     source_task = start_source(SOURCE_RESTART_DELAY);
                 }
                 () = shutdown.cancelled() => return,
+                () = retire.cancelled(), if !retiring => retiring = true,
+                // Retired: the last session routed by this view is gone.
+                () = self.views.closed(), if retiring => {
+                    info!(cluster = %self.cluster, "the retired view source stopped");
+                    return;
+                }
                 Ok(()) = settings.changed() => {
                     let new = settings.borrow_and_update().clone();
                     if new.health_interval != self.health_interval {

@@ -8,6 +8,14 @@
 //! `watch::Receiver<Arc<ClusterView>>`: the router reads it for new
 //! sessions and each session watches it to learn it must end. `topology`
 //! knows nothing of client sessions.
+//!
+//! The set of clusters follows the configuration across reloads: a new
+//! cluster starts its source; a cluster whose members come from elsewhere
+//! now (static addresses, etcd, scope, REST URLs, backend TLS) gets a new
+//! source beside the old one; a removed or replaced source retires, and
+//! stops once the last reader of its views (a listener's router, an open
+//! session) is gone, so sessions routed by it are still watched to their
+//! end.
 
 pub mod dcs;
 pub mod etcd;
@@ -19,120 +27,216 @@ pub mod rest;
 pub mod static_cluster;
 pub mod view;
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
+use tracing::info;
 
-use crate::config::Config;
+use crate::config::{ClusterConfig, Config};
 use crate::events::EventLog;
 use crate::metrics::ClusterMetrics;
 
 pub use report::ClusterReport;
 pub use view::{ClusterView, Handover, Member, MemberRole};
 
+/// A background task of the topology: `None` when it ended on purpose (a
+/// retired source), else what it was, for the error.
+pub type TaskEnd = Option<String>;
+
+/// The view source of one cluster.
+struct Source {
+    config: ClusterConfig,
+    /// Increases with every source started: listeners compare it to know
+    /// their cluster's source was replaced.
+    generation: u64,
+    views: watch::Receiver<Arc<ClusterView>>,
+    reports: watch::Receiver<Arc<ClusterReport>>,
+    kind: SourceKind,
+}
+
+enum SourceKind {
+    /// The view never changes; the senders are kept so readers never see a
+    /// closed channel.
+    Static {
+        views: watch::Sender<Arc<ClusterView>>,
+        _reports: watch::Sender<Arc<ClusterReport>>,
+    },
+    /// A follower; it retires when told to and its views are unread.
+    Patroni {
+        settings: watch::Sender<follower::FollowerSettings>,
+        retire: CancellationToken,
+    },
+}
+
+type Run = Pin<Box<dyn Future<Output = ()> + Send + 'static>>;
+
 /// The published views of every configured cluster.
 pub struct Topology {
-    views: HashMap<String, watch::Receiver<Arc<ClusterView>>>,
-    reports: HashMap<String, watch::Receiver<Arc<ClusterReport>>>,
-    /// Senders of views and reports that never change; kept so receivers
-    /// never see a closed channel.
-    _static_views: Vec<watch::Sender<Arc<ClusterView>>>,
-    _static_reports: Vec<watch::Sender<Arc<ClusterReport>>>,
-    /// Where reloaded settings go, by cluster name (Patroni clusters only).
-    settings: HashMap<String, watch::Sender<follower::FollowerSettings>>,
-    /// Background tasks (the followers of Patroni clusters); each returns
-    /// what it was, for the error when one ends.
-    pub tasks: JoinSet<String>,
+    sources: BTreeMap<String, Source>,
+    next_generation: u64,
+    shutdown: CancellationToken,
+    events: Arc<EventLog>,
+    /// Background tasks (the followers of Patroni clusters).
+    pub tasks: JoinSet<TaskEnd>,
+}
+
+/// What a reload will do to the clusters: sources to start (their tasks
+/// not yet running), sources to retire, settings to hand on.
+pub struct TopologyPlan {
+    start: Vec<(String, Source, Option<Run>)>,
+    retire: Vec<String>,
+    settings: Vec<(String, follower::FollowerSettings)>,
+}
+
+impl TopologyPlan {
+    /// The views and generation of `cluster` once the plan is committed.
+    pub fn planned(&self, cluster: &str) -> Option<(watch::Receiver<Arc<ClusterView>>, u64)> {
+        self.start
+            .iter()
+            .find(|(name, _, _)| name == cluster)
+            .map(|(_, source, _)| (source.views.clone(), source.generation))
+    }
 }
 
 impl Topology {
-    /// Starts the view source of every cluster in `config`. Followers run
-    /// until `shutdown` is cancelled and record what happens in `events`.
-    pub fn start(
-        config: &Config,
-        shutdown: &CancellationToken,
-        events: &Arc<EventLog>,
-    ) -> anyhow::Result<Self> {
-        let mut views = HashMap::new();
-        let mut reports = HashMap::new();
-        let mut senders = Vec::new();
-        let mut report_senders = Vec::new();
-        let mut settings = HashMap::new();
-        let mut tasks = JoinSet::new();
+    /// A topology without clusters; [`Topology::plan`] and
+    /// [`Topology::commit`] bring in those of a configuration.
+    pub fn new(shutdown: &CancellationToken, events: &Arc<EventLog>) -> Self {
+        Self {
+            sources: BTreeMap::new(),
+            next_generation: 0,
+            shutdown: shutdown.clone(),
+            events: Arc::clone(events),
+            tasks: JoinSet::new(),
+        }
+    }
+
+    /// Plans the clusters of `config`. Errors name the key; nothing runs
+    /// until [`Topology::commit`].
+    pub fn plan(&mut self, config: &Config) -> Result<TopologyPlan, String> {
+        let mut plan = TopologyPlan {
+            start: Vec::new(),
+            retire: Vec::new(),
+            settings: Vec::new(),
+        };
         for (name, cluster) in &config.clusters {
-            if cluster.is_static() {
-                let view = static_cluster::static_view(name, cluster)
-                    .map_err(|e| anyhow::anyhow!("clusters.{name}: {e}"))?;
-                let metrics = ClusterMetrics::new(name);
-                if let Some(leader) = view.leader() {
-                    metrics.leader_gauge(None, Some(&leader.name));
+            match self.sources.get(name) {
+                Some(current) if source_change(&current.config, cluster).is_none() => {
+                    plan.settings.push((
+                        name.clone(),
+                        follower::FollowerSettings::from_config(cluster),
+                    ));
                 }
-                for member in &view.members {
-                    metrics.member(&member.name, member.healthy, member.readable);
+                current => {
+                    if current.is_some() {
+                        plan.retire.push(name.clone());
+                    }
+                    let (source, run) = self.prepare(name, cluster)?;
+                    plan.start.push((name.clone(), source, run));
                 }
-                let report = static_cluster::static_report(&view);
-                let (tx, rx) = watch::channel(Arc::new(view));
-                senders.push(tx);
-                views.insert(name.clone(), rx);
-                let (tx, rx) = watch::channel(Arc::new(report));
-                report_senders.push(tx);
-                reports.insert(name.clone(), rx);
-            } else {
-                let following =
-                    follower::start(name, cluster, shutdown.child_token(), Arc::clone(events))
-                        .map_err(|e| anyhow::anyhow!("clusters.{name}: {e}"))?;
-                views.insert(name.clone(), following.views);
-                reports.insert(name.clone(), following.reports);
-                settings.insert(name.clone(), following.settings);
-                let name = name.clone();
-                let run = following.run;
-                tasks.spawn(async move {
-                    run.await;
-                    format!("the follower of cluster \"{name}\"")
-                });
             }
         }
-        Ok(Self {
-            views,
-            reports,
-            settings,
-            _static_views: senders,
-            _static_reports: report_senders,
-            tasks,
-        })
+        plan.retire.extend(
+            self.sources
+                .keys()
+                .filter(|name| !config.clusters.contains_key(*name))
+                .cloned(),
+        );
+        Ok(plan)
     }
 
-    /// Receivers of every cluster's reports, by cluster name.
-    pub fn reports(&self) -> Vec<(String, watch::Receiver<Arc<ClusterReport>>)> {
-        let mut reports: Vec<_> = self
-            .reports
-            .iter()
-            .map(|(n, r)| (n.clone(), r.clone()))
-            .collect();
-        reports.sort_by(|a, b| a.0.cmp(&b.0));
-        reports
+    fn prepare(
+        &mut self,
+        name: &str,
+        cluster: &ClusterConfig,
+    ) -> Result<(Source, Option<Run>), String> {
+        let generation = self.next_generation;
+        self.next_generation += 1;
+        if cluster.is_static() {
+            let view = static_cluster::static_view(name, cluster)
+                .map_err(|e| format!("clusters.{name}: {e}"))?;
+            let metrics = ClusterMetrics::new(name);
+            if let Some(leader) = view.leader() {
+                metrics.leader_gauge(None, Some(&leader.name));
+            }
+            for member in &view.members {
+                metrics.member(&member.name, member.healthy, member.readable);
+            }
+            let report = static_cluster::static_report(&view);
+            let (views_tx, views) = watch::channel(Arc::new(view));
+            let (reports_tx, reports) = watch::channel(Arc::new(report));
+            let source = Source {
+                config: cluster.clone(),
+                generation,
+                views,
+                reports,
+                kind: SourceKind::Static {
+                    views: views_tx,
+                    _reports: reports_tx,
+                },
+            };
+            return Ok((source, None));
+        }
+        let retire = CancellationToken::new();
+        let following = follower::start(
+            name,
+            cluster,
+            self.shutdown.child_token(),
+            retire.clone(),
+            Arc::clone(&self.events),
+        )
+        .map_err(|e| format!("clusters.{name}: {e}"))?;
+        let source = Source {
+            config: cluster.clone(),
+            generation,
+            views: following.views,
+            reports: following.reports,
+            kind: SourceKind::Patroni {
+                settings: following.settings,
+                retire,
+            },
+        };
+        Ok((source, Some(Box::pin(following.run))))
     }
 
-    /// Receivers of every cluster's views, by cluster name.
-    pub fn views(&self) -> Vec<(String, watch::Receiver<Arc<ClusterView>>)> {
-        let mut views: Vec<_> = self
-            .views
-            .iter()
-            .map(|(n, v)| (n.clone(), v.clone()))
-            .collect();
-        views.sort_by(|a, b| a.0.cmp(&b.0));
-        views
-    }
-
-    /// Hands reloaded routing settings to every Patroni cluster's follower.
-    pub fn apply(&self, config: &Config) {
-        for (name, sender) in &self.settings {
-            if let Some(cluster) = config.cluster(name) {
-                sender.send_if_modified(|current| {
-                    let new = follower::FollowerSettings::from_config(cluster);
+    /// Carries out a plan: starts new sources, retires old ones, hands
+    /// reloaded settings to the followers that stay.
+    pub fn commit(&mut self, plan: TopologyPlan) {
+        for name in plan.retire {
+            if let Some(old) = self.sources.remove(&name) {
+                info!(cluster = %name, "retiring the cluster's view source; it stops once no session uses it");
+                match old.kind {
+                    SourceKind::Static { views, .. } => {
+                        tokio::spawn(async move { views.closed().await });
+                    }
+                    SourceKind::Patroni { retire, .. } => retire.cancel(),
+                }
+            }
+        }
+        for (name, source, run) in plan.start {
+            if let Some(run) = run {
+                let label = format!("the follower of cluster \"{name}\"");
+                let retire = match &source.kind {
+                    SourceKind::Patroni { retire, .. } => retire.clone(),
+                    SourceKind::Static { .. } => CancellationToken::new(),
+                };
+                self.tasks.spawn(async move {
+                    run.await;
+                    (!retire.is_cancelled()).then_some(label)
+                });
+            }
+            self.sources.insert(name, source);
+        }
+        for (name, new) in plan.settings {
+            if let Some(SourceKind::Patroni { settings, .. }) =
+                self.sources.get(&name).map(|s| &s.kind)
+            {
+                settings.send_if_modified(|current| {
                     let changed = *current != new;
                     *current = new;
                     changed
@@ -141,8 +245,54 @@ impl Topology {
         }
     }
 
-    /// A receiver of the named cluster's views.
-    pub fn watch(&self, cluster: &str) -> Option<watch::Receiver<Arc<ClusterView>>> {
-        self.views.get(cluster).cloned()
+    /// Receivers of every cluster's reports, by cluster name.
+    pub fn reports(&self) -> Vec<(String, watch::Receiver<Arc<ClusterReport>>)> {
+        self.sources
+            .iter()
+            .map(|(n, s)| (n.clone(), s.reports.clone()))
+            .collect()
     }
+
+    /// Receivers of every cluster's views, by cluster name.
+    pub fn views(&self) -> Vec<(String, watch::Receiver<Arc<ClusterView>>)> {
+        self.sources
+            .iter()
+            .map(|(n, s)| (n.clone(), s.views.clone()))
+            .collect()
+    }
+
+    /// The named cluster's views and the generation of their source.
+    pub fn watch(&self, cluster: &str) -> Option<(watch::Receiver<Arc<ClusterView>>, u64)> {
+        self.sources
+            .get(cluster)
+            .map(|s| (s.views.clone(), s.generation))
+    }
+}
+
+/// The first changed setting of a cluster that needs a new view source:
+/// where its members come from, and how rolegate reaches them.
+pub fn source_change(a: &ClusterConfig, b: &ClusterConfig) -> Option<&'static str> {
+    macro_rules! fields {
+        ($($field:ident),*) => {
+            $(if a.$field != b.$field { return Some(stringify!($field)); })*
+        };
+    }
+    fields!(
+        primary,
+        replicas,
+        scope,
+        namespace,
+        etcd,
+        etcd_user,
+        etcd_password,
+        etcd_ca,
+        etcd_cert,
+        etcd_key,
+        patroni,
+        backend_tls,
+        backend_ca,
+        backend_cert,
+        backend_key
+    );
+    None
 }

@@ -20,6 +20,7 @@ pub mod procinfo;
 pub mod rolegate;
 pub mod routes;
 pub mod static_cluster;
+pub mod steady_load;
 pub mod wire;
 pub mod writer;
 

@@ -19,10 +19,8 @@ pub struct Rolegate {
 
 impl Rolegate {
     /// Starts rolegate with `config` (TOML text) and waits until it says it
-    /// is ready (every listener bound). Readiness is read from its log, not
-    /// probed with connections, which would take client slots. Unless
-    /// `config` has an `[admin]` table, the admin endpoint gets a free port
-    /// of its own.
+    /// is ready (see [`Rolegate::wait_ready`]). Unless `config` has an
+    /// `[admin]` table, the admin endpoint gets a free port of its own.
     pub fn start(dir: &Path, name: &str, config: &str) -> Self {
         std::fs::create_dir_all(dir).expect("create dir");
         let mut admin_port = 0;
@@ -33,31 +31,45 @@ impl Rolegate {
             format!("[admin]\nlisten = \"127.0.0.1:{admin_port}\"\n\n{config}")
         };
         let config_path = dir.join(format!("{name}.toml"));
-        let log_path = dir.join(format!("{name}.log"));
         std::fs::write(&config_path, &config).expect("write config");
-        let log = std::fs::File::create(&log_path).expect("create log");
+        let mut rolegate = Self::spawn(&config_path, &dir.join(format!("{name}.log")));
+        rolegate.admin_port = admin_port;
+        rolegate.wait_ready();
+        rolegate
+    }
+
+    /// Starts rolegate on an existing config file, logging to `log_path`,
+    /// without waiting for it: a second process of one configuration, or
+    /// one expected to fail. `admin_port` is left 0.
+    pub fn spawn(config_path: &Path, log_path: &Path) -> Self {
+        let log = std::fs::File::create(log_path).expect("create log");
         let child = Command::new(env!("CARGO_BIN_EXE_rolegate"))
             .arg("--config")
-            .arg(&config_path)
+            .arg(config_path)
             .env("RUST_LOG", "rolegate=debug")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
             .expect("spawn rolegate");
-        let mut rolegate = Self {
+        Self {
             child,
-            admin_port,
-            config_path,
-            log_path,
-        };
+            admin_port: 0,
+            config_path: config_path.to_owned(),
+            log_path: log_path.to_owned(),
+        }
+    }
+
+    /// Waits until the process says it is ready (every listener bound).
+    /// Readiness is read from its log, not probed with connections, which
+    /// would take client slots.
+    pub fn wait_ready(&mut self) {
         wait_until(Duration::from_secs(20), "rolegate to be ready", || {
-            if let Ok(Some(status)) = rolegate.child.try_wait() {
-                panic!("rolegate exited early ({status}):\n{}", rolegate.log());
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!("rolegate exited early ({status}):\n{}", self.log());
             }
-            rolegate.log().contains("rolegate is ready").then_some(())
+            self.log().contains("rolegate is ready").then_some(())
         });
-        rolegate
     }
 
     /// `GET path` on the admin endpoint: status and body.

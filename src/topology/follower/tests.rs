@@ -47,6 +47,7 @@ async fn a_failed_etcd_watch_task_is_loud_and_restarted() {
         "demo",
         &cluster_config(),
         shutdown.clone(),
+        CancellationToken::new(),
         Some(starter),
         crate::events::EventLog::new(),
     )

@@ -1,0 +1,329 @@
+//! Restarts without a refused or reset connection: a running rolegate hands
+//! its listening sockets to the new process that starts beside it.
+//!
+//! Listening sockets are bound with `SO_REUSEPORT`, so a new process can
+//! always bind beside the old one. That alone is not enough: when the old
+//! process then closes its socket, the connections waiting in that
+//! socket's own accept queue are reset, unless the kernel migrates them
+//! (`net.ipv4.tcp_migrate_req`, off by default). So, as HAProxy does, the
+//! old process passes its sockets over a Unix socket (`SCM_RIGHTS`): both
+//! processes then hold the same sockets, with one accept queue each, and
+//! when the old one stops accepting and closes its copies, the sockets and
+//! their queues live on in the new process. Nothing is reset.
+//!
+//! The Unix socket is in Linux's abstract namespace, named after the
+//! configuration file's path: the rolegate of one configuration finds its
+//! predecessor without any file to create or clean up, and one network
+//! namespace (host, container, pod) is exactly where listening ports can
+//! clash. A peer is served only when it runs as the same user (or root),
+//! read from `SO_PEERCRED`.
+//!
+//! The new process asks once, at start, before binding anything. The name
+//! is held by the oldest process still running; a process that received
+//! sockets takes the name over once its predecessor has let it go (at
+//! SIGTERM), so the next restart finds it.
+
+use std::collections::HashMap;
+use std::io::{self, IoSlice, IoSliceMut};
+use std::mem::MaybeUninit;
+use std::net::SocketAddr;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::linux::net::SocketAddrExt;
+use std::os::unix::net::{SocketAddr as UnixAddr, UnixListener, UnixStream};
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rustix::net::{
+    recvmsg, sendmsg, sockopt::socket_peercred, RecvAncillaryBuffer, RecvAncillaryMessage,
+    RecvFlags, SendAncillaryBuffer, SendAncillaryMessage, SendFlags,
+};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+/// How long a new process waits for its predecessor's answer.
+const ASK_TIMEOUT: Duration = Duration::from_secs(5);
+/// How often a process that received sockets tries to take the name over.
+const TAKE_OVER_INTERVAL: Duration = Duration::from_millis(500);
+/// The most sockets one handover carries (the kernel's limit per message
+/// is 253).
+pub const MAX_SOCKETS: usize = 250;
+/// The longest list of addresses a handover carries.
+const MAX_MESSAGE: usize = 64 * 1024;
+
+/// The abstract socket name of the rolegate of the configuration at `path`.
+pub fn name_for(config_path: &Path) -> String {
+    let path = std::fs::canonicalize(config_path).unwrap_or_else(|_| config_path.to_owned());
+    let path = path.to_string_lossy();
+    // An abstract name holds at most 107 bytes.
+    if path.len() <= 90 {
+        format!("rolegate:{path}")
+    } else {
+        format!("rolegate:{:016x}", fnv1a(path.as_bytes()))
+    }
+}
+
+/// A hash every rolegate version computes the same way.
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |hash, b| {
+        (hash ^ u64::from(*b)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}
+
+/// Sockets received from a predecessor, by what they listen on.
+#[derive(Default)]
+pub struct Inherited {
+    sockets: HashMap<String, OwnedFd>,
+}
+
+impl Inherited {
+    /// Takes the socket listening on `key` (a listener's or the admin
+    /// endpoint's address, see [`Offered`]), if one was received.
+    pub fn take(&mut self, key: &str) -> Option<std::net::TcpListener> {
+        let fd = self.sockets.remove(key)?;
+        let listener = std::net::TcpListener::from(fd);
+        listener.set_nonblocking(true).ok()?;
+        Some(listener)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.sockets.is_empty()
+    }
+
+    pub fn len(&self) -> usize {
+        self.sockets.len()
+    }
+}
+
+/// Asks the running rolegate of `name` for its listening sockets. No
+/// predecessor (or one that does not answer) means nothing inherited.
+pub fn ask(name: &str) -> Inherited {
+    match try_ask(name) {
+        Ok(inherited) => {
+            if !inherited.is_empty() {
+                info!(
+                    sockets = inherited.len(),
+                    "took over the listening sockets of the rolegate running before"
+                );
+            }
+            inherited
+        }
+        Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => Inherited::default(),
+        Err(e) => {
+            warn!("could not take over the sockets of a running rolegate ({e}); binding anew");
+            Inherited::default()
+        }
+    }
+}
+
+fn try_ask(name: &str) -> io::Result<Inherited> {
+    let address = UnixAddr::from_abstract_name(name.as_bytes())?;
+    let stream = UnixStream::connect_addr(&address)?;
+    stream.set_read_timeout(Some(ASK_TIMEOUT))?;
+    let mut buffer = vec![0u8; MAX_MESSAGE];
+    let mut space = vec![MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(MAX_SOCKETS))];
+    let mut control = RecvAncillaryBuffer::new(&mut space);
+    let mut iov = [IoSliceMut::new(&mut buffer)];
+    let message = recvmsg(&stream, &mut iov, &mut control, RecvFlags::CMSG_CLOEXEC)?;
+    let mut fds: Vec<OwnedFd> = Vec::new();
+    for cmsg in control.drain() {
+        if let RecvAncillaryMessage::ScmRights(received) = cmsg {
+            fds.extend(received);
+        }
+    }
+    let length = message.bytes;
+    let keys: Vec<String> = serde_json::from_slice(&buffer[..length])
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+    if keys.len() != fds.len() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("{} addresses but {} sockets", keys.len(), fds.len()),
+        ));
+    }
+    Ok(Inherited {
+        sockets: keys.into_iter().zip(fds).collect(),
+    })
+}
+
+/// The sockets this process offers its successor, kept current as
+/// listeners come and go: `(key, descriptor)` pairs whose descriptors stay
+/// open while they are offered.
+#[derive(Default)]
+pub struct Offered {
+    sockets: Mutex<Vec<(String, Arc<dyn AsFd + Send + Sync>)>>,
+}
+
+impl Offered {
+    /// The key of a client listener on `addr`.
+    pub fn listener_key(addr: SocketAddr) -> String {
+        addr.to_string()
+    }
+
+    /// The key of the admin endpoint on `addr`.
+    pub fn admin_key(addr: SocketAddr) -> String {
+        format!("admin {addr}")
+    }
+
+    /// Replaces what is offered.
+    pub fn set(&self, sockets: Vec<(String, Arc<dyn AsFd + Send + Sync>)>) {
+        *self.sockets.lock().unwrap_or_else(|p| p.into_inner()) = sockets;
+    }
+
+    fn snapshot(&self) -> Vec<(String, Arc<dyn AsFd + Send + Sync>)> {
+        self.sockets
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+}
+
+/// Serves successors under `name` until `stop`: at once when the name is
+/// free, else once the process holding it lets it go.
+pub async fn serve(name: String, offered: Arc<Offered>, stop: CancellationToken) {
+    let listener = loop {
+        match bind(&name) {
+            Ok(listener) => break listener,
+            Err(e) if e.kind() == io::ErrorKind::AddrInUse => {
+                tokio::select! {
+                    () = tokio::time::sleep(TAKE_OVER_INTERVAL) => continue,
+                    () = stop.cancelled() => return,
+                }
+            }
+            Err(e) => {
+                warn!("cannot offer sockets to a successor (restarts may reset connections): {e}");
+                return;
+            }
+        }
+    };
+    debug!(name, "offering the listening sockets to a successor");
+    loop {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            () = stop.cancelled() => return,
+        };
+        let stream = match accepted {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                debug!("handover accept failed: {e}");
+                tokio::time::sleep(TAKE_OVER_INTERVAL).await;
+                continue;
+            }
+        };
+        let offered = Arc::clone(&offered);
+        let handed = tokio::task::spawn_blocking(move || {
+            let stream = stream.into_std()?;
+            stream.set_nonblocking(false)?;
+            hand_over(&stream, &offered.snapshot())
+        })
+        .await;
+        match handed {
+            Ok(Ok(count)) => info!(
+                sockets = count,
+                "handed the listening sockets to a new rolegate"
+            ),
+            Ok(Err(e)) => warn!("handing the sockets to a new rolegate failed: {e}"),
+            Err(e) => warn!("handing the sockets to a new rolegate failed: {e}"),
+        }
+    }
+}
+
+fn bind(name: &str) -> io::Result<tokio::net::UnixListener> {
+    let address = UnixAddr::from_abstract_name(name.as_bytes())?;
+    let listener = UnixListener::bind_addr(&address)?;
+    listener.set_nonblocking(true)?;
+    tokio::net::UnixListener::from_std(listener)
+}
+
+/// Sends every offered socket to the peer, if it is this user (or root).
+fn hand_over(
+    stream: &UnixStream,
+    sockets: &[(String, Arc<dyn AsFd + Send + Sync>)],
+) -> io::Result<usize> {
+    let peer = socket_peercred(stream)?.uid.as_raw();
+    let own = rustix::process::geteuid().as_raw();
+    if peer != own && peer != 0 {
+        return Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            format!("the asking process runs as uid {peer}, not {own}"),
+        ));
+    }
+    let sockets = &sockets[..sockets.len().min(MAX_SOCKETS)];
+    let keys: Vec<&str> = sockets.iter().map(|(k, _)| k.as_str()).collect();
+    let body = serde_json::to_vec(&keys).map_err(io::Error::other)?;
+    let fds: Vec<BorrowedFd<'_>> = sockets.iter().map(|(_, s)| s.as_fd()).collect();
+    let mut space = vec![MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(fds.len().max(1)))];
+    let mut control = SendAncillaryBuffer::new(&mut space);
+    if !fds.is_empty() && !control.push(SendAncillaryMessage::ScmRights(&fds)) {
+        return Err(io::Error::other("the sockets do not fit one message"));
+    }
+    sendmsg(
+        stream,
+        &[IoSlice::new(&body)],
+        &mut control,
+        SendFlags::empty(),
+    )?;
+    Ok(fds.len())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_fit_the_abstract_namespace_and_are_stable() {
+        let short = name_for(Path::new("/etc/rolegate/proxy.toml"));
+        assert_eq!(short, "rolegate:/etc/rolegate/proxy.toml");
+        let long = format!("/{}", "x".repeat(200));
+        let hashed = name_for(Path::new(&long));
+        assert!(hashed.len() < 107, "{hashed}");
+        assert_eq!(hashed, name_for(Path::new(&long)));
+        assert_eq!(fnv1a(b""), 0xcbf2_9ce4_8422_2325);
+        assert_eq!(fnv1a(b"a"), 0xaf63_dc4c_8601_ec8c);
+    }
+
+    /// A real handover between two "processes" of this test: the sockets
+    /// arrive, keyed, and still accept connections made before they moved.
+    #[tokio::test]
+    async fn listening_sockets_move_with_their_queues() {
+        let name = format!("rolegate-test:{}", std::process::id());
+        let first = Arc::new(std::net::TcpListener::bind("127.0.0.1:0").expect("bind"));
+        let addr = first.local_addr().expect("addr");
+        // Queued before the handover: must be accepted by the receiver.
+        let early = std::net::TcpStream::connect(addr).expect("connect");
+        let offered = Arc::new(Offered::default());
+        offered.set(vec![(
+            Offered::listener_key(addr),
+            Arc::clone(&first) as Arc<dyn AsFd + Send + Sync>,
+        )]);
+        let stop = CancellationToken::new();
+        let server = tokio::spawn(serve(name.clone(), Arc::clone(&offered), stop.clone()));
+        let mut inherited = Inherited::default();
+        for _ in 0..50 {
+            let asked = name.clone();
+            inherited = tokio::task::spawn_blocking(move || ask(&asked))
+                .await
+                .expect("ask");
+            if !inherited.is_empty() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let received = inherited
+            .take(&Offered::listener_key(addr))
+            .expect("the socket arrived");
+        assert_eq!(received.local_addr().expect("addr"), addr);
+        offered.set(Vec::new());
+        drop(first);
+        let received = tokio::net::TcpListener::from_std(received).expect("tokio listener");
+        let (accepted, _) = tokio::time::timeout(Duration::from_secs(5), received.accept())
+            .await
+            .expect("the queued connection is still there")
+            .expect("accept");
+        assert_eq!(
+            accepted.peer_addr().expect("peer"),
+            early.local_addr().expect("local")
+        );
+        stop.cancel();
+        server.await.expect("server");
+    }
+}

@@ -1,0 +1,211 @@
+//! The parts of a running rolegate that follow its configuration: the
+//! clusters' view sources, the client listeners, the admin endpoint, TLS
+//! towards clients, and logging.
+//!
+//! Start-up and every reload go the same two steps: plan everything that
+//! can fail (building TLS configurations, starting view sources, binding
+//! new sockets, checking the log filter), then commit, which cannot fail.
+//! A reload whose plan fails has changed nothing; the sockets it bound are
+//! closed again.
+
+use std::os::fd::AsFd;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::info;
+
+use crate::admin::{self, Admin, AdminState};
+use crate::config::{parse_socket_addr, Config};
+use crate::handover::{self, Inherited, Offered};
+use crate::logging::LogHandle;
+use crate::server::listener_set::{ClusterViews, ListenerSet};
+use crate::server::socket::bind_listener;
+use crate::server::Shared;
+use crate::tls::{server_config, ServerTls};
+use crate::topology::{TaskEnd, Topology};
+
+/// The admin endpoint's socket and the task serving it.
+struct AdminEndpoint {
+    listen: String,
+    socket: Arc<TcpListener>,
+    stop: CancellationToken,
+}
+
+/// Everything a configuration made, kept current by reloads.
+pub struct Running {
+    /// The configuration in force.
+    pub config: Config,
+    pub path: PathBuf,
+    pub shared: Arc<Shared>,
+    topology: Topology,
+    listeners: ListenerSet,
+    admin: Arc<Admin>,
+    admin_endpoint: Option<AdminEndpoint>,
+    server_tls: Option<Arc<ServerTls>>,
+    log: LogHandle,
+    /// The listening sockets a successor may take over.
+    offered: Arc<Offered>,
+    handover_stop: CancellationToken,
+    background: CancellationToken,
+}
+
+impl Running {
+    /// Starts what `config` describes, taking over the sockets a running
+    /// predecessor hands over. Errors name the key.
+    pub async fn start(
+        config: Config,
+        path: PathBuf,
+        shared: Arc<Shared>,
+        admin: Arc<Admin>,
+        log: LogHandle,
+        background: CancellationToken,
+    ) -> Result<Self, String> {
+        let name = handover::name_for(&path);
+        let asked = name.clone();
+        let mut inherited = tokio::task::spawn_blocking(move || handover::ask(&asked))
+            .await
+            .unwrap_or_default();
+        let mut running = Self {
+            topology: Topology::new(&background, &shared.events),
+            config: config.clone(),
+            path,
+            shared,
+            listeners: ListenerSet::default(),
+            admin,
+            admin_endpoint: None,
+            server_tls: None,
+            log,
+            offered: Arc::new(Offered::default()),
+            handover_stop: CancellationToken::new(),
+            background,
+        };
+        running.apply(&config, &mut inherited)?;
+        tokio::spawn(handover::serve(
+            name,
+            Arc::clone(&running.offered),
+            running.handover_stop.clone(),
+        ));
+        Ok(running)
+    }
+
+    /// Plans and commits `config`: all of it, or (on error) none of it.
+    pub fn apply(&mut self, config: &Config, inherited: &mut Inherited) -> Result<(), String> {
+        // Plan: everything that can fail.
+        let log = self.log.plan(&config.log)?;
+        let tls = match (&config.tls.cert, &config.tls.key) {
+            (Some(_), Some(_)) => Some(server_config(&config.tls)?),
+            _ => None,
+        };
+        // Listeners built now take the TLS they will have after the commit.
+        let (server_tls, tls_update) = match (tls, &self.server_tls) {
+            (Some(tls), Some(current)) => (Some(Arc::clone(current)), Some(tls)),
+            (Some(tls), None) => (Some(Arc::new(ServerTls::new(tls))), None),
+            (None, _) => (None, None),
+        };
+        let topology = self.topology.plan(config)?;
+        let views = |cluster: &str| {
+            topology
+                .planned(cluster)
+                .or_else(|| self.topology.watch(cluster))
+                .map(|(views, source)| ClusterViews { views, source })
+        };
+        let listeners =
+            self.listeners
+                .plan(config, &views, server_tls.as_ref(), &self.shared, inherited)?;
+        let admin_socket = match &self.admin_endpoint {
+            Some(endpoint) if endpoint.listen == config.admin.listen => None,
+            _ => Some(bind_admin(&config.admin.listen, inherited)?),
+        };
+
+        // Commit: nothing here fails.
+        self.log.commit(log);
+        if let (Some(current), Some(update)) = (&self.server_tls, tls_update) {
+            current.set(update);
+        }
+        self.server_tls = server_tls;
+        self.shared.set_limits(config.limits.clone());
+        self.topology.commit(topology);
+        self.listeners.commit(listeners, &self.shared);
+        if let Some((addr, socket)) = admin_socket {
+            self.serve_admin(&config.admin.listen, addr, socket);
+        }
+        self.admin.set(AdminState {
+            views: self.topology.views(),
+            reports: self.topology.reports(),
+            listeners: self.listeners.contexts(),
+            ready_when: config.admin.ready_when,
+            token: config.admin.token.clone(),
+        });
+        self.offer();
+        self.config = config.clone();
+        Ok(())
+    }
+
+    /// Starts serving the admin endpoint on `socket`, stopping the one it
+    /// replaces.
+    fn serve_admin(&mut self, listen: &str, addr: std::net::SocketAddr, socket: Arc<TcpListener>) {
+        if let Some(old) = self.admin_endpoint.take() {
+            old.stop.cancel();
+        }
+        let stop = self.background.child_token();
+        let admin = Arc::clone(&self.admin);
+        let serving = Arc::clone(&socket);
+        let stopped = stop.clone();
+        self.topology.tasks.spawn(async move {
+            admin::serve(serving, admin, stopped.clone()).await;
+            (!stopped.is_cancelled()).then(|| "the admin endpoint".to_owned())
+        });
+        info!(listen = %addr, "admin endpoint: / (status page) /metrics /healthz /readyz /cluster /events");
+        self.admin_endpoint = Some(AdminEndpoint {
+            listen: listen.to_owned(),
+            socket,
+            stop,
+        });
+    }
+
+    /// Keeps what a successor would take over current.
+    fn offer(&self) {
+        let mut sockets = self.listeners.offered();
+        if let Some(endpoint) = &self.admin_endpoint {
+            if let Ok(addr) = endpoint.socket.local_addr() {
+                sockets.push((
+                    Offered::admin_key(addr),
+                    Arc::clone(&endpoint.socket) as Arc<dyn AsFd + Send + Sync>,
+                ));
+            }
+        }
+        self.offered.set(sockets);
+    }
+
+    /// Background tasks (view sources, the admin endpoint), to watch for
+    /// one that ends unexpectedly.
+    pub fn tasks(&mut self) -> &mut JoinSet<TaskEnd> {
+        &mut self.topology.tasks
+    }
+
+    /// The first stage of shutdown: no new connections, and the name a
+    /// successor asks for is let go. Returns once every accept loop ended.
+    pub async fn stop_accepting(&mut self) {
+        self.handover_stop.cancel();
+        self.offered.set(Vec::new());
+        self.shared.shutdown.stop_accepting.cancel();
+        self.listeners.stopped().await;
+    }
+}
+
+/// The admin endpoint's socket: handed over by a predecessor, or bound.
+fn bind_admin(
+    listen: &str,
+    inherited: &mut Inherited,
+) -> Result<(std::net::SocketAddr, Arc<TcpListener>), String> {
+    let addr = parse_socket_addr(listen).map_err(|e| format!("admin.listen: {e}"))?;
+    let socket = match inherited.take(&Offered::admin_key(addr)) {
+        Some(socket) => TcpListener::from_std(socket),
+        None => bind_listener(addr),
+    }
+    .map_err(|e| format!("admin.listen: cannot listen on {addr}: {e}"))?;
+    Ok((addr, Arc::new(socket)))
+}

@@ -1,0 +1,292 @@
+//! The live set of client listeners: the ones the configuration names,
+//! kept running across reloads.
+//!
+//! A reload is planned first and committed after: planning binds the
+//! sockets of new listeners and builds every changed listener's context,
+//! and can fail (a port in use) without having changed anything; the
+//! commit cannot fail. Listeners are told apart by the address they listen
+//! on:
+//!
+//! - a new address starts accepting;
+//! - a listener whose role, cluster, fallback or TLS changed (or whose
+//!   cluster's members or backend TLS changed) gets a new context, which
+//!   the next session takes; open sessions keep the one they started with;
+//! - a removed address stops accepting at once; its open sessions run on
+//!   until they end, and are ended with FATAL 57P01 after
+//!   `shutdown_timeout`.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::os::fd::AsFd;
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tracing::info;
+
+use super::handshake::ListenerTls;
+use super::socket::bind_listener;
+use super::{listener, BackendTlsSettings, ListenerContext, Shared};
+use crate::config::{parse_socket_addr, Config, ListenerConfig, TlsMode};
+use crate::handover::{Inherited, Offered};
+use crate::router::Router;
+use crate::tls::{self, ServerTls};
+use crate::topology::ClusterView;
+
+/// What makes a listener's context: when any of it changes, new sessions
+/// get a new context.
+#[derive(Debug, Clone, PartialEq)]
+struct Shape {
+    config: ListenerConfig,
+    tls: TlsMode,
+    tls_offered: bool,
+    /// The generation of the cluster's view source (a new one when the
+    /// cluster's members or backend TLS changed).
+    source: u64,
+}
+
+struct Running {
+    shape: Shape,
+    socket: Arc<TcpListener>,
+    contexts: Arc<ArcSwap<ListenerContext>>,
+    /// The session-ending tokens of contexts this listener had before its
+    /// last changes: their sessions end with the listener too.
+    earlier: Vec<CancellationToken>,
+    stop: CancellationToken,
+    task: JoinHandle<()>,
+}
+
+/// The running listeners, by address.
+#[derive(Default)]
+pub struct ListenerSet {
+    running: BTreeMap<SocketAddr, Running>,
+}
+
+/// A cluster as a listener sees it: its views and their generation.
+pub struct ClusterViews {
+    pub views: tokio::sync::watch::Receiver<Arc<ClusterView>>,
+    pub source: u64,
+}
+
+/// A planned listener: its socket (new or kept) and, when it changed, its
+/// new context.
+struct Planned {
+    addr: SocketAddr,
+    shape: Shape,
+    socket: Arc<TcpListener>,
+    context: Option<Arc<ListenerContext>>,
+}
+
+/// What a reload will do to the listeners.
+pub struct ListenerPlan {
+    planned: Vec<Planned>,
+}
+
+impl ListenerSet {
+    /// Plans the listeners of `config`. `views` gives each cluster's view
+    /// source as it will be after the reload; `inherited` holds sockets a
+    /// predecessor handed over. Errors name the key.
+    pub fn plan(
+        &self,
+        config: &Config,
+        views: &dyn Fn(&str) -> Option<ClusterViews>,
+        server_tls: Option<&Arc<ServerTls>>,
+        shared: &Shared,
+        inherited: &mut Inherited,
+    ) -> Result<ListenerPlan, String> {
+        let mut planned: Vec<Planned> = Vec::new();
+        for (i, listener_config) in config.listeners.iter().enumerate() {
+            let key = format!("listeners[{i}]");
+            let addr = parse_socket_addr(&listener_config.listen)
+                .map_err(|e| format!("{key}.listen: {e}"))?;
+            if planned.iter().any(|p| p.addr == addr) {
+                return Err(format!("{key}.listen: {addr} is named twice"));
+            }
+            let cluster_views = views(&listener_config.cluster)
+                .ok_or_else(|| format!("{key}.cluster: unknown cluster"))?;
+            let tls_mode = config.listener_tls(i);
+            let shape = Shape {
+                config: listener_config.clone(),
+                tls: tls_mode,
+                tls_offered: server_tls.is_some(),
+                source: cluster_views.source,
+            };
+            let running = self.running.get(&addr);
+            let socket = match running {
+                Some(running) => Arc::clone(&running.socket),
+                None => Arc::new(
+                    take_or_bind(addr, inherited)
+                        .map_err(|e| format!("{key}.listen: cannot listen on {addr}: {e}"))?,
+                ),
+            };
+            let context = if running.is_some_and(|r| r.shape == shape) {
+                None
+            } else {
+                let cluster = config
+                    .cluster(&listener_config.cluster)
+                    .ok_or_else(|| format!("{key}.cluster: unknown cluster"))?;
+                let backend_tls = BackendTlsSettings {
+                    mode: cluster.backend_tls,
+                    config: tls::backend_config(
+                        cluster.backend_tls,
+                        cluster.backend_ca.as_deref(),
+                        cluster.backend_cert.as_deref(),
+                        cluster.backend_key.as_deref(),
+                        &listener_config.cluster,
+                    )?,
+                };
+                let listen = socket.local_addr().unwrap_or(addr);
+                Some(Arc::new(ListenerContext {
+                    tls: ListenerTls {
+                        mode: tls_mode,
+                        server: (tls_mode != TlsMode::Disable)
+                            .then(|| server_tls.cloned())
+                            .flatten(),
+                    },
+                    backend_tls,
+                    listen,
+                    label: listen.to_string(),
+                    cluster: listener_config.cluster.as_str().into(),
+                    router: Router::new(
+                        listener_config.role,
+                        listener_config.replica_fallback,
+                        cluster_views.views,
+                    ),
+                    end_sessions: shared.shutdown.end_sessions.child_token(),
+                }))
+            };
+            planned.push(Planned {
+                addr,
+                shape,
+                socket,
+                context,
+            });
+        }
+        Ok(ListenerPlan { planned })
+    }
+
+    /// Carries out a plan: starts, changes and removes listeners.
+    pub fn commit(&mut self, plan: ListenerPlan, shared: &Arc<Shared>) {
+        let wanted: Vec<SocketAddr> = plan.planned.iter().map(|p| p.addr).collect();
+        let removed: Vec<SocketAddr> = self
+            .running
+            .keys()
+            .filter(|addr| !wanted.contains(addr))
+            .copied()
+            .collect();
+        for addr in removed {
+            if let Some(running) = self.running.remove(&addr) {
+                retire(running, shared);
+            }
+        }
+        for Planned {
+            addr,
+            shape,
+            socket,
+            context,
+        } in plan.planned
+        {
+            match (self.running.get_mut(&addr), context) {
+                (Some(running), Some(context)) => {
+                    info!(
+                        listen = %context.listen,
+                        cluster = %context.cluster,
+                        role = %shape.config.role,
+                        "listener changed: new sessions follow the new settings"
+                    );
+                    let earlier = running.contexts.swap(context);
+                    running.earlier.push(earlier.end_sessions.clone());
+                    running.shape = shape;
+                }
+                (Some(_), None) => {}
+                (None, Some(context)) => {
+                    info!(
+                        listen = %context.listen,
+                        cluster = %context.cluster,
+                        role = %shape.config.role,
+                        "listening"
+                    );
+                    let contexts = Arc::new(ArcSwap::new(context));
+                    let stop = shared.shutdown.stop_accepting.child_token();
+                    let task = tokio::spawn(listener::serve(
+                        Arc::clone(&socket),
+                        Arc::clone(&contexts),
+                        Arc::clone(shared),
+                        stop.clone(),
+                    ));
+                    self.running.insert(
+                        addr,
+                        Running {
+                            shape,
+                            socket,
+                            contexts,
+                            earlier: Vec::new(),
+                            stop,
+                            task,
+                        },
+                    );
+                }
+                // A listener not running always gets a context.
+                (None, None) => {}
+            }
+        }
+    }
+
+    /// Every listener's current context, for the admin endpoint.
+    pub fn contexts(&self) -> Vec<Arc<ListenerContext>> {
+        self.running
+            .values()
+            .map(|r| r.contexts.load_full())
+            .collect()
+    }
+
+    /// The listening sockets, for a successor.
+    pub fn offered(&self) -> Vec<(String, Arc<dyn AsFd + Send + Sync>)> {
+        self.running
+            .iter()
+            .map(|(addr, r)| {
+                (
+                    Offered::listener_key(*addr),
+                    Arc::clone(&r.socket) as Arc<dyn AsFd + Send + Sync>,
+                )
+            })
+            .collect()
+    }
+
+    /// Waits until every accept loop has ended (after shutdown began).
+    pub async fn stopped(&mut self) {
+        for (_, running) in std::mem::take(&mut self.running) {
+            let _ = running.task.await;
+        }
+    }
+}
+
+/// A socket handed over by a predecessor for `addr`, or a new one.
+fn take_or_bind(addr: SocketAddr, inherited: &mut Inherited) -> std::io::Result<TcpListener> {
+    match inherited.take(&Offered::listener_key(addr)) {
+        Some(socket) => TcpListener::from_std(socket),
+        None => bind_listener(addr),
+    }
+}
+
+/// Stops a removed listener: no new connections; its sessions get
+/// `shutdown_timeout`, then FATAL 57P01.
+fn retire(running: Running, shared: &Shared) {
+    running.stop.cancel();
+    let context = running.contexts.load_full();
+    let drain = shared.limits().shutdown_timeout;
+    info!(
+        listen = %context.listen,
+        "listener removed: its open sessions may run for up to {drain} (shutdown_timeout)"
+    );
+    let mut ends = running.earlier;
+    ends.push(context.end_sessions.clone());
+    tokio::spawn(async move {
+        tokio::select! {
+            () = tokio::time::sleep(drain.get()) => ends.iter().for_each(CancellationToken::cancel),
+            () = context.end_sessions.cancelled() => {}
+        }
+    });
+}
