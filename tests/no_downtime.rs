@@ -1,6 +1,7 @@
 //! Changes without downtime, in front of the real lab and under a steady
 //! load of new connections and open sessions: reloads that add a cluster
-//! and a listener, change a listener's role and remove a listener; a
+//! and a listener, change a listener's role, remove a listener, and remove
+//! the cluster again (its view source stops after its last session); a
 //! restart (twice over) by a new process that takes over the listening
 //! sockets; and a new process that fails to start, which must leave the
 //! old one serving.
@@ -72,23 +73,21 @@ fn second_cluster(env: &Env) -> String {
     )
 }
 
-/// Rewrites the file and sends SIGHUP; waits for the `count`th outcome.
-fn reload(rolegate: &Rolegate, text: &str, count: usize) -> Result<(), Failed> {
+/// Rewrites the file and sends SIGHUP; waits for the reload's outcome,
+/// which must be success.
+fn reload(rolegate: &Rolegate, text: &str) -> Result<(), Failed> {
+    const APPLIED: &str = "SIGHUP: reloaded the configuration";
+    const REFUSED: &str = "keeping the configuration in use";
+    let count = |what: &str| rolegate.log().matches(what).count();
+    let (applied, refused) = (count(APPLIED), count(REFUSED));
     std::fs::write(&rolegate.config_path, text)?;
     rolegate.signal(Signal::SIGHUP);
     wait_until(Duration::from_secs(15), "the reload", || {
-        let log = rolegate.log();
-        let outcomes = log.matches("SIGHUP: reloaded the configuration").count()
-            + log.matches("keeping the configuration in use").count();
-        (outcomes >= count).then_some(())
+        (count(APPLIED) + count(REFUSED) > applied + refused).then_some(())
     });
     check(
-        rolegate
-            .log()
-            .matches("SIGHUP: reloaded the configuration")
-            .count()
-            >= count,
-        format!("reload {count} was refused:\n{}", rolegate.log()),
+        count(APPLIED) > applied,
+        format!("the reload was refused:\n{}", rolegate.log()),
     )
 }
 
@@ -160,10 +159,9 @@ fn reloads_add_change_and_remove_listeners_under_load(env: &Env) -> Result<(), F
         reload(
             &rolegate,
             &config(env, admin, &second, &second_cluster(env)),
-            1,
         )?;
         let started = Instant::now();
-        let (kept, _kept_connection) = loop {
+        let (kept, kept_connection) = loop {
             match connect_watched(&conninfo(added, "app", "app")).await {
                 Ok(session) => break session,
                 Err(_) if started.elapsed() < Duration::from_secs(10) => {
@@ -185,11 +183,7 @@ fn reloads_add_change_and_remove_listeners_under_load(env: &Env) -> Result<(), F
         //    the open one stays.
         let mut third = first.clone();
         third.push((added, "demo2", "replica"));
-        reload(
-            &rolegate,
-            &config(env, admin, &third, &second_cluster(env)),
-            2,
-        )?;
+        reload(&rolegate, &config(env, admin, &third, &second_cluster(env)))?;
         check(
             in_recovery(added).await?,
             "after the role change, a replica",
@@ -206,7 +200,6 @@ fn reloads_add_change_and_remove_listeners_under_load(env: &Env) -> Result<(), F
         reload(
             &rolegate,
             &config(env, admin, &fourth, &second_cluster(env)),
-            3,
         )?;
         let removed_at = Instant::now();
         doomed
@@ -256,14 +249,36 @@ fn reloads_add_change_and_remove_listeners_under_load(env: &Env) -> Result<(), F
         )?;
         drop(blocker);
 
+        // 5. The second cluster goes, with its listener: the listener's
+        //    session ends after shutdown_timeout, and then the cluster's
+        //    view source, which watched it to the end, stops.
+        reload(&rolegate, &config(env, admin, &base, ""))?;
+        let ended = tokio::time::timeout(Duration::from_secs(15), kept_connection)
+            .await
+            .map_err(|_| "the removed cluster's session was never ended")??;
+        check(
+            matches!(&ended, Err(e) if sqlstate(e).as_deref() == Some("57P01")),
+            format!("the removed cluster's session ended with {ended:?}"),
+        )?;
+        wait_until(
+            Duration::from_secs(15),
+            "the retired view source to stop",
+            || {
+                rolegate
+                    .log()
+                    .contains("the retired view source stopped")
+                    .then_some(())
+            },
+        );
+
         tokio::time::sleep(Duration::from_secs(1)).await;
         let stats = load.stop().await;
         check_load(&stats, rw).await?;
         let (_, events) = rolegate.admin_get("/events").ok_or("no /events")?;
         check(
-            events.matches("\"kind\": \"config_reloaded\"").count() == 3
+            events.matches("\"kind\": \"config_reloaded\"").count() == 4
                 && events.matches("\"kind\": \"config_refused\"").count() == 1,
-            format!("three reloads and a refusal in the timeline: {events}"),
+            format!("four reloads and a refusal in the timeline: {events}"),
         )
     })
 }
