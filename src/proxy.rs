@@ -49,13 +49,8 @@ pub async fn run(config: Config, path: PathBuf, log: LogHandle) -> anyhow::Resul
         metrics_handle,
         Arc::clone(&shared.sessions),
         events,
-        AdminState {
-            views: Vec::new(),
-            reports: Vec::new(),
-            listeners: Vec::new(),
-            ready_when: config.admin.ready_when,
-            token: config.admin.token.clone(),
-        },
+        // Filled in by the first apply of the configuration.
+        AdminState::default(),
     );
     let mut running = Running::start(
         config,

@@ -216,38 +216,41 @@ pub enum Misfit {
 }
 
 impl Misfit {
+    /// Why the session no longer fits, in words that finish "terminating
+    /// connection because …": the FATAL's message, and the reason the
+    /// event timeline counts ended sessions under.
+    pub fn reason(&self, cluster: &str) -> String {
+        match self {
+            Self::LeaderChanged { old, new: Some(new) } => {
+                format!("the leader of cluster \"{cluster}\" changed from {old} to {new}")
+            }
+            Self::LeaderChanged { old, new: None } => format!(
+                "{old} is no longer the leader of cluster \"{cluster}\" and no new leader is confirmed yet"
+            ),
+            Self::MemberUnavailable { member } => {
+                format!("member {member} of cluster \"{cluster}\" is no longer available")
+            }
+            Self::NoLongerSynchronous { member } => format!(
+                "member {member} of cluster \"{cluster}\" is no longer a synchronous standby, so it may miss acknowledged commits"
+            ),
+        }
+    }
+
     /// The FATAL the client receives when its session is ended for this.
     pub fn to_error(&self, cluster: &str) -> ProtocolError {
-        match self {
-            Self::LeaderChanged { old, new: Some(new) } => ProtocolError::new(
-                SqlState::ADMIN_SHUTDOWN,
-                format!(
-                    "terminating connection because the leader of cluster \"{cluster}\" changed from {old} to {new}"
-                ),
-            )
-            .with_hint("Reconnect to reach the new primary."),
-            Self::LeaderChanged { old, new: None } => ProtocolError::new(
-                SqlState::ADMIN_SHUTDOWN,
-                format!(
-                    "terminating connection because {old} is no longer the leader of cluster \"{cluster}\" and no new leader is confirmed yet"
-                ),
-            )
-            .with_hint("Reconnect; rolegate holds new sessions until a new primary is confirmed."),
-            Self::MemberUnavailable { member } => ProtocolError::new(
-                SqlState::ADMIN_SHUTDOWN,
-                format!(
-                    "terminating connection because member {member} of cluster \"{cluster}\" is no longer available"
-                ),
-            )
-            .with_hint("Reconnect to be routed to another member."),
-            Self::NoLongerSynchronous { member } => ProtocolError::new(
-                SqlState::ADMIN_SHUTDOWN,
-                format!(
-                    "terminating connection because member {member} of cluster \"{cluster}\" is no longer a synchronous standby, so it may miss acknowledged commits"
-                ),
-            )
-            .with_hint("Reconnect to be routed to a synchronous standby."),
-        }
+        let hint = match self {
+            Self::LeaderChanged { new: Some(_), .. } => "Reconnect to reach the new primary.",
+            Self::LeaderChanged { new: None, .. } => {
+                "Reconnect; rolegate holds new sessions until a new primary is confirmed."
+            }
+            Self::MemberUnavailable { .. } => "Reconnect to be routed to another member.",
+            Self::NoLongerSynchronous { .. } => "Reconnect to be routed to a synchronous standby.",
+        };
+        ProtocolError::new(
+            SqlState::ADMIN_SHUTDOWN,
+            format!("terminating connection because {}", self.reason(cluster)),
+        )
+        .with_hint(hint)
     }
 }
 

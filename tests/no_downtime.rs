@@ -91,6 +91,21 @@ fn reload(rolegate: &Rolegate, text: &str) -> Result<(), Failed> {
     )
 }
 
+/// Waits (up to 15 s) for a watched session to be ended by rolegate with
+/// FATAL 57P01; `what` names it in the failure.
+async fn ended_with_57p01(
+    connection: tokio::task::JoinHandle<Result<(), tokio_postgres::Error>>,
+    what: &str,
+) -> Result<(), Failed> {
+    let ended = tokio::time::timeout(Duration::from_secs(15), connection)
+        .await
+        .map_err(|_| format!("{what} was never ended"))??;
+    check(
+        matches!(&ended, Err(e) if sqlstate(e).as_deref() == Some("57P01")),
+        format!("{what} ended with {ended:?}"),
+    )
+}
+
 /// Whether a new session through `port` lands on a server in recovery.
 async fn in_recovery(port: u16) -> Result<bool, Failed> {
     let client = connect(&conninfo(port, "app", "app")).await?;
@@ -210,14 +225,11 @@ fn reloads_add_change_and_remove_listeners_under_load(env: &Env) -> Result<(), F
             connect(&conninfo(removed, "app", "app")).await.is_err(),
             "the removed listener still accepts",
         )?;
-        let ended = tokio::time::timeout(Duration::from_secs(15), doomed_connection)
-            .await
-            .map_err(|_| "the removed listener's session was never ended")??;
+        ended_with_57p01(doomed_connection, "the removed listener's session").await?;
         let waited = removed_at.elapsed();
         check(
-            matches!(&ended, Err(e) if sqlstate(e).as_deref() == Some("57P01"))
-                && waited >= Duration::from_secs(3),
-            format!("the removed listener's session ended after {waited:?} with {ended:?}"),
+            waited >= Duration::from_secs(3),
+            format!("the removed listener's session ended after {waited:?}"),
         )?;
         kept.simple_query("select 1")
             .await
@@ -253,13 +265,7 @@ fn reloads_add_change_and_remove_listeners_under_load(env: &Env) -> Result<(), F
         //    session ends after shutdown_timeout, and then the cluster's
         //    view source, which watched it to the end, stops.
         reload(&rolegate, &config(env, admin, &base, ""))?;
-        let ended = tokio::time::timeout(Duration::from_secs(15), kept_connection)
-            .await
-            .map_err(|_| "the removed cluster's session was never ended")??;
-        check(
-            matches!(&ended, Err(e) if sqlstate(e).as_deref() == Some("57P01")),
-            format!("the removed cluster's session ended with {ended:?}"),
-        )?;
+        ended_with_57p01(kept_connection, "the removed cluster's session").await?;
         wait_until(
             Duration::from_secs(15),
             "the retired view source to stop",

@@ -74,6 +74,7 @@ pub struct Admin {
 }
 
 /// What a reload changes: the clusters, the listeners, the settings.
+#[derive(Default)]
 pub struct AdminState {
     pub views: Vec<(String, watch::Receiver<Arc<ClusterView>>)>,
     pub reports: Vec<(String, watch::Receiver<Arc<ClusterReport>>)>,

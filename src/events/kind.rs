@@ -79,27 +79,6 @@ pub enum EventKind {
 }
 
 impl EventKind {
-    /// The kind's name, as serialized.
-    pub fn name(&self) -> &'static str {
-        match self {
-            Self::LeaderConfirmed { .. } => "leader_confirmed",
-            Self::LeaderLost { .. } => "leader_lost",
-            Self::LeaderKeyChanged { .. } => "leader_key_changed",
-            Self::SwitchoverRequested { .. } => "switchover_requested",
-            Self::ReadableJoined { .. } => "readable_joined",
-            Self::ReadableLeft { .. } => "readable_left",
-            Self::RestCheckChanged { .. } => "rest_check_changed",
-            Self::EtcdReconnecting { .. } => "etcd_reconnecting",
-            Self::EtcdLost { .. } => "etcd_lost",
-            Self::EtcdRegained { .. } => "etcd_regained",
-            Self::SessionsEnded { .. } => "sessions_ended",
-            Self::HoldsTimedOut { .. } => "holds_timed_out",
-            Self::FirstSessionServed { .. } => "first_session_served",
-            Self::ConfigReloaded { .. } => "config_reloaded",
-            Self::ConfigRefused { .. } => "config_refused",
-        }
-    }
-
     /// One line a person reads.
     pub fn summary(&self) -> String {
         let or_none = |m: &Option<String>| m.clone().unwrap_or_else(|| "(none)".to_owned());

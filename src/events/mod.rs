@@ -117,10 +117,11 @@ impl EventLog {
         let now = SystemTime::now();
         {
             let mut timelines = self.timelines();
-            if let Some(newest) = timelines
-                .get_mut(&Some(Arc::clone(cluster)))
-                .and_then(|t| t.iter_mut().rev().find(|e| e.kind.name() == kind.name()))
-            {
+            if let Some(newest) = timelines.get_mut(&Some(Arc::clone(cluster))).and_then(|t| {
+                t.iter_mut()
+                    .rev()
+                    .find(|e| std::mem::discriminant(&e.kind) == std::mem::discriminant(&kind))
+            }) {
                 let recent = now
                     .duration_since(newest.at)
                     .is_ok_and(|age| age < COUNT_WINDOW);

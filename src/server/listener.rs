@@ -61,7 +61,6 @@ pub async fn serve(
         };
         match shared.take_slot() {
             Some(slot) => {
-                let context = Arc::clone(&context);
                 let task_shared = Arc::clone(&shared);
                 shared
                     .loops
@@ -77,7 +76,6 @@ pub async fn serve(
                 match Arc::clone(&refusals).try_acquire_owned() {
                     Ok(permit) => {
                         let task_shared = Arc::clone(&shared);
-                        let context = Arc::clone(&context);
                         shared.tasks.spawn(async move {
                             refuse(stream, peer, limit, &context.tls, &task_shared).await;
                             drop(permit);

@@ -355,12 +355,11 @@ impl Session<'_> {
             Ended::Misfit(misfit) => {
                 let error = misfit.to_error(cluster);
                 info!("ending session: {}", error.message);
-                let reason = error
-                    .message
-                    .trim_start_matches("terminating connection because ");
-                self.shared
-                    .events
-                    .session_ended(&self.listener.cluster, &member.name, reason);
+                self.shared.events.session_ended(
+                    &self.listener.cluster,
+                    &member.name,
+                    &misfit.reason(cluster),
+                );
                 (EndReason::Demotion, Some(error))
             }
             Ended::Shutdown => (EndReason::Shutdown, Some(shutdown_error())),

@@ -219,12 +219,9 @@ impl Topology {
             }
         }
         for (name, source, run) in plan.start {
-            if let Some(run) = run {
+            if let (Some(run), SourceKind::Patroni { retire, .. }) = (run, &source.kind) {
                 let label = format!("the follower of cluster \"{name}\"");
-                let retire = match &source.kind {
-                    SourceKind::Patroni { retire, .. } => retire.clone(),
-                    SourceKind::Static { .. } => CancellationToken::new(),
-                };
+                let retire = retire.clone();
                 self.tasks.spawn(async move {
                     run.await;
                     (!retire.is_cancelled()).then_some(label)
