@@ -8,7 +8,10 @@
 //! - [`config`]: `proxy.toml`, its defaults and validation.
 //! - [`protocol`]: the wire format, bytes to messages and back; no I/O.
 //! - [`server`]: accept, handshake, session, backend connect,
-//!   authentication relay, byte relay, cancel routing.
+//!   authentication relay, byte relay, cancel routing, PROXY protocol.
+//! - [`fleet`]: instances behind one address: issued cancel keys, peers
+//!   found through etcd (or listed), cancels passed between them.
+//! - [`etcd_access`]: the one etcd connector of followers and the fleet.
 //! - [`router`]: which member a session goes to, and whether it still fits.
 //! - [`topology`]: the published [`topology::ClusterView`] of each cluster.
 //! - [`events`]: the timeline of what happened to each cluster.
@@ -26,7 +29,9 @@
 
 pub mod admin;
 pub mod config;
+pub mod etcd_access;
 pub mod events;
+pub mod fleet;
 pub mod handover;
 pub mod logging;
 pub mod metrics;

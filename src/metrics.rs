@@ -117,7 +117,7 @@ fn describe() {
     );
     describe_counter!(
         CANCEL_REQUESTS_TOTAL,
-        "Cancel requests, by outcome (forwarded, unknown_key, failed)."
+        "Cancel requests, by via (client, peer) and outcome (forwarded, failed, unknown_key, to_peer, unknown_peer, peer_unreachable, rate_limited)."
     );
     describe_counter!(
         LEADER_CHANGES_TOTAL,
@@ -184,6 +184,8 @@ pub enum ConnectionOutcome {
     TlsError,
     BackendError,
     Shutdown,
+    /// No valid PROXY protocol header, or not from a trusted proxy.
+    ProxyHeader,
 }
 
 impl ConnectionOutcome {
@@ -201,6 +203,7 @@ impl ConnectionOutcome {
             Self::TlsError => "tls_error",
             Self::BackendError => "backend_error",
             Self::Shutdown => "shutdown",
+            Self::ProxyHeader => "proxy_header",
         }
     }
 }
@@ -219,8 +222,8 @@ pub fn config_reload(ok: bool) {
     counter!(CONFIG_RELOADS_TOTAL, "outcome" => if ok { "ok" } else { "failed" }).increment(1);
 }
 
-pub fn cancel_outcome(outcome: &'static str) {
-    counter!(CANCEL_REQUESTS_TOTAL, "outcome" => outcome).increment(1);
+pub fn cancel_outcome(via: &'static str, outcome: &'static str) {
+    counter!(CANCEL_REQUESTS_TOTAL, "via" => via, "outcome" => outcome).increment(1);
 }
 
 pub fn handshake_duration(listener: &str, duration: Duration) {

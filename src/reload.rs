@@ -10,7 +10,8 @@
 //! Refused whole, with the key named, when the new file does not parse or
 //! validate, when a new socket cannot be bound, or when it changes what
 //! only a restart can change: `[runtime] worker_threads`, the number of
-//! event loops. A refused reload changes nothing: the configuration in use
+//! event loops, and `[fleet]` (an instance's id and peer listener live as
+//! long as its process; a restart hands the client sockets over anyway). A refused reload changes nothing: the configuration in use
 //! stays in force. Either outcome is counted and is an event.
 
 use crate::config::Config;
@@ -51,7 +52,10 @@ impl Running {
 
 /// The first key whose change needs a restart, if any.
 pub fn restart_needed(old: &Config, new: &Config) -> Option<String> {
-    (old.runtime != new.runtime).then(|| "runtime.worker_threads".to_owned())
+    if old.runtime != new.runtime {
+        return Some("runtime.worker_threads".to_owned());
+    }
+    (old.fleet != new.fleet).then(|| "fleet".to_owned())
 }
 
 #[cfg(test)]

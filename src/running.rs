@@ -82,6 +82,10 @@ impl Running {
             handover_stop: CancellationToken::new(),
             background,
         };
+        if let Some(fleet) = &config.fleet {
+            let stop = running.background.child_token();
+            crate::fleet::start(fleet, &running.shared, &stop, &mut running.topology.tasks)?;
+        }
         running.apply(&config, &mut inherited)?;
         tokio::spawn(handover::serve(
             name,
@@ -138,6 +142,7 @@ impl Running {
             listeners: self.listeners.contexts(),
             ready_when: config.admin.ready_when,
             token: config.admin.token.clone(),
+            fleet: self.shared.fleet().cloned(),
         });
         self.offer();
         self.config = config.clone();

@@ -54,6 +54,7 @@ pub fn cluster(admin: &Admin, state: &AdminState) -> String {
         "version": env!("CARGO_PKG_VERSION"),
         "clusters": clusters,
         "listeners": listeners,
+        "fleet": state.fleet.as_ref().map(|fleet| fleet.to_json()),
     }))
 }
 

@@ -46,6 +46,7 @@ use tracing::{debug, warn};
 
 use crate::config::ReadyWhen;
 use crate::events::EventLog;
+use crate::fleet::Fleet;
 use crate::metrics::SessionCounts;
 use crate::server::ListenerContext;
 use crate::topology::{ClusterReport, ClusterView};
@@ -81,6 +82,8 @@ pub struct AdminState {
     pub listeners: Vec<Arc<ListenerContext>>,
     pub ready_when: ReadyWhen,
     pub token: Option<String>,
+    /// This instance's fleet, when `[fleet]` is configured.
+    pub fleet: Option<Arc<Fleet>>,
 }
 
 impl Admin {

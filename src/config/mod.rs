@@ -11,6 +11,7 @@
 //! This module never opens a socket or starts a task: the result is plain
 //! data, built once and handed to the parts that need it.
 
+mod fleet;
 mod limits;
 mod units;
 mod validate;
@@ -24,6 +25,7 @@ use serde::Deserialize;
 
 use validate::validate;
 
+pub use fleet::{parse_fleet_id, FleetConfig, MAX_FLEET_ID};
 pub use limits::Limits;
 pub use units::{ByteSize, Duration};
 
@@ -45,6 +47,22 @@ pub struct Config {
     pub tls: TlsConfig,
     #[serde(default)]
     pub runtime: RuntimeConfig,
+    /// Several instances behind one address; without it, cancel keys pass
+    /// through unchanged.
+    #[serde(default)]
+    pub fleet: Option<FleetConfig>,
+}
+
+/// How to reach one etcd: endpoints, password and TLS. Clusters and the
+/// fleet registry connect through the same code ([`crate::etcd_access`]).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct EtcdAccess {
+    pub endpoints: Vec<String>,
+    pub user: Option<String>,
+    pub password: Option<String>,
+    pub ca: Option<PathBuf>,
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
 }
 
 /// `[runtime]`: how many threads rolegate uses.
@@ -310,6 +328,17 @@ impl Default for ClusterConfig {
 }
 
 impl ClusterConfig {
+    pub fn etcd_access(&self) -> EtcdAccess {
+        EtcdAccess {
+            endpoints: self.etcd.clone(),
+            user: self.etcd_user.clone(),
+            password: self.etcd_password.clone(),
+            ca: self.etcd_ca.clone(),
+            cert: self.etcd_cert.clone(),
+            key: self.etcd_key.clone(),
+        }
+    }
+
     pub fn is_static(&self) -> bool {
         self.etcd.is_empty() && self.patroni.is_empty()
     }
@@ -395,6 +424,13 @@ pub struct ListenerConfig {
     /// Overrides `[tls] mode` for this listener.
     #[serde(default)]
     pub tls: Option<TlsMode>,
+    /// Every connection starts with a PROXY protocol header (v1 or v2)
+    /// from one of `trusted_proxies`, naming the real client.
+    #[serde(default)]
+    pub proxy_protocol: bool,
+    /// The load balancers allowed to send that header, as CIDRs.
+    #[serde(default)]
+    pub trusted_proxies: Vec<String>,
 }
 
 /// The kind of member a listener sends its sessions to; mirrors libpq's
@@ -539,6 +575,14 @@ pub fn parse_host_port(text: &str) -> Result<(String, u16), String> {
         return Err(bad());
     }
     Ok((host.to_owned(), port))
+}
+
+/// Parses a CIDR such as `10.0.0.0/8` or `::1/128`; a bare address is a
+/// single host.
+pub fn parse_cidr(text: &str) -> Result<ipnet::IpNet, String> {
+    text.parse::<ipnet::IpNet>()
+        .or_else(|_| text.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+        .map_err(|_| format!("{text:?} is not a CIDR such as 10.0.0.0/8 or an IP address"))
 }
 
 #[cfg(test)]

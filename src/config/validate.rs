@@ -7,8 +7,8 @@
 use std::collections::BTreeMap;
 
 use super::{
-    parse_host_port, parse_http_url, parse_socket_addr, ClusterConfig, Config, LeaderPolicy,
-    ListenerRole, ReplicaFallback, TlsMode,
+    parse_cidr, parse_host_port, parse_http_url, parse_socket_addr, ClusterConfig, Config,
+    LeaderPolicy, ListenerRole, ReplicaFallback, TlsMode,
 };
 
 /// Checks the rules that the types alone cannot express.
@@ -69,6 +69,21 @@ pub(super) fn validate(config: &Config) -> Result<(), (String, String)> {
                     .to_owned(),
             ));
         }
+        if listener.proxy_protocol && listener.trusted_proxies.is_empty() {
+            return Err((
+                key("trusted_proxies"),
+                "proxy_protocol = true needs the load balancers' addresses, e.g. trusted_proxies = [\"10.0.0.0/8\"]".to_owned(),
+            ));
+        }
+        if !listener.proxy_protocol && !listener.trusted_proxies.is_empty() {
+            return Err((
+                key("trusted_proxies"),
+                "only a listener with proxy_protocol = true has trusted proxies".to_owned(),
+            ));
+        }
+        for (j, cidr) in listener.trusted_proxies.iter().enumerate() {
+            parse_cidr(cidr).map_err(|m| (key(&format!("trusted_proxies[{j}]")), m))?;
+        }
         if listener.role == ListenerRole::SyncReplica
             && config
                 .clusters
@@ -112,6 +127,10 @@ pub(super) fn validate(config: &Config) -> Result<(), (String, String)> {
             name,
         )
         .map_err(split_key)?;
+    }
+
+    if let Some(fleet) = &config.fleet {
+        super::fleet::validate(fleet)?;
     }
 
     if config.runtime.worker_threads == Some(0) {

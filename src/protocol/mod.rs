@@ -7,6 +7,8 @@
 pub mod error;
 pub mod frame;
 pub mod message;
+pub mod notify_pid;
+pub mod proxy_header;
 pub mod sasl;
 pub mod startup;
 

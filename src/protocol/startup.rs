@@ -66,6 +66,17 @@ impl CancelKey {
         out.freeze()
     }
 
+    /// Encodes this key as a BackendKeyData message.
+    pub fn encode_backend_key_data(&self) -> Bytes {
+        let len = 8 + self.secret.len();
+        let mut out = BytesMut::with_capacity(1 + len);
+        out.extend_from_slice(b"K");
+        out.extend_from_slice(&(len as u32).to_be_bytes());
+        out.extend_from_slice(&self.pid.to_be_bytes());
+        out.extend_from_slice(&self.secret);
+        out.freeze()
+    }
+
     /// Decodes the body of a BackendKeyData message (after its 5-byte header).
     pub fn from_backend_key_data(body: &[u8]) -> Result<Self, ProtocolError> {
         if body.len() < 4 + MIN_CANCEL_KEY || body.len() > 4 + MAX_CANCEL_KEY {
@@ -449,6 +460,16 @@ mod tests {
     #[test]
     fn backend_key_data_lengths() {
         assert!(CancelKey::from_backend_key_data(b"\0\0\0\x01abcd").is_ok());
+        let key = CancelKey {
+            pid: 77,
+            secret: Bytes::from_static(&[9; 32]),
+        };
+        let encoded = key.encode_backend_key_data();
+        assert_eq!(&encoded[..5], b"K\0\0\0\x28");
+        assert_eq!(
+            CancelKey::from_backend_key_data(&encoded[5..]).ok(),
+            Some(key)
+        );
         assert!(CancelKey::from_backend_key_data(b"\0\0\0\x01abc").is_err());
         assert!(CancelKey::from_backend_key_data(&[0u8; 4 + 257]).is_err());
     }

@@ -7,7 +7,8 @@
 //! password-type message of sane length, and forwards it. After a GSSAPI
 //! continuation (or SSPI) either side may speak next, so rolegate relays
 //! whichever does first. BackendKeyData
-//! is captured for cancel routing. The exchange ends at the first
+//! is captured for cancel routing, and the client gets the key that
+//! `issue_key` returns for it (the same, or in a fleet rolegate's own). The exchange ends at the first
 //! ReadyForQuery (the session is open) or at an ErrorResponse (the backend
 //! refused, and the client has already been given its error).
 //!
@@ -31,7 +32,6 @@ use crate::protocol::{ProtocolError, SqlState};
 
 /// A session that reached ReadyForQuery.
 pub struct Authenticated {
-    pub backend_key: Option<CancelKey>,
     /// Backend bytes read past the ReadyForQuery, for the relay.
     pub to_client: BytesMut,
     /// Client bytes read past its last authentication message.
@@ -58,13 +58,15 @@ pub enum AuthError {
 /// Relays authentication until the session is ready or refused.
 /// `backend_tls` says whether rolegate's connection to the member is
 /// encrypted, which decides whether a client's channel-binding
-/// announcement can succeed.
+/// announcement can succeed. `issue_key` is given the backend's cancel key
+/// and returns the one the client gets.
 pub async fn relay_authentication<C, B>(
     client: &mut C,
     backend: &mut B,
     mut from_client: BytesMut,
     member: &str,
     backend_tls: bool,
+    issue_key: &mut (dyn FnMut(CancelKey) -> CancelKey + Send),
 ) -> Result<Authenticated, AuthError>
 where
     C: AsyncRead + AsyncWrite + Unpin,
@@ -75,7 +77,6 @@ where
     // grow when a server says more.
     let mut from_backend = BytesMut::with_capacity(1024);
     let mut to_client = BytesMut::with_capacity(512);
-    let mut backend_key = None;
     // A backend message that arrived while either side could speak.
     let mut spoke_first = None;
     loop {
@@ -85,6 +86,8 @@ where
         };
         match without_channel_binding_offer(&msg) {
             Ok(Some(rewritten)) => to_client.extend_from_slice(&rewritten),
+            // Written below, with the key the client is given.
+            Ok(None) if msg.tag() == tag::BACKEND_KEY_DATA => {}
             Ok(None) => to_client.extend_from_slice(&msg.raw),
             Err(e) => return Err(AuthError::Backend(backend_violation(member, &e.message))),
         }
@@ -137,7 +140,7 @@ where
             tag::BACKEND_KEY_DATA => {
                 let key = CancelKey::from_backend_key_data(msg.body())
                     .map_err(|e| AuthError::Backend(backend_violation(member, &e.message)))?;
-                backend_key = Some(key);
+                to_client.extend_from_slice(&issue_key(key).encode_backend_key_data());
             }
             tag::ERROR_RESPONSE => {
                 flush(client, &mut to_client).await?;
@@ -146,7 +149,6 @@ where
             tag::READY_FOR_QUERY => {
                 flush(client, &mut to_client).await?;
                 return Ok(Authenticated {
-                    backend_key,
                     to_client: from_backend,
                     to_backend: from_client,
                 });
@@ -346,12 +348,34 @@ mod tests {
             .write_all(&msg(b'p', b"md5\0"))
             .await
             .expect("write");
-        let done = relay_authentication(&mut client, &mut backend, BytesMut::new(), "pg1", false)
-            .await
-            .expect("authenticated");
-        let key = done.backend_key.expect("key");
+        // The client gets the key `issue_key` returns, not the server's.
+        let mut seen = None;
+        let mut issue_key = |key: CancelKey| {
+            seen = Some(key);
+            CancelKey {
+                pid: 99,
+                secret: bytes::Bytes::from_static(b"NEW!"),
+            }
+        };
+        relay_authentication(
+            &mut client,
+            &mut backend,
+            BytesMut::new(),
+            "pg1",
+            false,
+            &mut issue_key,
+        )
+        .await
+        .expect("authenticated");
+        let key = seen.expect("key");
         assert_eq!(key.pid, 42);
         assert_eq!(&key.secret[..], b"KEY!");
+        drop(client);
+        let mut got = Vec::new();
+        client_app.read_to_end(&mut got).await.expect("read");
+        let issued = msg(b'K', b"\0\0\0\x63NEW!");
+        assert!(got.windows(issued.len()).any(|w| w == issued), "{got:?}");
+        assert!(!got.windows(4).any(|w| w == b"KEY!"));
         drop(server.await.expect("server"));
     }
 
@@ -381,14 +405,26 @@ mod tests {
             .write_all(&msg(b'p', b"token1"))
             .await
             .expect("write");
-        let done = tokio::time::timeout(
+        let mut pid = None;
+        let mut issue_key = |key: CancelKey| {
+            pid = Some(key.pid);
+            key
+        };
+        tokio::time::timeout(
             std::time::Duration::from_secs(5),
-            relay_authentication(&mut client, &mut backend, BytesMut::new(), "pg1", false),
+            relay_authentication(
+                &mut client,
+                &mut backend,
+                BytesMut::new(),
+                "pg1",
+                false,
+                &mut issue_key,
+            ),
         )
         .await
         .expect("no deadlock after the final GSS token")
         .expect("authenticated");
-        assert_eq!(done.backend_key.map(|k| k.pid), Some(7));
+        assert_eq!(pid, Some(7));
         let mut expected = msg(b'R', b"\0\0\0\x07");
         expected.extend(msg(b'R', b"\0\0\0\x08final"));
         expected.extend(msg(b'R', b"\0\0\0\0"));
@@ -423,7 +459,14 @@ mod tests {
         client_app.write_all(&answers).await.expect("write");
         tokio::time::timeout(
             std::time::Duration::from_secs(5),
-            relay_authentication(&mut client, &mut backend, BytesMut::new(), "pg1", false),
+            relay_authentication(
+                &mut client,
+                &mut backend,
+                BytesMut::new(),
+                "pg1",
+                false,
+                &mut |k| k,
+            ),
         )
         .await
         .expect("no deadlock")
@@ -443,10 +486,17 @@ mod tests {
             .write_all(&msg(b'Q', b"select 1\0"))
             .await
             .expect("write");
-        let err = relay_authentication(&mut client, &mut backend, BytesMut::new(), "pg1", false)
-            .await
-            .err()
-            .expect("violation");
+        let err = relay_authentication(
+            &mut client,
+            &mut backend,
+            BytesMut::new(),
+            "pg1",
+            false,
+            &mut |k| k,
+        )
+        .await
+        .err()
+        .expect("violation");
         assert!(
             matches!(err, AuthError::Client(ref e) if e.sqlstate == SqlState::PROTOCOL_VIOLATION)
         );
@@ -458,10 +508,17 @@ mod tests {
         let (mut backend, mut server_app) = duplex(1 << 16);
         let error = msg(b'E', b"SFATAL\0C28P01\0\0");
         server_app.write_all(&error).await.expect("write");
-        let err = relay_authentication(&mut client, &mut backend, BytesMut::new(), "pg1", false)
-            .await
-            .err()
-            .expect("refused");
+        let err = relay_authentication(
+            &mut client,
+            &mut backend,
+            BytesMut::new(),
+            "pg1",
+            false,
+            &mut |k| k,
+        )
+        .await
+        .err()
+        .expect("refused");
         assert!(matches!(err, AuthError::Refused));
         let mut got = vec![0u8; error.len()];
         client_app.read_exact(&mut got).await.expect("read");
@@ -473,10 +530,17 @@ mod tests {
         let (_client_app, mut client) = duplex(1 << 16);
         let (mut backend, server_app) = duplex(1 << 16);
         drop(server_app);
-        let err = relay_authentication(&mut client, &mut backend, BytesMut::new(), "pg1", false)
-            .await
-            .err()
-            .expect("gone");
+        let err = relay_authentication(
+            &mut client,
+            &mut backend,
+            BytesMut::new(),
+            "pg1",
+            false,
+            &mut |k| k,
+        )
+        .await
+        .err()
+        .expect("gone");
         assert!(
             matches!(err, AuthError::Backend(ref e) if e.sqlstate == SqlState::CONNECTION_FAILURE)
         );

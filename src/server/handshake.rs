@@ -94,16 +94,19 @@ pub enum HandshakeError {
 
 /// Reads the client's opening, negotiating TLS as `tls` allows.
 /// `encrypting` turns true once the TLS handshake begins, so a caller that
-/// gives up (a timeout) knows not to write plaintext into it.
+/// gives up (a timeout) knows not to write plaintext into it. `read_ahead`
+/// holds the client's first bytes when a PROXY header was read before.
 pub async fn read_opening<P>(
     mut plain: P,
     tls: &ListenerTls,
     encrypting: &mut bool,
+    read_ahead: BytesMut,
 ) -> Result<Opened<P>, Failed<P>>
 where
     P: AsyncRead + AsyncWrite + Unpin,
 {
-    let mut buf = BytesMut::with_capacity(256);
+    let mut buf = read_ahead;
+    buf.reserve(256);
     let mut ssl_answered = false;
     let mut gss_answered = false;
     let fail =
@@ -294,7 +297,7 @@ mod tests {
         let (mut client, server) = duplex(64 * 1024);
         client.write_all(&input).await.expect("write");
         client.shutdown().await.expect("shutdown");
-        let result = read_opening::<DuplexStream>(server, &tls, &mut false).await;
+        let result = read_opening::<DuplexStream>(server, &tls, &mut false, BytesMut::new()).await;
         let result = match result {
             Ok(opened) => Ok(opened.opening),
             Err(failed) => Err(failed.error),

@@ -24,7 +24,11 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info};
 
-use super::handshake::{read_opening, ListenerTls, Opened, Opening};
+use bytes::BytesMut;
+
+use super::cancel::{self, Via};
+use super::handshake::{read_opening, Opened, Opening};
+use super::proxy_protocol::read_header;
 use super::session::{self, send_error};
 use super::{ListenerContext, Shared};
 use crate::metrics::{self, ConnectionOutcome};
@@ -77,7 +81,7 @@ pub async fn serve(
                     Ok(permit) => {
                         let task_shared = Arc::clone(&shared);
                         shared.tasks.spawn(async move {
-                            refuse(stream, peer, limit, &context.tls, &task_shared).await;
+                            refuse(stream, peer, limit, &context, &task_shared).await;
                             drop(permit);
                         });
                     }
@@ -96,23 +100,35 @@ pub async fn serve(
 
 async fn refuse(
     mut stream: TcpStream,
-    peer: SocketAddr,
+    connection: SocketAddr,
     limit: usize,
-    tls: &ListenerTls,
+    context: &ListenerContext,
     shared: &Shared,
 ) {
-    let mut encrypting = false;
-    let opening = read_opening(&mut stream, tls, &mut encrypting);
-    match tokio::time::timeout(REFUSAL_READ_TIMEOUT, opening).await {
-        Ok(Ok(Opened {
-            stream: mut client,
-            opening: Opening::Startup { .. },
-        })) => send_error(&mut client, &too_many(limit)).await,
-        Ok(Ok(Opened {
-            opening: Opening::Cancel(key),
-            ..
-        })) => session::cancel(&key, peer, shared).await,
-        Ok(Err(_)) | Err(_) => {}
+    let read = async {
+        let (peer, read_ahead) = match &context.proxy {
+            Some(policy) => read_header(&mut stream, connection, policy).await.ok()?,
+            None => (connection, BytesMut::new()),
+        };
+        let mut encrypting = false;
+        match read_opening(&mut stream, &context.tls, &mut encrypting, read_ahead).await {
+            Ok(Opened {
+                stream: mut client,
+                opening: Opening::Startup { .. },
+            }) => {
+                send_error(&mut client, &too_many(limit)).await;
+                None
+            }
+            Ok(Opened {
+                opening: Opening::Cancel(key),
+                ..
+            }) => Some((key, peer)),
+            Err(_) => None,
+        }
+    };
+    if let Ok(Some((key, peer))) = tokio::time::timeout(REFUSAL_READ_TIMEOUT, read).await {
+        drop(stream);
+        cancel::handle(key, peer, Via::Client, shared).await;
     }
 }
 

@@ -27,9 +27,10 @@ use tokio_util::sync::CancellationToken;
 use tracing::info;
 
 use super::handshake::ListenerTls;
+use super::proxy_protocol::ProxyPolicy;
 use super::socket::bind_listener;
 use super::{listener, BackendTlsSettings, ListenerContext, Shared};
-use crate::config::{parse_socket_addr, Config, ListenerConfig, TlsMode};
+use crate::config::{parse_cidr, parse_socket_addr, Config, ListenerConfig, TlsMode};
 use crate::handover::{Inherited, Offered};
 use crate::router::Router;
 use crate::tls::{self, ServerTls};
@@ -148,6 +149,7 @@ impl ListenerSet {
                     backend_tls,
                     listen,
                     label: listen.to_string(),
+                    proxy: proxy_policy(listener_config, &key)?,
                     cluster: listener_config.cluster.as_str().into(),
                     router: Router::new(
                         listener_config.role,
@@ -289,4 +291,18 @@ fn retire(running: Running, shared: &Shared) {
             () = context.end_sessions.cancelled() => {}
         }
     });
+}
+
+/// The PROXY protocol rule of a listener, if it has one.
+fn proxy_policy(config: &ListenerConfig, key: &str) -> Result<Option<ProxyPolicy>, String> {
+    if !config.proxy_protocol {
+        return Ok(None);
+    }
+    let trusted = config
+        .trusted_proxies
+        .iter()
+        .enumerate()
+        .map(|(j, cidr)| parse_cidr(cidr).map_err(|e| format!("{key}.trusted_proxies[{j}]: {e}")))
+        .collect::<Result<_, _>>()?;
+    Ok(Some(ProxyPolicy { trusted }))
 }

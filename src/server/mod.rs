@@ -14,6 +14,8 @@ pub mod handshake;
 pub mod listener;
 pub mod listener_set;
 pub mod loops;
+pub mod notify_pids;
+pub mod proxy_protocol;
 pub mod relay;
 pub mod session;
 pub mod socket;
@@ -35,8 +37,9 @@ use crate::events::EventLog;
 use crate::metrics::{RelayedBytes, SessionCounts};
 use crate::router::Router;
 
-use self::cancel::CancelRegistry;
+use self::cancel::{CancelRegistry, CancelThrottle};
 use self::loops::Loops;
+use crate::fleet::Fleet;
 
 /// The two stages of a graceful shutdown.
 #[derive(Clone, Default)]
@@ -52,6 +55,9 @@ pub struct Shared {
     /// Replaced whole by a reload; each session reads it once, at accept.
     limits: ArcSwap<Limits>,
     pub cancels: Arc<CancelRegistry>,
+    pub cancel_throttle: Arc<CancelThrottle>,
+    /// Set once at start when `[fleet]` is configured.
+    fleet: std::sync::OnceLock<Arc<Fleet>>,
     pub shutdown: Shutdown,
     /// Every session and refusal task, so shutdown can wait for them.
     pub tasks: TaskTracker,
@@ -75,6 +81,8 @@ impl Shared {
             events,
             limits: ArcSwap::from_pointee(limits),
             cancels: CancelRegistry::new(),
+            cancel_throttle: CancelThrottle::new(),
+            fleet: std::sync::OnceLock::new(),
             shutdown: Shutdown::default(),
             tasks: TaskTracker::new(),
             open_clients: Arc::new(AtomicUsize::new(0)),
@@ -88,6 +96,16 @@ impl Shared {
     /// The limits in force now.
     pub fn limits(&self) -> Arc<Limits> {
         self.limits.load_full()
+    }
+
+    /// The fleet this instance belongs to, if `[fleet]` is configured.
+    pub fn fleet(&self) -> Option<&Arc<Fleet>> {
+        self.fleet.get()
+    }
+
+    /// Joins a fleet; once per process (`[fleet]` changes need a restart).
+    pub fn join_fleet(&self, fleet: Arc<Fleet>) {
+        let _ = self.fleet.set(fleet);
     }
 
     /// Replaces the limits for connections accepted from now on.
@@ -123,6 +141,8 @@ pub struct ListenerContext {
     pub listen: SocketAddr,
     /// `listen` as a metric label, formatted once.
     pub label: String,
+    /// Set when connections start with a PROXY protocol header.
+    pub proxy: Option<proxy_protocol::ProxyPolicy>,
     pub cluster: Arc<str>,
     pub router: Router,
     /// Cancelled to end this listener's sessions with FATAL 57P01: at

@@ -20,8 +20,10 @@ use tracing::{debug, info, warn, Instrument};
 
 use super::authenticate::{relay_authentication, AuthError};
 use super::backend;
-use super::cancel::{forward_cancel, CancelTarget};
+use super::cancel::{self, CancelRegistration, CancelTarget, Via};
 use super::handshake::{read_opening, Failed, HandshakeError, Opened, Opening};
+use super::notify_pids::NotifyPids;
+use super::proxy_protocol::read_header;
 use super::relay::{Relay, RelayEnd};
 use super::socket;
 use super::stream::{BackendStream, ClientStream};
@@ -47,7 +49,7 @@ const FINAL_FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
 /// enums taken apart field by field, whose storage would stay reserved.
 pub async fn run(
     mut tcp: TcpStream,
-    peer: SocketAddr,
+    connection: SocketAddr,
     listener: Arc<ListenerContext>,
     shared: Arc<Shared>,
 ) {
@@ -57,18 +59,55 @@ pub async fn run(
     socket::tune(&tcp, limits.keepalive());
     let handshake_deadline = accepted + limits.handshake_timeout.get();
     let outcome = |outcome| metrics::connection_outcome(&listener.label, outcome);
-    let (client, startup, buffered) =
-        match Box::pin(open(&mut tcp, peer, &listener, &shared, handshake_deadline)).await {
-            Ok(started) => started,
-            Err(NotStarted::TimedOut { encrypting }) => {
-                debug!(client = %peer, listener = %listener.listen, "handshake timed out");
-                if !encrypting {
-                    send_error(&mut tcp, &handshake_timeout_error(&limits)).await;
+    let (peer, read_ahead) = match &listener.proxy {
+        None => (connection, BytesMut::new()),
+        Some(policy) => {
+            let header = timeout_at(
+                handshake_deadline.into(),
+                read_header(&mut tcp, connection, policy),
+            )
+            .await;
+            match header {
+                Ok(Ok(read)) => read,
+                Ok(Err(e)) => {
+                    info!(connection = %connection, listener = %listener.listen, "refused: {}", e.message);
+                    send_error(&mut tcp, &e).await;
+                    return outcome(ConnectionOutcome::ProxyHeader);
                 }
-                return outcome(ConnectionOutcome::HandshakeTimeout);
+                Err(_) => {
+                    debug!(connection = %connection, listener = %listener.listen, "no PROXY header in time");
+                    send_error(&mut tcp, &handshake_timeout_error(&limits)).await;
+                    return outcome(ConnectionOutcome::HandshakeTimeout);
+                }
             }
-            Err(NotStarted::Ended(result)) => return outcome(result),
-        };
+        }
+    };
+    let opened = Box::pin(open(
+        &mut tcp,
+        peer,
+        read_ahead,
+        &listener,
+        handshake_deadline,
+    ))
+    .await;
+    let (client, startup, buffered) = match opened {
+        Ok(started) => started,
+        Err(NotStarted::Cancel(key)) => {
+            // Like PostgreSQL: close first, then act, so the client
+            // learns nothing from the answer or its timing.
+            drop(tcp);
+            cancel::handle(key, peer, Via::Client, &shared).await;
+            return outcome(ConnectionOutcome::Cancel);
+        }
+        Err(NotStarted::TimedOut { encrypting }) => {
+            debug!(client = %peer, listener = %listener.listen, "handshake timed out");
+            if !encrypting {
+                send_error(&mut tcp, &handshake_timeout_error(&limits)).await;
+            }
+            return outcome(ConnectionOutcome::HandshakeTimeout);
+        }
+        Err(NotStarted::Ended(result)) => return outcome(result),
+    };
     let span = tracing::info_span!(
         "session",
         listener = %listener.listen,
@@ -104,24 +143,27 @@ enum NotStarted {
     /// No complete opening within `handshake_timeout`; `encrypting` when a
     /// TLS handshake was under way (no plaintext error can be sent then).
     TimedOut { encrypting: bool },
-    /// Answered here: an error, a cancel request.
+    /// Answered here: an error.
     Ended(ConnectionOutcome),
+    /// A cancel request, acted on once the connection is closed.
+    Cancel(CancelKey),
 }
 
-/// Reads the client's opening within `handshake_deadline` and answers what
-/// ends there: protocol errors and cancel requests. Returns the client
-/// stream and its StartupMessage.
+/// Reads the client's opening within `handshake_deadline` (starting with
+/// `read_ahead`, bytes that followed a PROXY header) and answers the
+/// protocol errors that end there. Returns the client stream and its
+/// StartupMessage, or the cancel request.
 async fn open<'t>(
     tcp: &'t mut TcpStream,
     peer: SocketAddr,
+    read_ahead: BytesMut,
     listener: &ListenerContext,
-    shared: &Shared,
     handshake_deadline: Instant,
 ) -> Result<(ClientStream<&'t mut TcpStream>, StartupMessage, BytesMut), NotStarted> {
     let mut encrypting = false;
     let opening = timeout_at(
         handshake_deadline.into(),
-        read_opening(tcp, &listener.tls, &mut encrypting),
+        read_opening(tcp, &listener.tls, &mut encrypting, read_ahead),
     )
     .await;
     let Opened {
@@ -153,10 +195,7 @@ async fn open<'t>(
         Err(_) => return Err(NotStarted::TimedOut { encrypting }),
     };
     match opening {
-        Opening::Cancel(key) => {
-            cancel(&key, peer, shared).await;
-            Err(NotStarted::Ended(ConnectionOutcome::Cancel))
-        }
+        Opening::Cancel(key) => Err(NotStarted::Cancel(key)),
         Opening::Startup { startup, buffered } => Ok((client, startup, buffered)),
     }
 }
@@ -168,7 +207,8 @@ struct Established<S> {
     backend: BackendStream,
     member: Member,
     held: Duration,
-    backend_key: Option<CancelKey>,
+    /// The session's cancel key, registered until the session ends.
+    cancel: Option<CancelRegistration>,
     to_backend: BytesMut,
     to_client: BytesMut,
 }
@@ -242,6 +282,7 @@ impl Session<'_> {
 
         // Time spent held waiting for a target is not the client's delay.
         let deadline = self.handshake_deadline + held;
+        let mut registration_slot = None;
         let cluster = &*self.listener.cluster;
         let auth = timeout_at(deadline.into(), async {
             backend
@@ -249,12 +290,25 @@ impl Session<'_> {
                 .await
                 .map_err(|e| AuthError::Backend(lost_backend(&member, cluster, &e.to_string())))?;
             let backend_tls = backend.is_tls();
+            let mut issue_key = |backend_key| {
+                let registration = self.shared.cancels.register(CancelTarget {
+                    member: member.name.clone(),
+                    host: member.host.clone(),
+                    port: member.port,
+                    backend_key,
+                    tls: self.listener.backend_tls.clone(),
+                });
+                let client_key = registration.client_key().clone();
+                registration_slot = Some(registration);
+                client_key
+            };
             relay_authentication(
                 &mut client,
                 &mut backend,
                 buffered,
                 &member.name,
                 backend_tls,
+                &mut issue_key,
             )
             .await
         })
@@ -288,7 +342,7 @@ impl Session<'_> {
             backend,
             member,
             held,
-            backend_key: auth.backend_key,
+            cancel: registration_slot,
             to_backend: auth.to_backend,
             to_client: auth.to_client,
         })
@@ -302,25 +356,20 @@ impl Session<'_> {
     {
         let Established {
             mut client,
-            mut backend,
+            backend,
             member,
             held,
-            backend_key,
+            cancel: cancel_registration,
             to_backend,
-            to_client,
+            mut to_client,
         } = *established;
+        let pid_swap = cancel_registration
+            .as_ref()
+            .and_then(CancelRegistration::pid_swap);
+        let mut backend = NotifyPids::new(backend, pid_swap, &mut to_client);
         let started = Instant::now();
         let shutdown = &self.listener.end_sessions;
         let cluster = &*self.listener.cluster;
-        let _cancel_registration = backend_key.map(|backend_key| {
-            self.shared.cancels.register(CancelTarget {
-                member: member.name.clone(),
-                host: member.host.clone(),
-                port: member.port,
-                backend_key,
-                tls: self.listener.backend_tls.clone(),
-            })
-        });
         info!(held_ms = held.as_millis() as u64, "session open");
         self.shared
             .events
@@ -453,25 +502,6 @@ async fn wait_for_misfit(
         let view = views.borrow_and_update().clone();
         if let Err(misfit) = check_fit(role, &view, member) {
             return misfit;
-        }
-    }
-}
-
-/// Forwards a cancel request to the member that issued `key`.
-pub(super) async fn cancel(key: &CancelKey, peer: SocketAddr, shared: &Shared) {
-    let Some(target) = shared.cancels.lookup(key) else {
-        metrics::cancel_outcome("unknown_key");
-        debug!(client = %peer, pid = key.pid, "cancel request for an unknown key");
-        return;
-    };
-    match forward_cancel(&target, shared.limits().connect_timeout.get()).await {
-        Ok(()) => {
-            metrics::cancel_outcome("forwarded");
-            info!(client = %peer, member = %target.member, pid = key.pid, "forwarded cancel request");
-        }
-        Err(e) => {
-            metrics::cancel_outcome("failed");
-            warn!(client = %peer, member = %target.member, "could not forward cancel request: {e}");
         }
     }
 }

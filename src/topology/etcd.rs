@@ -7,33 +7,22 @@
 //! watch's start) leads to a fresh full read and a new watch from *its*
 //! revision, so no event is lost across reconnects: the snapshot replaces
 //! whatever happened in between. Reconnects back off from 100 ms to 2 s
-//! across all configured endpoints. Every request requires the etcd member
-//! to have a leader, so a member cut off from its quorum is not mistaken
-//! for a quiet cluster.
+//! across all configured endpoints. The connection itself (TLS, password,
+//! keepalive, leader required) is [`crate::etcd_access`]'s, shared with
+//! the fleet registry.
 
 use std::time::Duration;
 
-use etcd_client::{
-    Certificate, Client, ConnectOptions, EventType, GetOptions, Identity, TlsOptions, WatchOptions,
-};
+use etcd_client::{EventType, GetOptions, WatchOptions};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::config::ClusterConfig;
+use crate::config::EtcdAccess;
+use crate::etcd_access::{EtcdConnector, REQUEST_TIMEOUT};
 
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(2);
-/// Bound on connecting and on the full read.
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(3);
-/// HTTP/2 pings detect a dead etcd (or a partition) on an idle watch,
-/// within interval + timeout. etcd refuses pings closer together than its
-/// `--grpc-keepalive-min-time` (default 5 s): a client that pings more
-/// often gets its connection closed ("too many pings") now and then, and
-/// with it the watch. 6 s stays clear of that default.
-const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(6);
-const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(3);
-
 /// A key change seen by the watch.
 #[derive(Debug)]
 pub enum KeyEvent {
@@ -54,48 +43,18 @@ pub enum EtcdEvent {
 
 #[derive(Clone)]
 pub struct EtcdSource {
-    endpoints: Vec<String>,
-    options: ConnectOptions,
+    connector: EtcdConnector,
     prefix: String,
 }
 
 impl EtcdSource {
-    pub fn new(config: &ClusterConfig, prefix: String) -> Result<Self, String> {
-        // Every request and the watch require the member to have a raft
-        // leader: a member cut off from its quorum otherwise keeps the
-        // watch open, answers pings and sends nothing, so a stale leader
-        // key would look current. With the requirement, reads fail at once
-        // and etcd cancels the watch after about three election timeouts
-        // ("etcdserver: no leader"), which rolegate treats as etcd lost.
-        let mut options = ConnectOptions::new()
-            .with_connect_timeout(REQUEST_TIMEOUT)
-            .with_keep_alive(KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT)
-            .with_keep_alive_while_idle(true)
-            .with_require_leader(true);
-        if let (Some(user), Some(password)) = (&config.etcd_user, &config.etcd_password) {
-            options = options.with_user(user.clone(), password.clone());
-        }
-        if config.etcd_ca.is_some() || config.etcd_cert.is_some() {
-            let mut tls = TlsOptions::new();
-            if let Some(ca) = &config.etcd_ca {
-                let pem =
-                    std::fs::read(ca).map_err(|e| format!("etcd_ca {}: {e}", ca.display()))?;
-                tls = tls.ca_certificate(Certificate::from_pem(pem));
-            }
-            if let (Some(cert), Some(key)) = (&config.etcd_cert, &config.etcd_key) {
-                let cert = std::fs::read(cert)
-                    .map_err(|e| format!("etcd_cert {}: {e}", cert.display()))?;
-                let key =
-                    std::fs::read(key).map_err(|e| format!("etcd_key {}: {e}", key.display()))?;
-                tls = tls.identity(Identity::from_pem(cert, key));
-            }
-            options = options.with_tls(tls);
-        }
-        Ok(Self {
-            endpoints: config.etcd.clone(),
-            options,
-            prefix,
-        })
+    pub fn new(access: &EtcdAccess, prefix: String) -> Result<Self, String> {
+        Ok(Self::from_connector(EtcdConnector::new(access)?, prefix))
+    }
+
+    /// Follows `prefix` through an existing connector.
+    pub fn from_connector(connector: EtcdConnector, prefix: String) -> Self {
+        Self { connector, prefix }
     }
 
     /// Runs until `shutdown`, sending what it sees to `events`.
@@ -124,11 +83,9 @@ impl EtcdSource {
         events: &mpsc::Sender<EtcdEvent>,
         backoff: &mut Duration,
     ) -> String {
-        let connect = Client::connect(&self.endpoints, Some(self.options.clone()));
-        let mut client = match tokio::time::timeout(REQUEST_TIMEOUT, connect).await {
-            Ok(Ok(client)) => client,
-            Ok(Err(e)) => return format!("cannot connect to etcd: {e}"),
-            Err(_) => return "cannot connect to etcd: timed out".to_owned(),
+        let mut client = match self.connector.connect().await {
+            Ok(client) => client,
+            Err(e) => return e,
         };
         let get = client.get(self.prefix.as_str(), Some(GetOptions::new().with_prefix()));
         let response = match tokio::time::timeout(REQUEST_TIMEOUT, get).await {

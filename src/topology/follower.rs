@@ -112,7 +112,7 @@ pub fn start(
     let etcd = if config.etcd.is_empty() {
         None
     } else {
-        let source = EtcdSource::new(config, prefix)?;
+        let source = EtcdSource::new(&config.etcd_access(), prefix)?;
         let stop = shutdown.clone();
         let starter: SourceStarter = Box::new(move |delay, events| {
             let (source, stop) = (source.clone(), stop.clone());

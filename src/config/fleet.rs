@@ -1,0 +1,164 @@
+//! `[fleet]`: several rolegates behind one address that pass cancel
+//! requests to each other (see [`crate::fleet`]).
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use serde::Deserialize;
+
+use super::{parse_host_port, parse_socket_addr, Duration, EtcdAccess};
+
+/// The highest instance id: ids take 11 bits of an issued process id.
+pub const MAX_FLEET_ID: u16 = 2047;
+
+/// `[fleet]`: this instance's place in a fleet.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FleetConfig {
+    /// Where peers send the cancel requests they forward (`IP:PORT`).
+    pub listen: String,
+    /// What peers connect to (`HOST:PORT`); defaults to `listen`.
+    #[serde(default)]
+    pub advertise: Option<String>,
+    /// Several fleets may share one etcd under different names.
+    #[serde(default = "default_name")]
+    pub name: String,
+    /// Where instance ids are claimed.
+    #[serde(default = "default_prefix")]
+    pub prefix: String,
+    /// etcd v3 endpoints where instances find each other.
+    #[serde(default)]
+    pub etcd: Vec<String>,
+    #[serde(default)]
+    pub etcd_user: Option<String>,
+    #[serde(default)]
+    pub etcd_password: Option<String>,
+    #[serde(default)]
+    pub etcd_ca: Option<PathBuf>,
+    #[serde(default)]
+    pub etcd_cert: Option<PathBuf>,
+    #[serde(default)]
+    pub etcd_key: Option<PathBuf>,
+    /// The lease an instance's claim lives under.
+    #[serde(default = "default_lease_ttl")]
+    pub lease_ttl: Duration,
+    /// Static fleets (no `etcd`): this instance's id, 1 to 2047.
+    #[serde(default)]
+    pub id: Option<u16>,
+    /// Static fleets: the other instances, `"ID" = "HOST:PORT"`.
+    #[serde(default)]
+    pub peers: BTreeMap<String, String>,
+}
+
+fn default_name() -> String {
+    "default".to_owned()
+}
+fn default_prefix() -> String {
+    "/rolegate/".to_owned()
+}
+fn default_lease_ttl() -> Duration {
+    Duration::from_secs(10)
+}
+
+impl FleetConfig {
+    /// The address peers connect to.
+    pub fn advertise(&self) -> &str {
+        self.advertise.as_deref().unwrap_or(&self.listen)
+    }
+
+    /// The etcd keys this fleet's instances claim their ids under.
+    pub fn members_prefix(&self) -> String {
+        format!("{}{}/members/", self.prefix, self.name)
+    }
+
+    pub fn etcd_access(&self) -> EtcdAccess {
+        EtcdAccess {
+            endpoints: self.etcd.clone(),
+            user: self.etcd_user.clone(),
+            password: self.etcd_password.clone(),
+            ca: self.etcd_ca.clone(),
+            cert: self.etcd_cert.clone(),
+            key: self.etcd_key.clone(),
+        }
+    }
+
+    /// The static peer map with parsed ids.
+    pub fn static_peers(&self) -> Vec<(u16, String)> {
+        self.peers
+            .iter()
+            .filter_map(|(id, addr)| Some((id.parse().ok()?, addr.clone())))
+            .collect()
+    }
+}
+
+/// Parses an instance id of 1 to [`MAX_FLEET_ID`].
+pub fn parse_fleet_id(text: &str) -> Result<u16, String> {
+    match text.parse::<u16>() {
+        Ok(id @ 1..=MAX_FLEET_ID) => Ok(id),
+        _ => Err(format!(
+            "{text:?} is not an instance id (1 to {MAX_FLEET_ID})"
+        )),
+    }
+}
+
+/// The rules of `[fleet]`, as the dotted key and a message.
+pub(super) fn validate(fleet: &FleetConfig) -> Result<(), (String, String)> {
+    let key = |field: &str| format!("fleet.{field}");
+    parse_socket_addr(&fleet.listen).map_err(|m| (key("listen"), m))?;
+    if let Some(advertise) = &fleet.advertise {
+        parse_host_port(advertise).map_err(|m| (key("advertise"), m))?;
+    }
+    if fleet.name.is_empty() || fleet.name.contains('/') {
+        return Err((
+            key("name"),
+            format!("{:?} must be a non-empty name without '/'", fleet.name),
+        ));
+    }
+    if !fleet.prefix.starts_with('/') || !fleet.prefix.ends_with('/') {
+        return Err((
+            key("prefix"),
+            format!("{:?} must start and end with '/'", fleet.prefix),
+        ));
+    }
+    if fleet.lease_ttl.get() < std::time::Duration::from_secs(2) {
+        return Err((key("lease_ttl"), "must be at least 2s".to_owned()));
+    }
+    if fleet.etcd.is_empty() {
+        let Some(id) = fleet.id else {
+            return Err((
+                key("id"),
+                "a fleet needs etcd (fleet.etcd, where instances claim their ids) or a static id (fleet.id with fleet.peers)".to_owned(),
+            ));
+        };
+        parse_fleet_id(&id.to_string()).map_err(|m| (key("id"), m))?;
+        for (peer, addr) in &fleet.peers {
+            let peer_key = || key(&format!("peers.{peer}"));
+            let peer_id = parse_fleet_id(peer).map_err(|m| (peer_key(), m))?;
+            if peer_id == id {
+                return Err((
+                    peer_key(),
+                    format!("{id} is this instance's own id (fleet.id)"),
+                ));
+            }
+            parse_host_port(addr).map_err(|m| (peer_key(), m))?;
+        }
+    } else {
+        for (i, endpoint) in fleet.etcd.iter().enumerate() {
+            super::parse_http_url(endpoint).map_err(|m| (key(&format!("etcd[{i}]")), m))?;
+        }
+        if fleet.etcd_user.is_some() != fleet.etcd_password.is_some() {
+            return Err((
+                key("etcd_user"),
+                "`etcd_user` and `etcd_password` go together".to_owned(),
+            ));
+        }
+        if fleet.id.is_some() || !fleet.peers.is_empty() {
+            let which = if fleet.id.is_some() { "id" } else { "peers" };
+            return Err((
+                key(which),
+                "with fleet.etcd, instances claim their ids in etcd; fleet.id and fleet.peers are for fleets without etcd".to_owned(),
+            ));
+        }
+    }
+    Ok(())
+}

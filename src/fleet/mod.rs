@@ -1,0 +1,260 @@
+//! A fleet: several rolegates behind one address (a Kubernetes Service, a
+//! TCP load balancer, DNS) that pass cancel requests to each other.
+//!
+//! A client opens its CancelRequest on a new connection to the same
+//! address, so behind a balancer it reaches any instance. With `[fleet]`
+//! configured each instance issues its own cancel keys, whose process id
+//! names the instance ([`key`]); an instance that receives a key it did
+//! not issue passes the request once to the instance named in it, over
+//! that instance's peer listener ([`peer_listener`]), which only ever
+//! looks keys up locally, so a request cannot loop.
+//!
+//! Instances find each other through etcd, the one the Patroni cluster
+//! already runs ([`registry`]): each claims a free id under a lease and
+//! watches the others' claims. Fleets without etcd list their peers in the
+//! configuration instead.
+
+pub mod key;
+pub mod peer_listener;
+pub mod registry;
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use arc_swap::ArcSwap;
+use serde_json::{json, Value};
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{parse_host_port, parse_socket_addr, FleetConfig};
+use crate::etcd_access::EtcdConnector;
+use crate::protocol::startup::CancelKey;
+use crate::server::cancel::CancelRegistry;
+use crate::server::socket::bind_listener;
+use crate::server::Shared;
+use crate::topology::TaskEnd;
+
+/// Cancels forwarded to one peer at a time; more are dropped.
+const MAX_IN_FLIGHT_PER_PEER: usize = 64;
+
+/// Another instance of the fleet.
+pub struct Peer {
+    pub id: u16,
+    /// Where its peer listener is (`HOST:PORT`).
+    pub address: Arc<str>,
+    /// Unix milliseconds when etcd last confirmed it or a forward last
+    /// reached it; 0: never.
+    last_seen_ms: AtomicU64,
+    in_flight: Arc<Semaphore>,
+}
+
+impl Peer {
+    fn new(id: u16, address: Arc<str>) -> Self {
+        Self {
+            id,
+            address,
+            last_seen_ms: AtomicU64::new(0),
+            in_flight: Arc::new(Semaphore::new(MAX_IN_FLIGHT_PER_PEER)),
+        }
+    }
+
+    pub fn last_seen(&self) -> Option<SystemTime> {
+        match self.last_seen_ms.load(Ordering::Relaxed) {
+            0 => None,
+            ms => Some(UNIX_EPOCH + Duration::from_millis(ms)),
+        }
+    }
+
+    fn seen_now(&self) {
+        let ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        self.last_seen_ms.store(ms, Ordering::Relaxed);
+    }
+
+    /// A place among the cancels in flight to this peer.
+    pub fn admit(&self) -> Option<OwnedSemaphorePermit> {
+        Arc::clone(&self.in_flight).try_acquire_owned().ok()
+    }
+}
+
+pub type PeerTable = BTreeMap<u16, Arc<Peer>>;
+
+/// Where a client's cancel request goes, by the instance its key names.
+pub enum Route {
+    /// This instance issued it (or no instance id is in it).
+    Here,
+    Peer(Arc<Peer>),
+    /// An id no known instance holds.
+    UnknownPeer(u16),
+}
+
+/// This instance's place in the fleet, read by every cancel request.
+pub struct Fleet {
+    pub config: FleetConfig,
+    /// The id this instance's new keys carry; 0 while it has none.
+    own: AtomicU16,
+    peers: ArcSwap<PeerTable>,
+    cancels: Arc<CancelRegistry>,
+}
+
+impl Fleet {
+    /// A fleet whose keys are issued through `cancels`. Static fleets get
+    /// their id and peers here; etcd fleets from [`registry::run`].
+    pub fn new(config: FleetConfig, cancels: Arc<CancelRegistry>) -> Arc<Self> {
+        let fleet = Arc::new(Self {
+            own: AtomicU16::new(0),
+            peers: ArcSwap::from_pointee(PeerTable::new()),
+            cancels,
+            config,
+        });
+        fleet.set_own(fleet.config.id.unwrap_or(0));
+        let peers = fleet
+            .config
+            .static_peers()
+            .into_iter()
+            .map(|(id, address)| (id, address.into()))
+            .collect();
+        fleet.set_peers(peers);
+        fleet
+    }
+
+    pub fn own_id(&self) -> u16 {
+        self.own.load(Ordering::Relaxed)
+    }
+
+    /// Claims (or, with 0, gives up) an id for the keys issued from now on.
+    pub fn set_own(&self, id: u16) {
+        self.own.store(id, Ordering::Relaxed);
+        self.cancels.issue_for(Some(id));
+    }
+
+    pub fn peers(&self) -> Arc<PeerTable> {
+        self.peers.load_full()
+    }
+
+    /// Replaces the peer table with `listed` (id → address), keeping what
+    /// is known of peers whose address did not change.
+    pub fn set_peers(&self, listed: BTreeMap<u16, Arc<str>>) {
+        let current = self.peers.load();
+        let table = listed
+            .into_iter()
+            .filter(|(id, _)| *id != self.own_id())
+            .map(|(id, address)| {
+                let peer = match current.get(&id) {
+                    Some(peer) if peer.address == address => Arc::clone(peer),
+                    _ => Arc::new(Peer::new(id, address)),
+                };
+                (id, peer)
+            })
+            .collect();
+        self.peers.store(Arc::new(table));
+    }
+
+    /// Marks every listed peer as confirmed now (etcd answered).
+    pub fn confirm_peers(&self) {
+        for peer in self.peers.load().values() {
+            peer.seen_now();
+        }
+    }
+
+    pub fn route(&self, pid: u32) -> Route {
+        let id = key::instance_of(pid);
+        if id == 0 || id == self.own_id() {
+            return Route::Here;
+        }
+        match self.peers.load().get(&id) {
+            Some(peer) => Route::Peer(Arc::clone(peer)),
+            None => Route::UnknownPeer(id),
+        }
+    }
+}
+
+/// Joins the fleet `config` describes: binds the peer listener, and with
+/// etcd starts claiming an id and following the peers, until `stop`.
+/// `[fleet]` is read once per process (a change needs a restart).
+pub fn start(
+    config: &FleetConfig,
+    shared: &Arc<Shared>,
+    stop: &CancellationToken,
+    tasks: &mut JoinSet<TaskEnd>,
+) -> Result<Arc<Fleet>, String> {
+    let addr = parse_socket_addr(&config.listen).map_err(|e| format!("fleet.listen: {e}"))?;
+    let socket =
+        bind_listener(addr).map_err(|e| format!("fleet.listen: cannot listen on {addr}: {e}"))?;
+    let connector = if config.etcd.is_empty() {
+        None
+    } else {
+        Some(EtcdConnector::new(&config.etcd_access()).map_err(|e| format!("fleet.{e}"))?)
+    };
+    let fleet = Fleet::new(config.clone(), Arc::clone(&shared.cancels));
+    shared.join_fleet(Arc::clone(&fleet));
+    let (serving, stopped) = (Arc::clone(shared), stop.clone());
+    tasks.spawn(async move {
+        peer_listener::serve(socket, serving, stopped.clone()).await;
+        (!stopped.is_cancelled()).then(|| "the fleet's peer listener".to_owned())
+    });
+    if let Some(connector) = connector {
+        let (registered, stopped) = (Arc::clone(&fleet), stop.clone());
+        tasks.spawn(async move {
+            registry::run(registered, connector, stopped.clone()).await;
+            (!stopped.is_cancelled()).then(|| "the fleet registry".to_owned())
+        });
+    }
+    Ok(fleet)
+}
+
+impl Fleet {
+    /// The fleet as `/cluster` shows it.
+    pub fn to_json(&self) -> Value {
+        let peers: Vec<_> = self
+            .peers()
+            .values()
+            .map(|peer| {
+                json!({
+                    "id": peer.id,
+                    "address": &*peer.address,
+                    "last_seen": peer
+                        .last_seen()
+                        .map(|at| humantime::format_rfc3339_millis(at).to_string()),
+                })
+            })
+            .collect();
+        json!({
+            "name": self.config.name,
+            "id": (self.own_id() != 0).then_some(self.own_id()),
+            "listen": self.config.listen,
+            "advertise": self.config.advertise(),
+            "discovery": if self.config.etcd.is_empty() { "static" } else { "etcd" },
+            "peers": peers,
+        })
+    }
+}
+
+/// Passes `key` to `peer`'s peer listener as a CancelRequest, within
+/// `timeout`. Like PostgreSQL, the peer answers nothing and closes.
+pub async fn forward_to_peer(
+    peer: &Peer,
+    key: &CancelKey,
+    timeout: Duration,
+) -> Result<(), String> {
+    let (host, port) = parse_host_port(&peer.address)?;
+    let send = async {
+        let mut stream = TcpStream::connect((host.as_str(), port)).await?;
+        stream.write_all(&key.encode_cancel_request()).await?;
+        stream.shutdown().await
+    };
+    tokio::time::timeout(timeout, send)
+        .await
+        .map_err(|_| format!("no answer from {} within {timeout:?}", peer.address))?
+        .map_err(|e| format!("{}: {e}", peer.address))?;
+    // A forward that reached the peer is a sighting too (the only one a
+    // static peer gets).
+    peer.seen_now();
+    Ok(())
+}

@@ -1,0 +1,78 @@
+//! The peer listener: where other instances of the fleet pass on the
+//! cancel requests that reached them for this instance's sessions.
+//!
+//! It accepts nothing but a CancelRequest, looks the key up in this
+//! instance's registry only (never passing it on again, so no request can
+//! loop) and, like PostgreSQL, answers nothing. It carries cancel keys in
+//! the clear, as PostgreSQL's own cancel connections usually do: keep it
+//! on the network the instances share.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use tokio::io::AsyncReadExt;
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, error, info};
+
+use crate::protocol::startup::{decode_first_packet, FirstPacket, MAX_CANCEL_KEY};
+use crate::server::cancel::{self, Via};
+use crate::server::Shared;
+
+/// How long a peer may take to send its request.
+const READ_TIMEOUT: Duration = Duration::from_secs(2);
+/// The largest CancelRequest: length, code, process id, longest secret.
+const MAX_REQUEST: usize = 12 + MAX_CANCEL_KEY;
+const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
+
+/// Accepts forwarded cancel requests until `stop`.
+pub async fn serve(listener: TcpListener, shared: Arc<Shared>, stop: CancellationToken) {
+    if let Ok(addr) = listener.local_addr() {
+        info!(listen = %addr, "fleet: accepting cancel requests from peers");
+    }
+    loop {
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    error!("fleet: accepting a peer connection failed: {e}");
+                    tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
+                    continue;
+                }
+            },
+            () = stop.cancelled() => return,
+        };
+        let task_shared = Arc::clone(&shared);
+        shared.tasks.spawn(async move {
+            match tokio::time::timeout(READ_TIMEOUT, read_request(stream)).await {
+                // The connection is closed by now, before the request is
+                // acted on.
+                Ok(Some(key)) => cancel::handle(key, peer, Via::Peer, &task_shared).await,
+                Ok(None) => debug!(peer = %peer, "fleet: a peer connection sent no cancel request"),
+                Err(_) => debug!(peer = %peer, "fleet: a peer connection sent nothing in time"),
+            }
+        });
+    }
+}
+
+/// Reads one CancelRequest and closes the connection.
+async fn read_request(mut stream: TcpStream) -> Option<crate::protocol::startup::CancelKey> {
+    let mut buf = BytesMut::with_capacity(64);
+    loop {
+        match decode_first_packet(&mut buf) {
+            Ok(Some(FirstPacket::Cancel(key))) => return Some(key),
+            Ok(Some(_)) | Err(_) => return None,
+            Ok(None) => {}
+        }
+        let room = MAX_REQUEST.saturating_sub(buf.len());
+        if room == 0 {
+            return None;
+        }
+        let mut limited = (&mut stream).take(room as u64);
+        match limited.read_buf(&mut buf).await {
+            Ok(0) | Err(_) => return None,
+            Ok(_) => {}
+        }
+    }
+}

@@ -1,0 +1,135 @@
+//! Cancel requests: from a client (on any listener) or from a fleet peer.
+//!
+//! Like PostgreSQL, rolegate answers a CancelRequest with nothing and has
+//! closed the connection before it acts on it, so the client learns
+//! nothing, not even from timing. Then:
+//!
+//! - a key this instance registered goes to the member that issued the
+//!   backend key ([`registry`]), with that key;
+//! - in a fleet, a key naming another instance goes once to that
+//!   instance's peer listener; a peer's request is only looked up here;
+//! - anything else is dropped.
+//!
+//! Every outcome is counted in `rolegate_cancel_requests_total` by `via`
+//! and `outcome`; [`throttle`] bounds them per source.
+
+mod registry;
+mod throttle;
+
+pub use registry::{CancelRegistration, CancelRegistry, CancelTarget};
+pub use throttle::CancelThrottle;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use tokio::io::AsyncWriteExt;
+use tracing::{debug, info, warn};
+
+use super::backend::open;
+use super::Shared;
+use crate::fleet::{forward_to_peer, Route};
+use crate::metrics;
+use crate::protocol::startup::CancelKey;
+
+/// Where a cancel request came from.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Via {
+    /// A client, on a client listener: may be passed to a peer.
+    Client,
+    /// Another instance of the fleet: looked up here only.
+    Peer,
+}
+
+impl Via {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Client => "client",
+            Self::Peer => "peer",
+        }
+    }
+}
+
+/// Acts on a cancel request whose connection is already closed. `source`
+/// is the client's address (from a PROXY header when there is one).
+pub async fn handle(key: CancelKey, source: SocketAddr, via: Via, shared: &Shared) {
+    let count = |outcome| metrics::cancel_outcome(via.as_str(), outcome);
+    let Some(permit) = shared.cancel_throttle.admit(source.ip()) else {
+        count("rate_limited");
+        debug!(client = %source, "cancel request dropped: too many from this address");
+        return;
+    };
+    let timeout = shared.limits().connect_timeout.get();
+    if let Some(target) = shared.cancels.lookup(&key) {
+        match forward_cancel(&target, timeout).await {
+            Ok(()) => {
+                count("forwarded");
+                info!(client = %source, via = via.as_str(), member = %target.member, pid = key.pid, "forwarded cancel request");
+            }
+            Err(e) => {
+                count("failed");
+                warn!(client = %source, member = %target.member, "could not forward cancel request: {e}");
+            }
+        }
+        return;
+    }
+    let route = match (via, shared.fleet()) {
+        (Via::Client, Some(fleet)) => fleet.route(key.pid),
+        _ => Route::Here,
+    };
+    match route {
+        Route::Here => {
+            count("unknown_key");
+            debug!(client = %source, via = via.as_str(), pid = key.pid, "cancel request for an unknown key");
+            permit.hold_after_failure();
+        }
+        Route::UnknownPeer(id) => {
+            count("unknown_peer");
+            debug!(client = %source, peer = id, "cancel request for an instance the fleet does not know");
+            permit.hold_after_failure();
+        }
+        Route::Peer(peer) => {
+            let Some(_in_flight) = peer.admit() else {
+                count("rate_limited");
+                debug!(
+                    peer = peer.id,
+                    "cancel request dropped: too many in flight to this peer"
+                );
+                return;
+            };
+            match forward_to_peer(&peer, &key, timeout).await {
+                Ok(()) => {
+                    count("to_peer");
+                    info!(client = %source, peer = peer.id, address = %peer.address, pid = key.pid, "passed cancel request to its instance");
+                }
+                Err(e) => {
+                    count("peer_unreachable");
+                    warn!(client = %source, peer = peer.id, "could not pass cancel request to its instance: {e}");
+                }
+            }
+        }
+    }
+}
+
+/// Sends the backend's CancelRequest to the member that issued the key,
+/// over a connection with the session's TLS settings. PostgreSQL answers a
+/// cancel with nothing but closing the connection.
+async fn forward_cancel(target: &CancelTarget, connect_timeout: Duration) -> Result<(), String> {
+    let packet = target.backend_key.encode_cancel_request();
+    let mut stream = open(
+        &target.host,
+        target.port,
+        &target.tls,
+        connect_timeout,
+        None,
+    )
+    .await
+    .map_err(|e| e.message)?;
+    let send = async {
+        stream.write_all(&packet).await?;
+        stream.shutdown().await
+    };
+    tokio::time::timeout(connect_timeout, send)
+        .await
+        .map_err(|_| "sending the cancel request timed out".to_owned())?
+        .map_err(|e| e.to_string())
+}

@@ -1,0 +1,262 @@
+//! Which backend issued which cancel key, and which key the client holds.
+//!
+//! A CancelRequest arrives on a new connection that carries nothing but
+//! the key a client got in BackendKeyData. With reads spread over several
+//! replicas, rolegate must remember which member issued each key and
+//! forward the request there, over a fresh connection, with the backend's
+//! own key.
+//!
+//! Outside a fleet the client holds the backend's key: BackendKeyData
+//! passes through unchanged. In a fleet rolegate issues its own key
+//! ([`crate::fleet::key`]), so that any instance can tell which instance
+//! owns the session; the member's real key never leaves rolegate. Entries
+//! are found by process id and the secret compared in constant time, so a
+//! guess learns nothing from how long a lookup took.
+//!
+//! The registry is touched when a session authenticates, when it ends and
+//! when a cancel arrives: never per packet, so a plain mutex is enough.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use bytes::Bytes;
+use subtle::ConstantTimeEq;
+use tracing::warn;
+
+use crate::fleet::key;
+use crate::protocol::startup::CancelKey;
+use crate::server::backend::BackendTlsSettings;
+
+/// `issuing` when keys pass through unchanged.
+const PASS_THROUGH: u32 = u32::MAX;
+/// Fresh process ids tried before one already in use is shared (the
+/// secrets still tell the sessions apart).
+const ISSUE_TRIES: usize = 8;
+
+/// Where a cancel for one session must go.
+#[derive(Clone)]
+pub struct CancelTarget {
+    pub member: Arc<str>,
+    pub host: Arc<str>,
+    pub port: u16,
+    /// The key the backend issued, sent in the forwarded CancelRequest.
+    pub backend_key: CancelKey,
+    /// The TLS settings the session's own connection used.
+    pub tls: BackendTlsSettings,
+}
+
+struct Entry {
+    registration: u64,
+    secret: Bytes,
+    target: CancelTarget,
+}
+
+type Entries = HashMap<u32, Vec<Entry>>;
+
+pub struct CancelRegistry {
+    /// Sessions by the process id their client holds.
+    entries: Mutex<Entries>,
+    next_registration: AtomicU64,
+    /// [`PASS_THROUGH`], or the fleet instance id new keys carry.
+    issuing: AtomicU32,
+}
+
+impl Default for CancelRegistry {
+    fn default() -> Self {
+        Self {
+            entries: Mutex::default(),
+            next_registration: AtomicU64::new(0),
+            issuing: AtomicU32::new(PASS_THROUGH),
+        }
+    }
+}
+
+/// Keeps a session's key registered; dropping it unregisters the key.
+pub struct CancelRegistration {
+    registry: Arc<CancelRegistry>,
+    client_key: CancelKey,
+    backend_pid: u32,
+    registration: u64,
+}
+
+impl CancelRegistration {
+    /// The key to hand to the client in BackendKeyData.
+    pub fn client_key(&self) -> &CancelKey {
+        &self.client_key
+    }
+
+    /// The backend's process id and the one the client was given, when
+    /// they differ (a fleet issued the key): NotificationResponses from
+    /// the session's own backend are rewritten with it.
+    pub fn pid_swap(&self) -> Option<(u32, u32)> {
+        (self.backend_pid != self.client_key.pid).then_some((self.backend_pid, self.client_key.pid))
+    }
+}
+
+impl Drop for CancelRegistration {
+    fn drop(&mut self) {
+        let mut entries = self.registry.lock();
+        if let Some(list) = entries.get_mut(&self.client_key.pid) {
+            list.retain(|e| e.registration != self.registration);
+            if list.is_empty() {
+                entries.remove(&self.client_key.pid);
+            }
+        }
+    }
+}
+
+impl CancelRegistry {
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self::default())
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Entries> {
+        // A panic while holding this lock cannot leave the map half-updated
+        // (every operation is a single insert or remove), so a poisoned
+        // lock is still safe to use.
+        self.entries
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// From now on, issue keys that name fleet instance `id` (0: no id
+    /// claimed yet), or pass the backends' keys through (`None`).
+    pub fn issue_for(&self, id: Option<u16>) {
+        let value = id.map_or(PASS_THROUGH, u32::from);
+        self.issuing.store(value, Ordering::Relaxed);
+    }
+
+    /// Records the key a backend issued and returns the registration that
+    /// names the key the client should be given.
+    pub fn register(self: &Arc<Self>, target: CancelTarget) -> CancelRegistration {
+        let registration = self.next_registration.fetch_add(1, Ordering::Relaxed);
+        let backend_pid = target.backend_key.pid;
+        let mut entries = self.lock();
+        let client_key = match self.issuing.load(Ordering::Relaxed) {
+            PASS_THROUGH => target.backend_key.clone(),
+            id => issue_unused(&entries, id as u16, &target.backend_key),
+        };
+        entries.entry(client_key.pid).or_default().push(Entry {
+            registration,
+            secret: client_key.secret.clone(),
+            target,
+        });
+        drop(entries);
+        CancelRegistration {
+            registry: Arc::clone(self),
+            client_key,
+            backend_pid,
+            registration,
+        }
+    }
+
+    /// The session a client key belongs to, if it is registered here.
+    pub fn lookup(&self, client_key: &CancelKey) -> Option<CancelTarget> {
+        let entries = self.lock();
+        let mut found = None;
+        // Every candidate is compared, so the time taken does not say
+        // which one (if any) matched.
+        for entry in entries.get(&client_key.pid)? {
+            let same = entry.secret.len() == client_key.secret.len()
+                && bool::from(entry.secret.as_ref().ct_eq(client_key.secret.as_ref()));
+            if same && found.is_none() {
+                found = Some(entry.target.clone());
+            }
+        }
+        found
+    }
+
+    pub fn len(&self) -> usize {
+        self.lock().values().map(Vec::len).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// A fresh key for instance `id` whose process id no session holds yet.
+fn issue_unused(entries: &Entries, id: u16, backend_key: &CancelKey) -> CancelKey {
+    let mut issued = None;
+    for _ in 0..ISSUE_TRIES {
+        match key::issue(id, backend_key.secret.len()) {
+            Ok(key) if !entries.contains_key(&key.pid) => return key,
+            Ok(key) => issued = Some(key),
+            Err(e) => {
+                warn!("no randomness for a cancel key ({e}); passing the server's key through");
+                return backend_key.clone();
+            }
+        }
+    }
+    issued.unwrap_or_else(|| backend_key.clone())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn target(member: &str, pid: u32) -> CancelTarget {
+        CancelTarget {
+            member: member.into(),
+            host: "127.0.0.1".into(),
+            port: 5432,
+            backend_key: CancelKey {
+                pid,
+                secret: Bytes::from_static(b"abcd"),
+            },
+            tls: BackendTlsSettings::disabled(),
+        }
+    }
+
+    #[test]
+    fn register_lookup_and_drop() {
+        let registry = CancelRegistry::new();
+        let reg = registry.register(target("pg2", 7));
+        assert_eq!(reg.client_key().pid, 7);
+        assert!(reg.pid_swap().is_none());
+        assert_eq!(
+            registry.lookup(reg.client_key()).map(|t| t.member),
+            Some("pg2".into())
+        );
+        let key = reg.client_key().clone();
+        drop(reg);
+        assert!(registry.lookup(&key).is_none());
+        assert!(registry.is_empty());
+    }
+
+    #[test]
+    fn the_same_backend_key_on_two_members_is_two_sessions() {
+        let registry = CancelRegistry::new();
+        let old = registry.register(target("pg2", 7));
+        let new = registry.register(target("pg3", 7));
+        assert_eq!(registry.len(), 2);
+        drop(old);
+        assert_eq!(
+            registry.lookup(new.client_key()).map(|t| t.member),
+            Some("pg3".into())
+        );
+    }
+
+    #[test]
+    fn a_fleet_issues_its_own_keys() {
+        let registry = CancelRegistry::new();
+        registry.issue_for(Some(5));
+        let reg = registry.register(target("pg2", 7));
+        let issued = reg.client_key().clone();
+        assert_eq!(key::instance_of(issued.pid), 5);
+        assert_ne!(issued.secret, Bytes::from_static(b"abcd"));
+        assert_eq!(issued.secret.len(), 4);
+        assert_eq!(reg.pid_swap(), Some((7, issued.pid)));
+        // The backend's own key is not a client key any more.
+        assert!(registry.lookup(&target("pg2", 7).backend_key).is_none());
+        let found = registry.lookup(&issued).expect("issued key");
+        assert_eq!(found.backend_key.pid, 7);
+        // A wrong secret of the right length, or of another length, misses.
+        let mut wrong = issued.clone();
+        wrong.secret = Bytes::from_static(b"zzzz");
+        assert!(registry.lookup(&wrong).is_none());
+        wrong.secret = Bytes::from_static(b"abcdabcd");
+        assert!(registry.lookup(&wrong).is_none());
+    }
+}

@@ -1,0 +1,112 @@
+//! Bounds on cancel requests, so that guessing keys is slow and one
+//! source cannot crowd out the others.
+//!
+//! Each source address may have [`MAX_PER_SOURCE`] cancels in flight. A
+//! cancel that found nothing keeps its place for [`FAILED_HOLD`] after it
+//! is done, so a source that guesses keys gets at most
+//! `MAX_PER_SOURCE / FAILED_HOLD` guesses a second, whatever its speed. A
+//! cancel beyond the bound is dropped and counted (`rate_limited`).
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+/// Cancels in flight (or held after failing) per source address.
+pub const MAX_PER_SOURCE: usize = 16;
+/// How long a failed cancel keeps its source's place.
+pub const FAILED_HOLD: Duration = Duration::from_secs(1);
+
+#[derive(Default)]
+pub struct CancelThrottle {
+    in_flight: Mutex<HashMap<IpAddr, usize>>,
+}
+
+/// One cancel's place; dropping it gives the place back.
+pub struct SourcePermit {
+    throttle: Arc<CancelThrottle>,
+    source: IpAddr,
+}
+
+impl CancelThrottle {
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self::default())
+    }
+
+    fn lock(&self) -> MutexGuard<'_, HashMap<IpAddr, usize>> {
+        // Single inserts and removals: a poisoned map is still whole.
+        self.in_flight
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// A place for one more cancel from `source`, unless it has too many.
+    pub fn admit(self: &Arc<Self>, source: IpAddr) -> Option<SourcePermit> {
+        let mut in_flight = self.lock();
+        let count = in_flight.entry(source).or_insert(0);
+        if *count >= MAX_PER_SOURCE {
+            return None;
+        }
+        *count += 1;
+        Some(SourcePermit {
+            throttle: Arc::clone(self),
+            source,
+        })
+    }
+
+    /// Sources with cancels in flight (for tests and /cluster).
+    pub fn sources(&self) -> usize {
+        self.lock().len()
+    }
+}
+
+impl SourcePermit {
+    /// Keeps the place taken for [`FAILED_HOLD`] more, off the caller's
+    /// task.
+    pub fn hold_after_failure(self) {
+        tokio::spawn(async move {
+            tokio::time::sleep(FAILED_HOLD).await;
+            drop(self);
+        });
+    }
+}
+
+impl Drop for SourcePermit {
+    fn drop(&mut self) {
+        let mut in_flight = self.throttle.lock();
+        if let Some(count) = in_flight.get_mut(&self.source) {
+            *count -= 1;
+            if *count == 0 {
+                in_flight.remove(&self.source);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_source_gets_a_bounded_number_of_places() {
+        let throttle = CancelThrottle::new();
+        let a: IpAddr = "10.0.0.1".parse().expect("ip");
+        let b: IpAddr = "10.0.0.2".parse().expect("ip");
+        let held: Vec<_> = (0..MAX_PER_SOURCE)
+            .map(|_| throttle.admit(a).expect("a place"))
+            .collect();
+        assert!(throttle.admit(a).is_none());
+        assert!(
+            throttle.admit(b).is_some(),
+            "another source is not affected"
+        );
+        for permit in held {
+            permit.hold_after_failure();
+        }
+        tokio::task::yield_now().await;
+        assert!(throttle.admit(a).is_none(), "failures keep their places");
+        tokio::time::sleep(FAILED_HOLD + Duration::from_millis(10)).await;
+        assert!(throttle.admit(a).is_some());
+        assert_eq!(throttle.sources(), 0, "every place was given back");
+    }
+}
