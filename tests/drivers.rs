@@ -21,6 +21,8 @@
 
 mod support;
 
+#[path = "drivers/fleet.rs"]
+mod fleet;
 #[path = "drivers/libpq.rs"]
 mod libpq;
 #[path = "drivers/process.rs"]
@@ -31,6 +33,7 @@ mod tokio_pg;
 use std::fmt::Write as _;
 use std::fs::File;
 use std::io::{BufRead, BufReader, Write};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -44,8 +47,9 @@ use support::harness::check;
 use support::lab::{Lab, MEMBERS};
 use support::process::{alive, signal};
 use support::rolegate::Rolegate;
-use support::{conninfo, free_port, runtime};
+use support::{conninfo, free_port, runtime, wait_until};
 
+use fleet::{fleet_trial, FleetEnv};
 use libpq::{pgbench_scenario, psql_scenario, psql_switchover};
 use process::{run_bounded, ChildGuard, Finished, Running};
 use tokio_pg::{tokio_scenario, tokio_switchover};
@@ -105,6 +109,7 @@ struct Env {
     ro: u16,
     python: PathBuf,
     counter: AtomicUsize,
+    fleet: FleetEnv,
 }
 
 impl Env {
@@ -122,7 +127,9 @@ impl Env {
             "[limits]\nhold_timeout = \"30s\"\n",
         );
         let rolegate = Rolegate::start(&root, "drivers", &config);
+        let fleet = FleetEnv::start(&lab, &root);
         Self {
+            fleet,
             lab,
             root,
             rolegate,
@@ -262,6 +269,25 @@ fn main() {
         add(
             format!("pgbench::{scenario}"),
             Box::new(move |env| scenario_trial(env, Client::Pgbench, scenario)),
+        );
+    }
+    // Through a fleet of three: cancels reach another instance than the
+    // session's; own notifications carry the pid the client was given.
+    for client in [
+        Client::Psql,
+        Client::TokioPostgres,
+        Client::Psycopg,
+        Client::NodePostgres,
+    ] {
+        add(
+            format!("fleet::{}::cancel", client.name()),
+            Box::new(move |env| fleet_trial(env, client, "cancel")),
+        );
+    }
+    for client in [Client::Psycopg, Client::NodePostgres] {
+        add(
+            format!("fleet::{}::notify_self", client.name()),
+            Box::new(move |env| fleet_trial(env, client, "notify_self")),
         );
     }
     // Last: each switchover moves the leader.

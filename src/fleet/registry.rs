@@ -8,15 +8,16 @@
 //! prefix is followed by the same watcher the clusters use
 //! ([`crate::topology::etcd`]), which turns it into the peer table.
 //!
-//! While etcd is unreachable the last peer table stays in force, and the
-//! claimed id is kept until the lease could have expired; after that the
-//! instance issues keys without an id (usable only where they were issued)
-//! until it claims one again, its old id first. At shutdown the lease is
-//! revoked, so peers forget the instance at once.
+//! While etcd is unreachable the last peer table and the claimed id stay
+//! in force; when etcd answers again and says the lease expired, the
+//! instance claims again, its old id first. Until an instance has claimed
+//! its first id it issues keys without one (usable only where they were
+//! issued). At shutdown the lease is revoked, so peers forget the instance
+//! at once.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use etcd_client::{Client, Compare, CompareOp, GetOptions, PutOptions, Txn, TxnOp};
 use serde::{Deserialize, Serialize};
@@ -123,15 +124,19 @@ fn parse_claim(prefix: &str, key: &[u8], value: &[u8]) -> Option<(u16, Arc<str>)
     }
 }
 
-/// A lease this instance holds, and until when it surely lives.
+/// A lease this instance holds, and the id claimed under it.
+#[derive(Clone, Copy)]
 struct Held {
     lease: i64,
     id: u16,
-    alive_until: Instant,
 }
 
-/// Claims an id and keeps it alive until `stop`; reconnects and claims
-/// again as needed.
+/// Claims an id and keeps it alive until `stop`; reconnects as needed.
+/// While etcd cannot be reached the id is kept: nobody can claim it while
+/// etcd is down, and if etcd only lost sight of this instance the worst
+/// that follows is a cancel dropped, never a wrong one (the secrets differ).
+/// Once etcd answers again the lease is checked, and claimed anew (the same
+/// id first) if it expired.
 async fn keep_claim(fleet: &Fleet, connector: &EtcdConnector, stop: &CancellationToken) {
     let ttl = fleet.config.lease_ttl.get();
     let mut held: Option<Held> = None;
@@ -139,19 +144,22 @@ async fn keep_claim(fleet: &Fleet, connector: &EtcdConnector, stop: &Cancellatio
     loop {
         let session = async {
             let mut client = connector.connect().await?;
-            let claimed = match held.take() {
+            let claimed = match held {
                 Some(old) if lease_alive(&mut client, old.lease).await => old,
-                old => claim(fleet, &mut client, ttl, old.map(|h| h.id)).await?,
+                old => {
+                    let claimed = claim(fleet, &mut client, ttl, old.map(|h| h.id)).await?;
+                    info!(id = claimed.id, "fleet: claimed instance id {}", claimed.id);
+                    claimed
+                }
             };
-            info!(id = claimed.id, "fleet: holding instance id {}", claimed.id);
             fleet.set_own(claimed.id);
-            let id = claimed.id;
-            let lease = claimed.lease;
             held = Some(claimed);
             retry = RETRY_MIN;
-            keep_alive(&mut client, lease, ttl, &mut held, fleet)
-                .await
-                .map_err(|e| format!("keeping instance id {id}: {e}"))
+            let expired = keep_alive(&mut client, claimed.lease, ttl, fleet).await;
+            if expired.is_ok() {
+                held = None;
+            }
+            expired.map_err(|e| format!("keeping instance id {}: {e}", claimed.id))
         };
         let stopped = tokio::select! {
             outcome = session => {
@@ -168,22 +176,8 @@ async fn keep_claim(fleet: &Fleet, connector: &EtcdConnector, stop: &Cancellatio
             }
             return;
         }
-        if held
-            .as_ref()
-            .is_some_and(|h| h.alive_until <= Instant::now())
-        {
-            held = None;
-        }
-        if held.is_none() && fleet.own_id() != 0 {
-            warn!("fleet: gave up instance id {}: its lease may have expired; new sessions get keys without an id until one is claimed", fleet.own_id());
-            fleet.set_own(0);
-        }
-        let pause = match &held {
-            Some(h) => retry.min(h.alive_until.saturating_duration_since(Instant::now())),
-            None => retry,
-        };
         tokio::select! {
-            () = tokio::time::sleep(pause) => {}
+            () = tokio::time::sleep(retry) => {}
             () = stop.cancelled() => return,
         }
         retry = (retry * 2).min(RETRY_MAX);
@@ -227,7 +221,6 @@ async fn claim(
         .into_iter()
         .chain(1..=MAX_FLEET_ID)
         .filter(|id| !taken.contains(id));
-    let granted = Instant::now();
     // Each try either wins its id or finds it taken a moment ago by
     // another instance; a few tries settle any race.
     for id in free.take(16) {
@@ -240,41 +233,31 @@ async fn claim(
                 Some(PutOptions::new().with_lease(lease)),
             )]);
         if within("claiming an id", client.txn(txn)).await?.succeeded() {
-            return Ok(Held {
-                lease,
-                id,
-                alive_until: granted + ttl,
-            });
+            return Ok(Held { lease, id });
         }
     }
     Err(format!("no free instance id under {prefix}"))
 }
 
-/// Renews `lease` every third of `ttl` until it fails; updates how long
-/// the lease surely lives.
+/// Renews `lease` every third of `ttl`. Returns `Ok` when etcd says the
+/// lease has expired, an error when etcd cannot be reached.
 async fn keep_alive(
     client: &mut Client,
     lease: i64,
     ttl: Duration,
-    held: &mut Option<Held>,
     fleet: &Fleet,
 ) -> Result<(), String> {
     let (mut keeper, mut answers) =
         within("keeping the lease alive", client.lease_keep_alive(lease)).await?;
     loop {
-        let sent = Instant::now();
         within("renewing the lease", keeper.keep_alive()).await?;
         match within("renewing the lease", answers.message()).await? {
-            Some(answer) if answer.ttl() > 0 => {
-                if let Some(h) = held.as_mut() {
-                    h.alive_until = sent + Duration::from_secs(answer.ttl() as u64);
-                }
-                fleet.confirm_peers();
+            Some(answer) if answer.ttl() > 0 => fleet.confirm_peers(),
+            Some(_) => {
+                warn!("fleet: the lease of this instance's id expired; claiming again");
+                return Ok(());
             }
-            _ => {
-                *held = None;
-                return Err("the lease expired".to_owned());
-            }
+            None => return Err("the lease keep-alive stream ended".to_owned()),
         }
         tokio::time::sleep(ttl / 3).await;
     }

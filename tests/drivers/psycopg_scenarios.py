@@ -154,6 +154,21 @@ def listen_notify(t):
         return f"notification from pid {pid} received"
 
 
+def notify_self(t):
+    """Skipping one's own notifications by the pid from BackendKeyData."""
+    with t.connect() as conn, t.connect() as other:
+        conn.execute("listen drv_self")
+        conn.execute("select pg_notify('drv_self', 'mine')")
+        other.execute("select pg_notify('drv_self', 'theirs')")
+        got = {n.payload: n.pid for n in conn.notifies(timeout=10, stop_after=2)}
+        assert set(got) == {"mine", "theirs"}, f"notifications received: {got}"
+        own = conn.info.backend_pid
+        assert got["mine"] == own, f"own notification from pid {got['mine']}, BackendKeyData said {own}"
+        assert got["theirs"] != own, f"another session's notification carries this session's pid {own}"
+        real = conn.execute("select pg_backend_pid()").fetchone()[0]
+        return f"own notification carries pid {own} (BackendKeyData; pg_backend_pid() is {real}), the other session's does not"
+
+
 def result_50mb(t):
     with t.connect() as conn:
         started = time.monotonic()
@@ -192,8 +207,9 @@ SCENARIOS = {
     "listen_notify": listen_notify,
     "result_50mb": result_50mb,
     "cancel": cancel,
+    "notify_self": notify_self,
 }
-RW_ONLY = {"listen_notify"}
+RW_ONLY = {"listen_notify", "notify_self"}
 
 
 def run(targets, names):

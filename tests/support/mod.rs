@@ -6,6 +6,7 @@
 
 #![allow(dead_code)]
 
+pub mod balancer;
 pub mod browser;
 pub mod certs;
 pub mod churn;

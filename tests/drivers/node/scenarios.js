@@ -174,6 +174,34 @@ const scenarios = {
     return `${data.length} bytes ${t.writable ? 'in and back out' : 'out'}, identical`
   }),
 
+  // Applications skip their own notifications by comparing the sender
+  // with the pid from BackendKeyData (client.processID).
+  notify_self: async (t) => {
+    const c = await t.connect()
+    const other = await t.connect()
+    try {
+      const seen = {}
+      const both = new Promise((resolve, reject) => {
+        const timer = setTimeout(() => reject(new Error(`notifications within 10 s: ${JSON.stringify(seen)}`)), 10000)
+        c.on('notification', (n) => {
+          seen[n.payload] = n.processId
+          if ('mine' in seen && 'theirs' in seen) { clearTimeout(timer); resolve() }
+        })
+      })
+      await c.query('listen drv_self')
+      await c.query("select pg_notify('drv_self', 'mine')")
+      await other.query("select pg_notify('drv_self', 'theirs')")
+      await both
+      assert(seen.mine === c.processID, `own notification from pid ${seen.mine}, BackendKeyData said ${c.processID}`)
+      assert(seen.theirs !== c.processID, `another session's notification carries this session's pid ${c.processID}`)
+      const real = (await c.query('select pg_backend_pid() as pid')).rows[0].pid
+      return `own notification carries pid ${c.processID} (BackendKeyData; pg_backend_pid() is ${real}), the other session's does not`
+    } finally {
+      await c.end().catch(() => {})
+      await other.end().catch(() => {})
+    }
+  },
+
   listen_notify: async (t) => {
     const listener = await t.connect()
     const notifier = await t.connect()
@@ -230,7 +258,7 @@ const scenarios = {
     return `cancelled after ${took.toFixed(2)}s (57014), session still usable`
   })
 }
-const RW_ONLY = new Set(['listen_notify'])
+const RW_ONLY = new Set(['listen_notify', 'notify_self'])
 
 async function run (targets, names) {
   for (const name of names) {
