@@ -388,12 +388,7 @@ fn instance_at(env: &Env, name: &str, peer: u16, fleet: &str) -> Instance {
         ),
     );
     let rolegate = Rolegate::start(&env.suite.root, name, &config);
-    Instance {
-        rolegate,
-        rw,
-        ro,
-        peer,
-    }
+    Instance { rolegate, rw, ro }
 }
 
 fn guessed_keys_are_rate_limited(env: &Env) -> Result<(), Failed> {
