@@ -277,10 +277,10 @@ fn etcd_stopped_keeps_the_peer_table(env: &Env) -> Result<(), Failed> {
             )
         })
     })();
-    let mut etcd = env.etcd.lock().unwrap_or_else(|p| p.into_inner());
-    for i in 0..3 {
-        etcd.restart(i);
-    }
+    env.etcd
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .restart_stopped();
     result
 }
 
@@ -524,12 +524,19 @@ trusted_proxies = ["10.0.0.0/8"]
             untrusted_answer.contains("C28000") && untrusted_answer.contains("trusted_proxies"),
             format!("untrusted: {untrusted_answer:?}"),
         )?;
-        check(
+        let refused = |port: u16| {
             rolegate.metric(
                 "rolegate_client_connections_total",
-                "outcome=\"proxy_header\"",
-            ) >= 3.0,
-            "the refusals are counted as proxy_header",
+                &format!("listener=\"127.0.0.1:{port}\",outcome=\"proxy_header\""),
+            )
+        };
+        check(
+            refused(trusted) == 2.0 && refused(untrusted) == 1.0,
+            format!(
+                "the refusals are counted as proxy_header: {} and {}",
+                refused(trusted),
+                refused(untrusted)
+            ),
         )
     })
 }

@@ -655,6 +655,8 @@ fn check_rolegate_pod(file: &str, docs: &[Value], pod: &Value) -> Config {
 
 #[test]
 fn kubernetes_examples_parse_with_probes_and_valid_configs() {
+    // fleet.yaml advertises "${POD_IP}:6440"; the kubelet sets POD_IP.
+    std::env::set_var("POD_IP", "10.0.0.9");
     let sidecar = yaml_documents(&repo().join("docker/k8s/sidecar.yaml"));
     let kinds: Vec<&str> = sidecar
         .iter()
@@ -693,9 +695,25 @@ fn kubernetes_examples_parse_with_probes_and_valid_configs() {
         .into_iter()
         .find(|s| s["metadata"]["name"] == "rolegate")
         .expect("Service rolegate");
-    assert_eq!(
-        service["spec"]["sessionAffinity"], "ClientIP",
-        "cancels reach the session's instance"
+    assert!(
+        service["spec"]["sessionAffinity"].is_null(),
+        "a fleet passes cancels between instances: no client-IP affinity"
+    );
+    let fleet_config = config
+        .fleet
+        .as_ref()
+        .expect("fleet.yaml configures [fleet]");
+    assert!(
+        !fleet_config.etcd.is_empty(),
+        "peers are found through etcd"
+    );
+    let peer_port = u64::from(port_of(&fleet_config.listen));
+    let container = &deployment["spec"]["template"]["spec"]["containers"][0];
+    assert!(
+        container["ports"]
+            .as_array()
+            .is_some_and(|ports| ports.iter().any(|p| p["containerPort"] == peer_port)),
+        "the peer port is a container port"
     );
     let service_ports: BTreeSet<u64> = service["spec"]["ports"]
         .as_array()

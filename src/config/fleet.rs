@@ -18,6 +18,8 @@ pub struct FleetConfig {
     /// Where peers send the cancel requests they forward (`IP:PORT`).
     pub listen: String,
     /// What peers connect to (`HOST:PORT`); defaults to `listen`.
+    /// `${NAME}` is replaced by the environment variable NAME, so that one
+    /// file serves every pod (`"${POD_IP}:6440"`).
     #[serde(default)]
     pub advertise: Option<String>,
     /// Several fleets may share one etcd under different names.
@@ -61,9 +63,12 @@ fn default_lease_ttl() -> Duration {
 }
 
 impl FleetConfig {
-    /// The address peers connect to.
-    pub fn advertise(&self) -> &str {
-        self.advertise.as_deref().unwrap_or(&self.listen)
+    /// The address peers connect to, environment variables expanded.
+    pub fn advertise(&self) -> String {
+        match &self.advertise {
+            Some(text) => expand_env(text).unwrap_or_else(|_| text.clone()),
+            None => self.listen.clone(),
+        }
     }
 
     /// The etcd keys this fleet's instances claim their ids under.
@@ -91,6 +96,27 @@ impl FleetConfig {
     }
 }
 
+/// Replaces each `${NAME}` in `text` with the environment variable NAME.
+fn expand_env(text: &str) -> Result<String, String> {
+    let mut out = String::new();
+    let mut rest = text;
+    while let Some(start) = rest.find("${") {
+        out.push_str(&rest[..start]);
+        let after = &rest[start + 2..];
+        let end = after
+            .find('}')
+            .ok_or_else(|| format!("{text:?} has a '${{' without its '}}'"))?;
+        let name = &after[..end];
+        let value = std::env::var(name).map_err(|_| {
+            format!("{text:?} names the environment variable {name}, which is not set")
+        })?;
+        out.push_str(&value);
+        rest = &after[end + 1..];
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
 /// Parses an instance id of 1 to [`MAX_FLEET_ID`].
 pub fn parse_fleet_id(text: &str) -> Result<u16, String> {
     match text.parse::<u16>() {
@@ -104,9 +130,22 @@ pub fn parse_fleet_id(text: &str) -> Result<u16, String> {
 /// The rules of `[fleet]`, as the dotted key and a message.
 pub(super) fn validate(fleet: &FleetConfig) -> Result<(), (String, String)> {
     let key = |field: &str| format!("fleet.{field}");
-    parse_socket_addr(&fleet.listen).map_err(|m| (key("listen"), m))?;
-    if let Some(advertise) = &fleet.advertise {
-        parse_host_port(advertise).map_err(|m| (key("advertise"), m))?;
+    let listen = parse_socket_addr(&fleet.listen).map_err(|m| (key("listen"), m))?;
+    match &fleet.advertise {
+        Some(advertise) => {
+            let expanded = expand_env(advertise).map_err(|m| (key("advertise"), m))?;
+            parse_host_port(&expanded).map_err(|m| (key("advertise"), m))?;
+        }
+        None if listen.ip().is_unspecified() => {
+            return Err((
+                key("advertise"),
+                format!(
+                    "peers cannot connect to {listen} (fleet.listen); set the address they can reach, e.g. advertise = \"${{POD_IP}}:{}\"",
+                    listen.port()
+                ),
+            ))
+        }
+        None => {}
     }
     if fleet.name.is_empty() || fleet.name.contains('/') {
         return Err((
@@ -161,4 +200,21 @@ pub(super) fn validate(fleet: &FleetConfig) -> Result<(), (String, String)> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn advertise_takes_environment_variables() {
+        std::env::set_var("ROLEGATE_TEST_POD_IP", "10.1.2.3");
+        assert_eq!(
+            expand_env("${ROLEGATE_TEST_POD_IP}:6440"),
+            Ok("10.1.2.3:6440".to_owned())
+        );
+        assert!(expand_env("${ROLEGATE_TEST_UNSET_NAME}:6440").is_err());
+        assert!(expand_env("${ROLEGATE_TEST_POD_IP:6440").is_err());
+        assert_eq!(expand_env("plain:1"), Ok("plain:1".to_owned()));
+    }
 }

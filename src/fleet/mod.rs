@@ -139,12 +139,13 @@ impl Fleet {
     }
 
     /// Replaces the peer table with `listed` (id → address), keeping what
-    /// is known of peers whose address did not change.
+    /// is known of peers whose address did not change. The listing may
+    /// include this instance's own claim: routing checks the own id first,
+    /// and `/cluster` leaves it out.
     pub fn set_peers(&self, listed: BTreeMap<u16, Arc<str>>) {
         let current = self.peers.load();
         let table = listed
             .into_iter()
-            .filter(|(id, _)| *id != self.own_id())
             .map(|(id, address)| {
                 let peer = match current.get(&id) {
                     Some(peer) if peer.address == address => Arc::clone(peer),
@@ -212,9 +213,11 @@ pub fn start(
 impl Fleet {
     /// The fleet as `/cluster` shows it.
     pub fn to_json(&self) -> Value {
+        let own = self.own_id();
         let peers: Vec<_> = self
             .peers()
             .values()
+            .filter(|peer| peer.id != own)
             .map(|peer| {
                 json!({
                     "id": peer.id,
@@ -227,7 +230,7 @@ impl Fleet {
             .collect();
         json!({
             "name": self.config.name,
-            "id": (self.own_id() != 0).then_some(self.own_id()),
+            "id": (own != 0).then_some(own),
             "listen": self.config.listen,
             "advertise": self.config.advertise(),
             "discovery": if self.config.etcd.is_empty() { "static" } else { "etcd" },

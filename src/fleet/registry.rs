@@ -203,7 +203,7 @@ async fn claim(
     let grant = client.lease_grant(ttl.as_secs().max(2) as i64, None);
     let lease = within("granting a lease", grant).await?.id();
     let value = serde_json::to_vec(&Claim {
-        address: fleet.config.advertise().to_owned(),
+        address: fleet.config.advertise(),
         key_format: KEY_FORMAT,
     })
     .map_err(|e| e.to_string())?;

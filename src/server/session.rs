@@ -370,7 +370,13 @@ impl Session<'_> {
         let started = Instant::now();
         let shutdown = &self.listener.end_sessions;
         let cluster = &*self.listener.cluster;
-        info!(held_ms = held.as_millis() as u64, "session open");
+        info!(
+            held_ms = held.as_millis() as u64,
+            backend_pid = cancel_registration
+                .as_ref()
+                .map(CancelRegistration::backend_pid),
+            "session open"
+        );
         self.shared
             .events
             .session_served(&self.listener.cluster, &member.name);

@@ -138,6 +138,20 @@ impl EtcdCluster {
         self.wait_healthy(i);
     }
 
+    /// Starts every stopped member again, then waits for the quorum (a
+    /// lone member of a stopped cluster cannot become healthy).
+    pub fn restart_stopped(&mut self) {
+        let stopped: Vec<usize> = (0..self.members.len())
+            .filter(|&i| self.members[i].child.is_none())
+            .collect();
+        for &i in &stopped {
+            self.spawn(i);
+        }
+        for i in stopped {
+            self.wait_healthy(i);
+        }
+    }
+
     /// Freezes member `i` (SIGSTOP): its connections stay open and silent.
     pub fn freeze(&self, i: usize) {
         if let Some(pid) = self.pid(i) {

@@ -86,6 +86,11 @@ impl CancelRegistration {
         &self.client_key
     }
 
+    /// The server's own process id for the session.
+    pub fn backend_pid(&self) -> u32 {
+        self.backend_pid
+    }
+
     /// The backend's process id and the one the client was given, when
     /// they differ (a fleet issued the key): NotificationResponses from
     /// the session's own backend are rewritten with it.
