@@ -997,9 +997,15 @@ fn grafana_dashboard_queries_only_documented_metrics() {
 /// `pub name:` fields of the structs in src/config/ that derive
 /// `Deserialize`: the keys of proxy.toml.
 fn config_keys() -> BTreeMap<String, Vec<String>> {
-    // `[limits]` has a file of its own; mod.rs goes last, as reading
-    // stops at its tests.
-    let source = read("src/config/limits.rs") + &read("src/config/mod.rs");
+    // `[limits]` and `[fleet]` have files of their own; mod.rs goes last,
+    // as reading stops at its tests.
+    let source = read("src/config/limits.rs")
+        + &read("src/config/fleet.rs")
+            .split("#[cfg(test)]")
+            .next()
+            .unwrap_or_default()
+            .to_owned()
+        + &read("src/config/mod.rs");
     let mut keys: BTreeMap<String, Vec<String>> = BTreeMap::new();
     let mut derives_deserialize = false;
     let mut current: Option<String> = None;
@@ -1041,6 +1047,7 @@ fn configuration_reference_names_every_key_and_its_examples_are_valid() {
         "ClusterConfig",
         "ListenerConfig",
         "Limits",
+        "FleetConfig",
     ] {
         assert!(
             keys.contains_key(table),
