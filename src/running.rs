@@ -1,6 +1,6 @@
 //! The parts of a running rolegate that follow its configuration: the
 //! clusters' view sources, the client listeners, the admin endpoint, TLS
-//! towards clients, and logging.
+//! towards clients, logging, and (once, at start) the fleet.
 //!
 //! Start-up and every reload go the same two steps: plan everything that
 //! can fail (building TLS configurations, starting view sources, binding
@@ -18,10 +18,13 @@ use tokio_util::sync::CancellationToken;
 use tracing::info;
 
 use crate::admin::{self, Admin, AdminState};
-use crate::config::{parse_socket_addr, Config};
+use crate::config::{parse_socket_addr, Config, FleetConfig};
+use crate::etcd_access::EtcdConnector;
+use crate::fleet::{self, Fleet};
 use crate::handover::{self, Inherited, Offered};
 use crate::logging::LogHandle;
 use crate::server::listener_set::{ClusterViews, ListenerSet};
+use crate::server::peer_listener;
 use crate::server::socket::bind_listener;
 use crate::server::Shared;
 use crate::tls::{server_config, ServerTls};
@@ -83,8 +86,7 @@ impl Running {
             background,
         };
         if let Some(fleet) = &config.fleet {
-            let stop = running.background.child_token();
-            crate::fleet::start(fleet, &running.shared, &stop, &mut running.topology.tasks)?;
+            running.join_fleet(fleet)?;
         }
         running.apply(&config, &mut inherited)?;
         tokio::spawn(handover::serve(
@@ -169,6 +171,35 @@ impl Running {
             socket,
             stop,
         });
+    }
+
+    /// Joins the fleet `config` describes: binds the peer listener, and with
+    /// etcd starts claiming an id and following the peers. Read once per
+    /// process (a change of `[fleet]` needs a restart).
+    fn join_fleet(&mut self, config: &FleetConfig) -> Result<(), String> {
+        let addr = parse_socket_addr(&config.listen).map_err(|e| format!("fleet.listen: {e}"))?;
+        let socket = bind_listener(addr)
+            .map_err(|e| format!("fleet.listen: cannot listen on {addr}: {e}"))?;
+        let connector = if config.etcd.is_empty() {
+            None
+        } else {
+            Some(EtcdConnector::new(&config.etcd_access()).map_err(|e| format!("fleet.{e}"))?)
+        };
+        let fleet = Fleet::new(config.clone());
+        self.shared.join_fleet(Arc::clone(&fleet));
+        let (shared, stop) = (Arc::clone(&self.shared), self.background.child_token());
+        self.topology.tasks.spawn(async move {
+            peer_listener::serve(socket, shared, stop.clone()).await;
+            (!stop.is_cancelled()).then(|| "the fleet's peer listener".to_owned())
+        });
+        if let Some(connector) = connector {
+            let stop = self.background.child_token();
+            self.topology.tasks.spawn(async move {
+                fleet::registry::run(fleet, connector, stop.clone()).await;
+                (!stop.is_cancelled()).then(|| "the fleet registry".to_owned())
+            });
+        }
+        Ok(())
     }
 
     /// Keeps what a successor would take over current.

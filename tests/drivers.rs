@@ -66,6 +66,13 @@ const SCENARIOS: [&str; 7] = [
     "result_50mb",
     "cancel",
 ];
+/// The clients that run every scenario (pgbench runs its own).
+const DRIVERS: [Client; 4] = [
+    Client::Psql,
+    Client::TokioPostgres,
+    Client::Psycopg,
+    Client::NodePostgres,
+];
 /// LISTEN is refused on a hot standby: rw only.
 const RW_ONLY: [&str; 1] = ["listen_notify"];
 const PGBENCH_SCENARIOS: [&str; 2] = ["select_only", "prepared"];
@@ -252,12 +259,7 @@ fn main() {
             result
         }));
     };
-    for client in [
-        Client::Psql,
-        Client::TokioPostgres,
-        Client::Psycopg,
-        Client::NodePostgres,
-    ] {
+    for client in DRIVERS {
         for scenario in SCENARIOS {
             add(
                 format!("{}::{scenario}", client.name()),
@@ -273,12 +275,7 @@ fn main() {
     }
     // Through a fleet of three: cancels reach another instance than the
     // session's; own notifications carry the pid the client was given.
-    for client in [
-        Client::Psql,
-        Client::TokioPostgres,
-        Client::Psycopg,
-        Client::NodePostgres,
-    ] {
+    for client in DRIVERS {
         add(
             format!("fleet::{}::cancel", client.name()),
             Box::new(move |env| fleet_trial(env, client, "cancel")),
@@ -291,12 +288,7 @@ fn main() {
         );
     }
     // Last: each switchover moves the leader.
-    for client in [
-        Client::Psql,
-        Client::TokioPostgres,
-        Client::Psycopg,
-        Client::NodePostgres,
-    ] {
+    for client in DRIVERS {
         add(
             format!("{}::switchover", client.name()),
             Box::new(move |env| switchover_trial(env, client)),

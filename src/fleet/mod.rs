@@ -6,8 +6,8 @@
 //! configured each instance issues its own cancel keys, whose process id
 //! names the instance ([`key`]); an instance that receives a key it did
 //! not issue passes the request once to the instance named in it, over
-//! that instance's peer listener ([`peer_listener`]), which only ever
-//! looks keys up locally, so a request cannot loop.
+//! that instance's peer listener ([`crate::server::peer_listener`]), which
+//! only ever looks keys up locally, so a request cannot loop.
 //!
 //! Instances find each other through etcd, the one the Patroni cluster
 //! already runs ([`registry`]): each claims a free id under a lease and
@@ -15,7 +15,6 @@
 //! configuration instead.
 
 pub mod key;
-pub mod peer_listener;
 pub mod registry;
 
 use std::collections::BTreeMap;
@@ -28,16 +27,9 @@ use serde_json::{json, Value};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
-use tokio::task::JoinSet;
-use tokio_util::sync::CancellationToken;
 
-use crate::config::{parse_host_port, parse_socket_addr, FleetConfig};
-use crate::etcd_access::EtcdConnector;
+use crate::config::{parse_host_port, FleetConfig};
 use crate::protocol::startup::CancelKey;
-use crate::server::cancel::CancelRegistry;
-use crate::server::socket::bind_listener;
-use crate::server::Shared;
-use crate::topology::TaskEnd;
 
 /// Cancels forwarded to one peer at a time; more are dropped.
 const MAX_IN_FLIGHT_PER_PEER: usize = 64;
@@ -100,20 +92,17 @@ pub struct Fleet {
     /// The id this instance's new keys carry; 0 while it has none.
     own: AtomicU16,
     peers: ArcSwap<PeerTable>,
-    cancels: Arc<CancelRegistry>,
 }
 
 impl Fleet {
-    /// A fleet whose keys are issued through `cancels`. Static fleets get
-    /// their id and peers here; etcd fleets from [`registry::run`].
-    pub fn new(config: FleetConfig, cancels: Arc<CancelRegistry>) -> Arc<Self> {
+    /// A fleet as `config` describes it. Static fleets get their id and
+    /// peers here; etcd fleets from [`registry::run`].
+    pub fn new(config: FleetConfig) -> Arc<Self> {
         let fleet = Arc::new(Self {
-            own: AtomicU16::new(0),
+            own: AtomicU16::new(config.id.unwrap_or(0)),
             peers: ArcSwap::from_pointee(PeerTable::new()),
-            cancels,
             config,
         });
-        fleet.set_own(fleet.config.id.unwrap_or(0));
         let peers = fleet
             .config
             .static_peers()
@@ -128,10 +117,9 @@ impl Fleet {
         self.own.load(Ordering::Relaxed)
     }
 
-    /// Claims (or, with 0, gives up) an id for the keys issued from now on.
+    /// The id the keys issued from now on carry.
     pub fn set_own(&self, id: u16) {
         self.own.store(id, Ordering::Relaxed);
-        self.cancels.issue_for(Some(id));
     }
 
     pub fn peers(&self) -> Arc<PeerTable> {
@@ -174,40 +162,6 @@ impl Fleet {
             None => Route::UnknownPeer(id),
         }
     }
-}
-
-/// Joins the fleet `config` describes: binds the peer listener, and with
-/// etcd starts claiming an id and following the peers, until `stop`.
-/// `[fleet]` is read once per process (a change needs a restart).
-pub fn start(
-    config: &FleetConfig,
-    shared: &Arc<Shared>,
-    stop: &CancellationToken,
-    tasks: &mut JoinSet<TaskEnd>,
-) -> Result<Arc<Fleet>, String> {
-    let addr = parse_socket_addr(&config.listen).map_err(|e| format!("fleet.listen: {e}"))?;
-    let socket =
-        bind_listener(addr).map_err(|e| format!("fleet.listen: cannot listen on {addr}: {e}"))?;
-    let connector = if config.etcd.is_empty() {
-        None
-    } else {
-        Some(EtcdConnector::new(&config.etcd_access()).map_err(|e| format!("fleet.{e}"))?)
-    };
-    let fleet = Fleet::new(config.clone(), Arc::clone(&shared.cancels));
-    shared.join_fleet(Arc::clone(&fleet));
-    let (serving, stopped) = (Arc::clone(shared), stop.clone());
-    tasks.spawn(async move {
-        peer_listener::serve(socket, serving, stopped.clone()).await;
-        (!stopped.is_cancelled()).then(|| "the fleet's peer listener".to_owned())
-    });
-    if let Some(connector) = connector {
-        let (registered, stopped) = (Arc::clone(&fleet), stop.clone());
-        tasks.spawn(async move {
-            registry::run(registered, connector, stopped.clone()).await;
-            (!stopped.is_cancelled()).then(|| "the fleet registry".to_owned())
-        });
-    }
-    Ok(fleet)
 }
 
 impl Fleet {

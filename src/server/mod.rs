@@ -2,10 +2,13 @@
 //!
 //! [`listener_set`] keeps the listeners the configuration names running,
 //! adding, changing and removing them on reload. Modules then follow the
-//! connection path: [`listener`] accepts, [`handshake`]
+//! connection path: [`listener`] accepts, [`proxy_protocol`] reads a load
+//! balancer's PROXY header where a listener expects one, [`handshake`]
 //! reads the opening, [`session`] routes and connects through
-//! [`backend`], [`authenticate`] relays the login, [`relay`] pumps bytes,
-//! and [`cancel`] routes cancel requests to the backend that issued a key.
+//! [`backend`], [`authenticate`] relays the login, [`relay`] pumps bytes
+//! (through [`notify_pids`] in a fleet), and [`cancel`] routes cancel
+//! requests to the backend that issued a key, or to the fleet instance
+//! that did, whose [`peer_listener`] takes them.
 
 pub mod authenticate;
 pub mod backend;
@@ -15,6 +18,7 @@ pub mod listener;
 pub mod listener_set;
 pub mod loops;
 pub mod notify_pids;
+pub mod peer_listener;
 pub mod proxy_protocol;
 pub mod relay;
 pub mod session;

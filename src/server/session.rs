@@ -290,14 +290,16 @@ impl Session<'_> {
                 .await
                 .map_err(|e| AuthError::Backend(lost_backend(&member, cluster, &e.to_string())))?;
             let backend_tls = backend.is_tls();
+            let instance = self.shared.fleet().map(|fleet| fleet.own_id());
             let mut issue_key = |backend_key| {
-                let registration = self.shared.cancels.register(CancelTarget {
+                let target = CancelTarget {
                     member: member.name.clone(),
                     host: member.host.clone(),
                     port: member.port,
                     backend_key,
                     tls: self.listener.backend_tls.clone(),
-                });
+                };
+                let registration = self.shared.cancels.register(target, instance);
                 let client_key = registration.client_key().clone();
                 registration_slot = Some(registration);
                 client_key

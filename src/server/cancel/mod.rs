@@ -11,7 +11,8 @@
 //! - anything else is dropped.
 //!
 //! Every outcome is counted in `rolegate_cancel_requests_total` by `via`
-//! and `outcome`; [`throttle`] bounds them per source.
+//! and `outcome`; [`throttle`] bounds them per source (a client's address,
+//! or the peer's).
 
 mod registry;
 mod throttle;
@@ -80,7 +81,12 @@ pub async fn handle(key: CancelKey, source: SocketAddr, via: Via, shared: &Share
         Route::Here => {
             count("unknown_key");
             debug!(client = %source, via = via.as_str(), pid = key.pid, "cancel request for an unknown key");
-            permit.hold_after_failure();
+            // A peer's miss was a client's guess, held where it arrived:
+            // holding it here too would make one guessing client slow down
+            // every cancel that peer passes on.
+            if via == Via::Client {
+                permit.hold_after_failure();
+            }
         }
         Route::UnknownPeer(id) => {
             count("unknown_peer");

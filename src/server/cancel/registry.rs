@@ -17,7 +17,7 @@
 //! when a cancel arrives: never per packet, so a plain mutex is enough.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use bytes::Bytes;
@@ -28,8 +28,6 @@ use crate::fleet::key;
 use crate::protocol::startup::CancelKey;
 use crate::server::backend::BackendTlsSettings;
 
-/// `issuing` when keys pass through unchanged.
-const PASS_THROUGH: u32 = u32::MAX;
 /// Fresh process ids tried before one already in use is shared (the
 /// secrets still tell the sessions apart).
 const ISSUE_TRIES: usize = 8;
@@ -54,22 +52,11 @@ struct Entry {
 
 type Entries = HashMap<u32, Vec<Entry>>;
 
+#[derive(Default)]
 pub struct CancelRegistry {
     /// Sessions by the process id their client holds.
     entries: Mutex<Entries>,
     next_registration: AtomicU64,
-    /// [`PASS_THROUGH`], or the fleet instance id new keys carry.
-    issuing: AtomicU32,
-}
-
-impl Default for CancelRegistry {
-    fn default() -> Self {
-        Self {
-            entries: Mutex::default(),
-            next_registration: AtomicU64::new(0),
-            issuing: AtomicU32::new(PASS_THROUGH),
-        }
-    }
 }
 
 /// Keeps a session's key registered; dropping it unregisters the key.
@@ -125,22 +112,21 @@ impl CancelRegistry {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// From now on, issue keys that name fleet instance `id` (0: no id
-    /// claimed yet), or pass the backends' keys through (`None`).
-    pub fn issue_for(&self, id: Option<u16>) {
-        let value = id.map_or(PASS_THROUGH, u32::from);
-        self.issuing.store(value, Ordering::Relaxed);
-    }
-
     /// Records the key a backend issued and returns the registration that
-    /// names the key the client should be given.
-    pub fn register(self: &Arc<Self>, target: CancelTarget) -> CancelRegistration {
+    /// names the key the client should be given: the backend's own, or in
+    /// a fleet (`instance` is this instance's id, 0 while it has none) a
+    /// key rolegate issues.
+    pub fn register(
+        self: &Arc<Self>,
+        target: CancelTarget,
+        instance: Option<u16>,
+    ) -> CancelRegistration {
         let registration = self.next_registration.fetch_add(1, Ordering::Relaxed);
         let backend_pid = target.backend_key.pid;
         let mut entries = self.lock();
-        let client_key = match self.issuing.load(Ordering::Relaxed) {
-            PASS_THROUGH => target.backend_key.clone(),
-            id => issue_unused(&entries, id as u16, &target.backend_key),
+        let client_key = match instance {
+            None => target.backend_key.clone(),
+            Some(id) => issue_unused(&entries, id, &target.backend_key),
         };
         entries.entry(client_key.pid).or_default().push(Entry {
             registration,
@@ -217,7 +203,7 @@ mod tests {
     #[test]
     fn register_lookup_and_drop() {
         let registry = CancelRegistry::new();
-        let reg = registry.register(target("pg2", 7));
+        let reg = registry.register(target("pg2", 7), None);
         assert_eq!(reg.client_key().pid, 7);
         assert!(reg.pid_swap().is_none());
         assert_eq!(
@@ -233,8 +219,8 @@ mod tests {
     #[test]
     fn the_same_backend_key_on_two_members_is_two_sessions() {
         let registry = CancelRegistry::new();
-        let old = registry.register(target("pg2", 7));
-        let new = registry.register(target("pg3", 7));
+        let old = registry.register(target("pg2", 7), None);
+        let new = registry.register(target("pg3", 7), None);
         assert_eq!(registry.len(), 2);
         drop(old);
         assert_eq!(
@@ -246,8 +232,7 @@ mod tests {
     #[test]
     fn a_fleet_issues_its_own_keys() {
         let registry = CancelRegistry::new();
-        registry.issue_for(Some(5));
-        let reg = registry.register(target("pg2", 7));
+        let reg = registry.register(target("pg2", 7), Some(5));
         let issued = reg.client_key().clone();
         assert_eq!(key::instance_of(issued.pid), 5);
         assert_ne!(issued.secret, Bytes::from_static(b"abcd"));
