@@ -67,8 +67,70 @@ fn main() {
             "a_standby_cluster_serves_reads_and_refuses_writes",
             a_standby_cluster_serves_reads_and_refuses_writes,
         ),
+        (
+            "fleet_keys_follow_the_session_protocol",
+            fleet_keys_follow_the_session_protocol,
+        ),
     ];
     run_suite(tests, || LabSuite::start("patroni"), true);
+}
+
+/// In a fleet rolegate issues the cancel keys: the process id names the
+/// instance and the secret is as long as the session's protocol has them
+/// (4 bytes under 3.0; 32 under 3.2, which PostgreSQL 18 speaks and 15
+/// negotiates down). A cancel with the issued key cancels.
+fn fleet_keys_follow_the_session_protocol(env: &LabSuite) -> Result<(), Failed> {
+    use std::io::Write;
+    use support::wire;
+
+    let peer = support::free_port();
+    let fleet = format!("\n[fleet]\nlisten = \"127.0.0.1:{peer}\"\nid = 7\n");
+    let (_rolegate, rw, _ro) = env.rolegate_with_limits("fleet-keys", &env.lab.etcd_line(), &fleet);
+    for minor in [0u16, 2] {
+        let mut stream = wire::connect(rw);
+        stream.write_all(&wire::startup_packet(
+            3,
+            minor,
+            &[("user", "app"), ("database", "app")],
+        ))?;
+        let login = wire::login(&mut stream, "app");
+        check(
+            login.error.is_none(),
+            format!("3.{minor}: login failed: {login:?}"),
+        )?;
+        let (pid, secret) = login.key.clone().ok_or("no BackendKeyData")?;
+        let negotiated = login.negotiated_minor.unwrap_or(minor);
+        let expected = if negotiated >= 2 { 32 } else { 4 };
+        check(
+            (pid >> 20) & 0x7ff == 7 && pid <= i32::MAX as u32,
+            format!("3.{minor}: process id {pid:#x} names instance 7"),
+        )?;
+        check(
+            secret.len() == expected,
+            format!(
+                "3.{minor} (negotiated 3.{negotiated}): a secret of {} bytes, expected {expected}",
+                secret.len()
+            ),
+        )?;
+        stream.write_all(&wire::message(b'Q', b"select pg_sleep(30)\0"))?;
+        std::thread::sleep(Duration::from_millis(300));
+        let mut cancel = wire::connect(rw);
+        cancel.write_all(&wire::cancel_request(pid, &secret))?;
+        check(wire::closes(&mut cancel), "the cancel connection is closed")?;
+        let mut code = None;
+        while let Some(msg) = wire::read_msg(&mut stream) {
+            if msg.tag == b'E' {
+                code = msg.field(b'C');
+                break;
+            }
+        }
+        check(
+            code.as_deref() == Some("57014"),
+            format!("3.{minor}: the query ended with {code:?}"),
+        )?;
+        println!("    protocol 3.{minor} (negotiated 3.{negotiated}): pid {pid:#x}, {expected}-byte secret, cancelled");
+    }
+    Ok(())
 }
 
 /// `patronictl list` rows as (member, host:port, role), via `lab status`.
