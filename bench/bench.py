@@ -401,6 +401,9 @@ ROWS = [
     ("cpu/prepared/32", "Proxy CPU per 1,000 tx, `-S -M prepared` 32 clients", "ms", 1, "measure"),
     ("cpu/rate/16", "Proxy CPU per 1,000 tx at a fixed 5,000 tx/s, `-S -R 5000` 16 clients", "ms", 1, "measure"),
     ("cpu/connrate/8", "Proxy CPU per 1,000 connections, `-S -C` 8 clients", "ms", 1, "measure"),
+    ("sys/wakeups", "Proxy wake-ups (voluntary context switches) per tx, `-S -t` 8 clients", "per tx", 2, "measure"),
+    ("sys/total", "Proxy syscalls per tx, `-S -t` 8 clients (strace -c -f)", "per tx", 2, "measure"),
+    ("sys/epoll_wait", "Proxy `epoll_wait` calls per tx, `-S -t` 8 clients (strace -c -f)", "per tx", 2, "measure"),
     ("lat/p50", "Latency p50, 1 client `-S`", "µs", 0, "measure"),
     ("lat/p99", "Latency p99, 1 client `-S`", "µs", 0, "measure"),
     ("latadd/p50", "Added latency p50 vs direct", "µs", 0, "measure"),
@@ -509,6 +512,8 @@ def evaluate_targets(data, meta):
     for m in ("cpu/simple/8", "cpu/simple/32", "cpu/prepared/8", "cpu/prepared/32", "cpu/rate/16"):
         rh = ratio(rg(m), ha(m))
         out[m] = ("≤ HAProxy", None if rh is None else rh <= 1.0, f"{fmt_ratio(rh)} HAProxy")
+    rh = ratio(rg("sys/epoll_wait"), ha("sys/epoll_wait"))
+    out["sys/epoll_wait"] = ("≤ HAProxy", None if rh is None else rh <= 1.0, f"{fmt_ratio(rh)} HAProxy")
     m = "mem/per_session"
     if rg(m) is not None and ha(m) is not None:
         met = rg(m) <= ha(m) and rg(m) <= 16.0

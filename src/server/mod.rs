@@ -24,6 +24,7 @@ pub mod relay;
 pub mod session;
 pub mod socket;
 pub mod stream;
+pub mod when_woken;
 
 pub use backend::BackendTlsSettings;
 

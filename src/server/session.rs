@@ -27,6 +27,7 @@ use super::proxy_protocol::read_header;
 use super::relay::{Relay, RelayEnd};
 use super::socket;
 use super::stream::{BackendStream, ClientStream};
+use super::when_woken::WhenWoken;
 use super::{ListenerContext, Shared};
 use crate::config::{Limits, ListenerRole};
 use crate::metrics::{self, ConnectionOutcome};
@@ -389,12 +390,20 @@ impl Session<'_> {
                 .sessions
                 .open(self.listener.cluster.clone(), member.name.clone(), role);
         let mut relay = Relay::new(to_backend, to_client, self.shared.relayed.clone());
-        let ended = tokio::select! {
-            end = relay.run(&mut client, &mut backend) => Ended::Relay(end),
-            misfit = wait_for_misfit(self.listener.router.subscribe(), role, &member.name) => {
-                Ended::Misfit(misfit)
+        // The end signals are polled only when they fire, not at every
+        // packet (see `when_woken`).
+        let signals = WhenWoken::new(async {
+            tokio::select! {
+                misfit = wait_for_misfit(self.listener.router.subscribe(), role, &member.name) => {
+                    Ended::Misfit(misfit)
+                }
+                () = shutdown.cancelled() => Ended::Shutdown,
             }
-            () = shutdown.cancelled() => Ended::Shutdown,
+        });
+        let ended = tokio::select! {
+            biased;
+            end = relay.run(&mut client, &mut backend) => Ended::Relay(end),
+            signal = signals => signal,
         };
         // Why the session ended, and the FATAL rolegate owes the client, if
         // any (a backend that said why itself needs none).
