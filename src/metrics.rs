@@ -12,6 +12,7 @@
 //! `docs/metrics.md` describes each metric for operators.
 
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -315,18 +316,25 @@ pub fn held_session(cluster: &str, role: ListenerRole) -> GaugeGuard {
 /// (cluster, member, listener role).
 type SessionKey = (Arc<str>, Arc<str>, ListenerRole);
 
-/// Sessions per (cluster, member, role), for the gauge and for `/cluster`.
+/// Sessions per (cluster, member, role), for the gauge and for `/cluster`,
+/// and per (cluster, client address) for `/cluster` (never a metric label:
+/// client addresses are unbounded).
 #[derive(Default)]
 pub struct SessionCounts {
     counts: Mutex<HashMap<SessionKey, usize>>,
+    clients: Mutex<HashMap<(Arc<str>, IpAddr), usize>>,
 }
 
 /// One relaying session, counted while it lives.
 pub struct SessionGuard {
     counts: Arc<SessionCounts>,
     key: SessionKey,
+    client: IpAddr,
     _gauge: GaugeGuard,
 }
+
+/// The client addresses `/cluster` lists per cluster, busiest first.
+const CLIENTS_LISTED: usize = 20;
 
 impl SessionCounts {
     pub fn new() -> Arc<Self> {
@@ -339,24 +347,49 @@ impl SessionCounts {
         self.counts.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Counts a session that opened on `member`. Called once per session,
-    /// never per packet.
+    fn lock_clients(&self) -> std::sync::MutexGuard<'_, HashMap<(Arc<str>, IpAddr), usize>> {
+        // As `lock`: single updates only.
+        self.clients.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Counts a session of `client` that opened on `member`. Called once
+    /// per session, never per packet.
     pub fn open(
         self: &Arc<Self>,
         cluster: Arc<str>,
         member: Arc<str>,
         role: ListenerRole,
+        client: IpAddr,
     ) -> SessionGuard {
         *self
             .lock()
             .entry((cluster.clone(), member.clone(), role))
             .or_insert(0) += 1;
+        *self
+            .lock_clients()
+            .entry((cluster.clone(), client))
+            .or_insert(0) += 1;
         let gauge = gauge!(SESSIONS, "cluster" => cluster.to_string(), "member" => member.to_string(), "role" => role.as_str());
         SessionGuard {
             counts: Arc::clone(self),
             key: (cluster, member, role),
+            client,
             _gauge: GaugeGuard::raise(gauge),
         }
+    }
+
+    /// The client addresses with sessions in `cluster`, busiest first, at
+    /// most [`CLIENTS_LISTED`].
+    pub fn clients_of(&self, cluster: &str) -> Vec<(IpAddr, usize)> {
+        let mut out: Vec<_> = self
+            .lock_clients()
+            .iter()
+            .filter(|((c, _), n)| &**c == cluster && **n > 0)
+            .map(|((_, ip), n)| (*ip, *n))
+            .collect();
+        out.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+        out.truncate(CLIENTS_LISTED);
+        out
     }
 
     /// Sessions of `cluster` by member and role.
@@ -379,6 +412,15 @@ impl Drop for SessionGuard {
             *n = n.saturating_sub(1);
             if *n == 0 {
                 counts.remove(&self.key);
+            }
+        }
+        drop(counts);
+        let mut clients = self.counts.lock_clients();
+        let key = (self.key.0.clone(), self.client);
+        if let Some(n) = clients.get_mut(&key) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                clients.remove(&key);
             }
         }
     }
@@ -493,9 +535,12 @@ mod tests {
     #[test]
     fn session_counts_follow_guards() {
         let counts = SessionCounts::new();
-        let a = counts.open("demo".into(), "pg1".into(), ListenerRole::Primary);
-        let b = counts.open("demo".into(), "pg1".into(), ListenerRole::Primary);
-        let c = counts.open("demo".into(), "pg2".into(), ListenerRole::Replica);
+        let here: IpAddr = "192.0.2.7".parse().expect("ip");
+        let there: IpAddr = "192.0.2.8".parse().expect("ip");
+        let a = counts.open("demo".into(), "pg1".into(), ListenerRole::Primary, here);
+        let b = counts.open("demo".into(), "pg1".into(), ListenerRole::Primary, there);
+        let c = counts.open("demo".into(), "pg2".into(), ListenerRole::Replica, here);
+        assert_eq!(counts.clients_of("demo"), [(here, 2), (there, 1)]);
         assert_eq!(
             counts.of_cluster("demo"),
             [
@@ -510,6 +555,7 @@ mod tests {
         );
         drop(b);
         assert!(counts.of_cluster("demo").is_empty());
+        assert!(counts.clients_of("demo").is_empty());
         assert!(counts.of_cluster("other").is_empty());
     }
 }

@@ -468,6 +468,16 @@ trusted_proxies = ["10.0.0.0/8"]
                 !row.get::<_, bool>(0),
                 format!("{what}: reached the primary"),
             )?;
+            let clients = rolegate
+                .admin_get("/cluster")
+                .map(|(_, body)| body)
+                .unwrap_or_default();
+            let client_ip = claimed.rsplit_once(':').map_or(claimed, |(ip, _)| ip);
+            let client_ip = client_ip.trim_start_matches('[').trim_end_matches(']');
+            check(
+                clients.contains(&format!("\"address\": \"{client_ip}\"")),
+                format!("{what}: /cluster lists the client {client_ip}"),
+            )?;
             let log = rolegate.log();
             check(
                 log.contains(&format!("client={claimed}")),

@@ -23,8 +23,15 @@ pub fn cluster(admin: &Admin, state: &AdminState) -> String {
                     json!({"member": &*member, "role": role.as_str(), "sessions": count})
                 })
                 .collect();
+            let clients: Vec<_> = admin
+                .sessions
+                .clients_of(name)
+                .into_iter()
+                .map(|(address, count)| json!({"address": address.to_string(), "sessions": count}))
+                .collect();
             if let Some(object) = value.as_object_mut() {
                 object.insert("sessions".to_owned(), Value::Array(sessions));
+                object.insert("clients".to_owned(), Value::Array(clients));
             }
             value
         })

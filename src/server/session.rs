@@ -120,6 +120,7 @@ pub async fn run(
     );
     let session = Session {
         listener: &listener,
+        client: peer,
         shared: &shared,
         limits: &limits,
         accepted,
@@ -236,6 +237,8 @@ impl EndReason {
 
 struct Session<'a> {
     listener: &'a ListenerContext,
+    /// The client's address (from a PROXY header when there is one).
+    client: SocketAddr,
     shared: &'a Shared,
     /// The limits in force when the connection was accepted.
     limits: &'a Limits,
@@ -385,10 +388,12 @@ impl Session<'_> {
             .session_served(&self.listener.cluster, &member.name);
 
         let role = self.listener.router.role();
-        let _counted =
-            self.shared
-                .sessions
-                .open(self.listener.cluster.clone(), member.name.clone(), role);
+        let _counted = self.shared.sessions.open(
+            self.listener.cluster.clone(),
+            member.name.clone(),
+            role,
+            self.client.ip(),
+        );
         let mut relay = Relay::new(to_backend, to_client, self.shared.relayed.clone());
         // The end signals are polled only when they fire, not at every
         // packet (see `when_woken`).
