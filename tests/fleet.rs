@@ -207,6 +207,26 @@ fn ids_are_claimed_once_and_peers_found(env: &Env) -> Result<(), Failed> {
             format!("instance {own:?} lists peers {peers:?}, expected {expected:?}"),
         )?;
     }
+    // The status page shows the fleet: this instance's id and its peers.
+    let page = format!("http://127.0.0.1:{}/", trio[0].rolegate.admin_port);
+    let dom = support::browser::dump_dom(&page, &env.suite.root.join("chromium-fleet"))?;
+    let fleet_section = dom
+        .split("<section id=\"fleet\"")
+        .nth(1)
+        .unwrap_or_default();
+    let own = trio[0].id().unwrap_or(0);
+    let peers: Vec<u64> = ids.iter().copied().filter(|id| *id != own).collect();
+    check(
+        !fleet_section.starts_with(" hidden")
+            && fleet_section.contains(&format!("this instance </b><code>{own}</code>"))
+            && peers
+                .iter()
+                .all(|id| fleet_section.contains(&format!("<td><code>{id}</code></td>"))),
+        format!(
+            "the status page shows instance {own} and peers {peers:?}:\n{}",
+            &fleet_section[..fleet_section.len().min(1500)]
+        ),
+    )?;
     let etcd = env.etcd.lock().unwrap_or_else(|p| p.into_inner());
     let keys = etcd
         .etcdctl(

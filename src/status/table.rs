@@ -15,6 +15,38 @@ pub struct Picture {
     pub every_cluster_has_a_primary: bool,
 }
 
+/// The fleet: this instance's id and its peers.
+fn draw_fleet(text: &mut String, fleet: &Value) {
+    let own = match fleet["id"].as_u64() {
+        Some(id) => id.to_string(),
+        None => "no id yet".to_owned(),
+    };
+    text.push_str(&format!(
+        "Fleet {}: this instance {own}, peers {}\n",
+        s(&fleet["name"]),
+        if fleet["discovery"] == "etcd" {
+            "found through etcd"
+        } else {
+            "listed"
+        }
+    ));
+    let rows: Vec<Vec<String>> = fleet["peers"]
+        .as_array()
+        .map(|peers| {
+            peers
+                .iter()
+                .map(|p| {
+                    let seen = p["last_seen"].as_str().unwrap_or("never").to_owned();
+                    vec![s(&p["id"]), s(&p["address"]), seen]
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    if !rows.is_empty() {
+        table(text, &["Peer", "Address", "Last seen"], &rows);
+    }
+}
+
 /// Draws the clusters (only `only` when given), the listeners and the last
 /// events. An answer without the expected shape is an error, not a guess.
 pub fn render(cluster: &Value, events: &Value, only: Option<&str>) -> Result<Picture, String> {
@@ -69,6 +101,9 @@ pub fn render(cluster: &Value, events: &Value, only: Option<&str>) -> Result<Pic
             &["Listen", "Cluster", "Role", "New sessions go to", "Held"],
             &rows,
         );
+    }
+    if cluster["fleet"].is_object() {
+        draw_fleet(&mut text, &cluster["fleet"]);
     }
     let events = events["events"]
         .as_array()
@@ -278,5 +313,23 @@ mod tests {
         let error = render(&cluster, &events, Some("other")).expect_err("no such cluster");
         assert!(error.contains("\"other\""), "{error}");
         assert!(render(&json!({}), &events, None).is_err());
+    }
+
+    #[test]
+    fn a_fleet_is_drawn_with_its_peers() {
+        let (mut cluster, events) = answers(Some("node1"));
+        cluster["fleet"] = json!({
+            "name": "main", "id": 2, "discovery": "etcd",
+            "peers": [{"id": 1, "address": "10.0.0.11:6440", "last_seen": "2026-12-02T10:00:00.000Z"},
+                      {"id": 3, "address": "10.0.0.13:6440", "last_seen": null}],
+        });
+        let text = render(&cluster, &events, None).expect("a picture").text;
+        for wanted in [
+            "Fleet main: this instance 2, peers found through etcd",
+            "1    | 10.0.0.11:6440 | 2026-12-02T10:00:00.000Z",
+            "3    | 10.0.0.13:6440 | never",
+        ] {
+            assert!(text.contains(wanted), "{wanted:?} missing from:\n{text}");
+        }
     }
 }
