@@ -1,4 +1,4 @@
-//! Relaying authentication between client and backend, unchanged.
+//! Relaying authentication between client and backend.
 //!
 //! rolegate holds no passwords. After forwarding the StartupMessage it
 //! reads the backend's messages one by one and passes them on; whenever an
@@ -6,14 +6,15 @@
 //! reads exactly one message from the client, checks that it is a
 //! password-type message of sane length, and forwards it. After a GSSAPI
 //! continuation (or SSPI) either side may speak next, so rolegate relays
-//! whichever does first. BackendKeyData
-//! is captured for cancel routing, and the client gets the key that
-//! `issue_key` returns for it (the same, or in a fleet rolegate's own). The exchange ends at the first
+//! whichever does first. BackendKeyData is captured for cancel routing,
+//! and the client gets the key that `issue_key` returns for it (the same,
+//! or in a fleet rolegate's own). The exchange ends at the first
 //! ReadyForQuery (the session is open) or at an ErrorResponse (the backend
 //! refused, and the client has already been given its error).
 //!
-//! The one change made on the way: SCRAM-SHA-256-PLUS is removed from the
-//! backend's SASL mechanism list (see [`crate::protocol::sasl`]).
+//! Two changes are made on the way: SCRAM-SHA-256-PLUS is removed from the
+//! backend's SASL mechanism list (see [`crate::protocol::sasl`]), and in a
+//! fleet BackendKeyData carries rolegate's key (see [`crate::fleet::key`]).
 //!
 //! Backend messages are forwarded in batches: everything the backend sent
 //! before it next waits for the client goes out in one write.
@@ -326,6 +327,15 @@ mod tests {
 
     use crate::protocol::message::encode as msg;
 
+    /// Relays a login over plaintext, passing the server's key through.
+    async fn relay_plain<C, B>(client: &mut C, backend: &mut B) -> Result<Authenticated, AuthError>
+    where
+        C: AsyncRead + AsyncWrite + Unpin,
+        B: AsyncRead + AsyncWrite + Unpin,
+    {
+        relay_authentication(client, backend, BytesMut::new(), "pg1", false, &mut |k| k).await
+    }
+
     #[tokio::test]
     async fn md5_exchange_captures_the_key() {
         let (mut client_app, mut client) = duplex(1 << 16);
@@ -459,14 +469,7 @@ mod tests {
         client_app.write_all(&answers).await.expect("write");
         tokio::time::timeout(
             std::time::Duration::from_secs(5),
-            relay_authentication(
-                &mut client,
-                &mut backend,
-                BytesMut::new(),
-                "pg1",
-                false,
-                &mut |k| k,
-            ),
+            relay_plain(&mut client, &mut backend),
         )
         .await
         .expect("no deadlock")
@@ -486,17 +489,10 @@ mod tests {
             .write_all(&msg(b'Q', b"select 1\0"))
             .await
             .expect("write");
-        let err = relay_authentication(
-            &mut client,
-            &mut backend,
-            BytesMut::new(),
-            "pg1",
-            false,
-            &mut |k| k,
-        )
-        .await
-        .err()
-        .expect("violation");
+        let err = relay_plain(&mut client, &mut backend)
+            .await
+            .err()
+            .expect("violation");
         assert!(
             matches!(err, AuthError::Client(ref e) if e.sqlstate == SqlState::PROTOCOL_VIOLATION)
         );
@@ -508,17 +504,10 @@ mod tests {
         let (mut backend, mut server_app) = duplex(1 << 16);
         let error = msg(b'E', b"SFATAL\0C28P01\0\0");
         server_app.write_all(&error).await.expect("write");
-        let err = relay_authentication(
-            &mut client,
-            &mut backend,
-            BytesMut::new(),
-            "pg1",
-            false,
-            &mut |k| k,
-        )
-        .await
-        .err()
-        .expect("refused");
+        let err = relay_plain(&mut client, &mut backend)
+            .await
+            .err()
+            .expect("refused");
         assert!(matches!(err, AuthError::Refused));
         let mut got = vec![0u8; error.len()];
         client_app.read_exact(&mut got).await.expect("read");
@@ -530,17 +519,10 @@ mod tests {
         let (_client_app, mut client) = duplex(1 << 16);
         let (mut backend, server_app) = duplex(1 << 16);
         drop(server_app);
-        let err = relay_authentication(
-            &mut client,
-            &mut backend,
-            BytesMut::new(),
-            "pg1",
-            false,
-            &mut |k| k,
-        )
-        .await
-        .err()
-        .expect("gone");
+        let err = relay_plain(&mut client, &mut backend)
+            .await
+            .err()
+            .expect("gone");
         assert!(
             matches!(err, AuthError::Backend(ref e) if e.sqlstate == SqlState::CONNECTION_FAILURE)
         );
