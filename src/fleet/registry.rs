@@ -10,7 +10,7 @@
 //!
 //! While etcd is unreachable the last peer table and the claimed id stay
 //! in force; when etcd answers again and says the lease expired, the
-//! instance claims again, its old id first. Until an instance has claimed
+//! instance claims again, its last id first. Until an instance has claimed
 //! its first id it issues keys without one (usable only where they were
 //! issued). At shutdown the lease is revoked, so peers forget the instance
 //! at once.
@@ -132,32 +132,40 @@ struct Held {
 }
 
 /// Claims an id and keeps it alive until `stop`; reconnects as needed.
-/// While etcd cannot be reached the id is kept: nobody can claim it while
-/// etcd is down, and if etcd only lost sight of this instance the worst
-/// that follows is a cancel dropped, never a wrong one (the secrets differ).
-/// Once etcd answers again the lease is checked, and claimed anew (the same
-/// id first) if it expired.
+///
+/// While etcd cannot be reached the id stays in force, so that cancels
+/// keep working through an etcd outage (nobody can claim an id then). If
+/// only this instance lost sight of etcd, its lease may expire and another
+/// instance take the id: until this one is back, cancels for either's
+/// sessions that reach the other are dropped (never sent to a wrong
+/// session: the secrets differ). Once etcd answers and says the lease
+/// expired, the instance claims again, the last id first; sessions holding
+/// keys with an older id are still found here, as every instance looks a
+/// key up locally before it routes by id.
 async fn keep_claim(fleet: &Fleet, connector: &EtcdConnector, stop: &CancellationToken) {
     let ttl = fleet.config.lease_ttl.get();
     let mut held: Option<Held> = None;
+    let mut last_id: Option<u16> = None;
     let mut retry = RETRY_MIN;
     loop {
         let session = async {
             let mut client = connector.connect().await?;
             let claimed = match held {
-                Some(old) if lease_alive(&mut client, old.lease).await => old,
-                old => {
-                    let claimed = claim(fleet, &mut client, ttl, old.map(|h| h.id)).await?;
+                Some(old) if lease_alive(&mut client, old.lease).await? => old,
+                _ => {
+                    let claimed = claim(fleet, &mut client, ttl, last_id).await?;
                     info!(id = claimed.id, "fleet: claimed instance id {}", claimed.id);
                     claimed
                 }
             };
             fleet.set_own(claimed.id);
             held = Some(claimed);
+            last_id = Some(claimed.id);
             retry = RETRY_MIN;
             let expired = keep_alive(&mut client, claimed.lease, ttl, fleet).await;
             if expired.is_ok() {
                 held = None;
+                fleet.set_own(0);
             }
             expired.map_err(|e| format!("keeping instance id {}: {e}", claimed.id))
         };
@@ -184,12 +192,10 @@ async fn keep_claim(fleet: &Fleet, connector: &EtcdConnector, stop: &Cancellatio
     }
 }
 
-/// True when `lease` still has time to live.
-async fn lease_alive(client: &mut Client, lease: i64) -> bool {
-    matches!(
-        tokio::time::timeout(REQUEST_TIMEOUT, client.lease_time_to_live(lease, None)).await,
-        Ok(Ok(response)) if response.ttl() > 0
-    )
+/// Whether `lease` still has time to live; an error when etcd did not say.
+async fn lease_alive(client: &mut Client, lease: i64) -> Result<bool, String> {
+    let answer = within("checking the lease", client.lease_time_to_live(lease, None)).await?;
+    Ok(answer.ttl() > 0)
 }
 
 /// Grants a lease and claims the preferred id, or else the lowest free one.

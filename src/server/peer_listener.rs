@@ -13,6 +13,7 @@ use std::time::Duration;
 use bytes::BytesMut;
 use tokio::io::AsyncReadExt;
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info};
 
@@ -22,6 +23,8 @@ use crate::server::Shared;
 
 /// How long a peer may take to send its request.
 const READ_TIMEOUT: Duration = Duration::from_secs(2);
+/// Peer connections read at once; more are closed at once.
+const MAX_CONNECTIONS: usize = 256;
 /// The largest CancelRequest: length, code, process id, longest secret.
 const MAX_REQUEST: usize = 12 + MAX_CANCEL_KEY;
 const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
@@ -31,6 +34,7 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>, stop: Cancellatio
     if let Ok(addr) = listener.local_addr() {
         info!(listen = %addr, "fleet: accepting cancel requests from peers");
     }
+    let connections = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     loop {
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -43,8 +47,15 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>, stop: Cancellatio
             },
             () = stop.cancelled() => return,
         };
+        let Ok(place) = Arc::clone(&connections).try_acquire_owned() else {
+            debug!(peer = %peer, "fleet: too many peer connections at once; closing this one");
+            continue;
+        };
         let task_shared = Arc::clone(&shared);
-        shared.tasks.spawn(async move {
+        // Not among the sessions' tasks: a peer's requests must not hold
+        // off a shutdown that waits for sessions.
+        tokio::spawn(async move {
+            let _place = place;
             match tokio::time::timeout(READ_TIMEOUT, read_request(stream)).await {
                 // The connection is closed by now, before the request is
                 // acted on.

@@ -166,6 +166,7 @@ def notify_self(t):
         assert got["mine"] == own, f"own notification from pid {got['mine']}, BackendKeyData said {own}"
         assert got["theirs"] != own, f"another session's notification carries this session's pid {own}"
         real = conn.execute("select pg_backend_pid()").fetchone()[0]
+        assert real != own, f"BackendKeyData's pid {own} is the server's own: the fleet issued no key"
         return f"own notification carries pid {own} (BackendKeyData; pg_backend_pid() is {real}), the other session's does not"
 
 

@@ -20,6 +20,8 @@ mod throttle;
 pub use registry::{CancelRegistration, CancelRegistry, CancelTarget};
 pub use throttle::CancelThrottle;
 
+use throttle::{MAX_PER_PEER_SOURCE, MAX_PER_SOURCE};
+
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -54,7 +56,11 @@ impl Via {
 /// is the client's address (from a PROXY header when there is one).
 pub async fn handle(key: CancelKey, source: SocketAddr, via: Via, shared: &Shared) {
     let count = |outcome| metrics::cancel_outcome(via.as_str(), outcome);
-    let Some(permit) = shared.cancel_throttle.admit(source.ip()) else {
+    let limit = match via {
+        Via::Client => MAX_PER_SOURCE,
+        Via::Peer => MAX_PER_PEER_SOURCE,
+    };
+    let Some(permit) = shared.cancel_throttle.admit(source.ip(), limit) else {
         count("rate_limited");
         debug!(client = %source, "cancel request dropped: too many from this address");
         return;
@@ -81,12 +87,7 @@ pub async fn handle(key: CancelKey, source: SocketAddr, via: Via, shared: &Share
         Route::Here => {
             count("unknown_key");
             debug!(client = %source, via = via.as_str(), pid = key.pid, "cancel request for an unknown key");
-            // A peer's miss was a client's guess, held where it arrived:
-            // holding it here too would make one guessing client slow down
-            // every cancel that peer passes on.
-            if via == Via::Client {
-                permit.hold_after_failure();
-            }
+            permit.hold_after_failure();
         }
         Route::UnknownPeer(id) => {
             count("unknown_peer");
@@ -112,6 +113,9 @@ pub async fn handle(key: CancelKey, source: SocketAddr, via: Via, shared: &Share
                     warn!(client = %source, peer = peer.id, "could not pass cancel request to its instance: {e}");
                 }
             }
+            // The peer says nothing of whether the key was one of its own:
+            // a guess must cost the same here as a miss.
+            permit.hold_after_failure();
         }
     }
 }

@@ -1,19 +1,25 @@
 //! Bounds on cancel requests, so that guessing keys is slow and one
 //! source cannot crowd out the others.
 //!
-//! Each source address may have [`MAX_PER_SOURCE`] cancels in flight. A
-//! cancel that found nothing keeps its place for [`FAILED_HOLD`] after it
-//! is done, so a source that guesses keys gets at most
-//! `MAX_PER_SOURCE / FAILED_HOLD` guesses a second, whatever its speed. A
-//! cancel beyond the bound is dropped and counted (`rate_limited`).
+//! Each client address may have [`MAX_PER_SOURCE`] cancels in flight. A
+//! cancel that found nothing, or was passed to another instance (which
+//! cannot say whether it found anything), keeps its place for
+//! [`FAILED_HOLD`] after it is done, so a source that guesses keys gets at
+//! most `MAX_PER_SOURCE / FAILED_HOLD` guesses a second, whatever its
+//! speed. A fleet peer passing cancels on may have
+//! [`MAX_PER_PEER_SOURCE`] in flight, and its misses are held too. A cancel
+//! beyond the bound is dropped and counted (`rate_limited`).
 
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-/// Cancels in flight (or held after failing) per source address.
+/// Cancels in flight (or held after failing) per client address.
 pub const MAX_PER_SOURCE: usize = 16;
+/// The same for a fleet peer passing on its clients' cancels: as many as a
+/// peer sends at once (see `crate::fleet`).
+pub const MAX_PER_PEER_SOURCE: usize = 64;
 /// How long a failed cancel keeps its source's place.
 pub const FAILED_HOLD: Duration = Duration::from_secs(1);
 
@@ -40,11 +46,11 @@ impl CancelThrottle {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// A place for one more cancel from `source`, unless it has too many.
-    pub fn admit(self: &Arc<Self>, source: IpAddr) -> Option<SourcePermit> {
+    /// A place for one more cancel from `source`, unless it has `limit`.
+    pub fn admit(self: &Arc<Self>, source: IpAddr, limit: usize) -> Option<SourcePermit> {
         let mut in_flight = self.lock();
         let count = in_flight.entry(source).or_insert(0);
-        if *count >= MAX_PER_SOURCE {
+        if *count >= limit {
             return None;
         }
         *count += 1;
@@ -93,20 +99,23 @@ mod tests {
         let a: IpAddr = "10.0.0.1".parse().expect("ip");
         let b: IpAddr = "10.0.0.2".parse().expect("ip");
         let held: Vec<_> = (0..MAX_PER_SOURCE)
-            .map(|_| throttle.admit(a).expect("a place"))
+            .map(|_| throttle.admit(a, MAX_PER_SOURCE).expect("a place"))
             .collect();
-        assert!(throttle.admit(a).is_none());
+        assert!(throttle.admit(a, MAX_PER_SOURCE).is_none());
         assert!(
-            throttle.admit(b).is_some(),
+            throttle.admit(b, MAX_PER_SOURCE).is_some(),
             "another source is not affected"
         );
         for permit in held {
             permit.hold_after_failure();
         }
         tokio::task::yield_now().await;
-        assert!(throttle.admit(a).is_none(), "failures keep their places");
+        assert!(
+            throttle.admit(a, MAX_PER_SOURCE).is_none(),
+            "failures keep their places"
+        );
         tokio::time::sleep(FAILED_HOLD + Duration::from_millis(10)).await;
-        assert!(throttle.admit(a).is_some());
+        assert!(throttle.admit(a, MAX_PER_SOURCE).is_some());
         assert_eq!(throttle.sources(), 0, "every place was given back");
     }
 }

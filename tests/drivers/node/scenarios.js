@@ -195,6 +195,7 @@ const scenarios = {
       assert(seen.mine === c.processID, `own notification from pid ${seen.mine}, BackendKeyData said ${c.processID}`)
       assert(seen.theirs !== c.processID, `another session's notification carries this session's pid ${c.processID}`)
       const real = (await c.query('select pg_backend_pid() as pid')).rows[0].pid
+      assert(real !== c.processID, `BackendKeyData's pid ${c.processID} is the server's own: the fleet issued no key`)
       return `own notification carries pid ${c.processID} (BackendKeyData; pg_backend_pid() is ${real}), the other session's does not`
     } finally {
       await c.end().catch(() => {})
