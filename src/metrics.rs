@@ -321,8 +321,15 @@ type SessionKey = (Arc<str>, Arc<str>, ListenerRole);
 /// client addresses are unbounded).
 #[derive(Default)]
 pub struct SessionCounts {
-    counts: Mutex<HashMap<SessionKey, usize>>,
-    clients: Mutex<HashMap<(Arc<str>, IpAddr), usize>>,
+    counts: Mutex<Counts>,
+}
+
+/// Both tallies, under one lock: a session opens and closes with one
+/// lock each.
+#[derive(Default)]
+struct Counts {
+    by_member: HashMap<SessionKey, usize>,
+    by_client: HashMap<(Arc<str>, IpAddr), usize>,
 }
 
 /// One relaying session, counted while it lives.
@@ -341,15 +348,10 @@ impl SessionCounts {
         Arc::new(Self::default())
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<SessionKey, usize>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Counts> {
         // Each operation is one insert or update: a panic cannot leave the
         // map inconsistent, so a poisoned lock is still usable.
         self.counts.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    fn lock_clients(&self) -> std::sync::MutexGuard<'_, HashMap<(Arc<str>, IpAddr), usize>> {
-        // As `lock`: single updates only.
-        self.clients.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Counts a session of `client` that opened on `member`. Called once
@@ -361,14 +363,16 @@ impl SessionCounts {
         role: ListenerRole,
         client: IpAddr,
     ) -> SessionGuard {
-        *self
-            .lock()
+        let mut counts = self.lock();
+        *counts
+            .by_member
             .entry((cluster.clone(), member.clone(), role))
             .or_insert(0) += 1;
-        *self
-            .lock_clients()
+        *counts
+            .by_client
             .entry((cluster.clone(), client))
             .or_insert(0) += 1;
+        drop(counts);
         let gauge = gauge!(SESSIONS, "cluster" => cluster.to_string(), "member" => member.to_string(), "role" => role.as_str());
         SessionGuard {
             counts: Arc::clone(self),
@@ -382,7 +386,8 @@ impl SessionCounts {
     /// most [`CLIENTS_LISTED`].
     pub fn clients_of(&self, cluster: &str) -> Vec<(IpAddr, usize)> {
         let mut out: Vec<_> = self
-            .lock_clients()
+            .lock()
+            .by_client
             .iter()
             .filter(|((c, _), n)| &**c == cluster && **n > 0)
             .map(|((_, ip), n)| (*ip, *n))
@@ -396,6 +401,7 @@ impl SessionCounts {
     pub fn of_cluster(&self, cluster: &str) -> Vec<(Arc<str>, ListenerRole, usize)> {
         let mut out: Vec<_> = self
             .lock()
+            .by_member
             .iter()
             .filter(|((c, _, _), n)| &**c == cluster && **n > 0)
             .map(|((_, m, r), n)| (m.clone(), *r, *n))
@@ -408,20 +414,17 @@ impl SessionCounts {
 impl Drop for SessionGuard {
     fn drop(&mut self) {
         let mut counts = self.counts.lock();
-        if let Some(n) = counts.get_mut(&self.key) {
-            *n = n.saturating_sub(1);
-            if *n == 0 {
-                counts.remove(&self.key);
-            }
-        }
-        drop(counts);
-        let mut clients = self.counts.lock_clients();
-        let key = (self.key.0.clone(), self.client);
-        if let Some(n) = clients.get_mut(&key) {
-            *n = n.saturating_sub(1);
-            if *n == 0 {
-                clients.remove(&key);
-            }
+        release(&mut counts.by_member, &self.key);
+        release(&mut counts.by_client, &(self.key.0.clone(), self.client));
+    }
+}
+
+/// Takes one off `key`'s count, forgetting the key at zero.
+fn release<K: std::hash::Hash + Eq>(counts: &mut HashMap<K, usize>, key: &K) {
+    if let Some(n) = counts.get_mut(key) {
+        *n = n.saturating_sub(1);
+        if *n == 0 {
+            counts.remove(key);
         }
     }
 }

@@ -11,8 +11,9 @@
 //! validate, when a new socket cannot be bound, or when it changes what
 //! only a restart can change: `[runtime] worker_threads`, the number of
 //! event loops, and `[fleet]` (an instance's id and peer listener live as
-//! long as its process; a restart hands the client sockets over anyway). A refused reload changes nothing: the configuration in use
-//! stays in force. Either outcome is counted and is an event.
+//! long as its process; a restart hands the client sockets over anyway).
+//! A refused reload changes nothing: the configuration in use stays in
+//! force. Either outcome is counted and is an event.
 
 use crate::config::Config;
 use crate::events::EventKind;

@@ -77,14 +77,7 @@ impl FleetConfig {
     }
 
     pub fn etcd_access(&self) -> EtcdAccess {
-        EtcdAccess {
-            endpoints: self.etcd.clone(),
-            user: self.etcd_user.clone(),
-            password: self.etcd_password.clone(),
-            ca: self.etcd_ca.clone(),
-            cert: self.etcd_cert.clone(),
-            key: self.etcd_key.clone(),
-        }
+        etcd_access_of!(self)
     }
 
     /// The static peer map with parsed ids.
@@ -182,15 +175,7 @@ pub(super) fn validate(fleet: &FleetConfig) -> Result<(), (String, String)> {
             parse_host_port(addr).map_err(|m| (peer_key(), m))?;
         }
     } else {
-        for (i, endpoint) in fleet.etcd.iter().enumerate() {
-            super::parse_http_url(endpoint).map_err(|m| (key(&format!("etcd[{i}]")), m))?;
-        }
-        if fleet.etcd_user.is_some() != fleet.etcd_password.is_some() {
-            return Err((
-                key("etcd_user"),
-                "`etcd_user` and `etcd_password` go together".to_owned(),
-            ));
-        }
+        super::validate::validate_etcd_access("fleet", &fleet.etcd_access())?;
         if fleet.id.is_some() || !fleet.peers.is_empty() {
             let which = if fleet.id.is_some() { "id" } else { "peers" };
             return Err((

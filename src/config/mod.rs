@@ -11,6 +11,22 @@
 //! This module never opens a socket or starts a task: the result is plain
 //! data, built once and handed to the parts that need it.
 
+/// The [`EtcdAccess`] of a table with the `etcd*` keys (a cluster, the
+/// fleet): serde cannot flatten one shared table into tables that refuse
+/// unknown keys, so each declares the keys and this gathers them.
+macro_rules! etcd_access_of {
+    ($table:expr) => {
+        EtcdAccess {
+            endpoints: $table.etcd.clone(),
+            user: $table.etcd_user.clone(),
+            password: $table.etcd_password.clone(),
+            ca: $table.etcd_ca.clone(),
+            cert: $table.etcd_cert.clone(),
+            key: $table.etcd_key.clone(),
+        }
+    };
+}
+
 mod fleet;
 mod limits;
 mod units;
@@ -329,14 +345,7 @@ impl Default for ClusterConfig {
 
 impl ClusterConfig {
     pub fn etcd_access(&self) -> EtcdAccess {
-        EtcdAccess {
-            endpoints: self.etcd.clone(),
-            user: self.etcd_user.clone(),
-            password: self.etcd_password.clone(),
-            ca: self.etcd_ca.clone(),
-            cert: self.etcd_cert.clone(),
-            key: self.etcd_key.clone(),
-        }
+        etcd_access_of!(self)
     }
 
     pub fn is_static(&self) -> bool {

@@ -138,3 +138,21 @@ fn host_port_forms() {
     assert!(parse_host_port("host:0").is_err());
     assert!(parse_host_port("host:99999").is_err());
 }
+
+#[test]
+fn fleet_etcd_keys_are_checked_as_a_cluster_s() {
+    let fleet = |extra: &str| {
+        format!(
+            "{MINIMAL}\n[fleet]\nlisten = \"127.0.0.1:6440\"\netcd = [\"http://127.0.0.1:2379\"]\n{extra}"
+        )
+    };
+    parse(&fleet("")).expect("a fleet found through etcd");
+    for (extra, key) in [
+        ("etcd_cert = \"/nonexistent/cert.pem\"\n", "fleet.etcd_cert"),
+        ("etcd_user = \"u\"\n", "fleet.etcd_user"),
+        ("id = 3\n", "fleet.id"),
+    ] {
+        let err = parse(&fleet(extra)).expect_err(extra);
+        assert_eq!(err.key, key, "{err}");
+    }
+}

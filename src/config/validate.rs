@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 
 use super::{
     parse_cidr, parse_host_port, parse_http_url, parse_socket_addr, ClusterConfig, Config,
-    LeaderPolicy, ListenerRole, ReplicaFallback, TlsMode,
+    EtcdAccess, LeaderPolicy, ListenerRole, ReplicaFallback, TlsMode,
 };
 
 /// Checks the rules that the types alone cannot express.
@@ -200,9 +200,7 @@ fn validate_cluster(name: &str, cluster: &ClusterConfig) -> Result<(), (String, 
 
 fn validate_patroni_cluster(name: &str, cluster: &ClusterConfig) -> Result<(), (String, String)> {
     let key = |field: &str| format!("clusters.{name}.{field}");
-    for (i, endpoint) in cluster.etcd.iter().enumerate() {
-        parse_http_url(endpoint).map_err(|m| (format!("clusters.{name}.etcd[{i}]"), m))?;
-    }
+    validate_etcd_access(&format!("clusters.{name}"), &cluster.etcd_access())?;
     for (i, endpoint) in cluster.patroni.iter().enumerate() {
         parse_http_url(endpoint).map_err(|m| (format!("clusters.{name}.patroni[{i}]"), m))?;
     }
@@ -216,22 +214,42 @@ fn validate_patroni_cluster(name: &str, cluster: &ClusterConfig) -> Result<(), (
             ),
         ));
     }
-    if cluster.etcd_user.is_some() != cluster.etcd_password.is_some() {
+    if cluster.health_interval.get().is_zero() || cluster.health_timeout.get().is_zero() {
+        return Err((
+            key("health_interval"),
+            "health_interval and health_timeout must be longer than 0s".to_owned(),
+        ));
+    }
+    Ok(())
+}
+
+/// The `etcd*` keys of `table` (a cluster, or `fleet`): endpoints that
+/// parse, a user with its password, a certificate with its key, and files
+/// that exist.
+pub(super) fn validate_etcd_access(
+    table: &str,
+    access: &EtcdAccess,
+) -> Result<(), (String, String)> {
+    let key = |field: &str| format!("{table}.{field}");
+    for (i, endpoint) in access.endpoints.iter().enumerate() {
+        parse_http_url(endpoint).map_err(|m| (key(&format!("etcd[{i}]")), m))?;
+    }
+    if access.user.is_some() != access.password.is_some() {
         return Err((
             key("etcd_user"),
             "`etcd_user` and `etcd_password` go together".to_owned(),
         ));
     }
-    if cluster.etcd_cert.is_some() != cluster.etcd_key.is_some() {
+    if access.cert.is_some() != access.key.is_some() {
         return Err((
             key("etcd_cert"),
             "`etcd_cert` and `etcd_key` go together".to_owned(),
         ));
     }
     for (field, path) in [
-        ("etcd_ca", &cluster.etcd_ca),
-        ("etcd_cert", &cluster.etcd_cert),
-        ("etcd_key", &cluster.etcd_key),
+        ("etcd_ca", &access.ca),
+        ("etcd_cert", &access.cert),
+        ("etcd_key", &access.key),
     ] {
         if let Some(path) = path {
             if !path.is_file() {
@@ -241,12 +259,6 @@ fn validate_patroni_cluster(name: &str, cluster: &ClusterConfig) -> Result<(), (
                 ));
             }
         }
-    }
-    if cluster.health_interval.get().is_zero() || cluster.health_timeout.get().is_zero() {
-        return Err((
-            key("health_interval"),
-            "health_interval and health_timeout must be longer than 0s".to_owned(),
-        ));
     }
     Ok(())
 }

@@ -162,9 +162,7 @@ impl Fleet {
             None => Route::UnknownPeer(id),
         }
     }
-}
 
-impl Fleet {
     /// The fleet as `/cluster` shows it.
     pub fn to_json(&self) -> Value {
         let own = self.own_id();

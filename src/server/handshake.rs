@@ -257,7 +257,7 @@ fn violation(message: &str) -> HandshakeError {
 
 /// Reads until `buf` holds a whole first packet. Never buffers more than
 /// one maximal packet.
-async fn read_first_packet<S>(
+pub(super) async fn read_first_packet<S>(
     stream: &mut S,
     buf: &mut BytesMut,
 ) -> Result<FirstPacket, HandshakeError>

@@ -17,7 +17,8 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info};
 
-use crate::protocol::startup::{decode_first_packet, FirstPacket, MAX_CANCEL_KEY};
+use super::handshake::read_first_packet;
+use crate::protocol::startup::{CancelKey, FirstPacket, MAX_CANCEL_KEY};
 use crate::server::cancel::{self, Via};
 use crate::server::Shared;
 
@@ -67,23 +68,13 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>, stop: Cancellatio
     }
 }
 
-/// Reads one CancelRequest and closes the connection.
-async fn read_request(mut stream: TcpStream) -> Option<crate::protocol::startup::CancelKey> {
+/// Reads one CancelRequest (nothing longer than the longest one) and
+/// closes the connection.
+async fn read_request(stream: TcpStream) -> Option<CancelKey> {
     let mut buf = BytesMut::with_capacity(64);
-    loop {
-        match decode_first_packet(&mut buf) {
-            Ok(Some(FirstPacket::Cancel(key))) => return Some(key),
-            Ok(Some(_)) | Err(_) => return None,
-            Ok(None) => {}
-        }
-        let room = MAX_REQUEST.saturating_sub(buf.len());
-        if room == 0 {
-            return None;
-        }
-        let mut limited = (&mut stream).take(room as u64);
-        match limited.read_buf(&mut buf).await {
-            Ok(0) | Err(_) => return None,
-            Ok(_) => {}
-        }
+    let mut limited = stream.take(MAX_REQUEST as u64);
+    match read_first_packet(&mut limited, &mut buf).await {
+        Ok(FirstPacket::Cancel(key)) => Some(key),
+        _ => None,
     }
 }

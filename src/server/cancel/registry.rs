@@ -123,10 +123,13 @@ impl CancelRegistry {
     ) -> CancelRegistration {
         let registration = self.next_registration.fetch_add(1, Ordering::Relaxed);
         let backend_pid = target.backend_key.pid;
+        // Drawn before the lock: the random bytes are a syscall, and every
+        // session's registration and every cancel take this lock.
+        let drawn = instance.map(|id| (id, key::issue(id, target.backend_key.secret.len())));
         let mut entries = self.lock();
-        let client_key = match instance {
+        let client_key = match drawn {
             None => target.backend_key.clone(),
-            Some(id) => issue_unused(&entries, id, &target.backend_key),
+            Some((id, drawn)) => issue_unused(&entries, id, drawn, &target.backend_key),
         };
         entries.entry(client_key.pid).or_default().push(Entry {
             registration,
@@ -167,20 +170,28 @@ impl CancelRegistry {
     }
 }
 
-/// A fresh key for instance `id` whose process id no session holds yet.
-fn issue_unused(entries: &Entries, id: u16, backend_key: &CancelKey) -> CancelKey {
-    let mut issued = None;
+/// `drawn`, or while its process id is taken, another fresh key for
+/// instance `id` (a clash is rare: 2^20 ids per instance).
+fn issue_unused(
+    entries: &Entries,
+    id: u16,
+    drawn: Result<CancelKey, getrandom::Error>,
+    backend_key: &CancelKey,
+) -> CancelKey {
+    let mut candidate = drawn;
     for _ in 0..ISSUE_TRIES {
-        match key::issue(id, backend_key.secret.len()) {
+        match candidate {
             Ok(key) if !entries.contains_key(&key.pid) => return key,
-            Ok(key) => issued = Some(key),
+            Ok(_) => candidate = key::issue(id, backend_key.secret.len()),
             Err(e) => {
                 warn!("no randomness for a cancel key ({e}); passing the server's key through");
                 return backend_key.clone();
             }
         }
     }
-    issued.unwrap_or_else(|| backend_key.clone())
+    // Every try clashed: share a process id (the secrets tell the
+    // sessions apart).
+    candidate.unwrap_or_else(|_| backend_key.clone())
 }
 
 #[cfg(test)]
