@@ -107,7 +107,13 @@ async fn refuse(
 ) {
     let read = async {
         let (peer, read_ahead) = match &context.proxy {
-            Some(policy) => read_header(&mut stream, connection, policy).await.ok()?,
+            Some(policy) => match read_header(&mut stream, connection, policy).await {
+                Ok(read) => read,
+                Err(e) => {
+                    send_error(&mut stream, &e).await;
+                    return None;
+                }
+            },
             None => (connection, BytesMut::new()),
         };
         let mut encrypting = false;
