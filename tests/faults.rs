@@ -21,7 +21,7 @@ use support::lab_suite::LabSuite;
 use support::procinfo::Usage;
 use support::rolegate::Rolegate;
 use support::routes::{reached, wait_for_readers, wait_for_writable_leader};
-use support::{churn, conninfo, runtime, writer};
+use support::{churn, conninfo, leader_key, runtime, writer};
 
 type Env = LabSuite;
 
@@ -292,43 +292,6 @@ fn frozen_replica_patroni_leaves_the_read_rotation(env: &Env) -> Result<(), Fail
     })
 }
 
-/// The first moment the leader key stops naming `leader` (expired,
-/// deleted or taken over), as etcd itself reports it; `None` if that did
-/// not happen before `stop`.
-async fn leader_key_leaves(
-    etcd: SocketAddr,
-    leader: String,
-    mut stop: watch::Receiver<bool>,
-) -> Result<Option<Instant>, String> {
-    let mut client = etcd_client::Client::connect([format!("http://{etcd}")], None)
-        .await
-        .map_err(|e| e.to_string())?;
-    let key = "/service/demo/leader";
-    let mut stream = client.watch(key, None).await.map_err(|e| e.to_string())?;
-    let current = client.get(key, None).await.map_err(|e| e.to_string())?;
-    if current.kvs().first().map(|kv| kv.value()) != Some(leader.as_bytes()) {
-        return Err(format!(
-            "the leader key does not name {leader} at the start"
-        ));
-    }
-    loop {
-        let message = tokio::select! {
-            message = stream.message() => message.map_err(|e| e.to_string())?,
-            _ = stop.changed() => return Ok(None),
-        };
-        let Some(response) = message else {
-            return Err("the etcd watch ended".to_owned());
-        };
-        let left = response.events().iter().any(|event| {
-            event.event_type() == etcd_client::EventType::Delete
-                || event.kv().map(|kv| kv.value()) != Some(leader.as_bytes())
-        });
-        if left {
-            return Ok(Some(Instant::now()));
-        }
-    }
-}
-
 fn partitioned_leader_acknowledges_no_write_after_its_key_expires(env: &Env) -> Result<(), Failed> {
     let first_leader = env.lab.leader();
     let isolated = replicas_of(&first_leader)[0];
@@ -374,8 +337,8 @@ async fn write_and_watch_the_key(
 ) -> Result<KeyWatchedWrites, Failed> {
     writer::prepare(&conninfo(rw, "app", "app")).await?;
     let (stop, stop_rx) = watch::channel(false);
-    let watcher = tokio::spawn(leader_key_leaves(
-        etcd_address(&env.lab),
+    let watcher = tokio::spawn(leader_key::leaves(
+        format!("http://{}", etcd_address(&env.lab)),
         leader.to_owned(),
         stop_rx.clone(),
     ));

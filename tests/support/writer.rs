@@ -7,6 +7,7 @@
 //! attempts, and misroutes: sessions that landed on a server in recovery,
 //! or writes refused as read-only.
 
+use std::net::{IpAddr, Ipv4Addr};
 use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
@@ -16,13 +17,15 @@ use super::connect;
 pub const TABLE: &str = "failover_probe";
 const CADENCE: Duration = Duration::from_millis(20);
 
-/// One acknowledged write: its row, when the ack arrived, and the port of
-/// the server that acknowledged it.
+/// One acknowledged write: its row, when the ack arrived, and the port and
+/// address of the server that acknowledged it (the lab's members differ by
+/// port, the container cluster's by address).
 #[derive(Debug, Clone, Copy)]
 pub struct Ack {
     pub seq: i64,
     pub at: Instant,
     pub port: u16,
+    pub addr: IpAddr,
 }
 
 #[derive(Debug, Default)]
@@ -59,7 +62,7 @@ pub async fn prepare(conninfo: &str) -> Result<(), tokio_postgres::Error> {
 /// `connect_timeout=1`.
 pub async fn run(conninfo: String, seq_base: i64, mut stop: watch::Receiver<bool>) -> WriterStats {
     let mut stats = WriterStats::default();
-    let mut client: Option<(tokio_postgres::Client, u16)> = None;
+    let mut client: Option<(tokio_postgres::Client, u16, IpAddr)> = None;
     let mut last_ok: Option<Instant> = None;
     let mut seq = seq_base;
     let mut ticker = tokio::time::interval(CADENCE);
@@ -75,10 +78,19 @@ pub async fn run(conninfo: String, seq_base: i64, mut stop: watch::Receiver<bool
             Some(session) => session,
             None => match connect(&conninfo).await {
                 Ok(session) => match session
-                    .query_one("select pg_is_in_recovery(), inet_server_port()", &[])
+                    .query_one(
+                        "select pg_is_in_recovery(), inet_server_port(), host(inet_server_addr())",
+                        &[],
+                    )
                     .await
                 {
-                    Ok(row) if !row.get::<_, bool>(0) => (session, row.get::<_, i32>(1) as u16),
+                    Ok(row) if !row.get::<_, bool>(0) => (
+                        session,
+                        row.get::<_, i32>(1) as u16,
+                        row.get::<_, String>(2)
+                            .parse()
+                            .unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED)),
+                    ),
                     Ok(_) => {
                         stats.misrouted += 1;
                         continue;
@@ -114,6 +126,7 @@ pub async fn run(conninfo: String, seq_base: i64, mut stop: watch::Receiver<bool
                     seq,
                     at: now,
                     port: session.1,
+                    addr: session.2,
                 });
                 client = Some(session);
             }
