@@ -6,7 +6,16 @@
 //! sends nothing, so stale keys would look current. With the requirement,
 //! reads fail at once and etcd cancels a watch after about three election
 //! timeouts ("etcdserver: no leader"), which rolegate treats as etcd lost.
+//!
+//! Each connection talks to one member, the next one in turn. A client of
+//! several endpoints spreads its requests over all of them, so while one
+//! member is down (a rolling restart, a crash) the requests that land on it
+//! keep failing: a follower whose member restarted was measured retrying
+//! that same member for 5 s, past the reconnect grace, while two members
+//! answered. In turn, the reconnect after a failure goes to another member.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use etcd_client::{Certificate, Client, ConnectOptions, Identity, TlsOptions};
@@ -29,6 +38,8 @@ const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(3);
 pub struct EtcdConnector {
     endpoints: Vec<String>,
     options: ConnectOptions,
+    /// The turn of the next connection (shared by the connector's clones).
+    turn: Arc<AtomicUsize>,
 }
 
 impl EtcdConnector {
@@ -62,16 +73,21 @@ impl EtcdConnector {
         Ok(Self {
             endpoints: access.endpoints.clone(),
             options,
+            turn: Arc::new(AtomicUsize::new(0)),
         })
     }
 
-    /// Connects to one of the endpoints, within [`REQUEST_TIMEOUT`].
+    /// Connects to the member whose turn it is, within [`REQUEST_TIMEOUT`].
     pub async fn connect(&self) -> Result<Client, String> {
-        let connect = Client::connect(&self.endpoints, Some(self.options.clone()));
+        let turn = self.turn.fetch_add(1, Ordering::Relaxed);
+        let Some(endpoint) = self.endpoints.get(turn % self.endpoints.len().max(1)) else {
+            return Err("cannot connect to etcd: no endpoints".to_owned());
+        };
+        let connect = Client::connect([endpoint], Some(self.options.clone()));
         match tokio::time::timeout(REQUEST_TIMEOUT, connect).await {
             Ok(Ok(client)) => Ok(client),
-            Ok(Err(e)) => Err(format!("cannot connect to etcd: {e}")),
-            Err(_) => Err("cannot connect to etcd: timed out".to_owned()),
+            Ok(Err(e)) => Err(format!("cannot connect to etcd at {endpoint}: {e}")),
+            Err(_) => Err(format!("cannot connect to etcd at {endpoint}: timed out")),
         }
     }
 }
