@@ -30,7 +30,10 @@ fn main() {
             "the_image_runs_unprivileged_and_turns_healthy",
             the_image_runs_unprivileged_and_turns_healthy,
         ),
-        ("rw_reaches_the_primary_and_ro_a_replica", rw_reaches_the_primary_and_ro_a_replica),
+        (
+            "rw_reaches_the_primary_and_ro_a_replica",
+            rw_reaches_the_primary_and_ro_a_replica,
+        ),
         (
             "a_switchover_and_a_killed_leader_are_followed_without_losing_a_write",
             a_switchover_and_a_killed_leader_are_followed_without_losing_a_write,
@@ -114,7 +117,10 @@ fn start_writer(
     seq_base: i64,
 ) -> (watch::Sender<bool>, tokio::task::JoinHandle<WriterStats>) {
     let (stop, stop_rx) = watch::channel(false);
-    (stop, tokio::spawn(writer::run(writer_conninfo(rw), seq_base, stop_rx)))
+    (
+        stop,
+        tokio::spawn(writer::run(writer_conninfo(rw), seq_base, stop_rx)),
+    )
 }
 
 /// Every acknowledged row is in the table, read through rw.
@@ -123,11 +129,20 @@ async fn check_no_row_lost(rw: u16, stats: &WriterStats, what: &str) -> Result<(
         !stats.acknowledged.is_empty(),
         format!("{what}: no write was acknowledged"),
     )?;
-    check(stats.misrouted == 0, format!("{what}: {} writes reached a server in recovery", stats.misrouted))?;
+    check(
+        stats.misrouted == 0,
+        format!(
+            "{what}: {} writes reached a server in recovery",
+            stats.misrouted
+        ),
+    )?;
     let missing = writer::missing_rows(&app(rw), &stats.seqs()).await?;
     check(
         missing == 0,
-        format!("{what}: {missing} of {} acknowledged rows are missing", stats.acknowledged.len()),
+        format!(
+            "{what}: {missing} of {} acknowledged rows are missing",
+            stats.acknowledged.len()
+        ),
     )
 }
 
@@ -157,15 +172,28 @@ async fn wait_for_metric(env: &Env, name: &str, value: f64, limit: Duration) -> 
 fn docker(args: &[&str]) -> Result<String, Failed> {
     let output = std::process::Command::new("docker").args(args).output()?;
     if !output.status.success() {
-        return Err(format!("docker {args:?}: {}", String::from_utf8_lossy(&output.stderr)).into());
+        return Err(format!(
+            "docker {args:?}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        )
+        .into());
     }
     Ok(String::from_utf8_lossy(&output.stdout).trim().to_owned())
 }
 
 fn the_image_runs_unprivileged_and_turns_healthy(env: &Env) -> Result<(), Failed> {
     let id = env.container("rolegate");
-    let user = docker(&["image", "inspect", "--format", "{{.Config.User}}", "rolegate:local"])?;
-    check(user == "10001:10001", format!("the image's user is {user:?}"))?;
+    let user = docker(&[
+        "image",
+        "inspect",
+        "--format",
+        "{{.Config.User}}",
+        "rolegate:local",
+    ])?;
+    check(
+        user == "10001:10001",
+        format!("the image's user is {user:?}"),
+    )?;
     // The process itself, as the host's kernel sees it.
     let pid = docker(&["inspect", "--format", "{{.State.Pid}}", &id])?;
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
@@ -187,12 +215,32 @@ fn the_image_runs_unprivileged_and_turns_healthy(env: &Env) -> Result<(), Failed
         }
         std::thread::sleep(Duration::from_millis(500));
     };
-    check(health == "healthy", format!("the HEALTHCHECK says {health}"))?;
-    let bytes: f64 = docker(&["image", "inspect", "--format", "{{.Size}}", "rolegate:local"])?.parse()?;
+    check(
+        health == "healthy",
+        format!("the HEALTHCHECK says {health}"),
+    )?;
+    let bytes: f64 = docker(&[
+        "image",
+        "inspect",
+        "--format",
+        "{{.Size}}",
+        "rolegate:local",
+    ])?
+    .parse()?;
     let patroni = docker(&[
-        "run", "--rm", "--network", "none", "--entrypoint", "patroni", "rolegate-lab-patroni:current", "--version",
+        "run",
+        "--rm",
+        "--network",
+        "none",
+        "--entrypoint",
+        "patroni",
+        "rolegate-lab-patroni:current",
+        "--version",
     ])?;
-    check(patroni.contains("4.1.5"), format!("the Patroni image runs {patroni:?}"))?;
+    check(
+        patroni.contains("4.1.5"),
+        format!("the Patroni image runs {patroni:?}"),
+    )?;
     runtime().block_on(async {
         let client = connect(&app(env.rw())).await?;
         let version: String = client.query_one("show server_version", &[]).await?.get(0);
@@ -225,7 +273,9 @@ fn rw_reaches_the_primary_and_ro_a_replica(env: &Env) -> Result<(), Failed> {
     })
 }
 
-fn a_switchover_and_a_killed_leader_are_followed_without_losing_a_write(env: &Env) -> Result<(), Failed> {
+fn a_switchover_and_a_killed_leader_are_followed_without_losing_a_write(
+    env: &Env,
+) -> Result<(), Failed> {
     let rw = env.rw();
     runtime().block_on(async {
         writer::prepare(&app(rw)).await?;
@@ -263,7 +313,9 @@ fn a_switchover_and_a_killed_leader_are_followed_without_losing_a_write(env: &En
     })
 }
 
-fn a_leader_off_the_network_acknowledges_no_write_after_its_key_expires(env: &Env) -> Result<(), Failed> {
+fn a_leader_off_the_network_acknowledges_no_write_after_its_key_expires(
+    env: &Env,
+) -> Result<(), Failed> {
     let rw = env.rw();
     let old = env.leader();
     let old_addr = env.address(&old);
@@ -366,7 +418,9 @@ fn rolegate_cut_from_one_replica_reads_from_the_other(env: &Env) -> Result<(), F
     })
 }
 
-fn rolegate_cut_from_etcd_follows_through_rest_and_returns_to_the_watch(env: &Env) -> Result<(), Failed> {
+fn rolegate_cut_from_etcd_follows_through_rest_and_returns_to_the_watch(
+    env: &Env,
+) -> Result<(), Failed> {
     let rw = env.rw();
     runtime().block_on(async {
         wait_for_metric(env, "rolegate_etcd_up", 1.0, Duration::from_secs(10)).await?;
@@ -382,12 +436,18 @@ fn rolegate_cut_from_etcd_follows_through_rest_and_returns_to_the_watch(env: &En
         let new_addr = wait_for_writable(rw, env.address(&old), Duration::from_secs(30)).await?;
         check(
             new_addr == env.address(&new),
-            format!("rolegate without etcd sent writes to {new_addr}, the leader {new} is {}", env.address(&new)),
+            format!(
+                "rolegate without etcd sent writes to {new_addr}, the leader {new} is {}",
+                env.address(&new)
+            ),
         )?;
         env.mend("rolegate", "etcd").await?;
         wait_for_metric(env, "rolegate_etcd_up", 1.0, Duration::from_secs(60)).await?;
         let after = metric(env, "rolegate_etcd_reconnects_total").unwrap_or_default();
-        check(after > reconnects, "the etcd watch came back without a reconnect counted")?;
+        check(
+            after > reconnects,
+            "the etcd watch came back without a reconnect counted",
+        )?;
         let _ = stop.send(true);
         let stats = writer.await?;
         check_no_row_lost(rw, &stats, "etcd cut").await?;
@@ -419,14 +479,19 @@ fn docker_stop_drains_sessions(env: &Env) -> Result<(), Failed> {
             .await
             .map_err(|_| format!("the session was not ended within {limit:?} of docker stop"))??;
         let code = end.err().as_ref().and_then(sqlstate);
-        check(code.as_deref() == Some("57P01"), format!("the drained session ended with {code:?}"))?;
+        check(
+            code.as_deref() == Some("57P01"),
+            format!("the drained session ended with {code:?}"),
+        )?;
         let stopped = stopping.await??;
         check(stopped.status.success(), "docker stop failed")?;
         let exit = docker(&["inspect", "--format", "{{.State.ExitCode}}", &id])?;
         check(exit == "0", format!("rolegate exited with {exit}"))?;
         docker(&["start", &id])?;
         env.run_async(&["wait"]).await?;
-        println!("docker stop: the open session kept working, then ended with 57P01; rolegate exited 0");
+        println!(
+            "docker stop: the open session kept working, then ended with 57P01; rolegate exited 0"
+        );
         Ok(())
     })
 }

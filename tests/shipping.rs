@@ -245,20 +245,31 @@ fn dockerfile_builds_with_the_ci_command_and_runs_as_documented() {
     for (n, &at) in starts.iter().enumerate() {
         let end = starts.get(n + 1).copied().unwrap_or(instructions.len());
         let from = &instructions[at].1;
-        let (_, name) = from.split_once(" AS ").unwrap_or_else(|| panic!("stage without a name: FROM {from}"));
+        let (_, name) = from
+            .split_once(" AS ")
+            .unwrap_or_else(|| panic!("stage without a name: FROM {from}"));
         names.push(name.to_owned());
         stages.insert(name.to_owned(), &instructions[at..end]);
     }
-    assert_eq!(names, ["runtime", "prebuilt", "build", "image"], "the stages, in order");
-    let (build, runtime, prebuilt, image) =
-        (stages["build"], stages["runtime"], stages["prebuilt"], stages["image"]);
+    assert_eq!(
+        names,
+        ["runtime", "prebuilt", "build", "image"],
+        "the stages, in order"
+    );
+    let (build, runtime, prebuilt, image) = (
+        stages["build"],
+        stages["runtime"],
+        stages["prebuilt"],
+        stages["image"],
+    );
     let defaults: BTreeMap<&str, &str> = instructions[..starts[0]]
         .iter()
         .filter(|(k, _)| k == "ARG")
         .filter_map(|(_, a)| a.split_once('='))
         .collect();
     assert!(
-        defaults["RUST_IMAGE"].starts_with("rust:") && defaults["RUST_IMAGE"].ends_with("-bookworm"),
+        defaults["RUST_IMAGE"].starts_with("rust:")
+            && defaults["RUST_IMAGE"].ends_with("-bookworm"),
         "the Rust image: {defaults:?}"
     );
     assert_eq!(defaults["RUNTIME_IMAGE"], "debian:bookworm-slim");
@@ -321,7 +332,8 @@ fn dockerfile_builds_with_the_ci_command_and_runs_as_documented() {
         );
     }
     assert!(
-        ignored.iter().any(|i| i == "target") && ignored.iter().any(|i| i == "!target/docker/rolegate"),
+        ignored.iter().any(|i| i == "target")
+            && ignored.iter().any(|i| i == "!target/docker/rolegate"),
         ".dockerignore keeps target/ out, but for the staged host binary"
     );
 
@@ -333,7 +345,9 @@ fn dockerfile_builds_with_the_ci_command_and_runs_as_documented() {
         "the default target's binary comes from the build stage"
     );
     assert!(
-        args(prebuilt, "COPY").iter().any(|c| c.contains("target/docker/rolegate")),
+        args(prebuilt, "COPY")
+            .iter()
+            .any(|c| c.contains("target/docker/rolegate")),
         "the prebuilt target takes docker/lab's staged binary"
     );
 

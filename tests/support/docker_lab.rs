@@ -35,15 +35,20 @@ fn repo() -> PathBuf {
 impl DockerLab {
     /// Builds the images from this tree and starts the cluster.
     pub fn start() -> Self {
-        let scratch = std::env::temp_dir().join(format!("rolegate-containers-{}", std::process::id()));
+        let scratch =
+            std::env::temp_dir().join(format!("rolegate-containers-{}", std::process::id()));
         std::fs::create_dir_all(&scratch).expect("scratch dir");
         let config = scratch.join("proxy.toml");
-        let shipped = std::fs::read_to_string(repo().join("docker/proxy.toml")).expect("docker/proxy.toml");
+        let shipped =
+            std::fs::read_to_string(repo().join("docker/proxy.toml")).expect("docker/proxy.toml");
         let ours = shipped.replace(
             "shutdown_timeout = \"30s\"",
             &format!("shutdown_timeout = \"{SHUTDOWN_TIMEOUT_SECS}s\""),
         );
-        assert_ne!(ours, shipped, "docker/proxy.toml no longer sets shutdown_timeout = \"30s\"");
+        assert_ne!(
+            ours, shipped,
+            "docker/proxy.toml no longer sets shutdown_timeout = \"30s\""
+        );
         std::fs::write(&config, ours).expect("write the suite's config");
         let lab = DockerLab {
             scratch,
@@ -57,7 +62,11 @@ impl DockerLab {
         let up = lab.command(&["up"]).output().expect("run docker/lab up");
         // Recorded before checking, so a failed start is cleaned up too.
         lab.record_ids();
-        assert!(up.status.success(), "docker/lab up failed:\n{}", String::from_utf8_lossy(&up.stderr));
+        assert!(
+            up.status.success(),
+            "docker/lab up failed:\n{}",
+            String::from_utf8_lossy(&up.stderr)
+        );
         lab
     }
 
@@ -114,12 +123,18 @@ impl DockerLab {
     /// Cuts the link between `a` and `b` (both ways, packets dropped in
     /// `a`'s network namespace); healed after the test at the latest.
     pub async fn cut(&self, a: &str, b: &str) -> Result<(), Failed> {
-        self.cut.lock().expect("cuts").push((a.to_owned(), b.to_owned()));
+        self.cut
+            .lock()
+            .expect("cuts")
+            .push((a.to_owned(), b.to_owned()));
         self.run_async(&["partition", a, b]).await.map(drop)
     }
 
     pub async fn mend(&self, a: &str, b: &str) -> Result<(), Failed> {
-        self.cut.lock().expect("cuts").retain(|c| c != &(a.to_owned(), b.to_owned()));
+        self.cut
+            .lock()
+            .expect("cuts")
+            .retain(|c| c != &(a.to_owned(), b.to_owned()));
         self.run_async(&["heal", a, b]).await.map(drop)
     }
 
@@ -187,7 +202,10 @@ impl TestEnv for DockerLab {
 fn report(result: std::io::Result<Output>, what: &str) {
     match result {
         Ok(output) if output.status.success() => {}
-        Ok(output) => eprintln!("cleanup: docker/lab {what}: {}", String::from_utf8_lossy(&output.stderr)),
+        Ok(output) => eprintln!(
+            "cleanup: docker/lab {what}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        ),
         Err(e) => eprintln!("cleanup: docker/lab {what}: {e}"),
     }
 }
