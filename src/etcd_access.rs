@@ -13,6 +13,10 @@
 //! keep failing: a follower whose member restarted was measured retrying
 //! that same member for 5 s, past the reconnect grace, while two members
 //! answered. In turn, the reconnect after a failure goes to another member.
+//! A member is used once it has answered a status request; one that does
+//! not (stopped, cut off, without a leader) is passed over for the next, so
+//! a reconnect during a rolling restart does not wait on the member that is
+//! down (a fleet's 3 s lease expired while its renewal did).
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -22,8 +26,12 @@ use etcd_client::{Certificate, Client, ConnectOptions, Identity, TlsOptions};
 
 use crate::config::EtcdAccess;
 
-/// Bound on connecting and on one request.
+/// Bound on one request.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long a member has to answer a status request before the next
+/// member is tried. A stopped member refuses at once; this bounds the cost
+/// of one that is cut off (its packets dropped) or frozen.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
 /// HTTP/2 pings detect a dead etcd (or a partition) on an idle watch,
 /// within interval + timeout. etcd refuses pings closer together than its
 /// `--grpc-keepalive-min-time` (default 5 s): a client that pings more
@@ -77,17 +85,78 @@ impl EtcdConnector {
         })
     }
 
-    /// Connects to the member whose turn it is, within [`REQUEST_TIMEOUT`].
+    /// Connects to the member whose turn it is, or, when that one does not
+    /// answer within [`PROBE_TIMEOUT`], to the next that does. The error
+    /// names every member tried and why it was passed over.
     pub async fn connect(&self) -> Result<Client, String> {
-        let turn = self.turn.fetch_add(1, Ordering::Relaxed);
-        let Some(endpoint) = self.endpoints.get(turn % self.endpoints.len().max(1)) else {
+        let count = self.endpoints.len();
+        if count == 0 {
             return Err("cannot connect to etcd: no endpoints".to_owned());
+        }
+        let first = self.turn.fetch_add(1, Ordering::Relaxed);
+        let mut passed_over = Vec::new();
+        for step in 0..count {
+            let endpoint = &self.endpoints[(first + step) % count];
+            match self.probe(endpoint).await {
+                Ok(client) => {
+                    // The next connection starts after the member that answered.
+                    self.turn.fetch_add(step, Ordering::Relaxed);
+                    return Ok(client);
+                }
+                Err(e) => passed_over.push(format!("{endpoint}: {e}")),
+            }
+        }
+        Err(format!(
+            "cannot connect to etcd ({})",
+            passed_over.join("; ")
+        ))
+    }
+
+    /// A client of `endpoint` once the member has answered a status request.
+    /// The client connects lazily: without the probe, a request to a stopped
+    /// member waits for the whole request timeout instead of failing.
+    async fn probe(&self, endpoint: &str) -> Result<Client, String> {
+        let answered = async {
+            let mut client = Client::connect([endpoint], Some(self.options.clone())).await?;
+            client.status().await?;
+            Ok::<_, etcd_client::Error>(client)
         };
-        let connect = Client::connect([endpoint], Some(self.options.clone()));
-        match tokio::time::timeout(REQUEST_TIMEOUT, connect).await {
+        match tokio::time::timeout(PROBE_TIMEOUT, answered).await {
             Ok(Ok(client)) => Ok(client),
-            Ok(Err(e)) => Err(format!("cannot connect to etcd at {endpoint}: {e}")),
-            Err(_) => Err(format!("cannot connect to etcd at {endpoint}: timed out")),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err(format!("no answer within {PROBE_TIMEOUT:?}")),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn closed_port() -> u16 {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        listener.local_addr().expect("address").port()
+    }
+
+    #[tokio::test]
+    async fn members_that_do_not_answer_are_passed_over_at_once() {
+        let endpoints: Vec<String> = (0..3)
+            .map(|_| format!("http://127.0.0.1:{}", closed_port()))
+            .collect();
+        let access = EtcdAccess {
+            endpoints: endpoints.clone(),
+            ..EtcdAccess::default()
+        };
+        let connector = EtcdConnector::new(&access).expect("connector");
+        let started = std::time::Instant::now();
+        let error = connector.connect().await.err().expect("no member answers");
+        assert!(
+            started.elapsed() < PROBE_TIMEOUT * 3,
+            "took {:?}",
+            started.elapsed()
+        );
+        for endpoint in &endpoints {
+            assert!(error.contains(endpoint.as_str()), "{error}");
         }
     }
 }

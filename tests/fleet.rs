@@ -283,9 +283,11 @@ fn etcd_stopped_keeps_the_peer_table(env: &Env) -> Result<(), Failed> {
                     .then_some(())
             },
         );
+        let tables: Vec<(Option<u64>, Vec<u64>)> =
+            trio.iter().map(|i| (i.id(), i.peer_ids())).collect();
         check(
-            trio.iter().all(|i| i.peer_ids().len() == 2),
-            "the peer tables are kept while etcd is away",
+            tables.iter().all(|(_, peers)| peers.len() == 2),
+            format!("the peer tables are kept while etcd is away: (own id, peers) {tables:?}"),
         )?;
         runtime().block_on(async {
             let mut sleeper = start_sleeper(trio[0].rw, 30).await;
