@@ -82,7 +82,8 @@ binary_of() {
 suites_of() {
   local index=$1 count=$2
   if ((index == 0)); then
-    awk '$1 != "containers" { print $1 }' "$logs/binaries" | sort
+    awk '$1 ~ /^unit-/ { print $1 }' "$logs/binaries" | sort
+    awk '$1 !~ /^unit-/ && $1 != "containers" { print $1 }' "$logs/binaries" | sort
   else
     printf '%s\n' "${patroni_suites[@]}"
   fi
