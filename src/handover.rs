@@ -154,9 +154,16 @@ pub struct Offered {
 }
 
 impl Offered {
-    /// The key of a client listener on `addr`.
-    pub fn listener_key(addr: SocketAddr) -> String {
-        addr.to_string()
+    /// The key of a client listener's socket `index` on `addr` (it has one
+    /// per event loop). The first is keyed by the address alone, as
+    /// versions with one socket per listener offered it, so a restart
+    /// across that change still hands the queue over.
+    pub fn listener_key(addr: SocketAddr, index: usize) -> String {
+        if index == 0 {
+            addr.to_string()
+        } else {
+            format!("{addr} #{index}")
+        }
     }
 
     /// The key of the admin endpoint on `addr`.
@@ -292,7 +299,7 @@ mod tests {
         let early = std::net::TcpStream::connect(addr).expect("connect");
         let offered = Arc::new(Offered::default());
         offered.set(vec![(
-            Offered::listener_key(addr),
+            Offered::listener_key(addr, 0),
             Arc::clone(&first) as Arc<dyn AsFd + Send + Sync>,
         )]);
         let stop = CancellationToken::new();
@@ -309,7 +316,7 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         let received = inherited
-            .take(&Offered::listener_key(addr))
+            .take(&Offered::listener_key(addr, 0))
             .expect("the socket arrived");
         assert_eq!(received.local_addr().expect("addr"), addr);
         offered.set(Vec::new());

@@ -18,7 +18,7 @@ use tokio_rustls::TlsConnector;
 use super::socket;
 use super::stream::{BackendStream, MaybeTls};
 use crate::config::{BackendTls, Limits};
-use crate::metrics;
+use crate::metrics::{self, MemberMetrics};
 use crate::protocol::{ProtocolError, SqlState};
 use crate::tls::server_name;
 use crate::topology::Member;
@@ -121,6 +121,7 @@ pub async fn connect(
     cluster: &str,
     tls: &BackendTlsSettings,
     limits: &Limits,
+    member_metrics: &MemberMetrics,
 ) -> Result<BackendStream, ProtocolError> {
     let started = Instant::now();
     let result = open(
@@ -131,8 +132,10 @@ pub async fn connect(
         limits.keepalive(),
     )
     .await;
-    let failure = result.as_ref().err().map(|e| e.reason);
-    metrics::backend_connect(cluster, &member.name, started.elapsed(), failure);
+    member_metrics.connected(started.elapsed());
+    if let Err(e) = &result {
+        metrics::backend_connect_failed(cluster, &member.name, e.reason);
+    }
     result.map_err(|e| {
         ProtocolError::new(
             SqlState::SQLCLIENT_UNABLE_TO_ESTABLISH_SQLCONNECTION,

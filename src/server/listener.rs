@@ -1,12 +1,13 @@
-//! Accept loops: one per listener of the live set ([`super::listener_set`]).
+//! Accept loops: one per socket of each listener of the live set
+//! ([`super::listener_set`]), each on the event loop ([`super::loops`])
+//! that runs the sessions it accepts.
 //!
 //! The loop reads the listener's context anew for each connection, so a
 //! reload that changes the listener (its role, cluster or TLS) applies to
 //! the next session while those already open keep what they started with.
 //!
 //! Each accepted connection takes a slot of `max_client_connections`
-//! before its session is handed to one of the event loops
-//! ([`super::loops`]). Without a slot, the client is still
+//! before its session starts. Without a slot, the client is still
 //! answered properly: rolegate reads its opening (refusing TLS and GSS as
 //! usual) and replies FATAL 53300, so the client sees "too many
 //! connections" where it expects the server's answer. A CancelRequest is
@@ -31,7 +32,7 @@ use super::handshake::{read_opening, Opened, Opening};
 use super::proxy_protocol::read_header;
 use super::session::{self, send_error};
 use super::{ListenerContext, Shared};
-use crate::metrics::{self, ConnectionOutcome};
+use crate::metrics::ConnectionOutcome;
 use crate::protocol::{ProtocolError, SqlState};
 
 /// Refusals (over the connection limit) handled concurrently.
@@ -41,13 +42,30 @@ const REFUSAL_READ_TIMEOUT: Duration = Duration::from_secs(2);
 /// Pause after an accept error (e.g. out of file descriptors).
 const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
 
-/// Accepts connections until `stop` (shutdown, or the listener's removal).
+/// Accepts connections on `socket` until `stop` (shutdown, or the
+/// listener's removal), running their sessions on the loop this runs on.
+/// The socket stays the listener set's; a duplicate of it is registered
+/// with this loop.
 pub async fn serve(
-    listener: Arc<TcpListener>,
+    socket: Arc<std::net::TcpListener>,
     contexts: Arc<ArcSwap<ListenerContext>>,
     shared: Arc<Shared>,
     stop: CancellationToken,
 ) {
+    // The kernel goes on queueing connections on this socket, so a failure
+    // here (out of file descriptors) is retried, not given up on.
+    let listener = loop {
+        match socket.try_clone().and_then(TcpListener::from_std) {
+            Ok(listener) => break listener,
+            Err(e) => {
+                error!(listener = %contexts.load().listen, "cannot accept on a listening socket: {e}")
+            }
+        }
+        tokio::select! {
+            () = tokio::time::sleep(ACCEPT_ERROR_PAUSE) => {}
+            () = stop.cancelled() => return,
+        }
+    };
     let refusals = Arc::new(Semaphore::new(MAX_CONCURRENT_REFUSALS));
     loop {
         let accepted = tokio::select! {
@@ -66,16 +84,16 @@ pub async fn serve(
         match shared.take_slot() {
             Some(slot) => {
                 let task_shared = Arc::clone(&shared);
-                shared
-                    .loops
-                    .spawn(&shared.tasks, stream, move |stream| async move {
-                        session::run(stream, peer, context, task_shared).await;
-                        drop(slot);
-                    });
+                shared.tasks.spawn(async move {
+                    session::run(stream, peer, context, task_shared).await;
+                    drop(slot);
+                });
             }
             None => {
                 debug!(client = %peer, listener = %context.listen, "refusing: max_client_connections reached");
-                metrics::connection_outcome(&context.label, ConnectionOutcome::RefusedLimit);
+                context
+                    .metrics
+                    .connection_outcome(ConnectionOutcome::RefusedLimit);
                 let limit = shared.limits().max_client_connections;
                 match Arc::clone(&refusals).try_acquire_owned() {
                     Ok(permit) => {

@@ -14,6 +14,11 @@
 //! - a removed address stops accepting at once; its open sessions run on
 //!   until they end, and are ended with FATAL 57P01 after
 //!   `shutdown_timeout`.
+//!
+//! A listener is one socket per event loop, all bound to its address with
+//! `SO_REUSEPORT`: the kernel spreads new connections over them, and each
+//! loop accepts on its own socket and runs the sessions it accepted (see
+//! [`super::loops`]).
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -21,17 +26,17 @@ use std::os::fd::AsFd;
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
-use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
 use super::handshake::ListenerTls;
 use super::proxy_protocol::ProxyPolicy;
-use super::socket::bind_listener;
+use super::socket::bind_std_listener;
 use super::{listener, BackendTlsSettings, ListenerContext, Shared};
 use crate::config::{parse_cidr, parse_socket_addr, Config, ListenerConfig, TlsMode};
 use crate::handover::{Inherited, Offered};
+use crate::metrics::ListenerMetrics;
 use crate::router::Router;
 use crate::tls::{self, ServerTls};
 use crate::topology::ClusterView;
@@ -50,14 +55,18 @@ struct Shape {
 
 struct Running {
     shape: Shape,
-    socket: Arc<TcpListener>,
+    /// One per event loop (or more, when a predecessor handed over more).
+    sockets: Sockets,
     contexts: Arc<ArcSwap<ListenerContext>>,
     /// The session-ending tokens of contexts this listener had before its
     /// last changes: their sessions end with the listener too.
     earlier: Vec<CancellationToken>,
     stop: CancellationToken,
-    task: JoinHandle<()>,
+    /// The accept loops, one per socket.
+    tasks: Vec<JoinHandle<()>>,
 }
+
+type Sockets = Vec<Arc<std::net::TcpListener>>;
 
 /// The running listeners, by address.
 #[derive(Default)]
@@ -71,12 +80,12 @@ pub struct ClusterViews {
     pub source: u64,
 }
 
-/// A planned listener: its socket (new or kept) and, when it changed, its
+/// A planned listener: its sockets (new or kept) and, when it changed, its
 /// new context.
 struct Planned {
     addr: SocketAddr,
     shape: Shape,
-    socket: Arc<TcpListener>,
+    sockets: Sockets,
     context: Option<Arc<ListenerContext>>,
 }
 
@@ -115,12 +124,10 @@ impl ListenerSet {
                 source: cluster_views.source,
             };
             let running = self.running.get(&addr);
-            let socket = match running {
-                Some(running) => Arc::clone(&running.socket),
-                None => Arc::new(
-                    take_or_bind(addr, inherited)
-                        .map_err(|e| format!("{key}.listen: cannot listen on {addr}: {e}"))?,
-                ),
+            let sockets = match running {
+                Some(running) => running.sockets.clone(),
+                None => open_sockets(addr, shared.loops.count(), inherited)
+                    .map_err(|e| format!("{key}.listen: cannot listen on {addr}: {e}"))?,
             };
             let context = if running.is_some_and(|r| r.shape == shape) {
                 None
@@ -138,7 +145,10 @@ impl ListenerSet {
                         &listener_config.cluster,
                     )?,
                 };
-                let listen = socket.local_addr().unwrap_or(addr);
+                let listen = sockets
+                    .first()
+                    .and_then(|socket| socket.local_addr().ok())
+                    .unwrap_or(addr);
                 Some(Arc::new(ListenerContext {
                     tls: ListenerTls {
                         mode: tls_mode,
@@ -148,7 +158,11 @@ impl ListenerSet {
                     },
                     backend_tls,
                     listen,
-                    label: listen.to_string(),
+                    metrics: ListenerMetrics::new(
+                        listen.to_string(),
+                        listener_config.cluster.as_str().into(),
+                        listener_config.role,
+                    ),
                     proxy: proxy_policy(listener_config, &key)?,
                     cluster: listener_config.cluster.as_str().into(),
                     router: Router::new(
@@ -162,7 +176,7 @@ impl ListenerSet {
             planned.push(Planned {
                 addr,
                 shape,
-                socket,
+                sockets,
                 context,
             });
         }
@@ -186,7 +200,7 @@ impl ListenerSet {
         for Planned {
             addr,
             shape,
-            socket,
+            sockets,
             context,
         } in plan.planned
         {
@@ -212,21 +226,30 @@ impl ListenerSet {
                     );
                     let contexts = Arc::new(ArcSwap::new(context));
                     let stop = shared.shutdown.stop_accepting.child_token();
-                    let task = tokio::spawn(listener::serve(
-                        Arc::clone(&socket),
-                        Arc::clone(&contexts),
-                        Arc::clone(shared),
-                        stop.clone(),
-                    ));
+                    let tasks = sockets
+                        .iter()
+                        .enumerate()
+                        .map(|(i, socket)| {
+                            shared.loops.spawn_on(
+                                i,
+                                listener::serve(
+                                    Arc::clone(socket),
+                                    Arc::clone(&contexts),
+                                    Arc::clone(shared),
+                                    stop.clone(),
+                                ),
+                            )
+                        })
+                        .collect();
                     self.running.insert(
                         addr,
                         Running {
                             shape,
-                            socket,
+                            sockets,
                             contexts,
                             earlier: Vec::new(),
                             stop,
-                            task,
+                            tasks,
                         },
                     );
                 }
@@ -248,11 +271,13 @@ impl ListenerSet {
     pub fn offered(&self) -> Vec<(String, Arc<dyn AsFd + Send + Sync>)> {
         self.running
             .iter()
-            .map(|(addr, r)| {
-                (
-                    Offered::listener_key(*addr),
-                    Arc::clone(&r.socket) as Arc<dyn AsFd + Send + Sync>,
-                )
+            .flat_map(|(addr, r)| {
+                r.sockets.iter().enumerate().map(|(i, socket)| {
+                    (
+                        Offered::listener_key(*addr, i),
+                        Arc::clone(socket) as Arc<dyn AsFd + Send + Sync>,
+                    )
+                })
             })
             .collect()
     }
@@ -260,17 +285,40 @@ impl ListenerSet {
     /// Waits until every accept loop has ended (after shutdown began).
     pub async fn stopped(&mut self) {
         for (_, running) in std::mem::take(&mut self.running) {
-            let _ = running.task.await;
+            for task in running.tasks {
+                let _ = task.await;
+            }
         }
     }
 }
 
-/// A socket handed over by a predecessor for `addr`, or a new one.
-fn take_or_bind(addr: SocketAddr, inherited: &mut Inherited) -> std::io::Result<TcpListener> {
-    match inherited.take(&Offered::listener_key(addr)) {
-        Some(socket) => TcpListener::from_std(socket),
-        None => bind_listener(addr),
+/// The sockets of a new listener on `addr`: every one a predecessor
+/// handed over, then new ones bound beside them until each of `loops`
+/// event loops has one.
+fn open_sockets(
+    addr: SocketAddr,
+    loops: usize,
+    inherited: &mut Inherited,
+) -> std::io::Result<Sockets> {
+    let mut sockets: Sockets = (0..)
+        .map_while(|i| inherited.take(&Offered::listener_key(addr, i)))
+        .map(Arc::new)
+        .collect();
+    // The address the first socket got: with port 0, the others must share
+    // the port the kernel chose for it.
+    let bound = match sockets.first() {
+        Some(first) => first.local_addr()?,
+        None => {
+            let first = bind_std_listener(addr)?;
+            let bound = first.local_addr()?;
+            sockets.push(Arc::new(first));
+            bound
+        }
+    };
+    while sockets.len() < loops {
+        sockets.push(Arc::new(bind_std_listener(bound)?));
     }
+    Ok(sockets)
 }
 
 /// Stops a removed listener: no new connections; its sessions get

@@ -39,7 +39,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::Limits;
 use crate::events::EventLog;
-use crate::metrics::{RelayedBytes, SessionCounts};
+use crate::metrics::{ListenerMetrics, RelayedBytes, SessionCounts};
 use crate::router::Router;
 
 use self::cancel::{CancelRegistry, CancelThrottle};
@@ -144,8 +144,8 @@ pub struct ListenerContext {
     /// TLS towards the members of this listener's cluster.
     pub backend_tls: BackendTlsSettings,
     pub listen: SocketAddr,
-    /// `listen` as a metric label, formatted once.
-    pub label: String,
+    /// This listener's metrics (labelled with `listen`).
+    pub metrics: ListenerMetrics,
     /// Set when connections start with a PROXY protocol header.
     pub proxy: Option<proxy_protocol::ProxyPolicy>,
     pub cluster: Arc<str>,

@@ -30,7 +30,7 @@ use super::stream::{BackendStream, ClientStream};
 use super::when_woken::WhenWoken;
 use super::{ListenerContext, Shared};
 use crate::config::{Limits, ListenerRole};
-use crate::metrics::{self, ConnectionOutcome};
+use crate::metrics::{ConnectionOutcome, EndReason};
 use crate::protocol::startup::{CancelKey, StartupMessage};
 use crate::protocol::{ProtocolError, SqlState};
 use crate::router::{check_fit, Misfit};
@@ -54,12 +54,12 @@ pub async fn run(
     listener: Arc<ListenerContext>,
     shared: Arc<Shared>,
 ) {
-    let _open = metrics::client_connection(&listener.label);
+    let _open = listener.metrics.client_connection();
     let accepted = Instant::now();
     let limits = shared.limits();
     socket::tune(&tcp, limits.keepalive());
     let handshake_deadline = accepted + limits.handshake_timeout.get();
-    let outcome = |outcome| metrics::connection_outcome(&listener.label, outcome);
+    let outcome = |outcome| listener.metrics.connection_outcome(outcome);
     let (peer, read_ahead) = match &listener.proxy {
         None => (connection, BytesMut::new()),
         Some(policy) => {
@@ -174,7 +174,7 @@ async fn open<'t>(
     } = match opening {
         Ok(Ok(opened)) => {
             if opened.stream.is_tls() {
-                metrics::tls_handshake(&listener.label, true);
+                listener.metrics.tls_handshake(true);
             }
             opened
         }
@@ -183,7 +183,7 @@ async fn open<'t>(
                 HandshakeError::Protocol(_) => ConnectionOutcome::ProtocolError,
                 HandshakeError::Unanswerable(_) => ConnectionOutcome::ProtocolError,
                 HandshakeError::Tls(_) => {
-                    metrics::tls_handshake(&listener.label, false);
+                    listener.metrics.tls_handshake(false);
                     ConnectionOutcome::TlsError
                 }
                 HandshakeError::Closed | HandshakeError::Io(_) => ConnectionOutcome::ClientGone,
@@ -213,26 +213,6 @@ struct Established<S> {
     cancel: Option<CancelRegistration>,
     to_backend: BytesMut,
     to_client: BytesMut,
-}
-
-/// Why a session ended, for its closing log line.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum EndReason {
-    Client,
-    Backend,
-    Demotion,
-    Shutdown,
-}
-
-impl EndReason {
-    fn as_str(self) -> &'static str {
-        match self {
-            Self::Client => "client",
-            Self::Backend => "backend",
-            Self::Demotion => "demotion",
-            Self::Shutdown => "shutdown",
-        }
-    }
 }
 
 struct Session<'a> {
@@ -339,10 +319,9 @@ impl Session<'_> {
                 return Err(ConnectionOutcome::HandshakeTimeout);
             }
         };
-        metrics::handshake_duration(
-            &self.listener.label,
-            self.accepted.elapsed().saturating_sub(held),
-        );
+        self.listener
+            .metrics
+            .handshake_duration(self.accepted.elapsed().saturating_sub(held));
         Ok(Established {
             client,
             backend,
@@ -393,6 +372,7 @@ impl Session<'_> {
             member.name.clone(),
             role,
             self.client.ip(),
+            self.listener.metrics.member(&member.name).session(),
         );
         let mut relay = Relay::new(to_backend, to_client, self.shared.relayed.clone());
         // The end signals are polled only when they fire, not at every
@@ -440,7 +420,7 @@ impl Session<'_> {
             Box::pin(relay.finish_with(&mut client, &mut backend, &error.to_fatal())).await;
         }
         Box::pin(close(&mut client, &mut backend)).await;
-        metrics::session_ended(cluster, role, reason.as_str());
+        self.listener.metrics.session_ended(reason);
         info!(
             reason = reason.as_str(),
             duration_ms = started.elapsed().as_millis() as u64,
@@ -474,6 +454,7 @@ impl Session<'_> {
                     &self.listener.cluster,
                     &self.listener.backend_tls,
                     limits,
+                    &self.listener.metrics.member(&member.name),
                 )
                 .await
                 {

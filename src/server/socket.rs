@@ -20,27 +20,32 @@ use std::io;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use socket2::{SockRef, TcpKeepalive};
-use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use socket2::{Domain, Protocol, SockRef, Socket, TcpKeepalive, Type};
+use tokio::net::{TcpListener, TcpStream};
 use tracing::debug;
 
 const PROBES: u32 = 4;
 /// Connections the kernel queues for a listener before rolegate accepts
 /// them (as tokio's and std's own `bind`).
-const LISTEN_BACKLOG: u32 = 1024;
+const LISTEN_BACKLOG: i32 = 1024;
 
 /// Binds a listening socket on `addr` with `SO_REUSEADDR` and
-/// `SO_REUSEPORT`.
+/// `SO_REUSEPORT`, registered with the caller's runtime.
 pub fn bind_listener(addr: SocketAddr) -> io::Result<TcpListener> {
-    let socket = if addr.is_ipv4() {
-        TcpSocket::new_v4()?
-    } else {
-        TcpSocket::new_v6()?
-    };
-    socket.set_reuseaddr(true)?;
-    socket.set_reuseport(true)?;
-    socket.bind(addr)?;
-    socket.listen(LISTEN_BACKLOG)
+    TcpListener::from_std(bind_std_listener(addr)?)
+}
+
+/// As [`bind_listener`], but not yet registered with any runtime (and
+/// non-blocking, as a runtime expects): for sockets that a loop other
+/// than the caller's accepts on.
+pub fn bind_std_listener(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(LISTEN_BACKLOG)?;
+    Ok(socket.into())
 }
 
 /// Sets `TCP_NODELAY` and, unless `keepalive` is `None`, keepalive probes

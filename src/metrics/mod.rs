@@ -24,6 +24,10 @@ use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 use crate::config::ListenerRole;
 
+pub mod listener;
+
+pub use listener::{ListenerMetrics, MemberMetrics};
+
 pub const BUILD_INFO: &str = "rolegate_build_info";
 pub const CLIENT_CONNECTIONS: &str = "rolegate_client_connections";
 pub const CLIENT_CONNECTIONS_TOTAL: &str = "rolegate_client_connections_total";
@@ -190,6 +194,9 @@ pub enum ConnectionOutcome {
 }
 
 impl ConnectionOutcome {
+    /// How many outcomes there are (`ProxyHeader` stays the last).
+    pub const COUNT: usize = Self::ProxyHeader as usize + 1;
+
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Session => "session",
@@ -209,14 +216,27 @@ impl ConnectionOutcome {
     }
 }
 
-pub fn connection_outcome(listener: &str, outcome: ConnectionOutcome) {
-    counter!(CLIENT_CONNECTIONS_TOTAL, "listener" => listener.to_owned(), "outcome" => outcome.as_str()).increment(1);
+/// Why a relaying session ended, for `rolegate_sessions_ended_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EndReason {
+    Client,
+    Backend,
+    Demotion,
+    Shutdown,
 }
 
-pub fn tls_handshake(listener: &str, ok: bool) {
-    let outcome = if ok { "ok" } else { "failed" };
-    counter!(TLS_HANDSHAKES_TOTAL, "listener" => listener.to_owned(), "outcome" => outcome)
-        .increment(1);
+impl EndReason {
+    /// How many reasons there are (`Shutdown` stays the last).
+    pub const COUNT: usize = Self::Shutdown as usize + 1;
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Client => "client",
+            Self::Backend => "backend",
+            Self::Demotion => "demotion",
+            Self::Shutdown => "shutdown",
+        }
+    }
 }
 
 pub fn config_reload(ok: bool) {
@@ -225,10 +245,6 @@ pub fn config_reload(ok: bool) {
 
 pub fn cancel_outcome(via: &'static str, outcome: &'static str) {
     counter!(CANCEL_REQUESTS_TOTAL, "via" => via, "outcome" => outcome).increment(1);
-}
-
-pub fn handshake_duration(listener: &str, duration: Duration) {
-    histogram!(HANDSHAKE_SECONDS, "listener" => listener.to_owned()).record(duration.as_secs_f64());
 }
 
 pub fn hold_wait(cluster: &str, role: ListenerRole, waited: Duration, timed_out: bool) {
@@ -242,25 +258,9 @@ pub fn hold_wait(cluster: &str, role: ListenerRole, waited: Duration, timed_out:
     }
 }
 
-pub fn backend_connect(
-    cluster: &str,
-    member: &str,
-    duration: Duration,
-    failure: Option<&'static str>,
-) {
-    let labels = [
-        ("cluster", cluster.to_owned()),
-        ("member", member.to_owned()),
-    ];
-    histogram!(BACKEND_CONNECT_SECONDS, &labels).record(duration.as_secs_f64());
-    if let Some(reason) = failure {
-        counter!(BACKEND_CONNECT_FAILURES_TOTAL, "cluster" => cluster.to_owned(), "member" => member.to_owned(), "reason" => reason)
-            .increment(1);
-    }
-}
-
-pub fn session_ended(cluster: &str, role: ListenerRole, reason: &'static str) {
-    counter!(SESSIONS_ENDED_TOTAL, "cluster" => cluster.to_owned(), "role" => role.as_str(), "reason" => reason).increment(1);
+pub fn backend_connect_failed(cluster: &str, member: &str, reason: &'static str) {
+    counter!(BACKEND_CONNECT_FAILURES_TOTAL, "cluster" => cluster.to_owned(), "member" => member.to_owned(), "reason" => reason)
+        .increment(1);
 }
 
 /// The two byte counters of relayed traffic.
@@ -299,11 +299,6 @@ impl Drop for GaugeGuard {
     fn drop(&mut self) {
         self.0.decrement(1.0);
     }
-}
-
-/// Counts one open client connection on `listener`.
-pub fn client_connection(listener: &str) -> GaugeGuard {
-    GaugeGuard::raise(gauge!(CLIENT_CONNECTIONS, "listener" => listener.to_owned()))
 }
 
 /// Counts one held session.
@@ -354,7 +349,8 @@ impl SessionCounts {
         self.counts.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Counts a session of `client` that opened on `member`. Called once
+    /// Counts a session of `client` that opened on `member`, and holds
+    /// `gauge` (the member's raised session gauge) as long. Called once
     /// per session, never per packet.
     pub fn open(
         self: &Arc<Self>,
@@ -362,6 +358,7 @@ impl SessionCounts {
         member: Arc<str>,
         role: ListenerRole,
         client: IpAddr,
+        gauge: GaugeGuard,
     ) -> SessionGuard {
         let mut counts = self.lock();
         *counts
@@ -373,12 +370,11 @@ impl SessionCounts {
             .entry((cluster.clone(), client))
             .or_insert(0) += 1;
         drop(counts);
-        let gauge = gauge!(SESSIONS, "cluster" => cluster.to_string(), "member" => member.to_string(), "role" => role.as_str());
         SessionGuard {
             counts: Arc::clone(self),
             key: (cluster, member, role),
             client,
-            _gauge: GaugeGuard::raise(gauge),
+            _gauge: gauge,
         }
     }
 
@@ -504,7 +500,7 @@ mod tests {
 
     #[test]
     fn every_metric_is_documented() {
-        let doc = include_str!("../docs/metrics.md");
+        let doc = include_str!("../../docs/metrics.md");
         for name in [
             BUILD_INFO,
             CLIENT_CONNECTIONS,
@@ -535,14 +531,37 @@ mod tests {
         }
     }
 
+    /// A gauge guard on no recorder's series.
+    fn raised() -> GaugeGuard {
+        GaugeGuard::raise(Gauge::noop())
+    }
+
     #[test]
     fn session_counts_follow_guards() {
         let counts = SessionCounts::new();
         let here: IpAddr = "192.0.2.7".parse().expect("ip");
         let there: IpAddr = "192.0.2.8".parse().expect("ip");
-        let a = counts.open("demo".into(), "pg1".into(), ListenerRole::Primary, here);
-        let b = counts.open("demo".into(), "pg1".into(), ListenerRole::Primary, there);
-        let c = counts.open("demo".into(), "pg2".into(), ListenerRole::Replica, here);
+        let a = counts.open(
+            "demo".into(),
+            "pg1".into(),
+            ListenerRole::Primary,
+            here,
+            raised(),
+        );
+        let b = counts.open(
+            "demo".into(),
+            "pg1".into(),
+            ListenerRole::Primary,
+            there,
+            raised(),
+        );
+        let c = counts.open(
+            "demo".into(),
+            "pg2".into(),
+            ListenerRole::Replica,
+            here,
+            raised(),
+        );
         assert_eq!(counts.clients_of("demo"), [(here, 2), (there, 1)]);
         assert_eq!(
             counts.of_cluster("demo"),
