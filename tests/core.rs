@@ -937,23 +937,47 @@ fn tcp_keepalive_guards_both_connections(env: &Env) -> Result<(), Failed> {
         with.simple_query("select 1").await?;
         without.simple_query("select 1").await?;
         // Idle now: a pending keepalive timer (02) on both of rolegate's
-        // sockets when keepalive is on, no timer at all (00) when off. A
-        // retransmit timer may linger for a moment after the last write.
-        let mut seen = (Vec::new(), Vec::new());
-        for _ in 0..20 {
-            tokio::time::sleep(Duration::from_millis(100)).await;
-            seen = (
-                idle_session_timers(&on, on_rw, backend)?,
-                idle_session_timers(&off, off_rw, backend)?,
-            );
-            if seen.0.iter().all(|t| t == "02") && seen.1.iter().all(|t| t == "00") {
-                return Ok(());
-            }
-        }
-        Err(format!(
-            "socket timers with keepalive 7s {:?}, with 0s {:?}",
-            seen.0, seen.1
-        )
-        .into())
+        // sockets when keepalive is on, no timer at all (00) when off.
+        settled_timers(&[(&on, on_rw, "02"), (&off, off_rw, "00")], backend).await?;
+        // Client connections take their options from the listening socket,
+        // which a reload sets anew: the next session has keepalive.
+        drop(without);
+        let config = std::fs::read_to_string(&off.config_path)?;
+        std::fs::write(
+            &off.config_path,
+            config.replace("tcp_keepalive = \"0s\"", "tcp_keepalive = \"7s\""),
+        )?;
+        off.signal(Signal::SIGHUP);
+        wait_until(Duration::from_secs(10), "the keepalive reload", || {
+            (off.metric("rolegate_config_reloads_total", "outcome=\"ok\"") == 1.0).then_some(())
+        });
+        let after = connect(&conninfo(off_rw, "app", "app")).await?;
+        after.simple_query("select 1").await?;
+        settled_timers(&[(&off, off_rw, "02")], backend).await?;
+        drop(with);
+        Ok(())
     })
+}
+
+/// Waits (bounded) until each listed rolegate's one idle session has the
+/// given timer on both its sockets. A retransmit timer may linger for a
+/// moment after the last write.
+async fn settled_timers(expected: &[(&Rolegate, u16, &str)], backend: u16) -> Result<(), Failed> {
+    let mut seen = Vec::new();
+    for _ in 0..20 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        seen = expected
+            .iter()
+            .map(|(rolegate, rw, _)| idle_session_timers(rolegate, *rw, backend))
+            .collect::<Result<Vec<_>, _>>()?;
+        if seen
+            .iter()
+            .zip(expected)
+            .all(|(timers, (_, _, want))| timers.iter().all(|t| t == want))
+        {
+            return Ok(());
+        }
+    }
+    let wanted: Vec<&str> = expected.iter().map(|e| e.2).collect();
+    Err(format!("socket timers {seen:?}, expected {wanted:?}").into())
 }

@@ -28,11 +28,11 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
-use tracing::info;
+use tracing::{info, warn};
 
 use super::handshake::ListenerTls;
 use super::proxy_protocol::ProxyPolicy;
-use super::socket::bind_std_listener;
+use super::socket::{bind_std_listener, tune_listener};
 use super::{listener, BackendTlsSettings, ListenerContext, Shared};
 use crate::config::{parse_cidr, parse_socket_addr, Config, ListenerConfig, TlsMode};
 use crate::handover::{Inherited, Offered};
@@ -183,8 +183,16 @@ impl ListenerSet {
         Ok(ListenerPlan { planned })
     }
 
-    /// Carries out a plan: starts, changes and removes listeners.
+    /// Carries out a plan: starts, changes and removes listeners, and sets
+    /// the socket options of the limits in force (`shared`'s) on every
+    /// listening socket, for its connections to inherit.
     pub fn commit(&mut self, plan: ListenerPlan, shared: &Arc<Shared>) {
+        let keepalive = shared.limits().keepalive();
+        for socket in plan.planned.iter().flat_map(|p| &p.sockets) {
+            if let Err(e) = tune_listener(socket, keepalive) {
+                warn!("cannot set TCP_NODELAY and keepalive on a listening socket: {e}");
+            }
+        }
         let wanted: Vec<SocketAddr> = plan.planned.iter().map(|p| p.addr).collect();
         let removed: Vec<SocketAddr> = self
             .running

@@ -25,7 +25,6 @@ use super::handshake::{read_opening, Failed, HandshakeError, Opened, Opening};
 use super::notify_pids::NotifyPids;
 use super::proxy_protocol::read_header;
 use super::relay::{Relay, RelayEnd};
-use super::socket;
 use super::stream::{BackendStream, ClientStream};
 use super::when_woken::WhenWoken;
 use super::{ListenerContext, Shared};
@@ -57,7 +56,6 @@ pub async fn run(
     let _open = listener.metrics.client_connection();
     let accepted = Instant::now();
     let limits = shared.limits();
-    socket::tune(&tcp, limits.keepalive());
     let handshake_deadline = accepted + limits.handshake_timeout.get();
     let outcome = |outcome| listener.metrics.connection_outcome(outcome);
     let (peer, read_ahead) = match &listener.proxy {

@@ -53,11 +53,66 @@ pub fn bind_std_listener(addr: SocketAddr) -> io::Result<std::net::TcpListener> 
 pub fn tune(tcp: &TcpStream, keepalive: Option<Duration>) {
     let _ = tcp.set_nodelay(true);
     let Some(idle) = keepalive else { return };
-    let probes = TcpKeepalive::new()
+    if let Err(e) = SockRef::from(tcp).set_tcp_keepalive(&probes(idle)) {
+        debug!("cannot enable TCP keepalive: {e}");
+    }
+}
+
+/// Sets on a listening socket what [`tune`] sets on a connection. Linux
+/// passes `TCP_NODELAY` and the keepalive settings on to every connection
+/// accepted from the socket, so client connections need no `setsockopt`
+/// of their own (five calls each). Set again at every reload, as
+/// `tcp_keepalive` may change.
+pub fn tune_listener(
+    listener: &std::net::TcpListener,
+    keepalive: Option<Duration>,
+) -> io::Result<()> {
+    let socket = SockRef::from(listener);
+    socket.set_tcp_nodelay(true)?;
+    match keepalive {
+        Some(idle) => socket.set_tcp_keepalive(&probes(idle)),
+        None => socket.set_keepalive(false),
+    }
+}
+
+fn probes(idle: Duration) -> TcpKeepalive {
+    TcpKeepalive::new()
         .with_time(idle)
         .with_interval((idle / PROBES).max(Duration::from_secs(1)))
-        .with_retries(PROBES);
-    if let Err(e) = SockRef::from(tcp).set_tcp_keepalive(&probes) {
-        debug!("cannot enable TCP keepalive: {e}");
+        .with_retries(PROBES)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What the listener was given, its accepted connections have.
+    #[test]
+    fn accepted_connections_inherit_the_listeners_options() {
+        let listener = bind_std_listener("127.0.0.1:0".parse().expect("addr")).expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        listener.set_nonblocking(false).expect("blocking");
+        for keepalive in [Some(Duration::from_secs(40)), None] {
+            tune_listener(&listener, keepalive).expect("tune");
+            let _client = std::net::TcpStream::connect(addr).expect("connect");
+            let (accepted, _) = listener.accept().expect("accept");
+            let accepted = SockRef::from(&accepted);
+            assert!(accepted.tcp_nodelay().expect("nodelay"));
+            assert_eq!(
+                accepted.keepalive().expect("keepalive"),
+                keepalive.is_some()
+            );
+            if keepalive.is_some() {
+                assert_eq!(
+                    accepted.tcp_keepalive_time().expect("idle"),
+                    Duration::from_secs(40)
+                );
+                assert_eq!(
+                    accepted.tcp_keepalive_interval().expect("interval"),
+                    Duration::from_secs(10)
+                );
+                assert_eq!(accepted.tcp_keepalive_retries().expect("retries"), PROBES);
+            }
+        }
     }
 }
