@@ -404,6 +404,9 @@ ROWS = [
     ("sys/wakeups", "Proxy wake-ups (voluntary context switches) per tx, `-S -t` 8 clients", "per tx", 2, "measure"),
     ("sys/total", "Proxy syscalls per tx, `-S -t` 8 clients (strace -c -f)", "per tx", 2, "measure"),
     ("sys/epoll_wait", "Proxy `epoll_wait` calls per tx, `-S -t` 8 clients (strace -c -f)", "per tx", 2, "measure"),
+    ("sys/conn_total", "Proxy syscalls per connection, `-S -C` 4 clients (strace -c -f)", "per conn", 2, "measure"),
+    ("sys/conn_epoll_ctl", "Proxy `epoll_ctl` calls per connection, `-S -C` 4 clients", "per conn", 2, "measure"),
+    ("sys/conn_setsockopt", "Proxy `setsockopt` calls per connection, `-S -C` 4 clients", "per conn", 2, "measure"),
     ("lat/p50", "Latency p50, 1 client `-S`", "µs", 0, "measure"),
     ("lat/p99", "Latency p99, 1 client `-S`", "µs", 0, "measure"),
     ("latadd/p50", "Added latency p50 vs direct", "µs", 0, "measure"),
@@ -509,6 +512,8 @@ def evaluate_targets(data, meta):
         out[m] = ("≥ 1.00× HAProxy and ≥ 0.90× direct", met, f"{fmt_ratio(rh)} HAProxy, {fmt_ratio(rd)} direct")
     rh = ratio(rg("connrate/8"), ha("connrate/8"))
     out["connrate/8"] = ("≥ 1.00× HAProxy", None if rh is None else rh >= 1.0, f"{fmt_ratio(rh)} HAProxy")
+    rh = ratio(rg("cpu/connrate/8"), ha("cpu/connrate/8"))
+    out["cpu/connrate/8"] = ("≤ 0.90× HAProxy", None if rh is None else rh <= 0.90, f"{fmt_ratio(rh)} HAProxy")
     for m in ("cpu/simple/8", "cpu/simple/32", "cpu/prepared/8", "cpu/prepared/32", "cpu/rate/16"):
         rh = ratio(rg(m), ha(m))
         out[m] = ("≤ HAProxy", None if rh is None else rh <= 1.0, f"{fmt_ratio(rh)} HAProxy")
