@@ -11,6 +11,8 @@ Subcommands (each bounded in time; bench/run calls them):
   writer ...                failover writer: insert every 20 ms, reconnect on
                             failure, then count what went wrong (see writer())
   idle ...                  open N idle sessions, hold them until told to stop
+  storm ...                 N writing sessions through a leader change: how
+                            long until all write again (see cmd_storm())
   pgbench-log-pct FILE...   p50/p99 latency (µs) from pgbench --log files
   report ...                aggregate results.jsonl into the markdown table
                             (and, with --write, into BENCHMARKS.md)
@@ -270,6 +272,201 @@ def cmd_writer(args):
     print(json.dumps({"run": args.run, **st}, sort_keys=True))
 
 
+# -------------------------------------------------------------------- storm --
+
+def proc_rss_kib(pid):
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def proc_cpu_ms(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) * 1000 / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def cmd_storm(args):
+    """The reconnect storm after a leader change: args.n clients each hold a
+    session through args.dsn and insert a row every second. Once all have
+    written, args.ready appears; bench/run then creates args.started when it
+    starts the switchover or kill, and args.done when that returned.
+
+    A client whose write fails drops its connection and tries again at once
+    (after 20 ms), connecting and writing until it succeeds, like an
+    application's pool after a failover. A prober connects straight to the
+    members (args.check_dsn, libpq's read-write pick) every 20 ms and notes
+    when a server other than the old leader first accepts a write: the
+    earliest moment any client could write again.
+
+    Counted (per run):
+      recovery_ms      from that moment until every client that failed has
+                       written again (its first acknowledgement after its
+                       last failure); the storm's length
+      recovery_p50_ms  the same for the median client
+      failed           connection attempts and writes that failed
+      refused          of which refused for lack of connections (53300)
+      not_recovered    clients still failing when the run stopped
+      rss_idle_kib     the proxy's RSS with the N sessions open, before
+      rss_peak_kib     its highest RSS from the event until the end
+      cpu_ms           its CPU time from the event until everyone wrote
+    """
+    import threading
+
+    import psycopg2
+
+    deadline = time.monotonic() + args.max_total
+    stop = threading.Event()
+    lock = threading.Lock()
+    clients = [dict(acks=[], failures=[], refused=0) for _ in range(args.n)]
+    opened = threading.Semaphore(0)
+
+    def client(i):
+        me = clients[i]
+        conn = cur = None
+        first = True
+        time.sleep(i * args.ramp / max(args.n, 1))
+        next_at = time.monotonic()
+        while not stop.is_set() and time.monotonic() < deadline:
+            try:
+                if conn is None:
+                    conn = psycopg2.connect(args.dsn, connect_timeout=2, application_name="rolegate-bench-storm")
+                    conn.autocommit = True
+                    cur = conn.cursor()
+                cur.execute("insert into bench_storm (client) values (%s)", (i,))
+                me["acks"].append(time.monotonic())
+                if first:
+                    first = False
+                    opened.release()
+                next_at += 1.0
+            except Exception as e:
+                with lock:
+                    me["failures"].append(time.monotonic())
+                    if getattr(e, "pgcode", None) == "53300" or "too many" in str(e):
+                        me["refused"] += 1
+                try:
+                    if conn is not None:
+                        conn.close()
+                except Exception:
+                    pass
+                conn = cur = None
+                next_at = time.monotonic() + 0.02
+            stop.wait(max(0.0, next_at - time.monotonic()))
+        try:
+            if conn is not None:
+                conn.close()
+        except Exception:
+            pass
+
+    # Table for the clients' rows, made straight on the leader.
+    with psycopg2.connect(args.check_dsn, connect_timeout=5) as c:
+        c.autocommit = True
+        c.cursor().execute("create table if not exists bench_storm (client int, at timestamptz default now())")
+    threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(args.n)]
+    for t in threads:
+        t.start()
+    ready_by = time.monotonic() + args.ramp + 60
+    for _ in range(args.n):
+        if not opened.acquire(timeout=max(0.0, ready_by - time.monotonic())):
+            break
+    with open(args.ready + ".tmp", "w") as f:
+        f.write(f"{sum(1 for c in clients if c['acks'])} {args.n}\n")
+    os.rename(args.ready + ".tmp", args.ready)
+
+    def writable_port():
+        try:
+            c = psycopg2.connect(args.check_dsn, connect_timeout=2)
+            try:
+                c.autocommit = True
+                k = c.cursor()
+                k.execute("select inet_server_port()")
+                return k.fetchone()[0]
+            finally:
+                c.close()
+        except Exception:
+            return None
+
+    old_port = writable_port()
+    # The proxy's RSS while the sessions are open and mostly idle, then the
+    # prober and the proxy's samples from the event on.
+    idle_rss = []
+    while not os.path.exists(args.started) and time.monotonic() < deadline:
+        if args.pid:
+            idle_rss.append(proc_rss_kib(args.pid))
+        time.sleep(0.05)
+    event_at = time.monotonic()
+    cpu_at_event = proc_cpu_ms(args.pid) if args.pid else None
+    new_at = None
+    peak_rss = max([r for r in idle_rss if r] or [0])
+    done_at = None
+    cpu_at_recovery = None
+    while time.monotonic() < deadline:
+        now = time.monotonic()
+        if args.pid:
+            peak_rss = max(peak_rss, proc_rss_kib(args.pid) or 0)
+        if new_at is None:
+            port = writable_port()
+            if port is not None and port != old_port:
+                new_at = time.monotonic()
+        if done_at is None and os.path.exists(args.done):
+            done_at = now
+        if new_at is not None and done_at is not None:
+            with lock:
+                pending = [c for c in clients if c["failures"] and not any(a > c["failures"][-1] for a in c["acks"])]
+                failed_any = any(c["failures"] for c in clients)
+            if failed_any and not pending:
+                if cpu_at_recovery is None and args.pid:
+                    cpu_at_recovery = proc_cpu_ms(args.pid)
+                if now - max(c["failures"][-1] for c in clients if c["failures"]) >= args.steady:
+                    break
+            if now - done_at >= args.max_after:
+                break
+        time.sleep(0.02)
+    stop.set()
+    for t in threads:
+        t.join(timeout=5)
+
+    recoveries = []
+    not_recovered = 0
+    for c in clients:
+        if not c["failures"]:
+            continue
+        after = [a for a in c["acks"] if a > c["failures"][-1]]
+        if not after:
+            not_recovered += 1
+        elif new_at is not None:
+            recoveries.append(after[0] - new_at)
+    st = {
+        "clients": args.n,
+        "failed_clients": sum(1 for c in clients if c["failures"]),
+        "failed": sum(len(c["failures"]) for c in clients),
+        "refused": sum(c["refused"] for c in clients),
+        "not_recovered": not_recovered,
+        "new_leader_after_s": None if new_at is None else round(new_at - event_at, 3),
+        "recovery_ms": round(max(recoveries) * 1000, 1) if recoveries else None,
+        "recovery_p50_ms": round(statistics.median(recoveries) * 1000, 1) if recoveries else None,
+    }
+    if args.pid:
+        st["rss_idle_kib"] = statistics.median([r for r in idle_rss if r] or [0])
+        st["rss_peak_kib"] = peak_rss
+        end_cpu = cpu_at_recovery if cpu_at_recovery is not None else proc_cpu_ms(args.pid)
+        st["cpu_ms"] = None if end_cpu is None or cpu_at_event is None else round(end_cpu - cpu_at_event, 1)
+    prefix = f"storm/{args.event}/{args.n}"
+    for k in ("recovery_ms", "recovery_p50_ms", "failed", "refused", "not_recovered",
+              "rss_idle_kib", "rss_peak_kib", "cpu_ms"):
+        if st.get(k) is not None:
+            append_result(args.results, f"{prefix}/{k}", args.target, args.rep, st[k])
+    print(json.dumps({"target": args.target, **st}, sort_keys=True))
+
+
 # ---------------------------------------------------------- max_connections --
 
 def http_json(method, url, body=None, timeout=10):
@@ -389,6 +586,9 @@ TARGETS = ("rolegate", "haproxy", "direct")
 
 # (metric key, label, unit, decimals, kind); kind "counter" = a count of bad
 # events (ratios are meaningless), "measure" = a measurement.
+# The reconnect storm's sizes: bench/run's full run and its smoke run.
+STORM_SIZES = (20, 100, 500, 1000)
+
 ROWS = [
     ("tput/simple/8", "Throughput `pgbench -S`, 8 clients", "tps", 0, "measure"),
     ("tput/simple/32", "Throughput `pgbench -S`, 32 clients", "tps", 0, "measure"),
@@ -414,6 +614,21 @@ ROWS = [
     ("mem/rest", "Proxy RSS at rest (fresh process)", "KiB", 0, "measure"),
     ("mem/loaded", "Proxy RSS with {idle} idle sessions", "KiB", 0, "measure"),
     ("mem/per_session", "Memory per idle session", "KiB", 1, "measure"),
+] + [
+    row
+    for n in STORM_SIZES
+    for row in (
+        (f"storm/switchover/{n}/recovery_ms",
+         f"Reconnect storm, {n:,} writing sessions, switchover: until all write again, from the new leader's first write", "ms", 0, "measure"),
+        (f"storm/switchover/{n}/recovery_p50_ms", f"Reconnect storm, {n:,}: the same for the median client", "ms", 0, "measure"),
+        (f"storm/switchover/{n}/failed", f"Reconnect storm, {n:,}: failed attempts (connections and writes)", "count", 0, "counter"),
+        (f"storm/switchover/{n}/refused", f"Reconnect storm, {n:,}: refused for lack of connections (53300)", "count", 0, "counter"),
+        (f"storm/switchover/{n}/not_recovered", f"Reconnect storm, {n:,}: clients never writing again", "count", 0, "counter"),
+        (f"storm/switchover/{n}/rss_idle_kib", f"Reconnect storm, {n:,}: proxy RSS with the sessions open, before", "KiB", 0, "measure"),
+        (f"storm/switchover/{n}/rss_peak_kib", f"Reconnect storm, {n:,}: proxy peak RSS during the storm", "KiB", 0, "measure"),
+        (f"storm/switchover/{n}/cpu_ms", f"Reconnect storm, {n:,}: proxy CPU from the switchover until all write again", "ms", 0, "measure"),
+    )
+] + [
     ("failover/switchover/window_ms", "Switchover: write-unavailability window", "ms", 0, "measure"),
     ("failover/switchover/connect_failures", "Switchover: failed connection attempts", "count", 0, "counter"),
     ("failover/switchover/readonly_refused", "Switchover: writes refused read-only (25006)", "count", 0, "counter"),
@@ -519,6 +734,15 @@ def evaluate_targets(data, meta):
         out[m] = ("≤ HAProxy", None if rh is None else rh <= 1.0, f"{fmt_ratio(rh)} HAProxy")
     rh = ratio(rg("sys/epoll_wait"), ha("sys/epoll_wait"))
     out["sys/epoll_wait"] = ("≤ HAProxy", None if rh is None else rh <= 1.0, f"{fmt_ratio(rh)} HAProxy")
+    # The reconnect storm at 500 sessions.
+    m = "storm/switchover/500/recovery_ms"
+    out[m] = ("≤ 1,000 ms", None if rg(m) is None else rg(m) <= 1000, f"{fmt(rg(m), 0)} ms")
+    m = "storm/switchover/500/refused"
+    out[m] = ("0", None if rg(m) is None else rg(m) == 0, f"{fmt(rg(m), 0)}")
+    m = "storm/switchover/500/rss_peak_kib"
+    idle = rg("storm/switchover/500/rss_idle_kib")
+    r = ratio(rg(m), idle)
+    out[m] = ("≤ 2× the RSS before", None if r is None else r <= 2.0, f"{fmt_ratio(r)} the RSS before")
     m = "mem/per_session"
     if rg(m) is not None and ha(m) is not None:
         met = rg(m) <= ha(m) and rg(m) <= 16.0
@@ -695,6 +919,24 @@ def main():
     p.add_argument("--max-after", type=float, default=60.0)
     p.add_argument("--max-total", type=float, default=300.0)
     p.set_defaults(fn=cmd_writer)
+
+    p = sub.add_parser("storm")
+    p.add_argument("--dsn", required=True)
+    p.add_argument("--check-dsn", required=True)
+    p.add_argument("--n", type=int, required=True)
+    p.add_argument("--event", required=True)
+    p.add_argument("--target", required=True)
+    p.add_argument("--rep", type=int, required=True)
+    p.add_argument("--pid", type=int, help="the proxy's PID (none for direct)")
+    p.add_argument("--ready", required=True)
+    p.add_argument("--started", required=True)
+    p.add_argument("--done", required=True)
+    p.add_argument("--results", required=True)
+    p.add_argument("--ramp", type=float, default=10.0, help="seconds over which the sessions open")
+    p.add_argument("--steady", type=float, default=3.0)
+    p.add_argument("--max-after", type=float, default=60.0)
+    p.add_argument("--max-total", type=float, default=300.0)
+    p.set_defaults(fn=cmd_storm)
 
     p = sub.add_parser("max-connections")
     p.add_argument("n", type=int)
