@@ -17,7 +17,7 @@ use nix::sys::signal::Signal;
 use support::harness::{check, run_suite, TestFn};
 use support::lab_suite::LabSuite;
 use support::rolegate::Rolegate;
-use support::steady_load::{LoadStats, SteadyLoad};
+use support::steady_load::{LoadStats, SteadyLoad, ENOUGH_CONNECTIONS};
 use support::{
     connect, connect_watched, conninfo, free_port, runtime, sqlstate, wait_until, writer,
 };
@@ -119,7 +119,7 @@ async fn in_recovery(port: u16) -> Result<bool, Failed> {
 /// `long_session_closed`), and every row it was told was written is there.
 async fn check_load(stats: &LoadStats, check_port: u16) -> Result<(), Failed> {
     check(
-        stats.connections >= 30,
+        stats.connections >= ENOUGH_CONNECTIONS,
         format!("only {} connections made", stats.connections),
     )?;
     check(

@@ -20,6 +20,9 @@ use super::{connect, conninfo};
 /// One new connection per this much time and client (at most: a client
 /// that takes longer to connect and write goes on at once).
 const CADENCE: Duration = Duration::from_millis(10);
+/// Connections a load makes before it stops, so that a check of its
+/// numbers has something to count.
+pub const ENOUGH_CONNECTIONS: u32 = 30;
 /// Row numbers of each client start this far apart.
 const SEQ_SPAN: i64 = 10_000_000;
 
@@ -106,7 +109,16 @@ impl SteadyLoad {
     }
 
     /// Stops every client and returns what they saw.
+    /// Stops the load once it has made at least [`ENOUGH_CONNECTIONS`]
+    /// (waiting up to 30 s for them: the test's own SCRAM, unoptimized,
+    /// makes connections slow on a busy machine), and returns its stats.
     pub async fn stop(self) -> LoadStats {
+        for _ in 0..300 {
+            if self.stats.lock().expect("stats").connections >= ENOUGH_CONNECTIONS {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
         let _ = self.stop.send(true);
         let _ = self.close_long_session.send(true);
         for task in self.tasks {
