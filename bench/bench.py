@@ -301,11 +301,14 @@ def cmd_storm(args):
     starts the switchover or kill, and args.done when that returned.
 
     A client whose write fails drops its connection and tries again at once
-    (after 20 ms), connecting and writing until it succeeds, like an
-    application's pool after a failover. A prober connects straight to the
-    members (args.check_dsn, libpq's read-write pick) every 20 ms and notes
-    when a server other than the old leader first accepts a write: the
-    earliest moment any client could write again.
+    (after 20 ms), connecting (libpq's connect_timeout of 2 s) and writing
+    until it succeeds, like an application's pool after a failover. A
+    prober asks each member's Patroni REST API (args.rest) every 20 ms and
+    notes when a member other than the old leader first answers /primary
+    with 200 and a running primary in the body: the new leader confirmed,
+    the earliest moment any client could write again. (Patroni's REST
+    costs the members no connection slot, so a storm through the
+    PostgreSQL ports does not delay the mark, as a SQL prober was.)
 
     Counted (per run):
       recovery_ms      from that moment until every client that failed has
@@ -327,6 +330,7 @@ def cmd_storm(args):
     stop = threading.Event()
     lock = threading.Lock()
     clients = [dict(acks=[], failures=[], refused=0) for _ in range(args.n)]
+    errors = {}  # first line of each error -> count
     opened = threading.Semaphore(0)
 
     def client(i):
@@ -348,9 +352,13 @@ def cmd_storm(args):
                     opened.release()
                 next_at += 1.0
             except Exception as e:
+                text = str(e).strip()
+                first_line = text.splitlines()[0][:120] if text else repr(e)
+                msg = f"{getattr(e, 'pgcode', None) or '-'} {first_line}"
                 with lock:
                     me["failures"].append(time.monotonic())
-                    if getattr(e, "pgcode", None) == "53300" or "too many" in str(e):
+                    errors[msg] = errors.get(msg, 0) + 1
+                    if getattr(e, "pgcode", None) == "53300" or "too many" in text:
                         me["refused"] += 1
                 try:
                     if conn is not None:
@@ -381,20 +389,19 @@ def cmd_storm(args):
         f.write(f"{sum(1 for c in clients if c['acks'])} {args.n}\n")
     os.rename(args.ready + ".tmp", args.ready)
 
-    def writable_port():
-        try:
-            c = psycopg2.connect(args.check_dsn, connect_timeout=2)
+    def primary():
+        """The REST URL of the member that answers /primary as a running
+        primary, if one does."""
+        for url in args.rest:
             try:
-                c.autocommit = True
-                k = c.cursor()
-                k.execute("select inet_server_port()")
-                return k.fetchone()[0]
-            finally:
-                c.close()
-        except Exception:
-            return None
+                code, body = http_json("GET", url + "/primary", timeout=1)
+            except Exception:
+                continue
+            if code == 200 and isinstance(body, dict) and body.get("role") in ("master", "primary") and body.get("state") == "running":
+                return url
+        return None
 
-    old_port = writable_port()
+    old_leader = primary()
     # The proxy's RSS while the sessions are open and mostly idle, then the
     # prober and the proxy's samples from the event on.
     idle_rss = []
@@ -413,8 +420,8 @@ def cmd_storm(args):
         if args.pid:
             peak_rss = max(peak_rss, proc_rss_kib(args.pid) or 0)
         if new_at is None:
-            port = writable_port()
-            if port is not None and port != old_port:
+            leader = primary()
+            if leader is not None and leader != old_leader:
                 new_at = time.monotonic()
         if done_at is None and os.path.exists(args.done):
             done_at = now
@@ -464,6 +471,7 @@ def cmd_storm(args):
               "rss_idle_kib", "rss_peak_kib", "cpu_ms"):
         if st.get(k) is not None:
             append_result(args.results, f"{prefix}/{k}", args.target, args.rep, st[k])
+    st["errors"] = dict(sorted(errors.items(), key=lambda kv: -kv[1])[:8])
     print(json.dumps({"target": args.target, **st}, sort_keys=True))
 
 
@@ -932,6 +940,7 @@ def main():
     p.add_argument("--started", required=True)
     p.add_argument("--done", required=True)
     p.add_argument("--results", required=True)
+    p.add_argument("--rest", nargs=3, required=True, help="the members' Patroni REST base URLs")
     p.add_argument("--ramp", type=float, default=10.0, help="seconds over which the sessions open")
     p.add_argument("--steady", type=float, default=3.0)
     p.add_argument("--max-after", type=float, default=60.0)

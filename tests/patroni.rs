@@ -16,7 +16,10 @@ use support::lab::{replicas_of, MEMBERS};
 use support::lab_suite::LabSuite;
 use support::rolegate::Rolegate;
 use support::routes::{reached, wait_for_readers, wait_for_writable_leader};
-use support::{connect, connect_watched, conninfo, runtime, server_message, sqlstate, writer};
+use support::{
+    connect, connect_watched, conninfo, free_port, runtime, server_message, sqlstate, wait_until,
+    wire, writer,
+};
 
 type Env = LabSuite;
 
@@ -70,6 +73,10 @@ fn main() {
         (
             "fleet_keys_follow_the_session_protocol",
             fleet_keys_follow_the_session_protocol,
+        ),
+        (
+            "a_client_that_leaves_while_held_is_let_go",
+            a_client_that_leaves_while_held_is_let_go,
         ),
     ];
     run_suite(tests, || LabSuite::start("patroni"), true);
@@ -836,5 +843,56 @@ fn protocol_3_9999_is_negotiated_by_the_member(env: &Env) -> Result<(), Failed> 
             "pg_sleep ended with {cancelled:?} after {:?}",
             started.elapsed()
         ),
+    )
+}
+
+/// A client that gives up while its session is held (as libpq does after
+/// `connect_timeout`) is let go at once, not when the hold ends: otherwise
+/// every retry of a reconnect storm would leave a held session behind, and
+/// each would open a backend connection for nobody once the leader is
+/// confirmed. The cluster here has no leader at all (a scope nobody
+/// runs), so its sessions are held for the whole `hold_timeout`.
+fn a_client_that_leaves_while_held_is_let_go(env: &Env) -> Result<(), Failed> {
+    let rw = free_port();
+    let config = format!(
+        r#"
+[clusters.empty]
+scope = "nobody-runs-this"
+namespace = "/service/"
+{etcd}
+
+[[listeners]]
+listen = "127.0.0.1:{rw}"
+cluster = "empty"
+role = "primary"
+
+[limits]
+hold_timeout = "60s"
+"#,
+        etcd = env.lab.etcd_line()
+    );
+    let rolegate = Rolegate::start(&env.root, "held-and-gone", &config);
+    let held = || rolegate.metric("rolegate_held_sessions", "cluster=\"empty\"");
+    let startup = wire::startup_packet(3, 0, &[("user", "app"), ("database", "app")]);
+    let clients: Vec<_> = (0..5)
+        .map(|_| {
+            let mut client = wire::connect(rw);
+            std::io::Write::write_all(&mut client, &startup).map(|()| client)
+        })
+        .collect::<Result<_, _>>()?;
+    wait_until(Duration::from_secs(10), "five held sessions", || {
+        (held() == 5.0).then_some(())
+    });
+    drop(clients);
+    wait_until(Duration::from_secs(5), "the held sessions let go", || {
+        (held() == 0.0).then_some(())
+    });
+    let gone = rolegate.metric(
+        "rolegate_client_connections_total",
+        "outcome=\"client_gone\"",
+    );
+    check(
+        gone == 5.0,
+        format!("{gone} connections counted as client_gone, expected 5"),
     )
 }

@@ -7,6 +7,7 @@
 //! role, or rolegate shuts down. Every way a session can fail ends with an
 //! ErrorResponse the client can read, unless the client itself is gone.
 
+use std::borrow::Borrow;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -227,19 +228,23 @@ struct Session<'a> {
 impl Session<'_> {
     /// Routes, connects and relays authentication. Returns the established
     /// session, or how the connection ended.
-    async fn establish<S>(
+    async fn establish<P>(
         &self,
-        mut client: S,
+        mut client: ClientStream<P>,
         startup: StartupMessage,
         buffered: BytesMut,
-    ) -> Result<Established<S>, ConnectionOutcome>
+    ) -> Result<Established<ClientStream<P>>, ConnectionOutcome>
     where
-        S: AsyncRead + AsyncWrite + Unpin + Send,
+        P: Borrow<TcpStream> + AsyncRead + AsyncWrite + Unpin + Send,
     {
         let shutdown = &self.listener.end_sessions;
         let connected = tokio::select! {
             connected = self.connect() => connected,
             () = shutdown.cancelled() => Err(shutdown_error()),
+            () = client.closed() => {
+                info!("the client left before a backend was connected");
+                return Err(ConnectionOutcome::ClientGone);
+            }
         };
         let (mut backend, member, held) = match connected {
             Ok(connected) => connected,

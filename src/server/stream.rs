@@ -7,6 +7,7 @@
 //! read before a TLS handshake: a direct-TLS ClientHello is detected by its
 //! first byte, after which the bytes already buffered belong to rustls.
 
+use std::borrow::Borrow;
 use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -89,6 +90,27 @@ pub struct Prefixed<P> {
 impl<P> Prefixed<P> {
     pub fn new(prefix: BytesMut, inner: P) -> Self {
         Self { prefix, inner }
+    }
+}
+
+impl<P: Borrow<TcpStream>> ClientStream<P> {
+    /// Resolves once the client has closed its connection (end of stream,
+    /// or a reset), without reading anything the client sent. A session
+    /// held for a target watches this: a client that gave up waiting
+    /// (libpq's `connect_timeout`) must not have a backend connection
+    /// opened for it when the hold ends, or a reconnect storm doubles with
+    /// every retry. Once the client has sent bytes there is no telling, and
+    /// this stays pending.
+    pub async fn closed(&self) {
+        let tcp: &TcpStream = match self {
+            Self::Plain(tcp) => tcp.borrow(),
+            Self::Tls(tls) => tls.get_ref().0.inner.borrow(),
+        };
+        let mut byte = [0u8; 1];
+        match tcp.peek(&mut byte).await {
+            Ok(0) | Err(_) => {}
+            Ok(_) => std::future::pending().await,
+        }
     }
 }
 
