@@ -627,7 +627,7 @@ ROWS = [
     for n in STORM_SIZES
     for row in (
         (f"storm/switchover/{n}/recovery_ms",
-         f"Reconnect storm, {n:,} writing sessions, switchover: until all write again, from the new leader's first write", "ms", 0, "measure"),
+         f"Reconnect storm, {n:,} writing sessions, switchover: until all write again, from the new leader's confirmation (Patroni REST)", "ms", 0, "measure"),
         (f"storm/switchover/{n}/recovery_p50_ms", f"Reconnect storm, {n:,}: the same for the median client", "ms", 0, "measure"),
         (f"storm/switchover/{n}/failed", f"Reconnect storm, {n:,}: failed attempts (connections and writes)", "count", 0, "counter"),
         (f"storm/switchover/{n}/refused", f"Reconnect storm, {n:,}: refused for lack of connections (53300)", "count", 0, "counter"),
