@@ -86,6 +86,23 @@ def cmd_haproxy_servers(args):
 
 # ------------------------------------------------------------------- writer --
 
+def close_quietly(conn):
+    """Closes a psycopg2 connection that may be broken already."""
+    if conn is None:
+        return
+    try:
+        conn.close()
+    except Exception:
+        pass
+
+
+def error_line(e):
+    """An error as the logs count it: its SQLSTATE (or -) and first line."""
+    text = str(e).strip()
+    first = text.splitlines()[0][:120] if text else repr(e)
+    return f"{getattr(e, 'pgcode', None) or '-'} {first}"
+
+
 def connect(psycopg2, dsn):
     # connect_timeout=1 as the brief asks; libpq raises values below 2 to 2 s.
     # tcp_user_timeout/keepalives bound a write on a peer that vanished.
@@ -125,9 +142,7 @@ def cmd_writer(args):
     errors = {}  # first line of each error message -> count (for the log)
 
     def note(e):
-        text = str(e).strip()
-        first = text.splitlines()[0][:120] if text else repr(e)
-        msg = f"{getattr(e, 'pgcode', None) or '-'} {first}"
+        msg = error_line(e)
         errors[msg] = errors.get(msg, 0) + 1
 
     acks = []  # (seq, monotonic time of the acknowledgement)
@@ -143,11 +158,7 @@ def cmd_writer(args):
 
     def drop():
         nonlocal conn, cur
-        try:
-            if conn is not None:
-                conn.close()
-        except Exception:
-            pass
+        close_quietly(conn)
         conn = cur = None
 
     while True:
@@ -352,27 +363,17 @@ def cmd_storm(args):
                     opened.release()
                 next_at += 1.0
             except Exception as e:
-                text = str(e).strip()
-                first_line = text.splitlines()[0][:120] if text else repr(e)
-                msg = f"{getattr(e, 'pgcode', None) or '-'} {first_line}"
+                msg = error_line(e)
                 with lock:
                     me["failures"].append(time.monotonic())
                     errors[msg] = errors.get(msg, 0) + 1
-                    if getattr(e, "pgcode", None) == "53300" or "too many" in text:
+                    if getattr(e, "pgcode", None) == "53300" or "too many" in str(e):
                         me["refused"] += 1
-                try:
-                    if conn is not None:
-                        conn.close()
-                except Exception:
-                    pass
+                close_quietly(conn)
                 conn = cur = None
                 next_at = time.monotonic() + 0.02
             stop.wait(max(0.0, next_at - time.monotonic()))
-        try:
-            if conn is not None:
-                conn.close()
-        except Exception:
-            pass
+        close_quietly(conn)
 
     # Table for the clients' rows, made straight on the leader.
     with psycopg2.connect(args.check_dsn, connect_timeout=5) as c:
