@@ -100,7 +100,9 @@ impl<P: Borrow<TcpStream>> ClientStream<P> {
     /// (libpq's `connect_timeout`) must not have a backend connection
     /// opened for it when the hold ends, or a reconnect storm doubles with
     /// every retry. Once the client has sent bytes there is no telling, and
-    /// this stays pending.
+    /// this stays pending. That includes a TLS client that sends a
+    /// close_notify alert before closing, as libpq does: such a client is
+    /// still held until the hold ends.
     pub async fn closed(&self) {
         let tcp: &TcpStream = match self {
             Self::Plain(tcp) => tcp.borrow(),
