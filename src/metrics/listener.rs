@@ -58,11 +58,6 @@ impl ListenerMetrics {
         }
     }
 
-    /// The listener's address, as its metrics show it.
-    pub fn label(&self) -> &str {
-        &self.label
-    }
-
     /// Counts one open client connection while the guard lives.
     pub fn client_connection(&self) -> GaugeGuard {
         let gauge = self

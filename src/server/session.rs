@@ -30,7 +30,7 @@ use super::stream::{BackendStream, ClientStream};
 use super::when_woken::WhenWoken;
 use super::{ListenerContext, Shared};
 use crate::config::{Limits, ListenerRole};
-use crate::metrics::{ConnectionOutcome, EndReason};
+use crate::metrics::{ConnectionOutcome, EndReason, MemberMetrics};
 use crate::protocol::startup::{CancelKey, StartupMessage};
 use crate::protocol::{ProtocolError, SqlState};
 use crate::router::{check_fit, Misfit};
@@ -207,6 +207,8 @@ struct Established<S> {
     client: S,
     backend: BackendStream,
     member: Member,
+    /// The member's metric handles, looked up once per session.
+    member_metrics: Arc<MemberMetrics>,
     held: Duration,
     /// The session's cancel key, registered until the session ends.
     cancel: Option<CancelRegistration>,
@@ -246,7 +248,7 @@ impl Session<'_> {
                 return Err(ConnectionOutcome::ClientGone);
             }
         };
-        let (mut backend, member, held) = match connected {
+        let (mut backend, member, member_metrics, held) = match connected {
             Ok(connected) => connected,
             Err(e) => {
                 info!(sqlstate = %e.sqlstate, "session refused: {}", e.message);
@@ -329,6 +331,7 @@ impl Session<'_> {
             client,
             backend,
             member,
+            member_metrics,
             held,
             cancel: registration_slot,
             to_backend: auth.to_backend,
@@ -346,6 +349,7 @@ impl Session<'_> {
             mut client,
             backend,
             member,
+            member_metrics,
             held,
             cancel: cancel_registration,
             to_backend,
@@ -375,7 +379,7 @@ impl Session<'_> {
             member.name.clone(),
             role,
             self.client.ip(),
-            self.listener.metrics.member(&member.name).session(),
+            member_metrics.session(),
         );
         let mut relay = Relay::new(to_backend, to_client, self.shared.relayed.clone());
         // The end signals are polled only when they fire, not at every
@@ -436,11 +440,14 @@ impl Session<'_> {
 
     /// Routes and connects, trying further candidates for reads and
     /// waiting for a new view (within the hold time) when every candidate
-    /// failed. Returns the backend, its member and the time spent held:
+    /// failed. Returns the backend, its member (and the member's metric
+    /// handles) and the time spent held:
     /// everything before the attempt that succeeded (waits for a target,
     /// failed attempts, waits for a newer view after them), none of which
     /// is the client's delay.
-    async fn connect(&self) -> Result<(BackendStream, Member, Duration), ProtocolError> {
+    async fn connect(
+        &self,
+    ) -> Result<(BackendStream, Member, Arc<MemberMetrics>, Duration), ProtocolError> {
         let limits = self.limits;
         let started = Instant::now();
         let hold_until = started + limits.hold_timeout.get();
@@ -452,16 +459,17 @@ impl Session<'_> {
             let mut failure = None;
             for member in route.candidates {
                 let attempt = Instant::now();
+                let member_metrics = self.listener.metrics.member(&member.name);
                 match backend::connect(
                     &member,
                     &self.listener.cluster,
                     &self.listener.backend_tls,
                     limits,
-                    &self.listener.metrics.member(&member.name),
+                    &member_metrics,
                 )
                 .await
                 {
-                    Ok(stream) => return Ok((stream, member, attempt - started)),
+                    Ok(stream) => return Ok((stream, member, member_metrics, attempt - started)),
                     Err(e) => {
                         warn!("{}", e.message);
                         failure = Some(e);
