@@ -13,6 +13,8 @@ Subcommands (each bounded in time; bench/run calls them):
   idle ...                  open N idle sessions, hold them until told to stop
   storm ...                 N writing sessions through a leader change: how
                             long until all write again (see cmd_storm())
+  burst ...                 N clients logging in to the leader at one instant,
+                            no failover: the storm's floor (see cmd_burst())
   pgbench-log-pct FILE...   p50/p99 latency (µs) from pgbench --log files
   report ...                aggregate results.jsonl into the markdown table
                             (and, with --write, into BENCHMARKS.md)
@@ -476,6 +478,67 @@ def cmd_storm(args):
     print(json.dumps({"target": args.target, **st}, sort_keys=True))
 
 
+def cmd_burst(args):
+    """The reconnect storm's floor on this machine: args.n clients, the
+    storm's clients in all but the failover, start to log in straight to
+    the leader at the same instant and each writes one row. This is the
+    best any proxy can do that lets sessions through only once the new
+    leader is confirmed: every login then starts at that moment. A client
+    whose login fails (libpq's connect_timeout of 2 s, as in the storm)
+    tries again 20 ms later.
+
+    Counted: burst_ms, from the start until the last client wrote;
+    burst_p50_ms, the median client; burst_failed, failed attempts.
+    """
+    import threading
+
+    import psycopg2
+
+    start = threading.Barrier(args.n + 1, timeout=120)
+    done = [None] * args.n
+    failed = [0] * args.n
+    deadline = time.monotonic() + args.max_total
+
+    def client(i):
+        try:
+            start.wait()
+        except threading.BrokenBarrierError:
+            return
+        while time.monotonic() < deadline:
+            conn = None
+            try:
+                conn = psycopg2.connect(args.dsn, connect_timeout=2, application_name="rolegate-bench-burst")
+                conn.autocommit = True
+                conn.cursor().execute("insert into bench_storm (client) values (%s)", (i,))
+                done[i] = time.monotonic()
+                return
+            except Exception:
+                failed[i] += 1
+                time.sleep(0.02)
+            finally:
+                close_quietly(conn)
+
+    threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(args.n)]
+    for t in threads:
+        t.start()
+    start.wait()
+    t0 = time.monotonic()
+    for t in threads:
+        t.join(timeout=max(0.0, deadline - time.monotonic()))
+    times = [d - t0 for d in done if d is not None]
+    st = {
+        "clients": args.n,
+        "burst_failed": sum(failed),
+        "not_done": args.n - len(times),
+        "burst_ms": round(max(times) * 1000, 1) if len(times) == args.n else None,
+        "burst_p50_ms": round(statistics.median(times) * 1000, 1) if times else None,
+    }
+    for k in ("burst_ms", "burst_p50_ms", "burst_failed"):
+        if st[k] is not None:
+            append_result(args.results, f"storm/switchover/{args.n}/{k}", "direct", args.rep, st[k])
+    print(json.dumps(st, sort_keys=True))
+
+
 # ---------------------------------------------------------- max_connections --
 
 def http_json(method, url, body=None, timeout=10):
@@ -631,6 +694,9 @@ ROWS = [
          f"Reconnect storm, {n:,} writing sessions, switchover: until all write again, from the new leader's confirmation (Patroni REST)", "ms", 0, "measure"),
         (f"storm/switchover/{n}/recovery_p50_ms", f"Reconnect storm, {n:,}: the same for the median client", "ms", 0, "measure"),
         (f"storm/switchover/{n}/failed", f"Reconnect storm, {n:,}: failed attempts (connections and writes)", "count", 0, "counter"),
+        (f"storm/switchover/{n}/burst_ms", f"Reconnect storm, {n:,}: floor, the same clients logging in straight to the leader at one instant (no failover): until all wrote", "ms", 0, "measure"),
+        (f"storm/switchover/{n}/burst_p50_ms", f"Reconnect storm, {n:,}: floor, the same for the median client", "ms", 0, "measure"),
+        (f"storm/switchover/{n}/burst_failed", f"Reconnect storm, {n:,}: floor, failed attempts", "count", 0, "counter"),
         (f"storm/switchover/{n}/refused", f"Reconnect storm, {n:,}: refused for lack of connections (53300)", "count", 0, "counter"),
         (f"storm/switchover/{n}/not_recovered", f"Reconnect storm, {n:,}: clients never writing again", "count", 0, "counter"),
         (f"storm/switchover/{n}/rss_idle_kib", f"Reconnect storm, {n:,}: proxy RSS with the sessions open, before", "KiB", 0, "measure"),
@@ -947,6 +1013,14 @@ def main():
     p.add_argument("--max-after", type=float, default=60.0)
     p.add_argument("--max-total", type=float, default=300.0)
     p.set_defaults(fn=cmd_storm)
+
+    p = sub.add_parser("burst")
+    p.add_argument("--dsn", required=True, help="the leader, straight")
+    p.add_argument("--n", type=int, required=True)
+    p.add_argument("--rep", type=int, required=True)
+    p.add_argument("--results", required=True)
+    p.add_argument("--max-total", type=float, default=120.0)
+    p.set_defaults(fn=cmd_burst)
 
     p = sub.add_parser("max-connections")
     p.add_argument("n", type=int)

@@ -78,6 +78,10 @@ fn main() {
             "a_client_that_leaves_while_held_is_let_go",
             a_client_that_leaves_while_held_is_let_go,
         ),
+        (
+            "a_stalled_login_holds_up_others_only_briefly",
+            a_stalled_login_holds_up_others_only_briefly,
+        ),
     ];
     run_suite(tests, || LabSuite::start("patroni"), true);
 }
@@ -894,5 +898,70 @@ hold_timeout = "60s"
     check(
         gone == 5.0,
         format!("{gone} connections counted as client_gone, expected 5"),
+    )
+}
+
+/// With one login slot per member (`backend_logins = 1`), a client that
+/// stops answering its login holds the slot for about a second, not until
+/// its handshake times out: the next session waits in the member's queue
+/// (its gauge appears), then logs in while the first is still silent.
+fn a_stalled_login_holds_up_others_only_briefly(env: &Env) -> Result<(), Failed> {
+    use std::io::Write;
+
+    let (rolegate, rw, _ro) = env.rolegate_with_limits(
+        "login-gate",
+        &env.lab.etcd_line(),
+        "backend_logins = 1\nhandshake_timeout = \"60s\"\n",
+    );
+    let rt = runtime();
+    rt.block_on(wait_for_writable_leader(
+        &env.lab,
+        rw,
+        None,
+        Duration::from_secs(30),
+    ))?;
+    let queue_exists = || {
+        let (_, body) = rolegate.admin_get("/metrics").unwrap_or_default();
+        support::rolegate::metric_value(&body, "rolegate_login_queue", "").is_some()
+    };
+    check(!queue_exists(), "no session has queued yet")?;
+
+    let mut stalled = wire::connect(rw);
+    stalled.write_all(&wire::startup_packet(
+        3,
+        0,
+        &[("user", "app"), ("database", "app")],
+    ))?;
+    let request = wire::read_msg(&mut stalled).ok_or("no answer to the stalled login")?;
+    check(
+        request.tag == b'R',
+        format!(
+            "the member asked for a password, got {:?}",
+            request.tag as char
+        ),
+    )?;
+
+    let started = Instant::now();
+    let client = rt.block_on(connect(&conninfo(rw, "app", "app")))?;
+    let waited = started.elapsed();
+    rt.block_on(client.simple_query("select 1"))?;
+    println!("    the second login took {waited:?} behind the stalled one");
+    check(
+        queue_exists(),
+        "the second login waited in the member's queue (rolegate_login_queue)",
+    )?;
+    check(
+        waited < Duration::from_secs(8),
+        format!("the second login waited {waited:?}; the stalled one should give its slot up after about 1 s"),
+    )?;
+    stalled.set_nonblocking(true)?;
+    let mut byte = [0u8; 1];
+    let silent = matches!(
+        std::io::Read::read(&mut stalled, &mut byte),
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock
+    );
+    check(
+        silent,
+        "the stalled login is still open, waiting for its answer",
     )
 }

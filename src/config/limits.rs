@@ -19,6 +19,10 @@ pub struct Limits {
     pub hold_timeout: Duration,
     #[serde(default = "default_connect_timeout")]
     pub connect_timeout: Duration,
+    /// Logins (backend connect to first ReadyForQuery) in flight to one
+    /// member at once; the rest queue. 0: no bound.
+    #[serde(default = "default_backend_logins")]
+    pub backend_logins: usize,
     /// How long a SIGTERM lets sessions finish before ending them.
     #[serde(default = "default_shutdown_timeout")]
     pub shutdown_timeout: Duration,
@@ -43,6 +47,7 @@ impl Default for Limits {
             handshake_timeout: default_handshake_timeout(),
             hold_timeout: default_hold_timeout(),
             connect_timeout: default_connect_timeout(),
+            backend_logins: default_backend_logins(),
             shutdown_timeout: default_shutdown_timeout(),
             tcp_keepalive: default_tcp_keepalive(),
         }
@@ -60,6 +65,9 @@ fn default_hold_timeout() -> Duration {
 }
 fn default_connect_timeout() -> Duration {
     Duration::from_secs(3)
+}
+fn default_backend_logins() -> usize {
+    16
 }
 fn default_tcp_keepalive() -> Duration {
     Duration::from_secs(60)

@@ -34,6 +34,7 @@ pub const CLIENT_CONNECTIONS_TOTAL: &str = "rolegate_client_connections_total";
 pub const HELD_SESSIONS: &str = "rolegate_held_sessions";
 pub const HOLD_WAIT_SECONDS: &str = "rolegate_hold_wait_seconds";
 pub const HOLD_TIMEOUTS_TOTAL: &str = "rolegate_hold_timeouts_total";
+pub const LOGIN_QUEUE: &str = "rolegate_login_queue";
 pub const SESSIONS: &str = "rolegate_sessions";
 pub const SESSIONS_ENDED_TOTAL: &str = "rolegate_sessions_ended_total";
 pub const HANDSHAKE_SECONDS: &str = "rolegate_handshake_duration_seconds";
@@ -95,6 +96,10 @@ fn describe() {
     describe_counter!(
         HOLD_TIMEOUTS_TOTAL,
         "Sessions refused with 57P03 after hold_timeout, by cluster and role."
+    );
+    describe_gauge!(
+        LOGIN_QUEUE,
+        "New sessions waiting for one of a member's login slots (limits.backend_logins), by cluster and member."
     );
     describe_gauge!(
         SESSIONS,
@@ -308,6 +313,13 @@ pub fn held_session(cluster: &str, role: ListenerRole) -> GaugeGuard {
     )
 }
 
+/// Counts one session waiting for a login slot of `member`.
+pub fn queued_login(cluster: &str, member: &str) -> GaugeGuard {
+    GaugeGuard::raise(
+        gauge!(LOGIN_QUEUE, "cluster" => cluster.to_owned(), "member" => member.to_owned()),
+    )
+}
+
 /// (cluster, member, listener role).
 type SessionKey = (Arc<str>, Arc<str>, ListenerRole);
 
@@ -506,6 +518,7 @@ mod tests {
             CLIENT_CONNECTIONS,
             CLIENT_CONNECTIONS_TOTAL,
             HELD_SESSIONS,
+            LOGIN_QUEUE,
             HOLD_WAIT_SECONDS,
             HOLD_TIMEOUTS_TOTAL,
             SESSIONS,

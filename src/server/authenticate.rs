@@ -22,6 +22,7 @@
 use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
+use super::login_gate::LoginSlot;
 use crate::protocol::message::auth::{self, Next};
 use crate::protocol::message::{
     auth_request_code, decode_message, tag, Message, MAX_BACKEND_HANDSHAKE_MESSAGE,
@@ -60,7 +61,9 @@ pub enum AuthError {
 /// `backend_tls` says whether rolegate's connection to the member is
 /// encrypted, which decides whether a client's channel-binding
 /// announcement can succeed. `issue_key` is given the backend's cancel key
-/// and returns the one the client gets.
+/// and returns the one the client gets. `login` is the member's login slot,
+/// which each wait for the client's answer may give up (see
+/// [`LoginSlot::client_turn`]).
 pub async fn relay_authentication<C, B>(
     client: &mut C,
     backend: &mut B,
@@ -68,6 +71,7 @@ pub async fn relay_authentication<C, B>(
     member: &str,
     backend_tls: bool,
     issue_key: &mut (dyn FnMut(CancelKey) -> CancelKey + Send),
+    login: &mut LoginSlot,
 ) -> Result<Authenticated, AuthError>
 where
     C: AsyncRead + AsyncWrite + Unpin,
@@ -104,18 +108,23 @@ where
                     Next::Backend => None,
                     Next::Client => {
                         flush(client, &mut to_client).await?;
-                        Some(read_client(client, &mut from_client).await?)
+                        Some(
+                            login
+                                .client_turn(read_client(client, &mut from_client))
+                                .await?,
+                        )
                     }
                     Next::Either => {
                         flush(client, &mut to_client).await?;
-                        let first = first_to_speak(
-                            client,
-                            backend,
-                            &mut from_client,
-                            &mut from_backend,
-                            member,
-                        )
-                        .await?;
+                        let first = login
+                            .client_turn(first_to_speak(
+                                client,
+                                backend,
+                                &mut from_client,
+                                &mut from_backend,
+                                member,
+                            ))
+                            .await?;
                         match first {
                             Spoke::Client(answer) => Some(answer),
                             Spoke::Backend(msg) => {
@@ -333,7 +342,16 @@ mod tests {
         C: AsyncRead + AsyncWrite + Unpin,
         B: AsyncRead + AsyncWrite + Unpin,
     {
-        relay_authentication(client, backend, BytesMut::new(), "pg1", false, &mut |k| k).await
+        relay_authentication(
+            client,
+            backend,
+            BytesMut::new(),
+            "pg1",
+            false,
+            &mut |k| k,
+            &mut LoginSlot::default(),
+        )
+        .await
     }
 
     #[tokio::test]
@@ -374,6 +392,7 @@ mod tests {
             "pg1",
             false,
             &mut issue_key,
+            &mut LoginSlot::default(),
         )
         .await
         .expect("authenticated");
@@ -429,6 +448,7 @@ mod tests {
                 "pg1",
                 false,
                 &mut issue_key,
+                &mut LoginSlot::default(),
             ),
         )
         .await

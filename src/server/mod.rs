@@ -5,7 +5,8 @@
 //! connection path: [`listener`] accepts, [`proxy_protocol`] reads a load
 //! balancer's PROXY header where a listener expects one, [`handshake`]
 //! reads the opening, [`session`] routes and connects through
-//! [`backend`], [`authenticate`] relays the login, [`relay`] pumps bytes
+//! [`backend`] (a member's logins paced by [`login_gate`]),
+//! [`authenticate`] relays the login, [`relay`] pumps bytes
 //! (through [`notify_pids`] in a fleet), and [`cancel`] routes cancel
 //! requests to the backend that issued a key, or to the fleet instance
 //! that did, whose [`peer_listener`] takes them.
@@ -16,6 +17,7 @@ pub mod cancel;
 pub mod handshake;
 pub mod listener;
 pub mod listener_set;
+pub mod login_gate;
 pub mod loops;
 pub mod notify_pids;
 pub mod peer_listener;
@@ -43,6 +45,7 @@ use crate::metrics::{ListenerMetrics, RelayedBytes, SessionCounts};
 use crate::router::Router;
 
 use self::cancel::{CancelRegistry, CancelThrottle};
+use self::login_gate::LoginGates;
 use self::loops::Loops;
 use crate::fleet::Fleet;
 
@@ -71,6 +74,8 @@ pub struct Shared {
     open_clients: Arc<AtomicUsize>,
     /// Relaying sessions by cluster, member and role.
     pub sessions: Arc<SessionCounts>,
+    /// Each member's logins in flight, bounded by `backend_logins`.
+    pub logins: LoginGates,
     pub relayed: RelayedBytes,
     /// The event loops sessions are handed to.
     pub loops: Loops,
@@ -92,6 +97,7 @@ impl Shared {
             tasks: TaskTracker::new(),
             open_clients: Arc::new(AtomicUsize::new(0)),
             sessions: SessionCounts::new(),
+            logins: LoginGates::default(),
             relayed: RelayedBytes::new(),
         }
     }

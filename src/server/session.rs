@@ -23,6 +23,7 @@ use super::authenticate::{relay_authentication, AuthError};
 use super::backend;
 use super::cancel::{self, CancelRegistration, CancelTarget, Via};
 use super::handshake::{read_opening, Failed, HandshakeError, Opened, Opening};
+use super::login_gate::LoginSlot;
 use super::notify_pids::NotifyPids;
 use super::proxy_protocol::read_header;
 use super::relay::{Relay, RelayEnd};
@@ -248,7 +249,13 @@ impl Session<'_> {
                 return Err(ConnectionOutcome::ClientGone);
             }
         };
-        let (mut backend, member, member_metrics, held) = match connected {
+        let Connected {
+            mut backend,
+            member,
+            member_metrics,
+            held,
+            mut login,
+        } = match connected {
             Ok(connected) => connected,
             Err(e) => {
                 info!(sqlstate = %e.sqlstate, "session refused: {}", e.message);
@@ -300,10 +307,12 @@ impl Session<'_> {
                 &member.name,
                 backend_tls,
                 &mut issue_key,
+                &mut login,
             )
             .await
         })
         .await;
+        drop(login);
         let auth = match auth {
             Ok(Ok(auth)) => auth,
             Ok(Err(e)) => {
@@ -440,36 +449,58 @@ impl Session<'_> {
 
     /// Routes and connects, trying further candidates for reads and
     /// waiting for a new view (within the hold time) when every candidate
-    /// failed. Returns the backend, its member (and the member's metric
-    /// handles) and the time spent held:
-    /// everything before the attempt that succeeded (waits for a target,
-    /// failed attempts, waits for a newer view after them), none of which
-    /// is the client's delay.
-    async fn connect(
-        &self,
-    ) -> Result<(BackendStream, Member, Arc<MemberMetrics>, Duration), ProtocolError> {
+    /// failed. Each attempt first takes one of the member's login slots.
+    /// The time held is everything before the attempt that succeeded
+    /// (waits for a target or a login slot, failed attempts, waits for a
+    /// newer view after them), none of which is the client's delay.
+    async fn connect(&self) -> Result<Connected, ProtocolError> {
         let limits = self.limits;
         let started = Instant::now();
         let hold_until = started + limits.hold_timeout.get();
         let router = &self.listener.router;
+        let cluster = &self.listener.cluster;
         loop {
             let route = router
                 .route(hold_until.saturating_duration_since(Instant::now()))
                 .await?;
             let mut failure = None;
             for member in route.candidates {
+                // The limit in force now, so that sessions accepted before
+                // and after a reload share one gate.
+                let slots = self.shared.limits().backend_logins;
+                let login = match self
+                    .shared
+                    .logins
+                    .enter(cluster, &member.name, slots, self.accepted, hold_until)
+                    .await
+                {
+                    Ok(login) => login,
+                    Err(e) => {
+                        warn!("{}", e.message);
+                        failure = Some(e);
+                        continue;
+                    }
+                };
                 let attempt = Instant::now();
                 let member_metrics = self.listener.metrics.member(&member.name);
                 match backend::connect(
                     &member,
-                    &self.listener.cluster,
+                    cluster,
                     &self.listener.backend_tls,
                     limits,
                     &member_metrics,
                 )
                 .await
                 {
-                    Ok(stream) => return Ok((stream, member, member_metrics, attempt - started)),
+                    Ok(backend) => {
+                        return Ok(Connected {
+                            backend,
+                            member,
+                            member_metrics,
+                            held: attempt - started,
+                            login,
+                        })
+                    }
                     Err(e) => {
                         warn!("{}", e.message);
                         failure = Some(e);
@@ -492,6 +523,17 @@ impl Session<'_> {
             }
         }
     }
+}
+
+/// A backend connection opened for a session, before authentication.
+struct Connected {
+    backend: BackendStream,
+    member: Member,
+    member_metrics: Arc<MemberMetrics>,
+    /// Time spent before the attempt that succeeded.
+    held: Duration,
+    /// The member's login slot, given back when the login ends.
+    login: LoginSlot,
 }
 
 enum Ended {

@@ -1,0 +1,399 @@
+//! Pacing backend logins: at most `limits.backend_logins` logins to one
+//! member at a time, the rest queued in arrival order.
+//!
+//! After a failover every application reconnects at once, and rolegate
+//! holds their sessions until the new leader is confirmed. Released all at
+//! the same instant, they start hundreds of logins on one server (a fork,
+//! the backend's start-up, SCRAM), each of which then takes about as long
+//! as all of them together. Clients' connect timeouts expire mid-login,
+//! each retry starts the work over, and the storm feeds itself: measured
+//! with 500 clients and libpq's `connect_timeout = 2`, the last client
+//! wrote again 2.8 to 7.5 s after the new leader was confirmed, after
+//! hundreds of timeouts. Let through a few at a time, logins finish at
+//! the server's pace; a queued client that gives up leaves the queue
+//! without having cost the server anything (the session watches its
+//! client while it waits).
+//!
+//! Who goes next matters as much as how many. Clients give up after
+//! their own connect timeout (libpq's `connect_timeout`, a pool's), so
+//! the session accepted last has the most patience left, and the one
+//! accepted first is the likeliest to leave mid-login and waste it. In
+//! arrival order, sessions released together after a hold are served
+//! oldest first: measured, nearly every one timed out before its turn.
+//! So a queue is served newest first (by the time its connection was
+//! accepted). With no queue, as in normal operation, order is moot; under
+//! a lasting overload the oldest wait longest, at most `hold_timeout`.
+//!
+//! A slot is held from the backend connect until the login ends, except
+//! that a client slow to answer its authentication request gives its slot
+//! up after [`CLIENT_TURN_GRACE`]: the login goes on, but a handful of
+//! clients that never answer cannot stop everyone else's.
+//!
+//! The gates live in one registry, by cluster and member, so every
+//! listener's sessions to a member share its slots. Each entry reads the
+//! limit in force, so a reload's new value applies to the next login.
+
+use std::collections::{BinaryHeap, HashMap};
+use std::future::Future;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use tokio::sync::oneshot;
+
+use crate::metrics;
+use crate::protocol::{ProtocolError, SqlState};
+
+/// How long a client may take to answer an authentication request before
+/// its login stops counting against the member's slots.
+pub const CLIENT_TURN_GRACE: Duration = Duration::from_secs(1);
+
+/// Every member's gate, by cluster and member name.
+#[derive(Default)]
+pub struct LoginGates {
+    gates: Mutex<HashMap<Arc<str>, MemberGates>>,
+}
+
+/// One cluster's gates, by member name.
+type MemberGates = HashMap<Arc<str>, Arc<Gate>>;
+
+/// One member's logins: how many are in flight, and who waits.
+#[derive(Default)]
+struct Gate {
+    state: Mutex<GateState>,
+}
+
+#[derive(Default)]
+struct GateState {
+    in_flight: usize,
+    /// The limit the last entry read; `usize::MAX` for no bound.
+    limit: usize,
+    waiting: BinaryHeap<Waiter>,
+    /// Breaks ties between sessions accepted at the same instant.
+    arrivals: u64,
+}
+
+/// A queued session: served newest accepted first. Its sender fails once
+/// the session stopped waiting (its client left, its hold ran out).
+struct Waiter {
+    accepted: Instant,
+    arrival: u64,
+    wake: oneshot::Sender<LoginSlot>,
+}
+
+impl PartialEq for Waiter {
+    fn eq(&self, other: &Self) -> bool {
+        self.cmp(other).is_eq()
+    }
+}
+impl Eq for Waiter {}
+impl PartialOrd for Waiter {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl Ord for Waiter {
+    /// The greatest (served first) is the latest accepted, then the latest
+    /// to arrive at the gate.
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        (self.accepted, self.arrival).cmp(&(other.accepted, other.arrival))
+    }
+}
+
+/// A login's place among its member's slots, held until the login ends.
+/// Dropping it frees the slot (for the next waiter, if there is one).
+#[derive(Default)]
+pub struct LoginSlot(Option<Arc<Gate>>);
+
+impl LoginGates {
+    /// Waits, until `until` at the latest, for one of `slots` login slots
+    /// of `member` of `cluster` (`slots == 0`: no bound), for a session
+    /// whose connection was accepted at `accepted`.
+    pub async fn enter(
+        &self,
+        cluster: &Arc<str>,
+        member: &Arc<str>,
+        slots: usize,
+        accepted: Instant,
+        until: Instant,
+    ) -> Result<LoginSlot, ProtocolError> {
+        if slots == 0 {
+            return Ok(LoginSlot(None));
+        }
+        let gate = self.gate(cluster, member);
+        let waiting = {
+            let mut state = gate.lock();
+            state.limit = slots;
+            if state.waiting.is_empty() && state.in_flight < state.limit {
+                state.in_flight += 1;
+                drop(state);
+                return Ok(LoginSlot(Some(gate)));
+            }
+            let (wake, waiting) = oneshot::channel();
+            state.arrivals += 1;
+            let arrival = state.arrivals;
+            state.waiting.push(Waiter {
+                accepted,
+                arrival,
+                wake,
+            });
+            waiting
+        };
+        // Room may be left (a raised limit, a slot freed meanwhile): the
+        // newest waiter takes it, which may be this one.
+        Gate::admit(&gate);
+        let started = Instant::now();
+        let _queued = metrics::queued_login(cluster, member);
+        match tokio::time::timeout_at(until.into(), waiting).await {
+            Ok(Ok(slot)) => Ok(slot),
+            // A waiter's sender is only dropped by serving it.
+            Ok(Err(_)) | Err(_) => Err(queue_timeout(member, cluster, slots, started.elapsed())),
+        }
+    }
+
+    /// `member`'s gate, made when first needed.
+    fn gate(&self, cluster: &Arc<str>, member: &Arc<str>) -> Arc<Gate> {
+        let mut gates = self.gates.lock().unwrap_or_else(|e| e.into_inner());
+        let members = match gates.get_mut(&**cluster) {
+            Some(members) => members,
+            None => gates.entry(Arc::clone(cluster)).or_default(),
+        };
+        match members.get(&**member) {
+            Some(gate) => Arc::clone(gate),
+            None => Arc::clone(members.entry(Arc::clone(member)).or_default()),
+        }
+    }
+}
+
+impl Gate {
+    fn lock(&self) -> MutexGuard<'_, GateState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Gives free slots to the newest waiters still waiting. Slots are
+    /// sent with the lock released: a slot refused by a waiter that just
+    /// left would otherwise be dropped under it.
+    fn admit(gate: &Arc<Gate>) {
+        loop {
+            let waiter = {
+                let mut state = gate.lock();
+                if state.in_flight >= state.limit {
+                    return;
+                }
+                let Some(waiter) = state.waiting.pop() else {
+                    return;
+                };
+                state.in_flight += 1;
+                waiter
+            };
+            if let Err(mut refused) = waiter.wake.send(LoginSlot(Some(Arc::clone(gate)))) {
+                refused.0 = None;
+                gate.lock().in_flight -= 1;
+            }
+        }
+    }
+}
+
+impl Drop for LoginSlot {
+    fn drop(&mut self) {
+        if let Some(gate) = self.0.take() {
+            gate.lock().in_flight -= 1;
+            Gate::admit(&gate);
+        }
+    }
+}
+
+impl LoginSlot {
+    /// Runs `turn`, a wait for the client's answer, giving the slot up if
+    /// the client takes longer than [`CLIENT_TURN_GRACE`].
+    pub async fn client_turn<F: Future>(&mut self, turn: F) -> F::Output {
+        if self.0.is_none() {
+            return turn.await;
+        }
+        tokio::pin!(turn);
+        tokio::select! {
+            answered = &mut turn => answered,
+            () = tokio::time::sleep(CLIENT_TURN_GRACE) => {
+                *self = LoginSlot(None);
+                turn.await
+            }
+        }
+    }
+}
+
+fn queue_timeout(member: &str, cluster: &str, slots: usize, waited: Duration) -> ProtocolError {
+    ProtocolError::new(
+        SqlState::CANNOT_CONNECT_NOW,
+        format!(
+            "member {member} of cluster {cluster} is slow to accept logins: this session waited \
+             {:.1}s for one of its {slots} login slots (limits.backend_logins) and the hold time \
+             ran out; try again, or raise limits.backend_logins or limits.hold_timeout",
+            waited.as_secs_f64()
+        ),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn names() -> (Arc<str>, Arc<str>) {
+        (Arc::from("main"), Arc::from("pg1"))
+    }
+
+    fn soon() -> Instant {
+        Instant::now() + Duration::from_secs(5)
+    }
+
+    #[tokio::test]
+    async fn no_bound_gives_a_slot_that_holds_nothing() {
+        let gates = LoginGates::default();
+        let (c, m) = names();
+        let slot = gates
+            .enter(&c, &m, 0, Instant::now(), soon())
+            .await
+            .expect("a slot");
+        assert!(slot.0.is_none());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_queue_is_served_newest_accepted_first() {
+        let gates = Arc::new(LoginGates::default());
+        let (c, m) = names();
+        let first = gates
+            .enter(&c, &m, 1, Instant::now(), soon())
+            .await
+            .expect("first slot");
+        let origin = Instant::now();
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        // Accepted in the order 1, 3, 2; queued in the order 1, 2, 3.
+        for accepted_ms in [1u64, 3, 2] {
+            let (gates, c, m, tx) = (Arc::clone(&gates), c.clone(), m.clone(), tx.clone());
+            let accepted = origin + Duration::from_millis(accepted_ms);
+            tokio::spawn(async move {
+                let slot = gates
+                    .enter(&c, &m, 1, accepted, soon())
+                    .await
+                    .expect("a slot");
+                tx.send(accepted_ms).expect("receiver");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                drop(slot);
+            });
+            tokio::task::yield_now().await;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(rx.try_recv().is_err(), "a login went past the full gate");
+        drop(first);
+        let mut order = Vec::new();
+        for _ in 0..3 {
+            order.push(rx.recv().await.expect("a login"));
+        }
+        assert_eq!(order, [3, 2, 1]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_waiter_that_left_is_passed_over() {
+        let gates = Arc::new(LoginGates::default());
+        let (c, m) = names();
+        let first = gates
+            .enter(&c, &m, 1, Instant::now(), soon())
+            .await
+            .expect("first slot");
+        let older = Instant::now();
+        // The newest waiter gives up before the slot is free.
+        let newer = Instant::now() + Duration::from_millis(1);
+        let gone = Instant::now() + Duration::from_millis(100);
+        let (g, c2, m2) = (Arc::clone(&gates), c.clone(), m.clone());
+        let leaving = tokio::spawn(async move { g.enter(&c2, &m2, 1, newer, gone).await.is_err() });
+        let (g, c2, m2) = (Arc::clone(&gates), c.clone(), m.clone());
+        let staying =
+            tokio::spawn(async move { g.enter(&c2, &m2, 1, older, soon()).await.is_ok() });
+        assert!(leaving.await.expect("task"), "the hold ran out");
+        drop(first);
+        assert!(
+            staying.await.expect("task"),
+            "the remaining waiter got the slot"
+        );
+        let until = Instant::now() + Duration::from_millis(100);
+        gates
+            .enter(&c, &m, 1, Instant::now(), until)
+            .await
+            .expect("and gave it back");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_queued_login_gives_up_when_the_hold_time_runs_out() {
+        let gates = LoginGates::default();
+        let (c, m) = names();
+        let _held = gates
+            .enter(&c, &m, 1, Instant::now(), soon())
+            .await
+            .expect("first slot");
+        let until = Instant::now() + Duration::from_millis(200);
+        let Err(e) = gates.enter(&c, &m, 1, Instant::now(), until).await else {
+            panic!("entered a full gate");
+        };
+        assert_eq!(e.sqlstate, SqlState::CANNOT_CONNECT_NOW);
+        assert!(e.message.contains("limits.backend_logins"), "{}", e.message);
+        assert!(e.message.contains("pg1"), "{}", e.message);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn members_have_separate_gates() {
+        let gates = LoginGates::default();
+        let (c, m) = names();
+        let other: Arc<str> = Arc::from("pg2");
+        let _a = gates
+            .enter(&c, &m, 1, Instant::now(), soon())
+            .await
+            .expect("pg1 slot");
+        let until = Instant::now() + Duration::from_millis(100);
+        gates
+            .enter(&c, &other, 1, Instant::now(), until)
+            .await
+            .expect("pg2 has its own slot");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_raised_limit_lets_the_queue_move() {
+        let gates = Arc::new(LoginGates::default());
+        let (c, m) = names();
+        let _a = gates
+            .enter(&c, &m, 1, Instant::now(), soon())
+            .await
+            .expect("slot");
+        let (g, c2, m2) = (Arc::clone(&gates), c.clone(), m.clone());
+        let queued =
+            tokio::spawn(async move { g.enter(&c2, &m2, 1, Instant::now(), soon()).await.is_ok() });
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        let until = Instant::now() + Duration::from_millis(100);
+        let _b = gates
+            .enter(&c, &m, 3, Instant::now(), until)
+            .await
+            .expect("room under the new limit");
+        assert!(
+            queued.await.expect("task"),
+            "the queued login was let in too"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_slow_client_gives_its_slot_up() {
+        let gates = LoginGates::default();
+        let (c, m) = names();
+        let mut slot = gates
+            .enter(&c, &m, 1, Instant::now(), soon())
+            .await
+            .expect("slot");
+        slot.client_turn(tokio::time::sleep(Duration::from_millis(10)))
+            .await;
+        assert!(slot.0.is_some(), "a prompt answer keeps the slot");
+        slot.client_turn(tokio::time::sleep(CLIENT_TURN_GRACE * 2))
+            .await;
+        assert!(slot.0.is_none(), "a slow answer gives it up");
+        let until = Instant::now() + Duration::from_millis(100);
+        gates
+            .enter(&c, &m, 1, Instant::now(), until)
+            .await
+            .expect("the slot is free again");
+    }
+}
