@@ -236,44 +236,75 @@ fn queue_timeout(member: &str, cluster: &str, slots: usize, waited: Duration) ->
 mod tests {
     use super::*;
 
-    fn names() -> (Arc<str>, Arc<str>) {
-        (Arc::from("main"), Arc::from("pg1"))
+    /// The gate of member pg1 of cluster main, as the tests use it.
+    #[derive(Clone)]
+    struct Pg1 {
+        gates: Arc<LoginGates>,
+        cluster: Arc<str>,
+        member: Arc<str>,
     }
 
-    fn soon() -> Instant {
-        Instant::now() + Duration::from_secs(5)
+    impl Pg1 {
+        fn new() -> Self {
+            Self {
+                gates: Arc::new(LoginGates::default()),
+                cluster: Arc::from("main"),
+                member: Arc::from("pg1"),
+            }
+        }
+
+        /// Enters with `slots` slots for a session accepted at `accepted`,
+        /// waiting at most `wait`.
+        async fn enter(
+            &self,
+            slots: usize,
+            accepted: Instant,
+            wait: Duration,
+        ) -> Result<LoginSlot, ProtocolError> {
+            let until = Instant::now() + wait;
+            (self.gates)
+                .enter(&self.cluster, &self.member, slots, accepted, until)
+                .await
+        }
+
+        /// Takes a slot that is free.
+        async fn take(&self, slots: usize) -> LoginSlot {
+            self.enter(slots, Instant::now(), Duration::from_millis(1))
+                .await
+                .expect("a free slot")
+        }
+
+        /// Enters from a task of its own.
+        fn spawn_enter(
+            &self,
+            slots: usize,
+            accepted: Instant,
+            wait: Duration,
+        ) -> tokio::task::JoinHandle<Result<LoginSlot, ProtocolError>> {
+            let me = self.clone();
+            tokio::spawn(async move { me.enter(slots, accepted, wait).await })
+        }
     }
+
+    const LONG: Duration = Duration::from_secs(5);
 
     #[tokio::test]
     async fn no_bound_gives_a_slot_that_holds_nothing() {
-        let gates = LoginGates::default();
-        let (c, m) = names();
-        let slot = gates
-            .enter(&c, &m, 0, Instant::now(), soon())
-            .await
-            .expect("a slot");
-        assert!(slot.0.is_none());
+        assert!(Pg1::new().take(0).await.0.is_none());
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_queue_is_served_newest_accepted_first() {
-        let gates = Arc::new(LoginGates::default());
-        let (c, m) = names();
-        let first = gates
-            .enter(&c, &m, 1, Instant::now(), soon())
-            .await
-            .expect("first slot");
+        let pg1 = Pg1::new();
+        let first = pg1.take(1).await;
         let origin = Instant::now();
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
         // Accepted in the order 1, 3, 2; queued in the order 1, 2, 3.
         for accepted_ms in [1u64, 3, 2] {
-            let (gates, c, m, tx) = (Arc::clone(&gates), c.clone(), m.clone(), tx.clone());
+            let (pg1, tx) = (pg1.clone(), tx.clone());
             let accepted = origin + Duration::from_millis(accepted_ms);
             tokio::spawn(async move {
-                let slot = gates
-                    .enter(&c, &m, 1, accepted, soon())
-                    .await
-                    .expect("a slot");
+                let slot = pg1.enter(1, accepted, LONG).await.expect("a slot");
                 tx.send(accepted_ms).expect("receiver");
                 tokio::time::sleep(Duration::from_millis(10)).await;
                 drop(slot);
@@ -292,44 +323,29 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_waiter_that_left_is_passed_over() {
-        let gates = Arc::new(LoginGates::default());
-        let (c, m) = names();
-        let first = gates
-            .enter(&c, &m, 1, Instant::now(), soon())
-            .await
-            .expect("first slot");
+        let pg1 = Pg1::new();
+        let first = pg1.take(1).await;
         let older = Instant::now();
         // The newest waiter gives up before the slot is free.
-        let newer = Instant::now() + Duration::from_millis(1);
-        let gone = Instant::now() + Duration::from_millis(100);
-        let (g, c2, m2) = (Arc::clone(&gates), c.clone(), m.clone());
-        let leaving = tokio::spawn(async move { g.enter(&c2, &m2, 1, newer, gone).await.is_err() });
-        let (g, c2, m2) = (Arc::clone(&gates), c.clone(), m.clone());
-        let staying =
-            tokio::spawn(async move { g.enter(&c2, &m2, 1, older, soon()).await.is_ok() });
-        assert!(leaving.await.expect("task"), "the hold ran out");
+        let newer = older + Duration::from_millis(1);
+        let leaving = pg1.spawn_enter(1, newer, Duration::from_millis(100));
+        let staying = pg1.spawn_enter(1, older, LONG);
+        assert!(leaving.await.expect("task").is_err(), "the hold ran out");
         drop(first);
-        assert!(
-            staying.await.expect("task"),
-            "the remaining waiter got the slot"
-        );
-        let until = Instant::now() + Duration::from_millis(100);
-        gates
-            .enter(&c, &m, 1, Instant::now(), until)
-            .await
-            .expect("and gave it back");
+        let slot = staying.await.expect("task");
+        assert!(slot.is_ok(), "the remaining waiter got the slot");
+        drop(slot);
+        pg1.take(1).await;
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_queued_login_gives_up_when_the_hold_time_runs_out() {
-        let gates = LoginGates::default();
-        let (c, m) = names();
-        let _held = gates
-            .enter(&c, &m, 1, Instant::now(), soon())
+        let pg1 = Pg1::new();
+        let _held = pg1.take(1).await;
+        let Err(e) = pg1
+            .enter(1, Instant::now(), Duration::from_millis(200))
             .await
-            .expect("first slot");
-        let until = Instant::now() + Duration::from_millis(200);
-        let Err(e) = gates.enter(&c, &m, 1, Instant::now(), until).await else {
+        else {
             panic!("entered a full gate");
         };
         assert_eq!(e.sqlstate, SqlState::CANNOT_CONNECT_NOW);
@@ -339,61 +355,38 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn members_have_separate_gates() {
-        let gates = LoginGates::default();
-        let (c, m) = names();
-        let other: Arc<str> = Arc::from("pg2");
-        let _a = gates
-            .enter(&c, &m, 1, Instant::now(), soon())
-            .await
-            .expect("pg1 slot");
-        let until = Instant::now() + Duration::from_millis(100);
-        gates
-            .enter(&c, &other, 1, Instant::now(), until)
-            .await
-            .expect("pg2 has its own slot");
+        let pg1 = Pg1::new();
+        let _held = pg1.take(1).await;
+        let pg2 = Pg1 {
+            member: Arc::from("pg2"),
+            ..pg1.clone()
+        };
+        pg2.take(1).await;
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_raised_limit_lets_the_queue_move() {
-        let gates = Arc::new(LoginGates::default());
-        let (c, m) = names();
-        let _a = gates
-            .enter(&c, &m, 1, Instant::now(), soon())
-            .await
-            .expect("slot");
-        let (g, c2, m2) = (Arc::clone(&gates), c.clone(), m.clone());
-        let queued =
-            tokio::spawn(async move { g.enter(&c2, &m2, 1, Instant::now(), soon()).await.is_ok() });
+        let pg1 = Pg1::new();
+        let _held = pg1.take(1).await;
+        let queued = pg1.spawn_enter(1, Instant::now(), LONG);
         tokio::time::sleep(Duration::from_millis(10)).await;
-        let until = Instant::now() + Duration::from_millis(100);
-        let _b = gates
-            .enter(&c, &m, 3, Instant::now(), until)
-            .await
-            .expect("room under the new limit");
+        let _second = pg1.take(3).await;
         assert!(
-            queued.await.expect("task"),
+            queued.await.expect("task").is_ok(),
             "the queued login was let in too"
         );
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_slow_client_gives_its_slot_up() {
-        let gates = LoginGates::default();
-        let (c, m) = names();
-        let mut slot = gates
-            .enter(&c, &m, 1, Instant::now(), soon())
-            .await
-            .expect("slot");
+        let pg1 = Pg1::new();
+        let mut slot = pg1.take(1).await;
         slot.client_turn(tokio::time::sleep(Duration::from_millis(10)))
             .await;
         assert!(slot.0.is_some(), "a prompt answer keeps the slot");
         slot.client_turn(tokio::time::sleep(CLIENT_TURN_GRACE * 2))
             .await;
         assert!(slot.0.is_none(), "a slow answer gives it up");
-        let until = Instant::now() + Duration::from_millis(100);
-        gates
-            .enter(&c, &m, 1, Instant::now(), until)
-            .await
-            .expect("the slot is free again");
+        pg1.take(1).await;
     }
 }
