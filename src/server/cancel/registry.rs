@@ -131,11 +131,16 @@ impl CancelRegistry {
             None => target.backend_key.clone(),
             Some((id, drawn)) => issue_unused(&entries, id, drawn, &target.backend_key),
         };
-        entries.entry(client_key.pid).or_default().push(Entry {
-            registration,
-            secret: client_key.secret.clone(),
-            target,
-        });
+        // Nearly every process id has one session: a Vec's first push
+        // would reserve four entries (over 500 bytes per idle session).
+        entries
+            .entry(client_key.pid)
+            .or_insert_with(|| Vec::with_capacity(1))
+            .push(Entry {
+                registration,
+                secret: client_key.secret.clone(),
+                target,
+            });
         drop(entries);
         CancelRegistration {
             registry: Arc::clone(self),
