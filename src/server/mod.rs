@@ -119,6 +119,12 @@ impl Shared {
         let _ = self.fleet.set(fleet);
     }
 
+    /// `limits.backend_logins` in force now (read per login without
+    /// taking a reference to the limits).
+    pub fn backend_logins(&self) -> usize {
+        self.limits.load().backend_logins
+    }
+
     /// Replaces the limits for connections accepted from now on.
     pub fn set_limits(&self, limits: Limits) {
         self.limits.store(Arc::new(limits));

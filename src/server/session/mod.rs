@@ -7,6 +7,8 @@
 //! role, or rolegate shuts down. Every way a session can fail ends with an
 //! ErrorResponse the client can read, unless the client itself is gone.
 
+mod connect;
+
 use std::borrow::Borrow;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -17,13 +19,12 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio::time::timeout_at;
-use tracing::{debug, info, warn, Instrument};
+use tracing::{debug, info, Instrument};
 
+use self::connect::Connected;
 use super::authenticate::{relay_authentication, AuthError};
-use super::backend;
 use super::cancel::{self, CancelRegistration, CancelTarget, Via};
 use super::handshake::{read_opening, Failed, HandshakeError, Opened, Opening};
-use super::login_gate::LoginSlot;
 use super::notify_pids::NotifyPids;
 use super::proxy_protocol::read_header;
 use super::relay::{Relay, RelayEnd};
@@ -446,94 +447,6 @@ impl Session<'_> {
         );
         ConnectionOutcome::Session
     }
-
-    /// Routes and connects, trying further candidates for reads and
-    /// waiting for a new view (within the hold time) when every candidate
-    /// failed. Each attempt first takes one of the member's login slots.
-    /// The time held is everything before the attempt that succeeded
-    /// (waits for a target or a login slot, failed attempts, waits for a
-    /// newer view after them), none of which is the client's delay.
-    async fn connect(&self) -> Result<Connected, ProtocolError> {
-        let limits = self.limits;
-        let started = Instant::now();
-        let hold_until = started + limits.hold_timeout.get();
-        let router = &self.listener.router;
-        let cluster = &self.listener.cluster;
-        loop {
-            let route = router
-                .route(hold_until.saturating_duration_since(Instant::now()))
-                .await?;
-            let mut failure = None;
-            for member in route.candidates {
-                // The limit in force now, so that sessions accepted before
-                // and after a reload share one gate.
-                let slots = self.shared.limits().backend_logins;
-                let login = match self
-                    .shared
-                    .logins
-                    .enter(cluster, &member.name, slots, self.accepted, hold_until)
-                    .await
-                {
-                    Ok(login) => login,
-                    Err(e) => {
-                        warn!("{}", e.message);
-                        failure = Some(e);
-                        continue;
-                    }
-                };
-                let attempt = Instant::now();
-                let member_metrics = self.listener.metrics.member(&member.name);
-                match backend::connect(
-                    &member,
-                    cluster,
-                    &self.listener.backend_tls,
-                    limits,
-                    &member_metrics,
-                )
-                .await
-                {
-                    Ok(backend) => {
-                        return Ok(Connected {
-                            backend,
-                            member,
-                            member_metrics,
-                            held: attempt - started,
-                            login,
-                        })
-                    }
-                    Err(e) => {
-                        warn!("{}", e.message);
-                        failure = Some(e);
-                    }
-                }
-            }
-            let failure = failure.unwrap_or_else(|| {
-                ProtocolError::new(SqlState::INTERNAL_ERROR, "routing produced no candidate")
-            });
-            if !route.view.dynamic {
-                return Err(failure);
-            }
-            let remaining = hold_until.saturating_duration_since(Instant::now());
-            let mut views = router.subscribe();
-            let newer =
-                tokio::time::timeout(remaining, views.wait_for(|v| !Arc::ptr_eq(v, &route.view)))
-                    .await;
-            if !matches!(newer, Ok(Ok(_))) {
-                return Err(failure);
-            }
-        }
-    }
-}
-
-/// A backend connection opened for a session, before authentication.
-struct Connected {
-    backend: BackendStream,
-    member: Member,
-    member_metrics: Arc<MemberMetrics>,
-    /// Time spent before the attempt that succeeded.
-    held: Duration,
-    /// The member's login slot, given back when the login ends.
-    login: LoginSlot,
 }
 
 enum Ended {
