@@ -53,6 +53,23 @@ pub fn wait_until<T>(limit: Duration, what: &str, mut check: impl FnMut() -> Opt
     }
 }
 
+/// Whether `check` comes to hold within `limit`, polled every 50 ms: for
+/// what a process records after its client already saw the effect (a
+/// cancel's counters are bumped once the member has closed the cancel
+/// connection, which may be after the cancelled query's error arrived).
+pub fn holds_within(limit: Duration, mut check: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + limit;
+    loop {
+        if check() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// A single-threaded runtime for one test's async code.
 pub fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread()
