@@ -127,11 +127,23 @@ for ((i = 1; i < ${#stacks[@]}; i++)); do
   lane_pids+=($!)
 done
 set +m
-lane 0 "$@" || status=1
+lane 0 "$@" 2>&1 | tee "$logs/lane-0.log" || status=1
 for ((i = 1; i < ${#stacks[@]}; i++)); do
   wait "${lane_pids[$((i - 1))]}" || status=1
   echo "== lane $i (Patroni stack ${stacks[$i]}), run beside the first:"
   cat "$logs/lane-$i.log"
 done
 lane_pids=()
+
+# A red run ends with every failed test's own message, whatever the length
+# of the output above (a CI page may show only its head and tail).
+if ((status != 0)); then
+  echo "== what failed, lane by lane:"
+  for ((i = 0; i < ${#stacks[@]}; i++)); do
+    echo "-- lane $i (Patroni stack ${stacks[$i]})"
+    awk '/^ *Running / { suite = $0 }
+         /^failures:$/ { inside = !inside; if (inside) print suite; next }
+         inside' "$logs/lane-$i.log"
+  done
+fi
 exit $status
