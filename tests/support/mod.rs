@@ -30,8 +30,38 @@ pub mod writer;
 use std::net::TcpListener;
 use std::time::{Duration, Instant};
 
-/// A loopback port that was free a moment ago.
+/// A loopback port that was free a moment ago, for a server the test
+/// starts next.
+///
+/// Drawn below the kernel's ephemeral range: a port the kernel picks (port
+/// 0) is one it may also give any outgoing connection, from this test or
+/// the other lane, before the server binds it, and the server then fails
+/// with "address already in use". Ports outside that range are taken only
+/// by those who ask for them by number; each is handed out once per
+/// process and checked free by binding it.
 pub fn free_port() -> u16 {
+    use std::collections::BTreeSet;
+    use std::hash::{BuildHasher, RandomState};
+    use std::sync::Mutex;
+
+    static GIVEN: Mutex<BTreeSet<u16>> = Mutex::new(BTreeSet::new());
+    const LOWEST: u16 = 20_000;
+    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|range| range.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32_768);
+    if ephemeral_low > LOWEST + 1_000 {
+        let span = u64::from(ephemeral_low - LOWEST);
+        let random = RandomState::new();
+        let mut given = GIVEN.lock().unwrap_or_else(|p| p.into_inner());
+        for attempt in 0..1_000u64 {
+            let port = LOWEST + (random.hash_one(attempt) % span) as u16;
+            if !given.contains(&port) && TcpListener::bind(("127.0.0.1", port)).is_ok() {
+                given.insert(port);
+                return port;
+            }
+        }
+    }
     TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
