@@ -24,9 +24,7 @@ use support::etcd_cluster::EtcdCluster;
 use support::harness::{check, run_suite, TestEnv, TestFn};
 use support::lab_suite::LabSuite;
 use support::rolegate::Rolegate;
-use support::{
-    connect, conninfo, free_port, holds_within, runtime, sqlstate, wait_until, wire,
-};
+use support::{connect, conninfo, free_port, holds_within, runtime, sqlstate, wait_until, wire};
 
 struct Env {
     suite: LabSuite,

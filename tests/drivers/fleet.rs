@@ -102,9 +102,8 @@ pub(crate) fn fleet_trial(env: &Env, client: Client, scenario: &str) -> Result<(
                 fleet.cancels("peer", "forwarded") - delivered_before,
             )
         };
-        let settled = support::holds_within(Duration::from_secs(5), || {
-            tally() == (cancels, cancels)
-        });
+        let settled =
+            support::holds_within(Duration::from_secs(5), || tally() == (cancels, cancels));
         let (passed, delivered) = tally();
         checks.push(Check {
             ok: cancels > 0.0 && settled,
