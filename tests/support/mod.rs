@@ -68,19 +68,26 @@ pub fn free_port() -> u16 {
         .expect("bind a free port")
 }
 
-/// Polls `check` every 50 ms until it returns `Some` or `limit` passes.
-pub fn wait_until<T>(limit: Duration, what: &str, mut check: impl FnMut() -> Option<T>) -> T {
+/// Polls `check` every 50 ms until it returns `Some` (its value) or `limit`
+/// passes (`None`).
+fn poll_until<T>(limit: Duration, mut check: impl FnMut() -> Option<T>) -> Option<T> {
     let deadline = Instant::now() + limit;
     loop {
         if let Some(value) = check() {
-            return value;
+            return Some(value);
         }
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {limit:?} waiting for {what}"
-        );
+        if Instant::now() >= deadline {
+            return None;
+        }
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// Polls `check` every 50 ms until it returns `Some`; panics naming `what`
+/// once `limit` passes.
+pub fn wait_until<T>(limit: Duration, what: &str, check: impl FnMut() -> Option<T>) -> T {
+    poll_until(limit, check)
+        .unwrap_or_else(|| panic!("timed out after {limit:?} waiting for {what}"))
 }
 
 /// Whether `check` comes to hold within `limit`, polled every 50 ms: for
@@ -88,16 +95,7 @@ pub fn wait_until<T>(limit: Duration, what: &str, mut check: impl FnMut() -> Opt
 /// cancel's counters are bumped once the member has closed the cancel
 /// connection, which may be after the cancelled query's error arrived).
 pub fn holds_within(limit: Duration, mut check: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + limit;
-    loop {
-        if check() {
-            return true;
-        }
-        if Instant::now() >= deadline {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    poll_until(limit, || check().then_some(())).is_some()
 }
 
 /// A single-threaded runtime for one test's async code.
