@@ -162,10 +162,16 @@ fn patronictl_members(env: &Env) -> Vec<(String, String, String)> {
         .collect()
 }
 
+/// Compares `/cluster` with `patronictl list` once rolegate has confirmed
+/// a leader: ready means its listeners are bound, and under the
+/// `etcd+patroni` rule the leader is confirmed only when the first REST
+/// check has answered, which may come a moment later.
 fn cluster_json_matches_patronictl(env: &Env, rolegate: &Rolegate) -> Result<(), Failed> {
-    let (status, body) = rolegate.admin_get("/cluster").ok_or("GET /cluster")?;
-    check(status == 200, format!("/cluster answered {status}"))?;
-    let json: serde_json::Value = serde_json::from_str(&body)?;
+    let (json, body) = wait_until(Duration::from_secs(15), "/cluster to name a leader", || {
+        let (status, body) = rolegate.admin_get("/cluster")?;
+        let json: serde_json::Value = serde_json::from_str(&body).ok()?;
+        (status == 200 && json["clusters"][0]["leader"].is_string()).then_some((json, body))
+    });
     let cluster = &json["clusters"][0];
     let listed = patronictl_members(env);
     check(listed.len() == 3, format!("patronictl list: {listed:?}"))?;
