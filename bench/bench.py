@@ -16,6 +16,7 @@ Subcommands (each bounded in time; bench/run calls them):
   burst ...                 N clients logging in to the leader at one instant,
                             no failover: the storm's floor (see cmd_burst())
   pgbench-log-pct FILE...   p50/p99/p99.9 latency (µs) from pgbench --log files
+  sched-delay               p50/p99 scheduling delay (µs) from `perf sched timehist` on stdin
   report ...                aggregate results.jsonl into the markdown table
                             (and, with --write, into BENCHMARKS.md)
 
@@ -652,6 +653,22 @@ def cmd_pgbench_log_pct(args):
     print(f"{percentile(lat, 50)} {percentile(lat, 99)} {percentile(lat, 99.9)} {len(lat)}")
 
 
+def cmd_sched_delay(args):
+    # `perf sched timehist` rows end in: wait time, scheduling delay, run
+    # time (ms); the delay is from the task's wake-up until it ran.
+    delays = []
+    for line in sys.stdin:
+        parts = line.split()
+        if len(parts) < 6:
+            continue
+        try:
+            delays.append(float(parts[-2]) * 1000.0)
+        except ValueError:
+            continue
+    delays.sort()
+    print(f"{percentile(delays, 50):.0f} {percentile(delays, 99):.0f} {len(delays)}")
+
+
 # ------------------------------------------------------------------- report --
 
 TARGETS = ("rolegate", "haproxy", "direct")
@@ -696,6 +713,8 @@ ROWS = [
     ("latrateadd/p50", "Added latency p50 vs direct, 5,000 tx/s", "µs", 0, "measure"),
     ("latrateadd/p99", "Added latency p99 vs direct, 5,000 tx/s", "µs", 0, "measure"),
     ("latrateadd/p999", "Added latency p99.9 vs direct, 5,000 tx/s", "µs", 0, "measure"),
+    ("sched/p50", "Proxy threads' wait for a CPU once woken, p50, 5,000 tx/s (perf sched)", "µs", 0, "measure"),
+    ("sched/p99", "Proxy threads' wait for a CPU once woken, p99, 5,000 tx/s (perf sched)", "µs", 0, "measure"),
     ("mem/rest", "Proxy RSS at rest (fresh process)", "KiB", 0, "measure"),
     ("mem/loaded", "Proxy RSS with {idle} idle sessions", "KiB", 0, "measure"),
     ("mem/per_session", "Memory per idle session", "KiB", 1, "measure"),
@@ -1056,6 +1075,8 @@ def main():
     p.add_argument("--timeout", type=float, default=300.0)
     p.set_defaults(fn=cmd_idle)
 
+    p = sub.add_parser("sched-delay")
+    p.set_defaults(fn=cmd_sched_delay)
     p = sub.add_parser("pgbench-log-pct")
     p.add_argument("files", nargs="+")
     p.set_defaults(fn=cmd_pgbench_log_pct)
