@@ -693,6 +693,7 @@ ROWS = [
     ("sys/user_us", "Proxy user-space CPU per tx, `-S -t` 8 clients", "µs", 2, "measure"),
     ("sys/kernel_us", "Proxy kernel CPU per tx, `-S -t` 8 clients", "µs", 2, "measure"),
     ("instr/tx", "Proxy user-space instructions per tx, `-S` 8 clients (callgrind)", "per tx", 0, "measure"),
+    ("instr/conn", "Proxy user-space instructions per connection, `-S -C` 4 clients (callgrind)", "per conn", 0, "measure"),
     ("sys/wakeups", "Proxy wake-ups (voluntary context switches) per tx, `-S -t` 8 clients", "per tx", 2, "measure"),
     ("sys/cswitch", "Proxy context switches (all) per tx, `-S -t` 8 clients (perf stat)", "per tx", 2, "measure"),
     ("sys/epoll_wait_perf", "Proxy `epoll_wait` calls per tx, `-S -t` 8 clients (perf stat, undisturbed)", "per tx", 2, "measure"),
