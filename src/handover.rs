@@ -64,7 +64,7 @@ pub fn name_for(config_path: &Path) -> String {
 }
 
 /// A hash every rolegate version computes the same way.
-fn fnv1a(bytes: &[u8]) -> u64 {
+pub(crate) fn fnv1a(bytes: &[u8]) -> u64 {
     bytes.iter().fold(0xcbf2_9ce4_8422_2325, |hash, b| {
         (hash ^ u64::from(*b)).wrapping_mul(0x0000_0100_0000_01b3)
     })
@@ -74,6 +74,8 @@ fn fnv1a(bytes: &[u8]) -> u64 {
 #[derive(Default)]
 pub struct Inherited {
     sockets: HashMap<String, OwnedFd>,
+    /// The predecessor's process id, from its peer credentials.
+    pub predecessor: Option<u32>,
 }
 
 impl Inherited {
@@ -120,6 +122,7 @@ fn try_ask(name: &str) -> io::Result<Inherited> {
     let address = UnixAddr::from_abstract_name(name.as_bytes())?;
     let stream = UnixStream::connect_addr(&address)?;
     stream.set_read_timeout(Some(ASK_TIMEOUT))?;
+    let predecessor = peer_pid(&stream);
     let mut buffer = vec![0u8; MAX_MESSAGE];
     let mut space = vec![MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(MAX_SOCKETS))];
     let mut control = RecvAncillaryBuffer::new(&mut space);
@@ -142,7 +145,14 @@ fn try_ask(name: &str) -> io::Result<Inherited> {
     }
     Ok(Inherited {
         sockets: keys.into_iter().zip(fds).collect(),
+        predecessor,
     })
+}
+
+/// The process id at the other end of `stream`, when the kernel says.
+fn peer_pid(stream: &UnixStream) -> Option<u32> {
+    let pid = socket_peercred(stream).ok()?.pid.as_raw_nonzero().get();
+    u32::try_from(pid).ok()
 }
 
 /// The sockets this process offers its successor, kept current as
@@ -185,8 +195,14 @@ impl Offered {
 }
 
 /// Serves successors under `name` until `stop`: at once when the name is
-/// free, else once the process holding it lets it go.
-pub async fn serve(name: String, offered: Arc<Offered>, stop: CancellationToken) {
+/// free, else once the process holding it lets it go. `handed_to` learns
+/// the process id of each successor that took the sockets.
+pub async fn serve(
+    name: String,
+    offered: Arc<Offered>,
+    stop: CancellationToken,
+    handed_to: impl Fn(u32) + Send + 'static,
+) {
     let listener = loop {
         match bind(&name) {
             Ok(listener) => break listener,
@@ -220,14 +236,22 @@ pub async fn serve(name: String, offered: Arc<Offered>, stop: CancellationToken)
         let handed = tokio::task::spawn_blocking(move || {
             let stream = stream.into_std()?;
             stream.set_nonblocking(false)?;
-            hand_over(&stream, &offered.snapshot())
+            let successor = peer_pid(&stream);
+            let count = hand_over(&stream, &offered.snapshot())?;
+            Ok::<_, io::Error>((count, successor))
         })
         .await;
         match handed {
-            Ok(Ok(count)) => info!(
-                sockets = count,
-                "handed the listening sockets to a new rolegate"
-            ),
+            Ok(Ok((count, successor))) => {
+                info!(
+                    sockets = count,
+                    pid = successor,
+                    "handed the listening sockets to a new rolegate"
+                );
+                if let Some(pid) = successor {
+                    handed_to(pid);
+                }
+            }
             Ok(Err(e)) => warn!("handing the sockets to a new rolegate failed: {e}"),
             Err(e) => warn!("handing the sockets to a new rolegate failed: {e}"),
         }
@@ -303,7 +327,15 @@ mod tests {
             Arc::clone(&first) as Arc<dyn AsFd + Send + Sync>,
         )]);
         let stop = CancellationToken::new();
-        let server = tokio::spawn(serve(name.clone(), Arc::clone(&offered), stop.clone()));
+        let (handed_to, mut successors) = tokio::sync::mpsc::unbounded_channel();
+        let server = tokio::spawn(serve(
+            name.clone(),
+            Arc::clone(&offered),
+            stop.clone(),
+            move |pid| {
+                let _ = handed_to.send(pid);
+            },
+        ));
         let mut inherited = Inherited::default();
         for _ in 0..50 {
             let asked = name.clone();
@@ -319,6 +351,11 @@ mod tests {
             .take(&Offered::listener_key(addr, 0))
             .expect("the socket arrived");
         assert_eq!(received.local_addr().expect("addr"), addr);
+        // Both ends are this process: each learns the other's id.
+        let own = std::process::id();
+        assert_eq!(inherited.predecessor, Some(own));
+        let successor = tokio::time::timeout(Duration::from_secs(5), successors.recv()).await;
+        assert_eq!(successor.ok().flatten(), Some(own));
         offered.set(Vec::new());
         drop(first);
         let received = tokio::net::TcpListener::from_std(received).expect("tokio listener");

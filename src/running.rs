@@ -23,6 +23,7 @@ use crate::etcd_access::EtcdConnector;
 use crate::fleet::{self, Fleet};
 use crate::handover::{self, Inherited, Offered};
 use crate::logging::LogHandle;
+use crate::server::cancel::siblings;
 use crate::server::listener_set::{ClusterViews, ListenerSet};
 use crate::server::peer_listener;
 use crate::server::socket::bind_listener;
@@ -71,6 +72,10 @@ impl Running {
         let mut inherited = tokio::task::spawn_blocking(move || handover::ask(&asked))
             .await
             .unwrap_or_default();
+        shared.siblings.set_name(&name);
+        if let Some(pid) = inherited.predecessor {
+            shared.siblings.add(pid);
+        }
         let mut running = Self {
             topology: Topology::new(&background, &shared.events),
             config: config.clone(),
@@ -89,10 +94,16 @@ impl Running {
             running.join_fleet(fleet)?;
         }
         running.apply(&config, &mut inherited)?;
+        let shared = Arc::clone(&running.shared);
         tokio::spawn(handover::serve(
             name,
             Arc::clone(&running.offered),
             running.handover_stop.clone(),
+            move |pid| shared.siblings.add(pid),
+        ));
+        tokio::spawn(siblings::serve(
+            Arc::clone(&running.shared),
+            running.background.child_token(),
         ));
         Ok(running)
     }

@@ -41,6 +41,10 @@ fn main() {
             a_restart_by_a_new_process_refuses_no_connection,
         ),
         (
+            "a_cancel_reaches_its_session_across_a_restart",
+            a_cancel_reaches_its_session_across_a_restart,
+        ),
+        (
             "a_new_process_that_fails_to_start_leaves_the_old_serving",
             a_new_process_that_fails_to_start_leaves_the_old_serving,
         ),
@@ -365,6 +369,88 @@ fn a_restart_by_a_new_process_refuses_no_connection(env: &Env) -> Result<(), Fai
             status == 200,
             format!("/readyz of the last process: {status}"),
         )
+    })
+}
+
+/// Runs `select pg_sleep(30)` on `client` and cancels it half a second in,
+/// through the rw listener on a connection of its own, as drivers do: the
+/// query must end with 57014 (query_canceled), long before its 30 s.
+async fn cancelled(client: &tokio_postgres::Client, what: &str) -> Result<(), Failed> {
+    let token = client.cancel_token();
+    let query = tokio::time::timeout(
+        Duration::from_secs(15),
+        client.simple_query("select pg_sleep(30)"),
+    );
+    let cancel = async {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        token.cancel_query(tokio_postgres::NoTls).await
+    };
+    let (ended, sent) = tokio::join!(query, cancel);
+    sent.map_err(|e| format!("{what}: sending the cancel: {e}"))?;
+    let ended = ended.map_err(|_| format!("{what}: not cancelled within 15 s"))?;
+    check(
+        matches!(&ended, Err(e) if sqlstate(e).as_deref() == Some("57014")),
+        format!("{what}: the query ended with {ended:?}"),
+    )
+}
+
+/// During a restart a cancel request can reach the process that does not
+/// hold its session: while both run they accept from the same sockets,
+/// and once the old one has stopped accepting, a cancel for one of its
+/// draining sessions can only reach the new one. Each passes the keys it
+/// does not know to the other.
+fn a_cancel_reaches_its_session_across_a_restart(env: &Env) -> Result<(), Failed> {
+    let (admin, rw, ro) = (free_port(), free_port(), free_port());
+    let listeners = [(rw, "demo", "primary"), (ro, "demo", "replica")];
+    let text = config(env, admin, &listeners, "")
+        .replace("shutdown_timeout = \"4s\"", "shutdown_timeout = \"60s\"");
+    let mut old = Rolegate::start(&env.root, "cancel-restart", &text);
+    old.admin_port = admin;
+    let config_path = old.config_path.clone();
+    multi_runtime()?.block_on(async {
+        let draining = connect(&conninfo(rw, "app", "app")).await?;
+        let new = successor(&config_path, env.root.join("cancel-restart-2.log"), admin);
+        check(
+            new.log().contains("took over the listening sockets"),
+            format!("the new process bound its own sockets:\n{}", new.log()),
+        )?;
+        // Sessions and cancels land on either process now.
+        for i in 0..4 {
+            let client = connect(&conninfo(rw, "app", "app")).await?;
+            cancelled(&client, &format!("session {i}, while both processes accept")).await?;
+        }
+        old.signal(Signal::SIGTERM);
+        wait_until(Duration::from_secs(10), "the old process to stop accepting", || {
+            old.log().contains("stopped accepting connections").then_some(())
+        });
+        // Every accept loop of the old process ends at once; give the last
+        // one a moment.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        // The admin endpoint is shared too, so the logs say which process
+        // did what.
+        const PASSED: &str = "passed cancel request to the restart's other process";
+        let before = new.log().matches(PASSED).count();
+        cancelled(&draining, "a draining session of the old process").await?;
+        check(
+            new.log().matches(PASSED).count() > before,
+            format!(
+                "the new process did not pass the cancel on; its log:\n{}\nthe old one's:\n{}",
+                new.log(),
+                old.log()
+            ),
+        )?;
+        drop(draining);
+        let status = tokio::task::block_in_place(|| old.wait_exit(Duration::from_secs(20)))
+            .ok_or("the old process did not exit after its session ended")?;
+        check(
+            status.success() && old.log().contains("\"via\":\"sibling\""),
+            format!(
+                "the old process exited with {status}; it forwarded no cancel from the new one:\n{}",
+                old.log()
+            ),
+        )?;
+        let client = connect(&conninfo(rw, "app", "app")).await?;
+        cancelled(&client, "a session of the new process alone").await
     })
 }
 

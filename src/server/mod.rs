@@ -44,7 +44,7 @@ use crate::events::EventLog;
 use crate::metrics::{ListenerMetrics, RelayedBytes, SessionCounts};
 use crate::router::Router;
 
-use self::cancel::{CancelRegistry, CancelThrottle};
+use self::cancel::{CancelRegistry, CancelThrottle, Siblings};
 use self::login_gate::LoginGates;
 use self::loops::Loops;
 use crate::fleet::Fleet;
@@ -63,6 +63,9 @@ pub struct Shared {
     /// Replaced whole by a reload; each session reads it once, at accept.
     limits: ArcSwap<Limits>,
     pub cancels: Arc<CancelRegistry>,
+    /// The other processes of a restart in progress, for the cancels that
+    /// reach the wrong one.
+    pub siblings: Siblings,
     pub cancel_throttle: Arc<CancelThrottle>,
     /// Set once at start when `[fleet]` is configured.
     fleet: std::sync::OnceLock<Arc<Fleet>>,
@@ -91,6 +94,7 @@ impl Shared {
             events,
             limits: ArcSwap::from_pointee(limits),
             cancels: CancelRegistry::new(),
+            siblings: Siblings::default(),
             cancel_throttle: CancelThrottle::new(),
             fleet: std::sync::OnceLock::new(),
             shutdown: Shutdown::default(),

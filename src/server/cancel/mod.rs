@@ -7,17 +7,24 @@
 //! - a key this instance registered goes to the member that issued the
 //!   backend key ([`registry`]), with that key;
 //! - in a fleet, a key naming another instance goes once to that
-//!   instance's peer listener; a peer's request is only looked up here;
+//!   instance's peer listener;
+//! - any other key goes to the other process of a restart in progress, if
+//!   there is one ([`siblings`]);
 //! - anything else is dropped.
+//!
+//! A request passed on by a peer or a sibling is only looked up here, so
+//! none can loop.
 //!
 //! Every outcome is counted in `rolegate_cancel_requests_total` by `via`
 //! and `outcome`; [`throttle`] bounds them per source (a client's address,
 //! or the peer's).
 
 mod registry;
+pub mod siblings;
 mod throttle;
 
 pub use registry::{CancelRegistration, CancelRegistry, CancelTarget};
+pub use siblings::Siblings;
 pub use throttle::CancelThrottle;
 
 use throttle::{MAX_PER_PEER_SOURCE, MAX_PER_SOURCE};
@@ -41,6 +48,8 @@ pub enum Via {
     Client,
     /// Another instance of the fleet: looked up here only.
     Peer,
+    /// The other process of a restart: looked up here only.
+    Sibling,
 }
 
 impl Via {
@@ -48,6 +57,7 @@ impl Via {
         match self {
             Self::Client => "client",
             Self::Peer => "peer",
+            Self::Sibling => "sibling",
         }
     }
 }
@@ -58,7 +68,7 @@ pub async fn handle(key: CancelKey, source: SocketAddr, via: Via, shared: &Share
     let count = |outcome| metrics::cancel_outcome(via.as_str(), outcome);
     let limit = match via {
         Via::Client => MAX_PER_SOURCE,
-        Via::Peer => MAX_PER_PEER_SOURCE,
+        Via::Peer | Via::Sibling => MAX_PER_PEER_SOURCE,
     };
     let Some(permit) = shared.cancel_throttle.admit(source.ip(), limit) else {
         count("rate_limited");
@@ -85,8 +95,17 @@ pub async fn handle(key: CancelKey, source: SocketAddr, via: Via, shared: &Share
     };
     match route {
         Route::Here => {
-            count("unknown_key");
-            debug!(client = %source, via = via.as_str(), pid = key.pid, "cancel request for an unknown key");
+            let passed = match via {
+                Via::Sibling => 0,
+                Via::Client | Via::Peer => siblings::relay(&key, source, shared, timeout).await,
+            };
+            if passed > 0 {
+                count("to_sibling");
+                debug!(client = %source, via = via.as_str(), pid = key.pid, "passed cancel request to the restart's other process");
+            } else {
+                count("unknown_key");
+                debug!(client = %source, via = via.as_str(), pid = key.pid, "cancel request for an unknown key");
+            }
             permit.hold_after_failure();
         }
         Route::UnknownPeer(id) => {

@@ -1,0 +1,273 @@
+//! Cancel requests between the two processes of a restart.
+//!
+//! While a restart hands the listening sockets over, the old and the new
+//! process of one configuration run side by side, and a cancel request can
+//! reach the one that does not hold its session: once the old process has
+//! stopped accepting, every new connection (a cancel's too) goes to the new
+//! one while the old one still drains its sessions; before that both accept
+//! from the same sockets; and in a fleet both listen on the peer port. So a
+//! key that is not found here, and is not meant for another instance, is
+//! passed to these sibling processes, which look it up in their own
+//! registry only and never pass it on again.
+//!
+//! A process learns its siblings from the handover, by peer credentials:
+//! its predecessor from the process that answered its request for the
+//! sockets, each successor from a process that asked. Each takes cancels
+//! from siblings on a Unix socket in Linux's abstract namespace named after
+//! the configuration's handover name and its own process id, served only to
+//! processes of the same user (or root). A sibling whose socket is gone has
+//! exited and is forgotten.
+
+use std::net::SocketAddr;
+use std::os::linux::net::SocketAddrExt;
+use std::os::unix::net::SocketAddr as UnixAddr;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use bytes::{BufMut, BytesMut};
+use rustix::net::sockopt::socket_peercred;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+
+use super::{handle, Via};
+use crate::handover::fnv1a;
+use crate::protocol::startup::{CancelKey, FirstPacket, MAX_CANCEL_KEY};
+use crate::server::handshake::read_first_packet;
+use crate::server::Shared;
+
+/// How long a sibling may take to send its request.
+const READ_TIMEOUT: Duration = Duration::from_secs(2);
+/// Relayed requests read at once; more are closed at once.
+const MAX_CONNECTIONS: usize = 64;
+/// The longest client address a relayed request carries.
+const MAX_SOURCE: usize = 64;
+/// The largest CancelRequest: length, code, process id, longest secret.
+const MAX_REQUEST: usize = 12 + MAX_CANCEL_KEY;
+const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
+
+/// The other running processes of this configuration.
+#[derive(Default)]
+pub struct Siblings {
+    /// The configuration's handover name, set once at start.
+    name: OnceLock<String>,
+    pids: Mutex<Vec<u32>>,
+}
+
+impl Siblings {
+    /// Names the configuration (its handover name) this process serves.
+    pub fn set_name(&self, handover_name: &str) {
+        let _ = self.name.set(handover_name.to_owned());
+    }
+
+    /// Adds a sibling process; this process and unknown ids are ignored.
+    pub fn add(&self, pid: u32) {
+        if pid == 0 || pid == std::process::id() {
+            return;
+        }
+        let mut pids = self.lock();
+        if !pids.contains(&pid) {
+            pids.push(pid);
+        }
+    }
+
+    fn forget(&self, pid: u32) {
+        self.lock().retain(|p| *p != pid);
+    }
+
+    fn snapshot(&self) -> Vec<u32> {
+        self.lock().clone()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<u32>> {
+        self.pids.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The relay socket of process `pid`, once the name is set.
+    fn address(&self, pid: u32) -> Option<UnixAddr> {
+        let name = self.name.get()?;
+        UnixAddr::from_abstract_name(relay_name(name, pid).as_bytes()).ok()
+    }
+}
+
+/// The abstract socket name of process `pid` of the configuration whose
+/// handover name is `handover` (at most 48 bytes).
+fn relay_name(handover: &str, pid: u32) -> String {
+    format!("rolegate-cancel:{:016x}:{pid}", fnv1a(handover.as_bytes()))
+}
+
+/// Passes `key` (from `source`) to every sibling, each given up to
+/// `timeout`. Returns how many took it; what each then found is not known
+/// here.
+pub async fn relay(
+    key: &CancelKey,
+    source: SocketAddr,
+    shared: &Shared,
+    timeout: Duration,
+) -> usize {
+    let siblings = &shared.siblings;
+    let message = encode(key, source);
+    let mut passed = 0;
+    for pid in siblings.snapshot() {
+        let Some(address) = siblings.address(pid) else {
+            return passed;
+        };
+        match tokio::time::timeout(timeout, send(&address, &message)).await {
+            Ok(Ok(())) => passed += 1,
+            Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+                debug!(pid, "the restart's other process has exited");
+                siblings.forget(pid);
+            }
+            Ok(Err(e)) => debug!(pid, "could not pass a cancel request to process {pid}: {e}"),
+            Err(_) => debug!(pid, "passing a cancel request to process {pid} timed out"),
+        }
+    }
+    passed
+}
+
+async fn send(address: &UnixAddr, message: &[u8]) -> std::io::Result<()> {
+    let mut stream = UnixStream::connect_addr(&address.clone().into()).await?;
+    stream.write_all(message).await?;
+    stream.shutdown().await
+}
+
+/// A relayed request: the client's address (length-prefixed text), then
+/// the CancelRequest packet as the client sent it.
+fn encode(key: &CancelKey, source: SocketAddr) -> BytesMut {
+    let source = source.to_string();
+    let packet = key.encode_cancel_request();
+    let mut message = BytesMut::with_capacity(1 + source.len() + packet.len());
+    // A socket address's text is at most 47 bytes.
+    message.put_u8(source.len() as u8);
+    message.put_slice(source.as_bytes());
+    message.put_slice(&packet);
+    message
+}
+
+/// Reads one relayed request; `None` for anything else.
+async fn decode<R: tokio::io::AsyncRead + Unpin>(stream: R) -> Option<(CancelKey, SocketAddr)> {
+    let mut limited = stream.take((1 + MAX_SOURCE + MAX_REQUEST) as u64);
+    let length = usize::from(limited.read_u8().await.ok()?);
+    if length > MAX_SOURCE {
+        return None;
+    }
+    let mut source = vec![0; length];
+    limited.read_exact(&mut source).await.ok()?;
+    let source = std::str::from_utf8(&source).ok()?.parse().ok()?;
+    let mut buf = BytesMut::with_capacity(64);
+    match read_first_packet(&mut limited, &mut buf).await {
+        Ok(FirstPacket::Cancel(key)) => Some((key, source)),
+        _ => None,
+    }
+}
+
+/// Takes cancel requests from siblings until `stop`, when the handover
+/// name is known and the socket can be bound.
+pub async fn serve(shared: Arc<Shared>, stop: CancellationToken) {
+    let Some(address) = shared.siblings.address(std::process::id()) else {
+        return;
+    };
+    let listener = match UnixListener::bind_addr(&address.into()) {
+        Ok(listener) => listener,
+        Err(e) => {
+            warn!("cannot take cancel requests from another process of this configuration ({e}): during a restart, cancels for the sessions of one process that reach the other are dropped");
+            return;
+        }
+    };
+    let own_uid = rustix::process::geteuid().as_raw();
+    let connections = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    loop {
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    debug!("accepting a relayed cancel request failed: {e}");
+                    tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
+                    continue;
+                }
+            },
+            () = stop.cancelled() => return,
+        };
+        let uid = socket_peercred(&stream).map(|c| c.uid.as_raw());
+        if !matches!(uid, Ok(u) if u == own_uid || u == 0) {
+            debug!("a relayed cancel request from another user ({uid:?}): closed");
+            continue;
+        }
+        let Ok(place) = Arc::clone(&connections).try_acquire_owned() else {
+            debug!("too many relayed cancel requests at once; closing this one");
+            continue;
+        };
+        let task_shared = Arc::clone(&shared);
+        // Not among the sessions' tasks: it must not hold off a shutdown
+        // that waits for sessions.
+        tokio::spawn(async move {
+            let _place = place;
+            match tokio::time::timeout(READ_TIMEOUT, decode(stream)).await {
+                Ok(Some((key, source))) => handle(key, source, Via::Sibling, &task_shared).await,
+                Ok(None) => debug!("a relayed cancel request did not parse"),
+                Err(_) => debug!("a relayed cancel request did not arrive in time"),
+            }
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+
+    fn key() -> CancelKey {
+        CancelKey {
+            pid: 0x0102_0304,
+            secret: Bytes::from_static(&[9; 32]),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_relayed_request_carries_the_key_and_the_client() {
+        let source: SocketAddr = "[2001:db8::7]:54321".parse().expect("address");
+        let message = encode(&key(), source);
+        let (decoded, from) = decode(&message[..]).await.expect("decodes");
+        assert_eq!(
+            (decoded.pid, &decoded.secret, from),
+            (key().pid, &key().secret, source)
+        );
+    }
+
+    #[tokio::test]
+    async fn malformed_requests_are_refused() {
+        let message = encode(&key(), "127.0.0.1:5".parse().expect("address"));
+        // Cut short, an overlong address, an address that does not parse,
+        // and a startup packet instead of a cancel.
+        assert!(decode(&message[..message.len() - 1]).await.is_none());
+        let mut long = vec![200u8];
+        long.extend_from_slice(&message[1..]);
+        assert!(decode(&long[..]).await.is_none());
+        let mut garbled = message.to_vec();
+        garbled[1] = b'x';
+        assert!(decode(&garbled[..]).await.is_none());
+        let mut startup = vec![11u8];
+        startup.extend_from_slice(b"127.0.0.1:5");
+        startup.extend_from_slice(&[0, 0, 0, 8, 0, 3, 0, 0]);
+        assert!(decode(&startup[..]).await.is_none());
+    }
+
+    #[test]
+    fn names_fit_and_siblings_are_other_processes() {
+        let name = relay_name(&format!("rolegate:/{}", "x".repeat(200)), u32::MAX);
+        assert!(name.len() <= 48, "{name}");
+        let siblings = Siblings::default();
+        siblings.add(0);
+        siblings.add(std::process::id());
+        siblings.add(42);
+        siblings.add(42);
+        assert_eq!(siblings.snapshot(), vec![42]);
+        assert!(siblings.address(42).is_none(), "no name yet");
+        siblings.set_name("rolegate:/etc/rolegate/proxy.toml");
+        assert!(siblings.address(42).is_some());
+        siblings.forget(42);
+        assert!(siblings.snapshot().is_empty());
+    }
+}
