@@ -2,8 +2,9 @@
 //! cancel requests that reached them for this instance's sessions.
 //!
 //! It accepts nothing but a CancelRequest, looks the key up in this
-//! instance's registry only (never passing it on again, so no request can
-//! loop) and, like PostgreSQL, answers nothing. It carries cancel keys in
+//! instance only (its registry, and during a restart the other process of
+//! this instance; never another instance, so no request can loop) and,
+//! like PostgreSQL, answers nothing. It carries cancel keys in
 //! the clear, as PostgreSQL's own cancel connections usually do: keep it
 //! on the network the instances share.
 
