@@ -335,13 +335,21 @@ async fn hand_over(old: &mut Rolegate, new: &Rolegate, load: &SteadyLoad) -> Res
     )
 }
 
-fn a_restart_by_a_new_process_refuses_no_connection(env: &Env) -> Result<(), Failed> {
+/// A first process to restart, named `name`, with an rw and an ro listener
+/// and a shutdown_timeout (60 s) longer than any test waits: returns it,
+/// its rw and ro ports, and its admin port (which its successors share).
+fn restartable(env: &Env, name: &str) -> (Rolegate, u16, u16, u16) {
     let (admin, rw, ro) = (free_port(), free_port(), free_port());
     let listeners = [(rw, "demo", "primary"), (ro, "demo", "replica")];
     let text = config(env, admin, &listeners, "")
         .replace("shutdown_timeout = \"4s\"", "shutdown_timeout = \"60s\"");
-    let mut first = Rolegate::start(&env.root, "restart", &text);
+    let mut first = Rolegate::start(&env.root, name, &text);
     first.admin_port = admin;
+    (first, rw, ro, admin)
+}
+
+fn a_restart_by_a_new_process_refuses_no_connection(env: &Env) -> Result<(), Failed> {
+    let (mut first, rw, ro, admin) = restartable(env, "restart");
     let config_path = first.config_path.clone();
     multi_runtime()?.block_on(async {
         writer::prepare(&conninfo(rw, "app", "app")).await?;
@@ -400,12 +408,7 @@ async fn cancelled(client: &tokio_postgres::Client, what: &str) -> Result<(), Fa
 /// draining sessions can only reach the new one. Each passes the keys it
 /// does not know to the other.
 fn a_cancel_reaches_its_session_across_a_restart(env: &Env) -> Result<(), Failed> {
-    let (admin, rw, ro) = (free_port(), free_port(), free_port());
-    let listeners = [(rw, "demo", "primary"), (ro, "demo", "replica")];
-    let text = config(env, admin, &listeners, "")
-        .replace("shutdown_timeout = \"4s\"", "shutdown_timeout = \"60s\"");
-    let mut old = Rolegate::start(&env.root, "cancel-restart", &text);
-    old.admin_port = admin;
+    let (mut old, rw, _ro, admin) = restartable(env, "cancel-restart");
     let config_path = old.config_path.clone();
     multi_runtime()?.block_on(async {
         let draining = connect(&conninfo(rw, "app", "app")).await?;
