@@ -122,6 +122,7 @@ fn try_ask(name: &str) -> io::Result<Inherited> {
     let address = UnixAddr::from_abstract_name(name.as_bytes())?;
     let stream = UnixStream::connect_addr(&address)?;
     stream.set_read_timeout(Some(ASK_TIMEOUT))?;
+    check_same_user(&stream)?;
     let predecessor = peer_pid(&stream);
     let mut buffer = vec![0u8; MAX_MESSAGE];
     let mut space = vec![MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(MAX_SOCKETS))];
@@ -265,19 +266,26 @@ fn bind(name: &str) -> io::Result<tokio::net::UnixListener> {
     tokio::net::UnixListener::from_std(listener)
 }
 
-/// Sends every offered socket to the peer, if it is this user (or root).
-fn hand_over(
-    stream: &UnixStream,
-    sockets: &[(String, Arc<dyn AsFd + Send + Sync>)],
-) -> io::Result<usize> {
+/// Refuses a peer of another user (root excepted): the name is in the
+/// abstract namespace, which anyone may bind or connect to.
+fn check_same_user(stream: &UnixStream) -> io::Result<()> {
     let peer = socket_peercred(stream)?.uid.as_raw();
     let own = rustix::process::geteuid().as_raw();
     if peer != own && peer != 0 {
         return Err(io::Error::new(
             io::ErrorKind::PermissionDenied,
-            format!("the asking process runs as uid {peer}, not {own}"),
+            format!("the process at the other end runs as uid {peer}, not {own}"),
         ));
     }
+    Ok(())
+}
+
+/// Sends every offered socket to the peer, if it is this user (or root).
+fn hand_over(
+    stream: &UnixStream,
+    sockets: &[(String, Arc<dyn AsFd + Send + Sync>)],
+) -> io::Result<usize> {
+    check_same_user(stream)?;
     let sockets = &sockets[..sockets.len().min(MAX_SOCKETS)];
     let keys: Vec<&str> = sockets.iter().map(|(k, _)| k.as_str()).collect();
     let body = serde_json::to_vec(&keys).map_err(io::Error::other)?;

@@ -68,11 +68,12 @@ impl Running {
         background: CancellationToken,
     ) -> Result<Self, String> {
         let name = handover::name_for(&path);
+        shared.siblings.set_name(&name);
+        let relay = siblings::bind(&shared.siblings);
         let asked = name.clone();
         let mut inherited = tokio::task::spawn_blocking(move || handover::ask(&asked))
             .await
             .unwrap_or_default();
-        shared.siblings.set_name(&name);
         if let Some(pid) = inherited.predecessor {
             shared.siblings.add(pid);
         }
@@ -101,10 +102,13 @@ impl Running {
             running.handover_stop.clone(),
             move |pid| shared.siblings.add(pid),
         ));
-        tokio::spawn(siblings::serve(
-            Arc::clone(&running.shared),
-            running.background.child_token(),
-        ));
+        if let Some(relay) = relay {
+            tokio::spawn(siblings::serve(
+                relay,
+                Arc::clone(&running.shared),
+                running.background.child_token(),
+            ));
+        }
         Ok(running)
     }
 

@@ -8,7 +8,8 @@
 //!   backend key ([`registry`]), with that key;
 //! - in a fleet, a key naming another instance goes once to that
 //!   instance's peer listener;
-//! - any other key goes to the other process of a restart in progress, if
+//! - any other key (one of this instance, or of an instance it does not
+//!   know yet) goes to the other process of a restart in progress, if
 //!   there is one ([`siblings`]);
 //! - anything else is dropped.
 //!
@@ -94,7 +95,9 @@ pub async fn handle(key: CancelKey, source: SocketAddr, via: Via, shared: &Share
         _ => Route::Here,
     };
     match route {
-        Route::Here => {
+        Route::Here | Route::UnknownPeer(_) => {
+            // The other process of a restart may hold the session, or (in a
+            // fleet) hold the id this instance does not know yet.
             let passed = match via {
                 Via::Sibling => 0,
                 Via::Client | Via::Peer => siblings::relay(&key, source, shared, timeout).await,
@@ -102,15 +105,13 @@ pub async fn handle(key: CancelKey, source: SocketAddr, via: Via, shared: &Share
             if passed > 0 {
                 count("to_sibling");
                 debug!(client = %source, via = via.as_str(), pid = key.pid, "passed cancel request to the restart's other process");
+            } else if let Route::UnknownPeer(id) = route {
+                count("unknown_peer");
+                debug!(client = %source, peer = id, "cancel request for an instance the fleet does not know");
             } else {
                 count("unknown_key");
                 debug!(client = %source, via = via.as_str(), pid = key.pid, "cancel request for an unknown key");
             }
-            permit.hold_after_failure();
-        }
-        Route::UnknownPeer(id) => {
-            count("unknown_peer");
-            debug!(client = %source, peer = id, "cancel request for an instance the fleet does not know");
             permit.hold_after_failure();
         }
         Route::Peer(peer) => {

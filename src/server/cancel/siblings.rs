@@ -114,7 +114,7 @@ pub async fn relay(
         let Some(address) = siblings.address(pid) else {
             return passed;
         };
-        match tokio::time::timeout(timeout, send(&address, &message)).await {
+        match tokio::time::timeout(timeout, send(&address, pid, &message)).await {
             Ok(Ok(())) => passed += 1,
             Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
                 debug!(pid, "the restart's other process has exited");
@@ -127,10 +127,28 @@ pub async fn relay(
     passed
 }
 
-async fn send(address: &UnixAddr, message: &[u8]) -> std::io::Result<()> {
+/// Sends `message` to process `pid`'s relay socket, once the socket is
+/// known to be that process's and of this user (or root): a name in the
+/// abstract namespace can be taken by anyone, and the message holds a
+/// valid key.
+async fn send(address: &UnixAddr, pid: u32, message: &[u8]) -> std::io::Result<()> {
     let mut stream = UnixStream::connect_addr(&address.clone().into()).await?;
+    let credentials = socket_peercred(&stream)?;
+    let owner = credentials.uid.as_raw();
+    if u32::try_from(credentials.pid.as_raw_nonzero().get()).ok() != Some(pid) || !trusted(owner) {
+        // Treated like a sibling that has exited: it is forgotten.
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::ConnectionRefused,
+            format!("the relay socket of process {pid} is held by another process (uid {owner})"),
+        ));
+    }
     stream.write_all(message).await?;
     stream.shutdown().await
+}
+
+/// Whether a process of user `uid` may exchange cancel keys with this one.
+fn trusted(uid: u32) -> bool {
+    uid == rustix::process::geteuid().as_raw() || uid == 0
 }
 
 /// A relayed request: the client's address (length-prefixed text), then
@@ -139,7 +157,7 @@ fn encode(key: &CancelKey, source: SocketAddr) -> BytesMut {
     let source = source.to_string();
     let packet = key.encode_cancel_request();
     let mut message = BytesMut::with_capacity(1 + source.len() + packet.len());
-    // A socket address's text is at most 47 bytes.
+    // A socket address's text is at most 58 bytes (IPv6 with a scope id).
     message.put_u8(source.len() as u8);
     message.put_slice(source.as_bytes());
     message.put_slice(&packet);
@@ -163,20 +181,22 @@ async fn decode<R: tokio::io::AsyncRead + Unpin>(stream: R) -> Option<(CancelKey
     }
 }
 
-/// Takes cancel requests from siblings until `stop`, when the handover
-/// name is known and the socket can be bound.
-pub async fn serve(shared: Arc<Shared>, stop: CancellationToken) {
-    let Some(address) = shared.siblings.address(std::process::id()) else {
-        return;
-    };
-    let listener = match UnixListener::bind_addr(&address.into()) {
-        Ok(listener) => listener,
+/// Binds this process's relay socket, once the handover name is set. Done
+/// before the handover, so that the process handing its sockets over can
+/// reach this one as soon as it learns its id.
+pub fn bind(siblings: &Siblings) -> Option<UnixListener> {
+    let address = siblings.address(std::process::id())?;
+    match UnixListener::bind_addr(&address.into()) {
+        Ok(listener) => Some(listener),
         Err(e) => {
             warn!("cannot take cancel requests from another process of this configuration ({e}): during a restart, cancels for the sessions of one process that reach the other are dropped");
-            return;
+            None
         }
-    };
-    let own_uid = rustix::process::geteuid().as_raw();
+    }
+}
+
+/// Takes cancel requests from siblings on `listener` until `stop`.
+pub async fn serve(listener: UnixListener, shared: Arc<Shared>, stop: CancellationToken) {
     let connections = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     loop {
         let stream = tokio::select! {
@@ -191,7 +211,7 @@ pub async fn serve(shared: Arc<Shared>, stop: CancellationToken) {
             () = stop.cancelled() => return,
         };
         let uid = socket_peercred(&stream).map(|c| c.uid.as_raw());
-        if !matches!(uid, Ok(u) if u == own_uid || u == 0) {
+        if !matches!(uid, Ok(u) if trusted(u)) {
             debug!("a relayed cancel request from another user ({uid:?}): closed");
             continue;
         }

@@ -7,8 +7,12 @@
 //! [`FAILED_HOLD`] after it is done, so a source that guesses keys gets at
 //! most `MAX_PER_SOURCE / FAILED_HOLD` guesses a second, whatever its
 //! speed. A fleet peer passing cancels on may have
-//! [`MAX_PER_PEER_SOURCE`] in flight, and its misses are held too. A cancel
-//! beyond the bound is dropped and counted (`rate_limited`).
+//! [`MAX_PER_PEER_SOURCE`] in flight, and its misses are held too. So may
+//! a client's address in the other process of a restart, which looks up
+//! the keys this one passes on after they were counted here: each guess
+//! is then tried against both processes' sessions, as it would be against
+//! one process holding them all. A cancel beyond the bound is dropped and
+//! counted (`rate_limited`).
 
 use std::collections::HashMap;
 use std::net::IpAddr;
