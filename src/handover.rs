@@ -151,7 +151,7 @@ fn try_ask(name: &str) -> io::Result<Inherited> {
 }
 
 /// The process id at the other end of `stream`, when the kernel says.
-fn peer_pid(stream: &UnixStream) -> Option<u32> {
+pub(crate) fn peer_pid(stream: impl AsFd) -> Option<u32> {
     let pid = socket_peercred(stream).ok()?.pid.as_raw_nonzero().get();
     u32::try_from(pid).ok()
 }
@@ -270,14 +270,20 @@ fn bind(name: &str) -> io::Result<tokio::net::UnixListener> {
 /// abstract namespace, which anyone may bind or connect to.
 fn check_same_user(stream: &UnixStream) -> io::Result<()> {
     let peer = socket_peercred(stream)?.uid.as_raw();
-    let own = rustix::process::geteuid().as_raw();
-    if peer != own && peer != 0 {
+    if !same_user(peer) {
+        let own = rustix::process::geteuid().as_raw();
         return Err(io::Error::new(
             io::ErrorKind::PermissionDenied,
             format!("the process at the other end runs as uid {peer}, not {own}"),
         ));
     }
     Ok(())
+}
+
+/// Whether a process of user `uid` may trade sockets or cancel keys with
+/// this one: the same user, or root.
+pub(crate) fn same_user(uid: u32) -> bool {
+    uid == rustix::process::geteuid().as_raw() || uid == 0
 }
 
 /// Sends every offered socket to the peer, if it is this user (or root).

@@ -32,6 +32,8 @@ const GSSENC_REQUEST_CODE: u32 = (1234 << 16) | 5680;
 
 /// Protocol 3.2 allows cancel keys of up to 256 bytes; 3.0 used exactly 4.
 pub const MAX_CANCEL_KEY: usize = 256;
+/// The largest CancelRequest: length, code, process id, longest secret.
+pub const MAX_CANCEL_REQUEST: usize = 12 + MAX_CANCEL_KEY;
 const MIN_CANCEL_KEY: usize = 4;
 
 /// What the first packet asked for.

@@ -19,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info};
 
 use super::handshake::read_first_packet;
-use crate::protocol::startup::{CancelKey, FirstPacket, MAX_CANCEL_KEY};
+use crate::protocol::startup::{CancelKey, FirstPacket, MAX_CANCEL_REQUEST};
 use crate::server::cancel::{self, Via};
 use crate::server::Shared;
 
@@ -27,8 +27,6 @@ use crate::server::Shared;
 const READ_TIMEOUT: Duration = Duration::from_secs(2);
 /// Peer connections read at once; more are closed at once.
 const MAX_CONNECTIONS: usize = 256;
-/// The largest CancelRequest: length, code, process id, longest secret.
-const MAX_REQUEST: usize = 12 + MAX_CANCEL_KEY;
 const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
 
 /// Accepts forwarded cancel requests until `stop`.
@@ -73,7 +71,7 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>, stop: Cancellatio
 /// closes the connection.
 async fn read_request(stream: TcpStream) -> Option<CancelKey> {
     let mut buf = BytesMut::with_capacity(64);
-    let mut limited = stream.take(MAX_REQUEST as u64);
+    let mut limited = stream.take(MAX_CANCEL_REQUEST as u64);
     match read_first_packet(&mut limited, &mut buf).await {
         Ok(FirstPacket::Cancel(key)) => Some(key),
         _ => None,

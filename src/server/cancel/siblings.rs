@@ -33,8 +33,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use super::{handle, Via};
-use crate::handover::fnv1a;
-use crate::protocol::startup::{CancelKey, FirstPacket, MAX_CANCEL_KEY};
+use crate::handover::{fnv1a, peer_pid, same_user};
+use crate::protocol::startup::{CancelKey, FirstPacket, MAX_CANCEL_REQUEST};
 use crate::server::handshake::read_first_packet;
 use crate::server::Shared;
 
@@ -44,8 +44,6 @@ const READ_TIMEOUT: Duration = Duration::from_secs(2);
 const MAX_CONNECTIONS: usize = 64;
 /// The longest client address a relayed request carries.
 const MAX_SOURCE: usize = 64;
-/// The largest CancelRequest: length, code, process id, longest secret.
-const MAX_REQUEST: usize = 12 + MAX_CANCEL_KEY;
 const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
 
 /// The other running processes of this configuration.
@@ -133,9 +131,8 @@ pub async fn relay(
 /// valid key.
 async fn send(address: &UnixAddr, pid: u32, message: &[u8]) -> std::io::Result<()> {
     let mut stream = UnixStream::connect_addr(&address.clone().into()).await?;
-    let credentials = socket_peercred(&stream)?;
-    let owner = credentials.uid.as_raw();
-    if u32::try_from(credentials.pid.as_raw_nonzero().get()).ok() != Some(pid) || !trusted(owner) {
+    let owner = socket_peercred(&stream)?.uid.as_raw();
+    if peer_pid(&stream) != Some(pid) || !same_user(owner) {
         // Treated like a sibling that has exited: it is forgotten.
         return Err(std::io::Error::new(
             std::io::ErrorKind::ConnectionRefused,
@@ -144,11 +141,6 @@ async fn send(address: &UnixAddr, pid: u32, message: &[u8]) -> std::io::Result<(
     }
     stream.write_all(message).await?;
     stream.shutdown().await
-}
-
-/// Whether a process of user `uid` may exchange cancel keys with this one.
-fn trusted(uid: u32) -> bool {
-    uid == rustix::process::geteuid().as_raw() || uid == 0
 }
 
 /// A relayed request: the client's address (length-prefixed text), then
@@ -166,7 +158,7 @@ fn encode(key: &CancelKey, source: SocketAddr) -> BytesMut {
 
 /// Reads one relayed request; `None` for anything else.
 async fn decode<R: tokio::io::AsyncRead + Unpin>(stream: R) -> Option<(CancelKey, SocketAddr)> {
-    let mut limited = stream.take((1 + MAX_SOURCE + MAX_REQUEST) as u64);
+    let mut limited = stream.take((1 + MAX_SOURCE + MAX_CANCEL_REQUEST) as u64);
     let length = usize::from(limited.read_u8().await.ok()?);
     if length > MAX_SOURCE {
         return None;
@@ -211,7 +203,7 @@ pub async fn serve(listener: UnixListener, shared: Arc<Shared>, stop: Cancellati
             () = stop.cancelled() => return,
         };
         let uid = socket_peercred(&stream).map(|c| c.uid.as_raw());
-        if !matches!(uid, Ok(u) if trusted(u)) {
+        if !matches!(uid, Ok(u) if same_user(u)) {
             debug!("a relayed cancel request from another user ({uid:?}): closed");
             continue;
         }
