@@ -45,11 +45,15 @@ const FINAL_FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Serves one accepted client connection to its end.
 ///
-/// The one-off stages (the opening, connecting and authenticating) run in
-/// boxed futures: an async state machine is as large as its largest stage,
-/// and a session spends its life relaying, so only the relay stage sizes
-/// an idle session. Stage results come back as temporaries, never as named
-/// enums taken apart field by field, whose storage would stay reserved.
+/// A session spends its life relaying, so the task holds the relay stage
+/// and little else: an async state machine is as large as the values it
+/// keeps across its awaits, and a value stays reserved while its scope
+/// lasts, even once moved out. The one-off stages (the PROXY header, the
+/// opening, connecting and authenticating) therefore run in one boxed
+/// future, [`start`], freed once the session is established; what they
+/// cannot finish themselves (acting on a cancel once the connection is
+/// closed, answering a timed-out opening on the socket they no longer
+/// hold) comes back here as a [`NotStarted`].
 pub async fn run(
     mut tcp: TcpStream,
     connection: SocketAddr,
@@ -57,62 +61,72 @@ pub async fn run(
     shared: Arc<Shared>,
 ) {
     let _open = listener.metrics.client_connection();
-    let accepted = Instant::now();
     let limits = shared.limits();
+    let (session, established, span) =
+        match Box::pin(start(&mut tcp, connection, &listener, &shared, &limits)).await {
+            Ok(started) => started,
+            Err(NotStarted::Cancel { key, peer }) => {
+                // Like PostgreSQL: close first, then act, so the client
+                // learns nothing from the answer or its timing. Boxed:
+                // passing a cancel on to a peer is larger than the relay.
+                drop(tcp);
+                Box::pin(cancel::handle(key, peer, Via::Client, &shared)).await;
+                return listener
+                    .metrics
+                    .connection_outcome(ConnectionOutcome::Cancel);
+            }
+            Err(NotStarted::TimedOut { encrypting }) => {
+                if !encrypting {
+                    send_error(&mut tcp, &handshake_timeout_error(&limits)).await;
+                }
+                return listener
+                    .metrics
+                    .connection_outcome(ConnectionOutcome::HandshakeTimeout);
+            }
+            Err(NotStarted::Ended(outcome)) => {
+                return listener.metrics.connection_outcome(outcome);
+            }
+        };
+    let outcome = session.relay(established).instrument(span).await;
+    listener.metrics.connection_outcome(outcome);
+}
+
+/// The one-off stages of [`run`]: the PROXY header if the listener wants
+/// one, the opening, then routing, connecting and authenticating. Returns
+/// the established session with its tracing span.
+async fn start<'a>(
+    tcp: &'a mut TcpStream,
+    connection: SocketAddr,
+    listener: &'a ListenerContext,
+    shared: &'a Shared,
+    limits: &'a Limits,
+) -> Result<(Session<'a>, EstablishedClient<'a>, tracing::Span), NotStarted> {
+    let accepted = Instant::now();
     let handshake_deadline = accepted + limits.handshake_timeout.get();
-    let outcome = |outcome| listener.metrics.connection_outcome(outcome);
     let (peer, read_ahead) = match &listener.proxy {
         None => (connection, BytesMut::new()),
         Some(policy) => {
             let header = timeout_at(
                 handshake_deadline.into(),
-                read_header(&mut tcp, connection, policy),
+                read_header(tcp, connection, policy),
             )
             .await;
             match header {
                 Ok(Ok(read)) => read,
                 Ok(Err(e)) => {
                     info!(connection = %connection, listener = %listener.listen, "refused: {}", e.message);
-                    send_error(&mut tcp, &e).await;
-                    return outcome(ConnectionOutcome::ProxyHeader);
+                    send_error(tcp, &e).await;
+                    return Err(NotStarted::Ended(ConnectionOutcome::ProxyHeader));
                 }
                 Err(_) => {
                     debug!(connection = %connection, listener = %listener.listen, "no PROXY header in time");
-                    send_error(&mut tcp, &handshake_timeout_error(&limits)).await;
-                    return outcome(ConnectionOutcome::HandshakeTimeout);
+                    return Err(NotStarted::TimedOut { encrypting: false });
                 }
             }
         }
     };
-    let opened = Box::pin(open(
-        &mut tcp,
-        peer,
-        read_ahead,
-        &listener,
-        handshake_deadline,
-    ))
-    .await;
-    let (client, startup, buffered) = match opened {
-        Ok(started) => started,
-        Err(NotStarted::Cancel(key)) => {
-            // Like PostgreSQL: close first, then act, so the client
-            // learns nothing from the answer or its timing. Boxed like the
-            // other one-off stages: passing a cancel on to a peer makes
-            // this the largest of them (1,888 bytes inline, which every
-            // idle session carried).
-            drop(tcp);
-            Box::pin(cancel::handle(key, peer, Via::Client, &shared)).await;
-            return outcome(ConnectionOutcome::Cancel);
-        }
-        Err(NotStarted::TimedOut { encrypting }) => {
-            debug!(client = %peer, listener = %listener.listen, "handshake timed out");
-            if !encrypting {
-                send_error(&mut tcp, &handshake_timeout_error(&limits)).await;
-            }
-            return outcome(ConnectionOutcome::HandshakeTimeout);
-        }
-        Err(NotStarted::Ended(result)) => return outcome(result),
-    };
+    let (client, startup, buffered) =
+        open(tcp, peer, read_ahead, listener, handshake_deadline).await?;
     let span = tracing::info_span!(
         "session",
         listener = %listener.listen,
@@ -123,36 +137,34 @@ pub async fn run(
         member = tracing::field::Empty,
     );
     let session = Session {
-        listener: &listener,
+        listener,
         client: peer,
-        shared: &shared,
-        limits: &limits,
+        shared,
+        limits,
         accepted,
         handshake_deadline,
     };
-    let established = match Box::pin(
-        session
-            .establish(client, startup, buffered)
-            .instrument(span.clone()),
-    )
-    .await
-    {
-        Ok(established) => established,
-        Err(result) => return outcome(result),
-    };
-    let result = session.relay(Box::new(established)).instrument(span).await;
-    outcome(result);
+    let established = session
+        .establish(client, startup, buffered)
+        .instrument(span.clone())
+        .await
+        .map_err(NotStarted::Ended)?;
+    Ok((session, Box::new(established), span))
 }
 
-/// Why a connection did not get as far as a StartupMessage.
+/// An established session on an accepted client connection.
+type EstablishedClient<'a> = Box<Established<ClientStream<&'a mut TcpStream>>>;
+
+/// Why a connection did not get as far as an established session.
 enum NotStarted {
     /// No complete opening within `handshake_timeout`; `encrypting` when a
     /// TLS handshake was under way (no plaintext error can be sent then).
     TimedOut { encrypting: bool },
-    /// Answered here: an error.
+    /// Answered, if at all, where it ended.
     Ended(ConnectionOutcome),
-    /// A cancel request, acted on once the connection is closed.
-    Cancel(CancelKey),
+    /// A cancel request from `peer`, acted on once the connection is
+    /// closed.
+    Cancel { key: CancelKey, peer: SocketAddr },
 }
 
 /// Reads the client's opening within `handshake_deadline` (starting with
@@ -198,10 +210,13 @@ async fn open<'t>(
             }
             return Err(NotStarted::Ended(result));
         }
-        Err(_) => return Err(NotStarted::TimedOut { encrypting }),
+        Err(_) => {
+            debug!(client = %peer, listener = %listener.listen, "handshake timed out");
+            return Err(NotStarted::TimedOut { encrypting });
+        }
     };
     match opening {
-        Opening::Cancel(key) => Err(NotStarted::Cancel(key)),
+        Opening::Cancel(key) => Err(NotStarted::Cancel { key, peer }),
         Opening::Startup { startup, buffered } => Ok((client, startup, buffered)),
     }
 }
@@ -358,6 +373,8 @@ impl Session<'_> {
     where
         S: AsyncRead + AsyncWrite + Unpin + Send,
     {
+        // The box moves into the block and is freed there, now, rather
+        // than kept (moved out of) until the session ends.
         let Established {
             mut client,
             backend,
@@ -367,7 +384,10 @@ impl Session<'_> {
             cancel: cancel_registration,
             to_backend,
             mut to_client,
-        } = *established;
+        } = {
+            let boxed = established;
+            *boxed
+        };
         let pid_swap = cancel_registration
             .as_ref()
             .and_then(CancelRegistration::pid_swap);
