@@ -139,11 +139,12 @@ fn run(path: &std::path::Path, log_format: Option<LogFormat>) -> ExitCode {
     {
         tracing::warn!("a TLS crypto provider was already installed");
     }
-    // One worker: the other `worker_threads` are event loops of their own,
+    // One thread: the other `worker_threads` are event loops of their own,
     // which the proxy starts (server::loops).
-    let mut builder = tokio::runtime::Builder::new_multi_thread();
-    builder.worker_threads(1);
-    let runtime = match builder.enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(runtime) => runtime,
         Err(e) => {
             eprintln!("rolegate: cannot start the async runtime: {e}");

@@ -1,13 +1,24 @@
 //! The event loops that sessions run on.
 //!
 //! rolegate runs sessions on `[runtime] worker_threads` loops: the main
-//! runtime's worker, and one single-threaded runtime per further thread.
+//! runtime, and one single-threaded runtime per further thread.
 //! Each loop has its own epoll set and timers, and a session stays on the
 //! loop that accepted it, which is HAProxy's model (`nbthread`) rather than
 //! a work-stealing pool. Measured on 2 shared CPUs: with one intake of
 //! events, the CPUs sat 4-8% idle while the proxy's thread waited to be
 //! scheduled, and two work-stealing workers did not change that; two
 //! independent loops kept the CPUs busy (BENCHMARKS.md).
+//!
+//! Loop 0, the runtime `main` starts, is single-threaded like the others
+//! rather than a multi-threaded runtime with one worker: the same one
+//! thread of work, at about 5,000 fewer instructions per connection
+//! (callgrind, `pgbench -C`: 83,100 against 77,800), the work-stealing
+//! scheduler's queues and parking being of no use to a single worker.
+//! The price: what the main task does synchronously now holds up loop 0's
+//! sessions, where it used to have the main thread to itself. That is a
+//! reload (reading the configuration and TLS files, binding new
+//! listeners): 1.6 ms from SIGHUP to "reloaded" under `strace`, for a
+//! configuration without TLS files.
 //!
 //! Every loop accepts on a listening socket of its own (see
 //! [`super::listener_set`]), so a connection never moves between loops: an
