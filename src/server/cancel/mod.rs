@@ -20,6 +20,7 @@
 //! and `outcome`; [`throttle`] bounds them per source (a client's address,
 //! or the peer's).
 
+pub mod intake;
 mod registry;
 pub mod siblings;
 mod throttle;

@@ -28,18 +28,15 @@ use bytes::{BufMut, BytesMut};
 use rustix::net::sockopt::socket_peercred;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
-use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
-use super::{handle, Via};
+use super::intake::{read_request, Intake};
+use super::Via;
 use crate::handover::{fnv1a, peer_pid, same_user};
-use crate::protocol::startup::{CancelKey, FirstPacket, MAX_CANCEL_REQUEST};
-use crate::server::handshake::read_first_packet;
+use crate::protocol::startup::{CancelKey, MAX_CANCEL_REQUEST};
 use crate::server::Shared;
 
-/// How long a sibling may take to send its request.
-const READ_TIMEOUT: Duration = Duration::from_secs(2);
 /// Relayed requests read at once; more are closed at once.
 const MAX_CONNECTIONS: usize = 64;
 /// The longest client address a relayed request carries.
@@ -166,11 +163,7 @@ async fn decode<R: tokio::io::AsyncRead + Unpin>(stream: R) -> Option<(CancelKey
     let mut source = vec![0; length];
     limited.read_exact(&mut source).await.ok()?;
     let source = std::str::from_utf8(&source).ok()?.parse().ok()?;
-    let mut buf = BytesMut::with_capacity(64);
-    match read_first_packet(&mut limited, &mut buf).await {
-        Ok(FirstPacket::Cancel(key)) => Some((key, source)),
-        _ => None,
-    }
+    Some((read_request(limited).await?, source))
 }
 
 /// Binds this process's relay socket, once the handover name is set. Done
@@ -189,7 +182,7 @@ pub fn bind(siblings: &Siblings) -> Option<UnixListener> {
 
 /// Takes cancel requests from siblings on `listener` until `stop`.
 pub async fn serve(listener: UnixListener, shared: Arc<Shared>, stop: CancellationToken) {
-    let connections = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let intake = Intake::new(Via::Sibling, MAX_CONNECTIONS, shared);
     loop {
         let stream = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -207,21 +200,7 @@ pub async fn serve(listener: UnixListener, shared: Arc<Shared>, stop: Cancellati
             debug!("a relayed cancel request from another user ({uid:?}): closed");
             continue;
         }
-        let Ok(place) = Arc::clone(&connections).try_acquire_owned() else {
-            debug!("too many relayed cancel requests at once; closing this one");
-            continue;
-        };
-        let task_shared = Arc::clone(&shared);
-        // Not among the sessions' tasks: it must not hold off a shutdown
-        // that waits for sessions.
-        tokio::spawn(async move {
-            let _place = place;
-            match tokio::time::timeout(READ_TIMEOUT, decode(stream)).await {
-                Ok(Some((key, source))) => handle(key, source, Via::Sibling, &task_shared).await,
-                Ok(None) => debug!("a relayed cancel request did not parse"),
-                Err(_) => debug!("a relayed cancel request did not arrive in time"),
-            }
-        });
+        intake.take(None, decode(stream));
     }
 }
 
