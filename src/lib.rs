@@ -31,6 +31,7 @@ pub mod admin;
 pub mod config;
 pub mod etcd_access;
 pub mod events;
+pub mod fast_map;
 pub mod fleet;
 pub mod handover;
 pub mod logging;

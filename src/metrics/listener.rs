@@ -10,7 +10,7 @@
 //! time it is used and kept: a series still appears only once something
 //! happened to it, as before.
 
-use std::collections::HashMap;
+use crate::fast_map::FastMap;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
@@ -33,7 +33,7 @@ pub struct ListenerMetrics {
     tls: [OnceLock<Counter>; 2],
     handshake: OnceLock<Histogram>,
     ended: [OnceLock<Counter>; EndReason::COUNT],
-    members: Mutex<HashMap<Arc<str>, Arc<MemberMetrics>>>,
+    members: Mutex<FastMap<Arc<str>, Arc<MemberMetrics>>>,
 }
 
 /// The handles of one member as this listener's sessions use it.
@@ -54,7 +54,7 @@ impl ListenerMetrics {
             tls: [const { OnceLock::new() }; 2],
             handshake: OnceLock::new(),
             ended: [const { OnceLock::new() }; EndReason::COUNT],
-            members: Mutex::new(HashMap::new()),
+            members: Mutex::new(FastMap::default()),
         }
     }
 

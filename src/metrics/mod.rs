@@ -11,7 +11,7 @@
 //!
 //! `docs/metrics.md` describes each metric for operators.
 
-use std::collections::HashMap;
+use crate::fast_map::FastMap;
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -335,8 +335,8 @@ pub struct SessionCounts {
 /// lock each.
 #[derive(Default)]
 struct Counts {
-    by_member: HashMap<SessionKey, usize>,
-    by_client: HashMap<(Arc<str>, IpAddr), usize>,
+    by_member: FastMap<SessionKey, usize>,
+    by_client: FastMap<(Arc<str>, IpAddr), usize>,
 }
 
 /// One relaying session, counted while it lives.
@@ -428,7 +428,7 @@ impl Drop for SessionGuard {
 }
 
 /// Takes one off `key`'s count, forgetting the key at zero.
-fn release<K: std::hash::Hash + Eq>(counts: &mut HashMap<K, usize>, key: &K) {
+fn release<K: std::hash::Hash + Eq>(counts: &mut FastMap<K, usize>, key: &K) {
     if let Some(n) = counts.get_mut(key) {
         *n = n.saturating_sub(1);
         if *n == 0 {

@@ -33,7 +33,9 @@
 //! listener's sessions to a member share its slots. Each entry reads the
 //! limit in force, so a reload's new value applies to the next login.
 
-use std::collections::{BinaryHeap, HashMap};
+use std::collections::BinaryHeap;
+
+use crate::fast_map::FastMap;
 use std::future::Future;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -50,11 +52,11 @@ pub const CLIENT_TURN_GRACE: Duration = Duration::from_secs(1);
 /// Every member's gate, by cluster and member name.
 #[derive(Default)]
 pub struct LoginGates {
-    gates: Mutex<HashMap<Arc<str>, MemberGates>>,
+    gates: Mutex<FastMap<Arc<str>, MemberGates>>,
 }
 
 /// One cluster's gates, by member name.
-type MemberGates = HashMap<Arc<str>, Arc<Gate>>;
+type MemberGates = FastMap<Arc<str>, Arc<Gate>>;
 
 /// One member's logins: how many are in flight, and who waits.
 #[derive(Default)]

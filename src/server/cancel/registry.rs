@@ -16,7 +16,7 @@
 //! The registry is touched when a session authenticates, when it ends and
 //! when a cancel arrives: never per packet, so a plain mutex is enough.
 
-use std::collections::HashMap;
+use crate::fast_map::FastMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -50,7 +50,7 @@ struct Entry {
     target: CancelTarget,
 }
 
-type Entries = HashMap<u32, Vec<Entry>>;
+type Entries = FastMap<u32, Vec<Entry>>;
 
 #[derive(Default)]
 pub struct CancelRegistry {
