@@ -134,6 +134,10 @@ fn main() {
             "a_slow_tls_reader_gets_every_byte_and_a_clean_close",
             a_slow_tls_reader_gets_every_byte_and_a_clean_close,
         ),
+        (
+            "clients_that_leave_while_held_are_let_go",
+            clients_that_leave_while_held_are_let_go,
+        ),
     ];
     run_suite(tests, Env::start, false);
 }
@@ -616,5 +620,84 @@ fn a_slow_tls_reader_gets_every_byte_and_a_clean_close(env: &Env) -> Result<(), 
             ),
             Err(e) => Err(format!("the TLS session did not end with close_notify: {e}").into()),
         }
+    })
+}
+
+/// A client that gives up while its session is held is let go when it
+/// closes, whatever it sent first: a TLS client closing with close_notify
+/// as libpq does (the alert and the FIN at once), one whose FIN comes well
+/// after its alert, and a plaintext client that sent bytes before closing.
+/// Bytes alone do not end the hold. Nothing answers at the cluster's one
+/// Patroni REST URL, so no member is known and its sessions are held for
+/// the whole `hold_timeout`.
+fn clients_that_leave_while_held_are_let_go(env: &Env) -> Result<(), Failed> {
+    let (port, nobody) = (free_port(), free_port());
+    let config = format!(
+        r#"
+[tls]
+cert = "{}"
+key = "{}"
+mode = "allow"
+
+[clusters.secure]
+patroni = ["http://127.0.0.1:{nobody}"]
+
+[[listeners]]
+listen = "127.0.0.1:{port}"
+cluster = "secure"
+role = "replica"
+
+[limits]
+hold_timeout = "60s"
+"#,
+        env.proxy_cert.cert.display(),
+        env.proxy_cert.key.display(),
+    );
+    let rolegate = Rolegate::start(&env.root, "held-and-gone", &config);
+    let held = || rolegate.metric("rolegate_held_sessions", "cluster=\"secure\"");
+    let startup = wire::startup_packet(3, 0, &[("user", "app"), ("database", "app")]);
+    runtime().block_on(async {
+        let mut at_once = tls_session(port, &env.ca, false, None).await?;
+        let mut alert_first = tls_session(port, &env.ca, false, None).await?;
+        for tls in [&mut at_once, &mut alert_first] {
+            tls.write_all(&startup).await?;
+            tls.flush().await?;
+        }
+        let mut plain = TcpStream::connect(("127.0.0.1", port)).await?;
+        plain.write_all(&startup).await?;
+        wait_until(Duration::from_secs(10), "three held sessions", || {
+            (held() == 3.0).then_some(())
+        });
+
+        at_once.shutdown().await?;
+        drop(at_once);
+        alert_first.get_mut().1.send_close_notify();
+        alert_first.flush().await?;
+        plain.write_all(b"early bytes").await?;
+        wait_until(Duration::from_secs(5), "the first client let go", || {
+            (held() == 2.0).then_some(())
+        });
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        check(
+            held() == 2.0,
+            format!(
+                "{} sessions held after an alert or bytes without a close, expected 2",
+                held()
+            ),
+        )?;
+
+        drop(alert_first);
+        drop(plain);
+        wait_until(Duration::from_secs(5), "the other two let go", || {
+            (held() == 0.0).then_some(())
+        });
+        let gone = rolegate.metric(
+            "rolegate_client_connections_total",
+            "outcome=\"client_gone\"",
+        );
+        check(
+            gone == 3.0,
+            format!("{gone} connections counted as client_gone, expected 3"),
+        )
     })
 }

@@ -5,7 +5,8 @@
 //! connection path: [`listener`] accepts, [`proxy_protocol`] reads a load
 //! balancer's PROXY header where a listener expects one, [`handshake`]
 //! reads the opening, [`session`] routes and connects through
-//! [`backend`] (a member's logins paced by [`login_gate`]),
+//! [`backend`] (a member's logins paced by [`login_gate`], a held client
+//! that leaves noticed by [`hangup`]),
 //! [`authenticate`] relays the login, [`relay`] pumps bytes
 //! (through [`notify_pids`] in a fleet), and [`cancel`] routes cancel
 //! requests to the backend that issued a key, or to the fleet instance
@@ -15,6 +16,7 @@ pub mod authenticate;
 pub mod backend;
 pub mod cancel;
 pub mod handshake;
+pub mod hangup;
 pub mod listener;
 pub mod listener_set;
 pub mod login_gate;

@@ -94,25 +94,14 @@ impl<P> Prefixed<P> {
 }
 
 impl<P: Borrow<TcpStream>> ClientStream<P> {
-    /// Resolves once the client has closed its connection (end of stream,
-    /// or a reset), without reading anything the client sent. A session
-    /// held for a target watches this: a client that gave up waiting
-    /// (libpq's `connect_timeout`) must not have a backend connection
-    /// opened for it when the hold ends, or a reconnect storm doubles with
-    /// every retry. Once the client has sent bytes there is no telling, and
-    /// this stays pending. That includes a TLS client that sends a
-    /// close_notify alert before closing, as libpq does: such a client is
-    /// still held until the hold ends.
+    /// Resolves once the client has closed its connection (a FIN or a
+    /// reset), without reading anything it sent; see [`super::hangup`].
     pub async fn closed(&self) {
         let tcp: &TcpStream = match self {
             Self::Plain(tcp) => tcp.borrow(),
             Self::Tls(tls) => tls.get_ref().0.inner.borrow(),
         };
-        let mut byte = [0u8; 1];
-        match tcp.peek(&mut byte).await {
-            Ok(0) | Err(_) => {}
-            Ok(_) => std::future::pending().await,
-        }
+        super::hangup::closed(tcp).await
     }
 }
 
