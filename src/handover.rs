@@ -45,10 +45,14 @@ use tracing::{debug, info, warn};
 const ASK_TIMEOUT: Duration = Duration::from_secs(5);
 /// How often a process that received sockets tries to take the name over.
 const TAKE_OVER_INTERVAL: Duration = Duration::from_millis(500);
-/// The most sockets one handover carries (the kernel's limit per message
-/// is 253).
-pub const MAX_SOCKETS: usize = 250;
-/// The longest list of addresses a handover carries.
+/// The most sockets one message carries (the kernel's limit per message
+/// is 253). A handover sends as many messages as its sockets need: a
+/// client listener has one socket per event loop, so a 64-CPU machine with
+/// four listeners already offers 257.
+const SOCKETS_PER_MESSAGE: usize = 250;
+/// The most messages a successor reads (62,500 sockets).
+const MAX_MESSAGES: usize = 250;
+/// The longest list of addresses one message carries.
 const MAX_MESSAGE: usize = 64 * 1024;
 
 /// The abstract socket name of the rolegate of the configuration at `path`.
@@ -123,31 +127,47 @@ fn try_ask(name: &str) -> io::Result<Inherited> {
     let stream = UnixStream::connect_addr(&address)?;
     stream.set_read_timeout(Some(ASK_TIMEOUT))?;
     check_same_user(&stream)?;
-    let predecessor = peer_pid(&stream);
-    let mut buffer = vec![0u8; MAX_MESSAGE];
-    let mut space = vec![MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(MAX_SOCKETS))];
-    let mut control = RecvAncillaryBuffer::new(&mut space);
-    let mut iov = [IoSliceMut::new(&mut buffer)];
-    let message = recvmsg(&stream, &mut iov, &mut control, RecvFlags::CMSG_CLOEXEC)?;
-    let mut fds: Vec<OwnedFd> = Vec::new();
-    for cmsg in control.drain() {
-        if let RecvAncillaryMessage::ScmRights(received) = cmsg {
-            fds.extend(received);
-        }
-    }
-    let length = message.bytes;
-    let keys: Vec<String> = serde_json::from_slice(&buffer[..length])
-        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
-    if keys.len() != fds.len() {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidData,
-            format!("{} addresses but {} sockets", keys.len(), fds.len()),
-        ));
-    }
     Ok(Inherited {
-        sockets: keys.into_iter().zip(fds).collect(),
-        predecessor,
+        sockets: receive(&stream)?,
+        predecessor: peer_pid(&stream),
     })
+}
+
+/// Reads the predecessor's messages until it closes the stream: each
+/// carries some sockets and the list of their keys. (Earlier builds sent
+/// a single message of at most 250 sockets, which reads the same way.)
+fn receive(stream: &UnixStream) -> io::Result<HashMap<String, OwnedFd>> {
+    let mut sockets = HashMap::new();
+    let mut buffer = vec![0u8; MAX_MESSAGE];
+    let mut space =
+        vec![MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(SOCKETS_PER_MESSAGE))];
+    for _ in 0..MAX_MESSAGES {
+        let mut control = RecvAncillaryBuffer::new(&mut space);
+        let mut iov = [IoSliceMut::new(&mut buffer)];
+        let message = recvmsg(stream, &mut iov, &mut control, RecvFlags::CMSG_CLOEXEC)?;
+        let mut fds: Vec<OwnedFd> = Vec::new();
+        for cmsg in control.drain() {
+            if let RecvAncillaryMessage::ScmRights(received) = cmsg {
+                fds.extend(received);
+            }
+        }
+        if message.bytes == 0 {
+            return Ok(sockets);
+        }
+        let keys: Vec<String> = serde_json::from_slice(&buffer[..message.bytes])
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+        if keys.len() != fds.len() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("{} addresses but {} sockets", keys.len(), fds.len()),
+            ));
+        }
+        sockets.extend(keys.into_iter().zip(fds));
+    }
+    Err(io::Error::new(
+        io::ErrorKind::InvalidData,
+        format!("more than {MAX_MESSAGES} messages"),
+    ))
 }
 
 /// The process id at the other end of `stream`, when the kernel says.
@@ -286,16 +306,44 @@ pub(crate) fn same_user(uid: u32) -> bool {
     uid == rustix::process::geteuid().as_raw() || uid == 0
 }
 
-/// Sends every offered socket to the peer, if it is this user (or root).
+/// Sends every offered socket to the peer, if it is this user (or root),
+/// in as many messages as they need. Returns how many it took.
 fn hand_over(
     stream: &UnixStream,
     sockets: &[(String, Arc<dyn AsFd + Send + Sync>)],
 ) -> io::Result<usize> {
     check_same_user(stream)?;
-    let sockets = &sockets[..sockets.len().min(MAX_SOCKETS)];
-    let keys: Vec<&str> = sockets.iter().map(|(k, _)| k.as_str()).collect();
+    if sockets.is_empty() {
+        // One message all the same: earlier builds read exactly one.
+        send_chunk(stream, &[])?;
+        return Ok(0);
+    }
+    let mut sent = 0;
+    for chunk in sockets.chunks(SOCKETS_PER_MESSAGE) {
+        match send_chunk(stream, chunk) {
+            Ok(()) => sent += chunk.len(),
+            // A successor of a version that reads one message has gone
+            // with the first one.
+            Err(e) if sent > 0 => {
+                warn!(
+                    "the new rolegate took {sent} of {} listening sockets ({e}); the others are bound anew",
+                    sockets.len()
+                );
+                break;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(sent)
+}
+
+fn send_chunk(
+    stream: &UnixStream,
+    chunk: &[(String, Arc<dyn AsFd + Send + Sync>)],
+) -> io::Result<()> {
+    let keys: Vec<&str> = chunk.iter().map(|(k, _)| k.as_str()).collect();
     let body = serde_json::to_vec(&keys).map_err(io::Error::other)?;
-    let fds: Vec<BorrowedFd<'_>> = sockets.iter().map(|(_, s)| s.as_fd()).collect();
+    let fds: Vec<BorrowedFd<'_>> = chunk.iter().map(|(_, s)| s.as_fd()).collect();
     let mut space = vec![MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(fds.len().max(1)))];
     let mut control = SendAncillaryBuffer::new(&mut space);
     if !fds.is_empty() && !control.push(SendAncillaryMessage::ScmRights(&fds)) {
@@ -307,7 +355,7 @@ fn hand_over(
         &mut control,
         SendFlags::empty(),
     )?;
-    Ok(fds.len())
+    Ok(())
 }
 
 #[cfg(test)]
@@ -324,6 +372,58 @@ mod tests {
         assert_eq!(hashed, name_for(Path::new(&long)));
         assert_eq!(fnv1a(b""), 0xcbf2_9ce4_8422_2325);
         assert_eq!(fnv1a(b"a"), 0xaf63_dc4c_8601_ec8c);
+    }
+
+    /// More sockets than one message carries arrive, each under its key,
+    /// in one handover.
+    #[test]
+    fn a_handover_carries_more_sockets_than_one_message() {
+        let (ours, theirs) = UnixStream::pair().expect("socket pair");
+        let listeners: Vec<_> = (0..SOCKETS_PER_MESSAGE + 10)
+            .map(|_| Arc::new(std::net::TcpListener::bind("127.0.0.1:0").expect("bind")))
+            .collect();
+        let offered: Vec<(String, Arc<dyn AsFd + Send + Sync>)> = listeners
+            .iter()
+            .map(|l| {
+                let key = Offered::listener_key(l.local_addr().expect("addr"), 0);
+                (key, Arc::clone(l) as Arc<dyn AsFd + Send + Sync>)
+            })
+            .collect();
+        let sender = std::thread::spawn(move || {
+            let sent = hand_over(&ours, &offered);
+            drop(ours);
+            sent
+        });
+        theirs
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
+        let received = receive(&theirs).expect("receive");
+        assert_eq!(
+            sender.join().expect("sender").expect("sent"),
+            listeners.len()
+        );
+        assert_eq!(received.len(), listeners.len());
+        for listener in &listeners {
+            let addr = listener.local_addr().expect("addr");
+            let fd = received
+                .get(&Offered::listener_key(addr, 0))
+                .expect("every socket arrives under its key");
+            let arrived = std::net::TcpListener::from(fd.try_clone().expect("dup"));
+            assert_eq!(arrived.local_addr().expect("addr"), addr);
+        }
+    }
+
+    /// With nothing to offer, one empty message still goes (earlier builds
+    /// read exactly one), and reads as no sockets.
+    #[test]
+    fn an_empty_handover_is_one_empty_message() {
+        let (ours, theirs) = UnixStream::pair().expect("socket pair");
+        assert_eq!(hand_over(&ours, &[]).expect("sent"), 0);
+        drop(ours);
+        theirs
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
+        assert!(receive(&theirs).expect("receive").is_empty());
     }
 
     /// A real handover between two "processes" of this test: the sockets

@@ -42,6 +42,10 @@ fn main() {
             a_restart_by_a_new_process_refuses_no_connection,
         ),
         (
+            "a_restart_hands_over_more_sockets_than_one_message",
+            a_restart_hands_over_more_sockets_than_one_message,
+        ),
+        (
             "a_cancel_reaches_its_session_across_a_restart",
             a_cancel_reaches_its_session_across_a_restart,
         ),
@@ -377,6 +381,34 @@ fn a_restart_by_a_new_process_refuses_no_connection(env: &Env) -> Result<(), Fai
         check(
             status == 200,
             format!("/readyz of the last process: {status}"),
+        )
+    })
+}
+
+/// On a host with many CPUs each listener has many sockets, one per event
+/// loop: 130 loops and two listeners offer 261 with the admin endpoint's,
+/// more than one handover message carries (250). All of them reach the new
+/// process, and the restart refuses no connection.
+fn a_restart_hands_over_more_sockets_than_one_message(env: &Env) -> Result<(), Failed> {
+    let (admin, rw, ro) = (free_port(), free_port(), free_port());
+    let listeners = [(rw, "demo", "primary"), (ro, "demo", "replica")];
+    let text = config(env, admin, &listeners, "[runtime]\nworker_threads = 130\n")
+        .replace("shutdown_timeout = \"4s\"", "shutdown_timeout = \"60s\"");
+    let mut first = Rolegate::start(&env.root, "many-sockets", &text);
+    first.admin_port = admin;
+    let config_path = first.config_path.clone();
+    multi_runtime()?.block_on(async {
+        writer::prepare(&conninfo(rw, "app", "app")).await?;
+        let load = SteadyLoad::start(rw, ro, 2, RESTART_ASKERS, 300_000_000);
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let second = successor(&config_path, env.root.join("many-sockets-2.log"), admin);
+        hand_over(&mut first, &second, &load).await?;
+        let stats = load.stop().await;
+        check_load(&stats, rw).await?;
+        let log = second.log();
+        check(
+            log.contains("\"sockets\":261"),
+            format!("the new process did not take 261 sockets:\n{log}"),
         )
     })
 }
