@@ -135,39 +135,72 @@ fn try_ask(name: &str) -> io::Result<Inherited> {
 
 /// Reads the predecessor's messages until it closes the stream: each
 /// carries some sockets and the list of their keys. (Earlier builds sent
-/// a single message of at most 250 sockets, which reads the same way.)
+/// a single message of at most 250 sockets, which reads the same way.) A
+/// stream closed before any message is an error, as is a first message
+/// that does not read; a later one that fails leaves the sockets already
+/// received, and the rest are bound anew.
 fn receive(stream: &UnixStream) -> io::Result<HashMap<String, OwnedFd>> {
     let mut sockets = HashMap::new();
     let mut buffer = vec![0u8; MAX_MESSAGE];
     let mut space =
         vec![MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(SOCKETS_PER_MESSAGE))];
-    for _ in 0..MAX_MESSAGES {
-        let mut control = RecvAncillaryBuffer::new(&mut space);
-        let mut iov = [IoSliceMut::new(&mut buffer)];
-        let message = recvmsg(stream, &mut iov, &mut control, RecvFlags::CMSG_CLOEXEC)?;
-        let mut fds: Vec<OwnedFd> = Vec::new();
-        for cmsg in control.drain() {
-            if let RecvAncillaryMessage::ScmRights(received) = cmsg {
-                fds.extend(received);
+    // The messages, then the end of the stream.
+    for read in 0..=MAX_MESSAGES {
+        match receive_one(stream, &mut buffer, &mut space) {
+            Ok(Some(received)) if read < MAX_MESSAGES => sockets.extend(received),
+            Ok(Some(_)) => {
+                warn!(
+                    "the running rolegate sent more than {MAX_MESSAGES} messages; took the first"
+                );
+                break;
+            }
+            Ok(None) if read == 0 => {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "the running rolegate closed without sending its sockets",
+                ))
+            }
+            Ok(None) => break,
+            Err(e) if read == 0 => return Err(e),
+            Err(e) => {
+                warn!(
+                    sockets = sockets.len(),
+                    "a later message of the handover failed ({e}); binding the rest anew"
+                );
+                break;
             }
         }
-        if message.bytes == 0 {
-            return Ok(sockets);
-        }
-        let keys: Vec<String> = serde_json::from_slice(&buffer[..message.bytes])
-            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
-        if keys.len() != fds.len() {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                format!("{} addresses but {} sockets", keys.len(), fds.len()),
-            ));
-        }
-        sockets.extend(keys.into_iter().zip(fds));
     }
-    Err(io::Error::new(
-        io::ErrorKind::InvalidData,
-        format!("more than {MAX_MESSAGES} messages"),
-    ))
+    Ok(sockets)
+}
+
+/// One message: its sockets by key, or `None` at the end of the stream.
+fn receive_one(
+    stream: &UnixStream,
+    buffer: &mut [u8],
+    space: &mut [MaybeUninit<u8>],
+) -> io::Result<Option<Vec<(String, OwnedFd)>>> {
+    let mut control = RecvAncillaryBuffer::new(space);
+    let mut iov = [IoSliceMut::new(buffer)];
+    let message = recvmsg(stream, &mut iov, &mut control, RecvFlags::CMSG_CLOEXEC)?;
+    let mut fds: Vec<OwnedFd> = Vec::new();
+    for cmsg in control.drain() {
+        if let RecvAncillaryMessage::ScmRights(received) = cmsg {
+            fds.extend(received);
+        }
+    }
+    if message.bytes == 0 {
+        return Ok(None);
+    }
+    let keys: Vec<String> = serde_json::from_slice(&buffer[..message.bytes])
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+    if keys.len() != fds.len() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("{} addresses but {} sockets", keys.len(), fds.len()),
+        ));
+    }
+    Ok(Some(keys.into_iter().zip(fds).collect()))
 }
 
 /// The process id at the other end of `stream`, when the kernel says.
@@ -318,15 +351,23 @@ fn hand_over(
         send_chunk(stream, &[])?;
         return Ok(0);
     }
+    let most = MAX_MESSAGES * SOCKETS_PER_MESSAGE;
+    if sockets.len() > most {
+        warn!(
+            "{} listening sockets, of which a handover carries {most}; the others are bound anew",
+            sockets.len()
+        );
+    }
     let mut sent = 0;
-    for chunk in sockets.chunks(SOCKETS_PER_MESSAGE) {
+    for chunk in sockets[..sockets.len().min(most)].chunks(SOCKETS_PER_MESSAGE) {
+        // A successor of a build that reads one message may have closed
+        // after the first; that is seldom seen here, as the kernel takes
+        // the next messages before it closes.
         match send_chunk(stream, chunk) {
             Ok(()) => sent += chunk.len(),
-            // A successor of a version that reads one message has gone
-            // with the first one.
             Err(e) if sent > 0 => {
                 warn!(
-                    "the new rolegate took {sent} of {} listening sockets ({e}); the others are bound anew",
+                    "the new rolegate took at most {sent} of {} listening sockets ({e}); the others are bound anew",
                     sockets.len()
                 );
                 break;
@@ -414,7 +455,8 @@ mod tests {
     }
 
     /// With nothing to offer, one empty message still goes (earlier builds
-    /// read exactly one), and reads as no sockets.
+    /// read exactly one), and reads as no sockets; a predecessor that
+    /// closes without a message is an error, not an empty handover.
     #[test]
     fn an_empty_handover_is_one_empty_message() {
         let (ours, theirs) = UnixStream::pair().expect("socket pair");
@@ -424,6 +466,11 @@ mod tests {
             .set_read_timeout(Some(Duration::from_secs(5)))
             .expect("timeout");
         assert!(receive(&theirs).expect("receive").is_empty());
+
+        let (ours, theirs) = UnixStream::pair().expect("socket pair");
+        drop(ours);
+        let error = receive(&theirs).expect_err("nothing was sent");
+        assert_eq!(error.kind(), io::ErrorKind::UnexpectedEof);
     }
 
     /// A real handover between two "processes" of this test: the sockets
