@@ -133,27 +133,20 @@ fn try_ask(name: &str) -> io::Result<Inherited> {
     })
 }
 
-/// Reads the predecessor's messages until it closes the stream: each
-/// carries some sockets and the list of their keys. (Earlier builds sent
-/// a single message of at most 250 sockets, which reads the same way.) A
-/// stream closed before any message is an error, as is a first message
-/// that does not read; a later one that fails leaves the sockets already
-/// received, and the rest are bound anew.
+/// Reads the predecessor's messages until it closes the stream (or sent
+/// as many as a handover carries): each carries some sockets and the list
+/// of their keys. (Earlier builds sent a single message of at most 250
+/// sockets, which reads the same way.) A stream closed before any message
+/// is an error, as is a first message that does not read; a later one that
+/// fails leaves the sockets already received, and the rest are bound anew.
 fn receive(stream: &UnixStream) -> io::Result<HashMap<String, OwnedFd>> {
     let mut sockets = HashMap::new();
     let mut buffer = vec![0u8; MAX_MESSAGE];
     let mut space =
         vec![MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(SOCKETS_PER_MESSAGE))];
-    // The messages, then the end of the stream.
-    for read in 0..=MAX_MESSAGES {
+    for read in 0..MAX_MESSAGES {
         match receive_one(stream, &mut buffer, &mut space) {
-            Ok(Some(received)) if read < MAX_MESSAGES => sockets.extend(received),
-            Ok(Some(_)) => {
-                warn!(
-                    "the running rolegate sent more than {MAX_MESSAGES} messages; took the first"
-                );
-                break;
-            }
+            Ok(Some(received)) => sockets.extend(received),
             Ok(None) if read == 0 => {
                 return Err(io::Error::new(
                     io::ErrorKind::UnexpectedEof,

@@ -340,13 +340,14 @@ async fn hand_over(old: &mut Rolegate, new: &Rolegate, load: &SteadyLoad) -> Res
     )
 }
 
-/// A first process to restart, named `name`, with an rw and an ro listener
-/// and a shutdown_timeout (60 s) longer than any test waits: returns it,
-/// its rw and ro ports, and its admin port (which its successors share).
-fn restartable(env: &Env, name: &str) -> (Rolegate, u16, u16, u16) {
+/// A first process to restart, named `name`, with an rw and an ro listener,
+/// a shutdown_timeout (60 s) longer than any test waits and `extra` tables:
+/// returns it, its rw and ro ports, and its admin port (which its
+/// successors share).
+fn restartable(env: &Env, name: &str, extra: &str) -> (Rolegate, u16, u16, u16) {
     let (admin, rw, ro) = (free_port(), free_port(), free_port());
     let listeners = [(rw, "demo", "primary"), (ro, "demo", "replica")];
-    let text = config(env, admin, &listeners, "")
+    let text = config(env, admin, &listeners, extra)
         .replace("shutdown_timeout = \"4s\"", "shutdown_timeout = \"60s\"");
     let mut first = Rolegate::start(&env.root, name, &text);
     first.admin_port = admin;
@@ -354,7 +355,7 @@ fn restartable(env: &Env, name: &str) -> (Rolegate, u16, u16, u16) {
 }
 
 fn a_restart_by_a_new_process_refuses_no_connection(env: &Env) -> Result<(), Failed> {
-    let (mut first, rw, ro, admin) = restartable(env, "restart");
+    let (mut first, rw, ro, admin) = restartable(env, "restart", "");
     let config_path = first.config_path.clone();
     multi_runtime()?.block_on(async {
         writer::prepare(&conninfo(rw, "app", "app")).await?;
@@ -390,12 +391,8 @@ fn a_restart_by_a_new_process_refuses_no_connection(env: &Env) -> Result<(), Fai
 /// more than one handover message carries (250). All of them reach the new
 /// process, and the restart refuses no connection.
 fn a_restart_hands_over_more_sockets_than_one_message(env: &Env) -> Result<(), Failed> {
-    let (admin, rw, ro) = (free_port(), free_port(), free_port());
-    let listeners = [(rw, "demo", "primary"), (ro, "demo", "replica")];
-    let text = config(env, admin, &listeners, "[runtime]\nworker_threads = 130\n")
-        .replace("shutdown_timeout = \"4s\"", "shutdown_timeout = \"60s\"");
-    let mut first = Rolegate::start(&env.root, "many-sockets", &text);
-    first.admin_port = admin;
+    let (mut first, rw, ro, admin) =
+        restartable(env, "many-sockets", "[runtime]\nworker_threads = 130\n");
     let config_path = first.config_path.clone();
     multi_runtime()?.block_on(async {
         writer::prepare(&conninfo(rw, "app", "app")).await?;
@@ -454,7 +451,7 @@ fn a_cancel_reaches_its_session_across_a_restart(env: &Env) -> Result<(), Failed
     /// Sessions tried until one, held by the new process, has its cancel
     /// accepted by the old one: each does with a chance of about 1 in 4.
     const CROSSING_TRIES: usize = 30;
-    let (mut old, rw, _ro, admin) = restartable(env, "cancel-restart");
+    let (mut old, rw, _ro, admin) = restartable(env, "cancel-restart", "");
     let config_path = old.config_path.clone();
     multi_runtime()?.block_on(async {
         let draining = connect(&conninfo(rw, "app", "app")).await?;

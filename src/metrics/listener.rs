@@ -10,7 +10,6 @@
 //! time it is used and kept: a series still appears only once something
 //! happened to it, as before.
 
-use crate::fast_map::FastMap;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
@@ -22,6 +21,7 @@ use super::{
     TLS_HANDSHAKES_TOTAL,
 };
 use crate::config::ListenerRole;
+use crate::fast_map::FastMap;
 
 /// The handles of one listener (its address, cluster and role).
 pub struct ListenerMetrics {

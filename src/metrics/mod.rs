@@ -11,7 +11,6 @@
 //!
 //! `docs/metrics.md` describes each metric for operators.
 
-use crate::fast_map::FastMap;
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -23,6 +22,7 @@ use metrics::{
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 use crate::config::ListenerRole;
+use crate::fast_map::FastMap;
 
 pub mod listener;
 

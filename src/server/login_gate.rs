@@ -34,14 +34,13 @@
 //! limit in force, so a reload's new value applies to the next login.
 
 use std::collections::BinaryHeap;
-
-use crate::fast_map::FastMap;
 use std::future::Future;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use tokio::sync::oneshot;
 
+use crate::fast_map::FastMap;
 use crate::metrics;
 use crate::protocol::{ProtocolError, SqlState};
 

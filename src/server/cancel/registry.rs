@@ -16,7 +16,6 @@
 //! The registry is touched when a session authenticates, when it ends and
 //! when a cancel arrives: never per packet, so a plain mutex is enough.
 
-use crate::fast_map::FastMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -24,6 +23,7 @@ use bytes::Bytes;
 use subtle::ConstantTimeEq;
 use tracing::warn;
 
+use crate::fast_map::FastMap;
 use crate::fleet::key;
 use crate::protocol::startup::CancelKey;
 use crate::server::backend::BackendTlsSettings;
