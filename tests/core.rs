@@ -48,6 +48,14 @@ fn main() {
             cancel_reaches_the_right_replica,
         ),
         (
+            "a_cancel_is_delivered_before_its_connection_closes",
+            a_cancel_is_delivered_before_its_connection_closes,
+        ),
+        (
+            "a_terminate_is_a_quiet_goodbye",
+            a_terminate_is_a_quiet_goodbye,
+        ),
+        (
             "too_many_connections_gives_53300",
             too_many_connections_gives_53300,
         ),
@@ -252,6 +260,49 @@ fn cancel_reaches_the_right_replica(env: &Env) -> Result<(), Failed> {
         }
         Ok(())
     })
+}
+
+fn a_cancel_is_delivered_before_its_connection_closes(env: &Env) -> Result<(), Failed> {
+    let (_rolegate, rw, _ro) = env.rolegate("late-cancel", "");
+    // A client that cancels its idle session and, once the cancel
+    // connection is closed, sends its next query: the cancel must have
+    // reached the server by then (and found nothing to cancel).
+    let cancelled = wire::late_cancels(rw, rw, 20)?;
+    check(
+        cancelled == 0,
+        format!("{cancelled} of 20 queries sent after a cancel's close were cancelled"),
+    )
+}
+
+fn a_terminate_is_a_quiet_goodbye(env: &Env) -> Result<(), Failed> {
+    let (_rolegate, rw, _ro) = env.rolegate("goodbye", "");
+    // node-postgres's end(): Terminate, then the socket closed a moment
+    // later, after PostgreSQL has closed its side.
+    for round in 0..5 {
+        let mut session = wire::connect(rw);
+        session.write_all(&wire::startup_packet(
+            3,
+            0,
+            &[("user", "app"), ("database", "app")],
+        ))?;
+        let login = wire::login(&mut session, "app");
+        check(login.key.is_some(), "logged in")?;
+        session.write_all(&wire::message(b'X', b""))?;
+        wire::closes_silently(&mut session)
+            .map_err(|e| format!("round {round}: after Terminate rolegate {e}"))?;
+    }
+    // Terminate as the very first bytes (connect(); end() at once):
+    // closed without an answer, as PostgreSQL does; other bytes that look
+    // like an impossible length still get 08P01.
+    let mut quick = wire::connect(rw);
+    quick.write_all(&wire::message(b'X', b""))?;
+    wire::closes_silently(&mut quick)
+        .map_err(|e| format!("after a Terminate first, rolegate {e}"))?;
+    let state = wire::send_and_read_error(rw, b"X\0\0\0\x05");
+    check(
+        state.as_deref() == Some("08P01"),
+        format!("X with another length: {state:?}"),
+    )
 }
 
 fn too_many_connections_gives_53300(env: &Env) -> Result<(), Failed> {

@@ -24,12 +24,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use arc_swap::ArcSwap;
 use serde_json::{json, Value};
-use tokio::io::AsyncWriteExt;
-use tokio::net::TcpStream;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use crate::config::{parse_host_port, FleetConfig};
-use crate::protocol::startup::CancelKey;
+use crate::config::FleetConfig;
 
 /// Cancels forwarded to one peer at a time; more are dropped.
 const MAX_IN_FLIGHT_PER_PEER: usize = 64;
@@ -62,7 +59,7 @@ impl Peer {
         }
     }
 
-    fn seen_now(&self) {
+    pub(crate) fn seen_now(&self) {
         let ms = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as u64);
@@ -189,27 +186,4 @@ impl Fleet {
             "peers": peers,
         })
     }
-}
-
-/// Passes `key` to `peer`'s peer listener as a CancelRequest, within
-/// `timeout`. Like PostgreSQL, the peer answers nothing and closes.
-pub async fn forward_to_peer(
-    peer: &Peer,
-    key: &CancelKey,
-    timeout: Duration,
-) -> Result<(), String> {
-    let (host, port) = parse_host_port(&peer.address)?;
-    let send = async {
-        let mut stream = TcpStream::connect((host.as_str(), port)).await?;
-        stream.write_all(&key.encode_cancel_request()).await?;
-        stream.shutdown().await
-    };
-    tokio::time::timeout(timeout, send)
-        .await
-        .map_err(|_| format!("no answer from {} within {timeout:?}", peer.address))?
-        .map_err(|e| format!("{}: {e}", peer.address))?;
-    // A forward that reached the peer is a sighting too (the only one a
-    // static peer gets).
-    peer.seen_now();
-    Ok(())
 }

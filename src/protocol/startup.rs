@@ -8,6 +8,12 @@
 //! PostgreSQL 17's `sslnegotiation=direct`) is recognised before any length
 //! is read.
 //!
+//! A Terminate message (`X`, length 4) is also recognised as a first
+//! packet: clients that close at once (node-postgres's `connect(); end()`)
+//! send it before any startup packet. PostgreSQL reads its bytes as an
+//! impossible length and closes without a word; a client that said
+//! goodbye expects nothing back, so neither does rolegate answer it.
+//!
 //! The decoder is strict: the length must lie in `[8, MAX_STARTUP_PACKET]`
 //! before a byte of body is awaited, the body must end exactly where the
 //! length says, and the raw bytes are kept so the StartupMessage can be
@@ -29,6 +35,8 @@ pub const TLS_HANDSHAKE_BYTE: u8 = 0x16;
 const CANCEL_REQUEST_CODE: u32 = (1234 << 16) | 5678;
 const SSL_REQUEST_CODE: u32 = (1234 << 16) | 5679;
 const GSSENC_REQUEST_CODE: u32 = (1234 << 16) | 5680;
+/// A whole Terminate message: type byte and its length, 4.
+const TERMINATE: [u8; 5] = [b'X', 0, 0, 0, 4];
 
 /// Protocol 3.2 allows cancel keys of up to 256 bytes; 3.0 used exactly 4.
 pub const MAX_CANCEL_KEY: usize = 256;
@@ -46,6 +54,9 @@ pub enum FirstPacket {
     DirectTls,
     Cancel(CancelKey),
     Startup(StartupMessage),
+    /// A Terminate message where a startup packet belongs: the client
+    /// closes before it began.
+    Terminate,
 }
 
 /// A backend process's identity for cancellation: its PID and secret key.
@@ -155,6 +166,16 @@ pub fn decode_first_packet(buf: &mut BytesMut) -> Result<Option<FirstPacket>, Pr
     }
     if buf.len() < 4 {
         return Ok(None);
+    }
+    if buf[..4] == TERMINATE[..4] {
+        match buf.get(4) {
+            None => return Ok(None),
+            Some(&byte) if byte == TERMINATE[4] => {
+                buf.advance(TERMINATE.len());
+                return Ok(Some(FirstPacket::Terminate));
+            }
+            Some(_) => {}
+        }
     }
     let len = u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize;
     if !(MIN_PACKET..=MAX_STARTUP_PACKET).contains(&len) {
@@ -447,6 +468,30 @@ mod tests {
             sqlstate(decode(packet(CANCEL_REQUEST_CODE, b"\0\0\0\x07ab"))),
             SqlState::PROTOCOL_VIOLATION
         );
+    }
+
+    #[test]
+    fn a_terminate_first_is_a_goodbye_and_other_x_bytes_are_garbage() {
+        let mut buf = BytesMut::from(&TERMINATE[..4]);
+        assert!(
+            matches!(decode_first_packet(&mut buf), Ok(None)),
+            "waits for the fifth byte"
+        );
+        buf.extend_from_slice(&TERMINATE[4..]);
+        buf.extend_from_slice(b"rest");
+        assert!(matches!(
+            decode_first_packet(&mut buf),
+            Ok(Some(FirstPacket::Terminate))
+        ));
+        assert_eq!(&buf[..], b"rest");
+        // The same four bytes with another length byte after them, and an
+        // X with a longer length, are the impossible lengths they look like.
+        for garbage in [&b"X\0\0\0\x05"[..], &b"X\0\0\x01\x04"[..]] {
+            assert_eq!(
+                sqlstate(decode(BytesMut::from(garbage))),
+                SqlState::PROTOCOL_VIOLATION
+            );
+        }
     }
 
     #[test]

@@ -88,6 +88,10 @@ pub enum HandshakeError {
     Tls(std::io::Error),
     #[error("client closed the connection during the handshake")]
     Closed,
+    /// A Terminate where the startup packet belongs: closed without an
+    /// answer, as PostgreSQL does.
+    #[error("client said goodbye (Terminate) before its startup packet")]
+    Terminated,
     #[error("client connection failed during the handshake: {0}")]
     Io(#[from] std::io::Error),
 }
@@ -177,6 +181,7 @@ where
                     opening: Opening::Cancel(key),
                 })
             }
+            FirstPacket::Terminate => return fail(None, HandshakeError::Terminated),
             FirstPacket::Startup(startup) => {
                 if tls.mode == TlsMode::Require {
                     let error = ProtocolError::new(
@@ -233,6 +238,12 @@ where
             buffered: buf,
         },
         Ok(FirstPacket::Cancel(key)) => Opening::Cancel(key),
+        Ok(FirstPacket::Terminate) => {
+            return Err(Failed {
+                stream: Some(stream),
+                error: HandshakeError::Terminated,
+            })
+        }
         Ok(_) => {
             return Err(Failed {
                 stream: Some(stream),

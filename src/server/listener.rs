@@ -151,8 +151,8 @@ async fn refuse(
         }
     };
     if let Ok(Some((key, peer))) = tokio::time::timeout(REFUSAL_READ_TIMEOUT, read).await {
-        drop(stream);
         cancel::handle(key, peer, Via::Client, shared).await;
+        drop(stream);
     }
 }
 

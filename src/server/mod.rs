@@ -46,7 +46,7 @@ use crate::events::EventLog;
 use crate::metrics::{ListenerMetrics, RelayedBytes, SessionCounts};
 use crate::router::Router;
 
-use self::cancel::{CancelRegistry, CancelThrottle, Siblings};
+use self::cancel::{CancelRegistry, CancelThrottle, DeliveryTime, Siblings};
 use self::login_gate::LoginGates;
 use self::loops::Loops;
 use crate::fleet::Fleet;
@@ -69,6 +69,8 @@ pub struct Shared {
     /// reach the wrong one.
     pub siblings: Siblings,
     pub cancel_throttle: Arc<CancelThrottle>,
+    /// How long a delivered cancel takes here: a miss takes as long.
+    pub cancel_delivery: DeliveryTime,
     /// Set once at start when `[fleet]` is configured.
     fleet: std::sync::OnceLock<Arc<Fleet>>,
     pub shutdown: Shutdown,
@@ -98,6 +100,7 @@ impl Shared {
             cancels: CancelRegistry::new(),
             siblings: Siblings::default(),
             cancel_throttle: CancelThrottle::new(),
+            cancel_delivery: DeliveryTime::default(),
             fleet: std::sync::OnceLock::new(),
             shutdown: Shutdown::default(),
             tasks: TaskTracker::new(),

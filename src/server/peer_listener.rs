@@ -4,7 +4,9 @@
 //! It accepts nothing but a CancelRequest, looks the key up in this
 //! instance only (its registry, and during a restart the other process of
 //! this instance; never another instance, so no request can loop) and,
-//! like PostgreSQL, answers nothing. It carries cancel keys in
+//! like PostgreSQL, answers nothing but closing the connection once the
+//! request has been acted on: the forwarding instance waits for that
+//! close before it closes its client's. It carries cancel keys in
 //! the clear, as PostgreSQL's own cancel connections usually do: keep it
 //! on the network the instances share.
 
@@ -42,7 +44,9 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>, stop: Cancellatio
             () = stop.cancelled() => return,
         };
         intake.take(Some(peer), async move {
-            read_request(stream).await.map(|key| (key, peer))
+            let mut stream = stream;
+            let key = read_request(&mut stream).await?;
+            Some((key, peer, stream))
         });
     }
 }

@@ -11,7 +11,12 @@
 //! actually delivered to a [`FrameTracker`], so that when a session must be
 //! ended (demotion, shutdown, a dead backend) rolegate can finish the
 //! message in flight and append its own FATAL ErrorResponse at a clean
-//! boundary. The relay state lives outside the polling future, so the
+//! boundary. The client→server direction is framed too, only to know
+//! whether the last message the server got was the client's Terminate: a
+//! server that closes after it has done what it was asked, and the client,
+//! which said goodbye, must not be told it lost its server (node-postgres
+//! sends Terminate and closes a moment later, and raises an error event
+//! for anything it receives in between). The relay state lives outside the polling future, so the
 //! caller may stop polling at any point (a `select!` on an end signal)
 //! without losing bytes or the framing position.
 
@@ -61,6 +66,8 @@ pub struct Relay {
     to_backend: Backlog,
     to_client: Backlog,
     tracker: FrameTracker,
+    /// The client→server stream, as delivered to the server.
+    from_client: FrameTracker,
     pub bytes_to_backend: u64,
     pub bytes_to_client: u64,
     counters: RelayedBytes,
@@ -82,6 +89,7 @@ impl Relay {
                 ..Backlog::default()
             },
             tracker: FrameTracker::new(),
+            from_client: FrameTracker::new(),
             bytes_to_backend: 0,
             bytes_to_client: 0,
             counters,
@@ -131,13 +139,14 @@ impl Relay {
         B: AsyncRead + AsyncWrite + Unpin,
     {
         let tracker = &mut self.tracker;
+        let from_client = &mut self.from_client;
         let up = pump(
             cx,
             &mut self.to_backend,
             &mut *client,
             &mut *backend,
             &mut self.bytes_to_backend,
-            |_| {},
+            |written| from_client.advance(written),
         );
         match up {
             Poll::Ready(Err(PumpError::Read(e))) => return Poll::Ready(RelayEnd::ClientError(e)),
@@ -166,6 +175,13 @@ impl Relay {
     /// why the session ends.
     pub fn backend_sent_error_last(&self) -> bool {
         self.tracker.at_boundary() && self.tracker.last_tag() == tag::ERROR_RESPONSE
+    }
+
+    /// True when the last whole message delivered to the server was the
+    /// client's Terminate: the server closing then is the session's normal
+    /// end.
+    pub fn client_said_goodbye(&self) -> bool {
+        self.from_client.at_boundary() && self.from_client.last_tag() == tag::TERMINATE
     }
 
     /// Ends the client side with `fatal`, an ErrorResponse, placed at a
@@ -346,6 +362,42 @@ mod tests {
         assert!(matches!(end, RelayEnd::ClientClosed), "{end:?}");
         assert_eq!(up, 200_000);
         assert_eq!(down, 5);
+    }
+
+    #[tokio::test]
+    async fn a_terminate_delivered_last_is_known() {
+        let (mut client_app, mut client_side) = duplex(1024);
+        let (mut backend_side, mut backend_app) = duplex(1024);
+        let mut relay = Relay::new(BytesMut::new(), BytesMut::new(), RelayedBytes::new());
+        let query = msg(b'Q', b"select 1\0");
+        let terminate = msg(tag::TERMINATE, b"");
+        // A query whose text holds an X, then the Terminate, split mid-way.
+        let both = [msg(b'Q', b"X\0"), query.clone(), terminate].concat();
+        let (first, second) = both.split_at(both.len() - 2);
+        client_app.write_all(first).await.expect("write");
+        let mut got = vec![0; first.len()];
+        let _ = tokio::time::timeout(
+            Duration::from_millis(50),
+            relay.run(&mut client_side, &mut backend_side),
+        )
+        .await;
+        backend_app.read_exact(&mut got).await.expect("read");
+        assert!(!relay.client_said_goodbye(), "half a Terminate");
+        client_app.write_all(second).await.expect("write");
+        let _ = tokio::time::timeout(
+            Duration::from_millis(50),
+            relay.run(&mut client_side, &mut backend_side),
+        )
+        .await;
+        assert!(relay.client_said_goodbye());
+        // More after it (a pipelining client) is not a goodbye.
+        client_app.write_all(&query).await.expect("write");
+        let _ = tokio::time::timeout(
+            Duration::from_millis(50),
+            relay.run(&mut client_side, &mut backend_side),
+        )
+        .await;
+        assert!(!relay.client_said_goodbye());
     }
 
     #[tokio::test]

@@ -179,3 +179,76 @@ pub fn cancel_request(pid: u32, secret: &[u8]) -> Vec<u8> {
     packet.extend_from_slice(secret);
     packet
 }
+
+/// Runs a query on a logged-in `session` and returns the SQLSTATE of its
+/// error, if it failed; `Err` if no ReadyForQuery came.
+pub fn query_error(session: &mut TcpStream, sql: &str) -> Result<Option<String>, String> {
+    let mut text = sql.as_bytes().to_vec();
+    text.push(0);
+    session
+        .write_all(&message(b'Q', &text))
+        .map_err(|e| format!("send {sql}: {e}"))?;
+    let mut error = None;
+    loop {
+        let msg = read_msg(session).ok_or_else(|| format!("no answer to {sql}"))?;
+        match msg.tag {
+            b'E' => error = msg.field(b'C'),
+            b'Z' => return Ok(error),
+            _ => {}
+        }
+    }
+}
+
+/// The cancel receipt a client relies on: cancels the idle session that
+/// logged in at `session_port` through `cancel_port`, each time waiting
+/// for the cancel connection to close as libpq's `PQcancel` does, then
+/// runs a short sleep on the session at once. Returns how many of the
+/// `rounds` sleeps were cancelled: none, when each cancel was delivered
+/// before its connection closed (an idle backend ignores it).
+pub fn late_cancels(session_port: u16, cancel_port: u16, rounds: usize) -> Result<usize, String> {
+    let mut session = connect(session_port);
+    session
+        .write_all(&startup_packet(
+            3,
+            0,
+            &[("user", "app"), ("database", "app")],
+        ))
+        .map_err(|e| format!("startup: {e}"))?;
+    let login = login(&mut session, "app");
+    let (pid, secret) = login.key.ok_or("no BackendKeyData")?;
+    let mut cancelled = 0;
+    for _ in 0..rounds {
+        let mut cancel = connect(cancel_port);
+        cancel
+            .write_all(&cancel_request(pid, &secret))
+            .map_err(|e| format!("cancel: {e}"))?;
+        if !closes(&mut cancel) {
+            return Err("the cancel connection was not closed".into());
+        }
+        match query_error(&mut session, "select pg_sleep(0.05)")? {
+            Some(state) if state == "57014" => cancelled += 1,
+            Some(state) => return Err(format!("the sleep failed with {state}")),
+            None => {}
+        }
+    }
+    Ok(cancelled)
+}
+
+/// `Ok` when the server closes the connection without sending a byte
+/// (within 5 s); otherwise what it did instead.
+pub fn closes_silently(stream: &mut TcpStream) -> Result<(), String> {
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .map_err(|e| e.to_string())?;
+    let mut got = Vec::new();
+    match stream.read_to_end(&mut got) {
+        Ok(_) if got.is_empty() => Ok(()),
+        Ok(_) => Err(format!(
+            "sent {} bytes, then closed: {:?}",
+            got.len(),
+            String::from_utf8_lossy(&got)
+        )),
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset && got.is_empty() => Ok(()),
+        Err(e) => Err(format!("not closed ({e}) after {} bytes", got.len())),
+    }
+}

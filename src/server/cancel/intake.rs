@@ -1,9 +1,11 @@
 //! Connections that carry one cancel request and nothing else: the
 //! fleet's peer listener and the relay between the two processes of a
 //! restart. Each is read in a task of its own, bounded in time and in
-//! number, and closed before its request is acted on; like PostgreSQL,
-//! nothing is answered. The tasks are not among the sessions': a request
-//! must not hold off a shutdown that waits for sessions.
+//! number, and closed once its request has been acted on (the sender
+//! waits for that close, as a client waits for its own); like
+//! PostgreSQL, nothing is answered. The tasks are not among the
+//! sessions': a request must not hold off a shutdown that waits for
+//! sessions.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -40,11 +42,13 @@ impl Intake {
     }
 
     /// Runs `request`, which reads one connection (`from`, when known) and
-    /// closes it, and acts on the cancel it yields. With `limit`
-    /// connections being read already, the connection is closed at once.
-    pub fn take<F>(&self, from: Option<SocketAddr>, request: F)
+    /// yields the cancel with the connection, acts on the cancel, then
+    /// closes the connection. With `limit` connections being read already,
+    /// the connection is closed at once.
+    pub fn take<F, C>(&self, from: Option<SocketAddr>, request: F)
     where
-        F: Future<Output = Option<(CancelKey, SocketAddr)>> + Send + 'static,
+        F: Future<Output = Option<(CancelKey, SocketAddr, C)>> + Send + 'static,
+        C: Send + 'static,
     {
         let via = self.via.as_str();
         let Ok(place) = Arc::clone(&self.places).try_acquire_owned() else {
@@ -56,7 +60,10 @@ impl Intake {
         tokio::spawn(async move {
             let _place = place;
             match tokio::time::timeout(READ_TIMEOUT, request).await {
-                Ok(Some((key, source))) => handle(key, source, kind, &shared).await,
+                Ok(Some((key, source, connection))) => {
+                    handle(key, source, kind, &shared).await;
+                    drop(connection);
+                }
                 Ok(None) => debug!(via, from = ?from, "a cancel connection sent no cancel request"),
                 Err(_) => debug!(via, from = ?from, "a cancel connection sent nothing in time"),
             }

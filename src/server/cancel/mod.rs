@@ -1,8 +1,10 @@
 //! Cancel requests: from a client (on any listener) or from a fleet peer.
 //!
-//! Like PostgreSQL, rolegate answers a CancelRequest with nothing and has
-//! closed the connection before it acts on it, so the client learns
-//! nothing, not even from timing. Then:
+//! Like PostgreSQL, rolegate answers a CancelRequest with nothing but the
+//! close of its connection, and closes only once the request has been
+//! acted on ([`delivery`]: the close is the client's receipt, after which
+//! it sends its next command). The caller holds the connection while
+//! [`handle`] runs and closes it after. Then:
 //!
 //! - a key this instance registered goes to the member that issued the
 //!   backend key ([`registry`]), with that key;
@@ -11,7 +13,7 @@
 //! - any other key (one of this instance, or of an instance it does not
 //!   know yet) goes to the other process of a restart in progress, if
 //!   there is one ([`siblings`]);
-//! - anything else is dropped.
+//! - anything else is dropped, after about as long as a delivery takes.
 //!
 //! A request passed on by a peer or a sibling is only looked up here, so
 //! none can loop.
@@ -20,11 +22,13 @@
 //! and `outcome`; [`throttle`] bounds them per source (a client's address,
 //! or the peer's).
 
+mod delivery;
 pub mod intake;
 mod registry;
 pub mod siblings;
 mod throttle;
 
+pub use delivery::{deliver, DeliveryTime};
 pub use registry::{CancelRegistration, CancelRegistry, CancelTarget};
 pub use siblings::Siblings;
 pub use throttle::CancelThrottle;
@@ -32,14 +36,15 @@ pub use throttle::CancelThrottle;
 use throttle::{MAX_PER_PEER_SOURCE, MAX_PER_SOURCE};
 
 use std::net::SocketAddr;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
 use tracing::{debug, info, warn};
 
 use super::backend::open;
 use super::Shared;
-use crate::fleet::{forward_to_peer, Route};
+use crate::config::parse_host_port;
+use crate::fleet::{Peer, Route};
 use crate::metrics;
 use crate::protocol::startup::CancelKey;
 
@@ -64,9 +69,18 @@ impl Via {
     }
 }
 
-/// Acts on a cancel request whose connection is already closed. `source`
-/// is the client's address (from a PROXY header when there is one).
+/// How long a cancel passed to another instance or process may take, there
+/// included: a connect and a delivery, each within `timeout`, and a miss's
+/// hold.
+pub fn relay_bound(timeout: Duration) -> Duration {
+    2 * timeout + delivery::MAX_MISS_HOLD
+}
+
+/// Acts on a cancel request; the caller closes its connection once this
+/// returns. `source` is the client's address (from a PROXY header when
+/// there is one).
 pub async fn handle(key: CancelKey, source: SocketAddr, via: Via, shared: &Shared) {
+    let started = Instant::now();
     let count = |outcome| metrics::cancel_outcome(via.as_str(), outcome);
     let limit = match via {
         Via::Client => MAX_PER_SOURCE,
@@ -81,6 +95,7 @@ pub async fn handle(key: CancelKey, source: SocketAddr, via: Via, shared: &Share
     if let Some(target) = shared.cancels.lookup(&key) {
         match forward_cancel(&target, timeout).await {
             Ok(()) => {
+                shared.cancel_delivery.record(started.elapsed());
                 count("forwarded");
                 info!(client = %source, via = via.as_str(), member = %target.member, pid = key.pid, "forwarded cancel request");
             }
@@ -113,6 +128,10 @@ pub async fn handle(key: CancelKey, source: SocketAddr, via: Via, shared: &Share
                 count("unknown_key");
                 debug!(client = %source, via = via.as_str(), pid = key.pid, "cancel request for an unknown key");
             }
+            if passed == 0 {
+                // A miss closes about when a delivery would have.
+                tokio::time::sleep_until((started + shared.cancel_delivery.typical()).into()).await;
+            }
             permit.hold_after_failure();
         }
         Route::Peer(peer) => {
@@ -142,8 +161,9 @@ pub async fn handle(key: CancelKey, source: SocketAddr, via: Via, shared: &Share
 }
 
 /// Sends the backend's CancelRequest to the member that issued the key,
-/// over a connection with the session's TLS settings. PostgreSQL answers a
-/// cancel with nothing but closing the connection.
+/// over a connection with the session's TLS settings, and waits for the
+/// server to close it: PostgreSQL answers a cancel with nothing but the
+/// close, once it has signalled the backend.
 async fn forward_cancel(target: &CancelTarget, connect_timeout: Duration) -> Result<(), String> {
     let packet = target.backend_key.encode_cancel_request();
     let mut stream = open(
@@ -155,12 +175,30 @@ async fn forward_cancel(target: &CancelTarget, connect_timeout: Duration) -> Res
     )
     .await
     .map_err(|e| e.message)?;
-    let send = async {
-        stream.write_all(&packet).await?;
-        stream.shutdown().await
-    };
-    tokio::time::timeout(connect_timeout, send)
+    tokio::time::timeout(connect_timeout, deliver(&mut stream, &packet))
         .await
-        .map_err(|_| "sending the cancel request timed out".to_owned())?
+        .map_err(|_| {
+            format!("the server did not close the cancel connection within {connect_timeout:?}")
+        })?
         .map_err(|e| e.to_string())
+}
+
+/// Passes `key` to `peer`'s peer listener as a CancelRequest and waits for
+/// the peer to close the connection, which it does once it has acted on
+/// the key; within [`relay_bound`] of `timeout`.
+async fn forward_to_peer(peer: &Peer, key: &CancelKey, timeout: Duration) -> Result<(), String> {
+    let (host, port) = parse_host_port(&peer.address)?;
+    let send = async {
+        let mut stream = TcpStream::connect((host.as_str(), port)).await?;
+        deliver(&mut stream, &key.encode_cancel_request()).await
+    };
+    let bound = relay_bound(timeout);
+    tokio::time::timeout(bound, send)
+        .await
+        .map_err(|_| format!("no answer from {} within {bound:?}", peer.address))?
+        .map_err(|e| format!("{}: {e}", peer.address))?;
+    // A forward that reached the peer is a sighting too (the only one a
+    // static peer gets).
+    peer.seen_now();
+    Ok(())
 }

@@ -26,13 +26,13 @@ use std::time::Duration;
 
 use bytes::{BufMut, BytesMut};
 use rustix::net::sockopt::socket_peercred;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncReadExt;
 use tokio::net::{UnixListener, UnixStream};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use super::intake::{read_request, Intake};
-use super::Via;
+use super::{deliver, relay_bound, Via};
 use crate::handover::{fnv1a, peer_pid, same_user};
 use crate::protocol::startup::{CancelKey, MAX_CANCEL_REQUEST};
 use crate::server::Shared;
@@ -93,7 +93,9 @@ fn relay_name(handover: &str, pid: u32) -> String {
     format!("rolegate-cancel:{:016x}:{pid}", fnv1a(handover.as_bytes()))
 }
 
-/// Passes `key` (from `source`) to every sibling, each given up to
+/// Passes `key` (from `source`) to every sibling, and waits for each to
+/// close the connection, which it does once it has acted on the key (see
+/// [`super::delivery`]); each is given up to [`super::relay_bound`] of
 /// `timeout`. Returns how many took it; what each then found is not known
 /// here.
 pub async fn relay(
@@ -109,7 +111,7 @@ pub async fn relay(
         let Some(address) = siblings.address(pid) else {
             return passed;
         };
-        match tokio::time::timeout(timeout, send(&address, pid, &message)).await {
+        match tokio::time::timeout(relay_bound(timeout), send(&address, pid, &message)).await {
             Ok(Ok(())) => passed += 1,
             Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
                 debug!(pid, "the restart's other process has exited");
@@ -136,8 +138,7 @@ async fn send(address: &UnixAddr, pid: u32, message: &[u8]) -> std::io::Result<(
             format!("the relay socket of process {pid} is held by another process (uid {owner})"),
         ));
     }
-    stream.write_all(message).await?;
-    stream.shutdown().await
+    deliver(&mut stream, message).await
 }
 
 /// A relayed request: the client's address (length-prefixed text), then
@@ -200,7 +201,11 @@ pub async fn serve(listener: UnixListener, shared: Arc<Shared>, stop: Cancellati
             debug!("a relayed cancel request from another user ({uid:?}): closed");
             continue;
         }
-        intake.take(None, decode(stream));
+        intake.take(None, async move {
+            let mut stream = stream;
+            let (key, source) = decode(&mut stream).await?;
+            Some((key, source, stream))
+        });
     }
 }
 

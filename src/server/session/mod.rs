@@ -66,11 +66,11 @@ pub async fn run(
         match Box::pin(start(&mut tcp, connection, &listener, &shared, &limits)).await {
             Ok(started) => started,
             Err(NotStarted::Cancel { key, peer }) => {
-                // Like PostgreSQL: close first, then act, so the client
-                // learns nothing from the answer or its timing. Boxed:
-                // passing a cancel on to a peer is larger than the relay.
-                drop(tcp);
+                // Like PostgreSQL: act, then close; the client waits for
+                // the close before its next command. Boxed: passing a
+                // cancel on to a peer is larger than the relay.
                 Box::pin(cancel::handle(key, peer, Via::Client, &shared)).await;
+                drop(tcp);
                 return listener
                     .metrics
                     .connection_outcome(ConnectionOutcome::Cancel);
@@ -162,7 +162,7 @@ enum NotStarted {
     TimedOut { encrypting: bool },
     /// Answered, if at all, where it ended.
     Ended(ConnectionOutcome),
-    /// A cancel request from `peer`, acted on once the connection is
+    /// A cancel request from `peer`, acted on before the connection is
     /// closed.
     Cancel { key: CancelKey, peer: SocketAddr },
 }
@@ -202,7 +202,9 @@ async fn open<'t>(
                     listener.metrics.tls_handshake(false);
                     ConnectionOutcome::TlsError
                 }
-                HandshakeError::Closed | HandshakeError::Io(_) => ConnectionOutcome::ClientGone,
+                HandshakeError::Closed | HandshakeError::Terminated | HandshakeError::Io(_) => {
+                    ConnectionOutcome::ClientGone
+                }
             };
             debug!(client = %peer, listener = %listener.listen, "handshake failed: {error}");
             if let (HandshakeError::Protocol(e), Some(mut stream)) = (&error, stream) {
@@ -436,6 +438,11 @@ impl Session<'_> {
             Ended::Relay(RelayEnd::ClientClosed) => (EndReason::Client, None),
             Ended::Relay(RelayEnd::ClientError(e)) => {
                 debug!("client connection failed: {e}");
+                (EndReason::Client, None)
+            }
+            Ended::Relay(RelayEnd::BackendClosed) | Ended::Relay(RelayEnd::BackendError(_))
+                if relay.client_said_goodbye() =>
+            {
                 (EndReason::Client, None)
             }
             Ended::Relay(RelayEnd::BackendClosed) | Ended::Relay(RelayEnd::BackendError(_)) => {
