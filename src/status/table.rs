@@ -1,5 +1,10 @@
 //! Drawing `/cluster` and `/events` answers as plain-text tables. Pure:
 //! JSON in, text out, so it is tested without a running rolegate.
+//!
+//! Names, hosts and reasons come from etcd and Patroni as anyone who can
+//! write there set them, and go to a terminal: every control character in
+//! them (escape sequences, carriage returns, newlines) is shown as its
+//! escape, never sent as it is.
 
 use std::fmt::Write as _;
 
@@ -50,6 +55,7 @@ fn draw_fleet(text: &mut String, fleet: &Value) {
 /// Draws the clusters (only `only` when given), the listeners and the last
 /// events. An answer without the expected shape is an error, not a guess.
 pub fn render(cluster: &Value, events: &Value, only: Option<&str>) -> Result<Picture, String> {
+    let (cluster, events) = (&defanged(cluster), &defanged(events));
     let clusters = cluster["clusters"]
         .as_array()
         .ok_or("/cluster answered without a \"clusters\" list")?;
@@ -217,6 +223,33 @@ fn s(v: &Value) -> String {
     }
 }
 
+/// `value` with every control character in its strings (keys included)
+/// written as an escape (`\u{1b}`).
+fn defanged(value: &Value) -> Value {
+    let text = |s: &str| -> String {
+        if !s.chars().any(char::is_control) {
+            return s.to_owned();
+        }
+        s.chars()
+            .map(|c| {
+                if c.is_control() {
+                    c.escape_unicode().to_string()
+                } else {
+                    c.to_string()
+                }
+            })
+            .collect()
+    };
+    match value {
+        Value::String(s) => Value::String(text(s)),
+        Value::Array(items) => Value::Array(items.iter().map(defanged).collect()),
+        Value::Object(fields) => {
+            Value::Object(fields.iter().map(|(k, v)| (text(k), defanged(v))).collect())
+        }
+        other => other.clone(),
+    }
+}
+
 /// A table with a header, columns as wide as their widest cell.
 fn table(text: &mut String, header: &[&str], rows: &[Vec<String>]) {
     let mut widths: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
@@ -313,6 +346,27 @@ mod tests {
         let error = render(&cluster, &events, Some("other")).expect_err("no such cluster");
         assert!(error.contains("\"other\""), "{error}");
         assert!(render(&json!({}), &events, None).is_err());
+    }
+
+    #[test]
+    fn control_characters_from_the_dcs_are_escaped() {
+        let (mut cluster, mut events) = answers(None);
+        cluster["clusters"][0]["members"][0]["name"] = json!("pg1\u{1b}[2J\u{1b}]0;owned\u{7}");
+        cluster["clusters"][0]["members"][0]["host"] = json!("10.0.0.1\r\nfake row");
+        cluster["clusters"][0]["no_leader_reason"] = json!("\u{9b}31m");
+        events["events"] = json!([{"at": "2026-01-01T00:00:00Z", "cluster": "main\u{1b}[1A", "summary": "x\u{8}y"}]);
+        let picture = render(&cluster, &events, None).expect("renders");
+        assert!(
+            !picture.text.chars().any(|c| c.is_control() && c != '\n'),
+            "{:?}",
+            picture.text
+        );
+        assert!(picture.text.contains("pg1\\u{1b}[2J"), "{}", picture.text);
+        assert!(
+            picture.text.contains("10.0.0.1\\u{d}\\u{a}fake row"),
+            "{}",
+            picture.text
+        );
     }
 
     #[test]

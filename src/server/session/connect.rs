@@ -1,15 +1,21 @@
 //! Routing and connecting a new session: the candidates the router
 //! offers, each behind its member's login gate, and a wait for a newer view
 //! (within the hold time) when every candidate failed.
+//!
+//! A wait for a login slot or a slow connect can outlast the view the
+//! route came from: once connected, the member is checked against the
+//! view of now, and one that no longer fits (a leader that stepped down
+//! meanwhile) is given up for a new route before a byte reaches it.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tracing::warn;
+use tracing::{info, warn};
 
 use super::Session;
 use crate::metrics::MemberMetrics;
 use crate::protocol::{ProtocolError, SqlState};
+use crate::router::check_fit;
 use crate::server::backend;
 use crate::server::login_gate::LoginSlot;
 use crate::server::stream::BackendStream;
@@ -44,6 +50,8 @@ impl Session<'_> {
                 .route(hold_until.saturating_duration_since(Instant::now()))
                 .await?;
             let mut failure = None;
+            // Set when the view changed under an attempt: route again.
+            let mut moved_on = false;
             for member in route.candidates {
                 // The limit in force now, so that sessions accepted before
                 // and after a reload share one gate.
@@ -73,13 +81,25 @@ impl Session<'_> {
                 .await
                 {
                     Ok(backend) => {
+                        let now = router.view();
+                        if !Arc::ptr_eq(&now, &route.view) {
+                            if let Err(misfit) = check_fit(router.role(), &now, &member.name) {
+                                info!(
+                                    member = %member.name,
+                                    "routing again: {} while this session waited",
+                                    misfit.reason(cluster)
+                                );
+                                moved_on = true;
+                                continue;
+                            }
+                        }
                         return Ok(Connected {
                             backend,
                             member,
                             member_metrics,
                             held: attempt - started,
                             login,
-                        })
+                        });
                     }
                     Err(e) => {
                         warn!("{}", e.message);
@@ -90,6 +110,9 @@ impl Session<'_> {
             let failure = failure.unwrap_or_else(|| {
                 ProtocolError::new(SqlState::INTERNAL_ERROR, "routing produced no candidate")
             });
+            if moved_on {
+                continue;
+            }
             if !route.view.dynamic {
                 return Err(failure);
             }
@@ -102,5 +125,113 @@ impl Session<'_> {
                 return Err(failure);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Limits, ListenerRole, ReplicaFallback, TlsMode};
+    use crate::events::EventLog;
+    use crate::metrics::ListenerMetrics;
+    use crate::router::Router;
+    use crate::server::handshake::ListenerTls;
+    use crate::server::loops::Loops;
+    use crate::server::{BackendTlsSettings, ListenerContext, Shared};
+    use crate::topology::view::test_support::member;
+    use crate::topology::{ClusterView, MemberRole};
+    use tokio::net::TcpListener;
+    use tokio::sync::watch;
+    use tokio_util::sync::CancellationToken;
+
+    /// Two members listening on loopback, `leader` the leader.
+    fn view(ports: [u16; 2], leader: &str) -> Arc<ClusterView> {
+        let role = |name| {
+            if name == leader {
+                MemberRole::Primary
+            } else {
+                MemberRole::Replica
+            }
+        };
+        Arc::new(ClusterView::new(
+            "demo".into(),
+            vec![
+                member("pg1", ports[0], role("pg1")),
+                member("pg2", ports[1], role("pg2")),
+            ],
+            Some(leader),
+            true,
+        ))
+    }
+
+    #[tokio::test]
+    async fn a_leader_that_stepped_down_during_the_login_wait_is_given_up() {
+        let members = [
+            TcpListener::bind("127.0.0.1:0").await.expect("bind"),
+            TcpListener::bind("127.0.0.1:0").await.expect("bind"),
+        ];
+        let ports = members
+            .each_ref()
+            .map(|l| l.local_addr().expect("address").port());
+        let (views, receiver) = watch::channel(view(ports, "pg1"));
+        let stop = CancellationToken::new();
+        let limits = Limits {
+            backend_logins: 1,
+            ..Limits::default()
+        };
+        let shared = Shared::new(
+            limits.clone(),
+            Loops::start(1, &stop).expect("loops"),
+            EventLog::new(),
+        );
+        let listen: std::net::SocketAddr = "127.0.0.1:1".parse().expect("address");
+        let listener = ListenerContext {
+            tls: ListenerTls {
+                mode: TlsMode::Disable,
+                server: None,
+            },
+            backend_tls: BackendTlsSettings::disabled(),
+            listen,
+            metrics: ListenerMetrics::new(listen.to_string(), "demo".into(), ListenerRole::Primary),
+            proxy: None,
+            cluster: "demo".into(),
+            router: Router::new(ListenerRole::Primary, ReplicaFallback::Hold, receiver),
+            end_sessions: CancellationToken::new(),
+        };
+        let now = Instant::now();
+        let session = Session {
+            listener: &listener,
+            client: listen,
+            shared: &shared,
+            limits: &limits,
+            accepted: now,
+            handshake_deadline: now + Duration::from_secs(10),
+        };
+        // Another login holds pg1's only slot while the session waits for
+        // it, and the leader moves to pg2 meanwhile.
+        let held = shared
+            .logins
+            .enter(
+                &listener.cluster,
+                &"pg1".into(),
+                1,
+                now,
+                now + Duration::from_secs(10),
+            )
+            .await
+            .expect("the slot");
+        let connecting = session.connect();
+        tokio::pin!(connecting);
+        assert!(
+            tokio::time::timeout(Duration::from_millis(100), &mut connecting)
+                .await
+                .is_err(),
+            "the session waits for the slot"
+        );
+        views.send_replace(view(ports, "pg2"));
+        drop(held);
+        let connected = connecting.await.expect("connected");
+        assert_eq!(&*connected.member.name, "pg2");
+        stop.cancel();
     }
 }

@@ -427,10 +427,15 @@ impl Session<'_> {
                 () = shutdown.cancelled() => Ended::Shutdown,
             }
         });
-        let ended = tokio::select! {
-            biased;
-            end = relay.run(&mut client, &mut backend) => Ended::Relay(end),
-            signal = signals => signal,
+        // The view may have moved on during authentication: bytes the
+        // client pipelined must not reach a member that no longer fits.
+        let ended = match check_fit(role, &self.listener.router.view(), &member.name) {
+            Err(misfit) => Ended::Misfit(misfit),
+            Ok(()) => tokio::select! {
+                biased;
+                end = relay.run(&mut client, &mut backend) => Ended::Relay(end),
+                signal = signals => signal,
+            },
         };
         // Why the session ended, and the FATAL rolegate owes the client, if
         // any (a backend that said why itself needs none).
