@@ -267,7 +267,8 @@ fn a_cancel_is_delivered_before_its_connection_closes(env: &Env) -> Result<(), F
     // A client that cancels its idle session and, once the cancel
     // connection is closed, sends its next query: the cancel must have
     // reached the server by then (and found nothing to cancel).
-    let cancelled = wire::late_cancels(rw, rw, 20)?;
+    let mut session = wire::KeyedSession::login(rw)?;
+    let cancelled = wire::late_cancels(&mut session, rw, 20)?;
     check(
         cancelled == 0,
         format!("{cancelled} of 20 queries sent after a cancel's close were cancelled"),

@@ -287,6 +287,18 @@ fn main() {
             Box::new(move |env| fleet_trial(env, client, "notify_self")),
         );
     }
+    // The corners one driver shows best: psycopg's cancel returns only
+    // once the cancel was delivered; node-postgres's end() and
+    // connect(); end() must raise no error event.
+    for (client, scenario) in [
+        (Client::Psycopg, "cancel_idle_then_query"),
+        (Client::NodePostgres, "goodbye"),
+    ] {
+        add(
+            format!("{}::{scenario}", client.name()),
+            Box::new(move |env| scenario_trial(env, client, scenario)),
+        );
+    }
     // Last: each switchover moves the leader.
     for client in DRIVERS {
         add(

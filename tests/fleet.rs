@@ -266,7 +266,8 @@ fn a_cancel_at_another_instance_cancels(env: &Env) -> Result<(), Failed> {
     })?;
     // The close of a cancel connection at another instance comes after
     // the owner delivered it, so the client's next query is safe.
-    let cancelled = wire::late_cancels(trio[0].rw, trio[1].rw, 10)?;
+    let mut session = wire::KeyedSession::login(trio[0].rw)?;
+    let cancelled = wire::late_cancels(&mut session, trio[1].rw, 10)?;
     check(
         cancelled == 0,
         format!("{cancelled} of 10 queries sent after a cancel's close at another instance were cancelled"),

@@ -20,7 +20,7 @@ use support::rolegate::Rolegate;
 use support::steady_load::{LoadStats, SteadyLoad, ENOUGH_CONNECTIONS};
 use support::{
     connect, connect_watched, conninfo, free_port, holds_within, runtime, sqlstate, wait_until,
-    writer,
+    wire, writer,
 };
 
 type Env = LabSuite;
@@ -455,6 +455,7 @@ fn a_cancel_reaches_its_session_across_a_restart(env: &Env) -> Result<(), Failed
     let config_path = old.config_path.clone();
     multi_runtime()?.block_on(async {
         let draining = connect(&conninfo(rw, "app", "app")).await?;
+        let mut draining_idle = wire::KeyedSession::login(rw)?;
         let new = successor(&config_path, env.root.join("cancel-restart-2.log"), admin);
         check(
             new.log().contains("took over the listening sockets"),
@@ -498,7 +499,15 @@ fn a_cancel_reaches_its_session_across_a_restart(env: &Env) -> Result<(), Failed
                 old.log()
             ),
         )?;
+        // Its cancel connection closes only once the old process has
+        // delivered the key: the next query is never hit.
+        let late = tokio::task::block_in_place(|| wire::late_cancels(&mut draining_idle, rw, 10))?;
+        check(
+            late == 0,
+            format!("{late} of 10 queries of a draining session sent after its cancel's close were cancelled"),
+        )?;
         drop(draining);
+        drop(draining_idle);
         let status = tokio::task::block_in_place(|| old.wait_exit(Duration::from_secs(20)))
             .ok_or("the old process did not exit after its session ended")?;
         check(

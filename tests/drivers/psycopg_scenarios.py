@@ -200,6 +200,23 @@ def cancel(t):
         return f"cancelled after {took:.2f}s (57014), session still usable"
 
 
+def cancel_idle_then_query(t):
+    # libpq's cancel returns once the server has closed the cancel
+    # connection, which PostgreSQL does after signalling the backend: a
+    # cancel of an idle session can then never reach the next query.
+    rounds = 20
+    with t.connect() as conn:
+        cancelled = 0
+        for _ in range(rounds):
+            conn.cancel_safe()
+            try:
+                conn.execute("select pg_sleep(0.05)")
+            except errors.QueryCanceled:
+                cancelled += 1
+        assert cancelled == 0, f"{cancelled} of {rounds} queries sent after a cancel were cancelled"
+        return f"{rounds} cancels of an idle session, none reached the next query"
+
+
 SCENARIOS = {
     "simple_query": simple_query,
     "extended_prepared": extended_prepared,
@@ -209,6 +226,7 @@ SCENARIOS = {
     "result_50mb": result_50mb,
     "cancel": cancel,
     "notify_self": notify_self,
+    "cancel_idle_then_query": cancel_idle_then_query,
 }
 RW_ONLY = {"listen_notify", "notify_self"}
 

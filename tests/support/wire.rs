@@ -199,33 +199,53 @@ pub fn query_error(session: &mut TcpStream, sql: &str) -> Result<Option<String>,
     }
 }
 
-/// The cancel receipt a client relies on: cancels the idle session that
-/// logged in at `session_port` through `cancel_port`, each time waiting
-/// for the cancel connection to close as libpq's `PQcancel` does, then
-/// runs a short sleep on the session at once. Returns how many of the
-/// `rounds` sleeps were cancelled: none, when each cancel was delivered
-/// before its connection closed (an idle backend ignores it).
-pub fn late_cancels(session_port: u16, cancel_port: u16, rounds: usize) -> Result<usize, String> {
-    let mut session = connect(session_port);
-    session
-        .write_all(&startup_packet(
-            3,
-            0,
-            &[("user", "app"), ("database", "app")],
-        ))
-        .map_err(|e| format!("startup: {e}"))?;
-    let login = login(&mut session, "app");
-    let (pid, secret) = login.key.ok_or("no BackendKeyData")?;
+/// A session logged in as `app`, with its cancel key.
+pub struct KeyedSession {
+    pub stream: TcpStream,
+    pub pid: u32,
+    pub secret: Vec<u8>,
+}
+
+impl KeyedSession {
+    pub fn login(port: u16) -> Result<Self, String> {
+        let mut stream = connect(port);
+        stream
+            .write_all(&startup_packet(
+                3,
+                0,
+                &[("user", "app"), ("database", "app")],
+            ))
+            .map_err(|e| format!("startup: {e}"))?;
+        let (pid, secret) = login(&mut stream, "app").key.ok_or("no BackendKeyData")?;
+        Ok(Self {
+            stream,
+            pid,
+            secret,
+        })
+    }
+}
+
+/// The cancel receipt a client relies on: cancels the idle `session`
+/// through `cancel_port`, each time waiting for the cancel connection to
+/// close as libpq's `PQcancel` does, then runs a short sleep on the
+/// session at once. Returns how many of the `rounds` sleeps were
+/// cancelled: none, when each cancel was delivered before its connection
+/// closed (an idle backend ignores it).
+pub fn late_cancels(
+    session: &mut KeyedSession,
+    cancel_port: u16,
+    rounds: usize,
+) -> Result<usize, String> {
     let mut cancelled = 0;
     for _ in 0..rounds {
         let mut cancel = connect(cancel_port);
         cancel
-            .write_all(&cancel_request(pid, &secret))
+            .write_all(&cancel_request(session.pid, &session.secret))
             .map_err(|e| format!("cancel: {e}"))?;
         if !closes(&mut cancel) {
             return Err("the cancel connection was not closed".into());
         }
-        match query_error(&mut session, "select pg_sleep(0.05)")? {
+        match query_error(&mut session.stream, "select pg_sleep(0.05)")? {
             Some(state) if state == "57014" => cancelled += 1,
             Some(state) => return Err(format!("the sleep failed with {state}")),
             None => {}

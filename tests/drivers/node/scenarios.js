@@ -6,7 +6,7 @@
 //   node scenarios.js --rw PORT --ro PORT switchover
 //
 // Scenarios: simple_query extended_prepared transaction_rollback copy_10mb
-// listen_notify result_50mb cancel. Each runs through both listeners (rw and
+// listen_notify result_50mb cancel goodbye. Each runs through both listeners (rw and
 // ro; writes only through rw; LISTEN/NOTIFY on rw only).
 //
 // `switchover` opens a write session, prints `ready`, reads the new leader's
@@ -257,7 +257,31 @@ const scenarios = {
     assert(took < 15, `cancel took ${took}s`)
     await c.query('select 1')
     return `cancelled after ${took.toFixed(2)}s (57014), session still usable`
-  })
+  }),
+
+  // end() sends Terminate and closes the socket a moment later (after the
+  // server has closed its side); connect() then end() at once closes
+  // before the login. node-postgres raises an 'error' event for anything
+  // the proxy sends meanwhile (a process without a listener exits).
+  goodbye: async (t) => {
+    const rounds = 20
+    const seen = []
+    for (let i = 0; i < rounds; i++) {
+      const c = new Client(t.config)
+      c.on('error', (e) => seen.push(`after end(): ${e.message}`))
+      await withTimeout(c.connect(), 'connect')
+      await c.query('select 1')
+      await withTimeout(c.end(), 'end')
+      const quick = new Client(t.config)
+      quick.on('error', (e) => seen.push(`connect(); end(): ${e.message}`))
+      // Its connect() promise never settles once end() came first.
+      quick.connect().catch(() => {})
+      await withTimeout(quick.end(), 'end at once')
+    }
+    await new Promise((resolve) => setTimeout(resolve, 300))
+    assert(seen.length === 0, `${seen.length} error events: ${seen.slice(0, 3).join('; ')}`)
+    return `${rounds} end() after a query and ${rounds} connect(); end() at once, no error event`
+  }
 }
 const RW_ONLY = new Set(['listen_notify', 'notify_self'])
 
