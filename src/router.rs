@@ -103,7 +103,7 @@ impl Router {
 
     /// Finds targets for a new session, holding it for up to `hold` while
     /// the view offers none.
-    pub async fn route(&self, hold: Duration) -> Result<Route, ProtocolError> {
+    pub async fn route(&self, hold: Duration) -> Result<Route, NoTarget> {
         let started = Instant::now();
         let mut views = self.views.clone();
         // Raised while this session waits for a target.
@@ -139,11 +139,11 @@ impl Router {
         }
     }
 
-    fn hold_failed(&self, view: &ClusterView, started: Instant, was_held: bool) -> ProtocolError {
+    fn hold_failed(&self, view: &ClusterView, started: Instant, was_held: bool) -> NoTarget {
         if was_held {
             metrics::hold_wait(&view.cluster, self.role, started.elapsed(), true);
         }
-        no_target_error(self.role, view, started.elapsed())
+        NoTarget::new(self.role, view, started.elapsed())
     }
 }
 
@@ -314,34 +314,69 @@ pub fn check_fit(role: ListenerRole, view: &ClusterView, member: &str) -> Result
     }
 }
 
-fn no_target_error(role: ListenerRole, view: &ClusterView, waited: Duration) -> ProtocolError {
-    let cluster = &view.cluster;
-    let what = match role {
-        ListenerRole::Primary => {
-            let reason = view
-                .no_leader_reason
-                .as_deref()
-                .unwrap_or("no member is the confirmed leader");
-            format!("cluster \"{cluster}\" has no confirmed primary ({reason})")
+/// Why a new session found no member for its role: the router's refusal,
+/// which renders itself for the client and the event log.
+#[derive(Debug, Clone)]
+pub struct NoTarget {
+    role: ListenerRole,
+    cluster: Arc<str>,
+    /// The view's own words for a missing leader.
+    no_leader_reason: Option<String>,
+    /// How long the session was held for a target: `None` for a static
+    /// cluster, which never holds.
+    held: Option<Duration>,
+}
+
+impl NoTarget {
+    pub fn new(role: ListenerRole, view: &ClusterView, waited: Duration) -> Self {
+        Self {
+            role,
+            cluster: view.cluster.clone(),
+            no_leader_reason: view.no_leader_reason.clone(),
+            held: view.dynamic.then_some(waited),
         }
-        ListenerRole::Replica => format!("cluster \"{cluster}\" has no eligible replica"),
-        ListenerRole::SyncReplica => format!(
-            "cluster \"{cluster}\" has no eligible synchronous standby (synchronous_mode off, or none streaming)"
-        ),
-        ListenerRole::PreferReplica | ListenerRole::Any => {
-            format!("cluster \"{cluster}\" has no healthy member")
+    }
+
+    /// What is missing, in a few words: the reason the event log records a
+    /// hold that ran out under.
+    pub fn reason(&self) -> String {
+        let cluster = &self.cluster;
+        match self.role {
+            ListenerRole::Primary => {
+                let reason = self
+                    .no_leader_reason
+                    .as_deref()
+                    .unwrap_or("no member is the confirmed leader");
+                format!("cluster \"{cluster}\" has no confirmed primary ({reason})")
+            }
+            ListenerRole::Replica => format!("cluster \"{cluster}\" has no eligible replica"),
+            ListenerRole::SyncReplica => format!(
+                "cluster \"{cluster}\" has no eligible synchronous standby (synchronous_mode off, or none streaming)"
+            ),
+            ListenerRole::PreferReplica | ListenerRole::Any => {
+                format!("cluster \"{cluster}\" has no healthy member")
+            }
         }
-    };
-    let message = if view.dynamic {
-        format!(
-            "{what}; rolegate held the connection for {:.1}s (hold_timeout) without one appearing",
-            waited.as_secs_f64()
-        )
-    } else {
-        what
-    };
-    ProtocolError::new(SqlState::CANNOT_CONNECT_NOW, message)
-        .with_hint("Retry later; check the cluster's state (e.g. patronictl list).")
+    }
+
+    /// True when the session was held and the hold ran out.
+    pub fn was_held(&self) -> bool {
+        self.held.is_some()
+    }
+
+    /// The FATAL the client receives.
+    pub fn to_error(&self) -> ProtocolError {
+        let what = self.reason();
+        let message = match self.held {
+            Some(waited) => format!(
+                "{what}; rolegate held the connection for {:.1}s (hold_timeout) without one appearing",
+                waited.as_secs_f64()
+            ),
+            None => what,
+        };
+        ProtocolError::new(SqlState::CANNOT_CONNECT_NOW, message)
+            .with_hint("Retry later; check the cluster's state (e.g. patronictl list).")
+    }
 }
 
 #[cfg(test)]

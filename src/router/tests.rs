@@ -306,7 +306,8 @@ async fn hold_times_out_with_57p03() {
     let err = router
         .route(Duration::from_millis(30))
         .await
-        .expect_err("no leader");
+        .expect_err("no leader")
+        .to_error();
     assert_eq!(err.sqlstate, SqlState::CANNOT_CONNECT_NOW);
     assert!(err.message.contains("hold_timeout"), "{}", err.message);
 }
@@ -321,7 +322,8 @@ async fn static_view_without_target_fails_at_once() {
     let err = router
         .route(Duration::from_secs(30))
         .await
-        .expect_err("none");
+        .expect_err("none")
+        .to_error();
     assert_eq!(err.sqlstate, SqlState::CANNOT_CONNECT_NOW);
     assert!(started.elapsed() < Duration::from_secs(1));
 }

@@ -2,8 +2,9 @@
 //!
 //! Connects within `connect_timeout`, negotiating TLS as the cluster's
 //! `backend_tls` says (an SSLRequest, then rustls, as libpq does), and turns
-//! failures into the 08001 error a client sees, naming the member and its
-//! address so an operator can act on it. Cancel requests are sent over a
+//! failures into a [`ConnectFailed`], which renders as the 08001 error a
+//! client sees, naming the member and its address so an operator can act
+//! on it. Cancel requests are sent over a
 //! connection opened the same way, so they reach members that require TLS.
 
 use std::io::ErrorKind;
@@ -122,7 +123,7 @@ pub async fn connect(
     tls: &BackendTlsSettings,
     limits: &Limits,
     member_metrics: &MemberMetrics,
-) -> Result<BackendStream, ProtocolError> {
+) -> Result<BackendStream, ConnectFailed> {
     let started = Instant::now();
     let result = open(
         &member.host,
@@ -136,14 +137,32 @@ pub async fn connect(
     if let Err(e) = &result {
         metrics::backend_connect_failed(cluster, &member.name, e.reason);
     }
-    result.map_err(|e| {
+    result.map_err(|e| ConnectFailed {
+        member: member.to_string(),
+        cluster: cluster.into(),
+        message: e.message,
+    })
+}
+
+/// A member that could not be reached for a session.
+#[derive(Debug, Clone)]
+pub struct ConnectFailed {
+    /// The member as the client is told of it: its name and address.
+    member: String,
+    cluster: Arc<str>,
+    message: String,
+}
+
+impl ConnectFailed {
+    /// The FATAL the client receives (08001).
+    pub fn to_error(&self) -> ProtocolError {
         ProtocolError::new(
             SqlState::SQLCLIENT_UNABLE_TO_ESTABLISH_SQLCONNECTION,
             format!(
-                "rolegate could not connect to member {member} of cluster \"{cluster}\": {}",
-                e.message
+                "rolegate could not connect to member {} of cluster \"{}\": {}",
+                self.member, self.cluster, self.message
             ),
         )
         .with_hint("Check that the member's PostgreSQL is running, reachable from rolegate, and that its TLS settings match backend_tls.")
-    })
+    }
 }

@@ -116,7 +116,7 @@ impl LoginGates {
         slots: usize,
         accepted: Instant,
         until: Instant,
-    ) -> Result<LoginSlot, ProtocolError> {
+    ) -> Result<LoginSlot, QueueTimeout> {
         if slots == 0 {
             return Ok(LoginSlot(None));
         }
@@ -147,7 +147,12 @@ impl LoginGates {
         match tokio::time::timeout_at(until.into(), waiting).await {
             Ok(Ok(slot)) => Ok(slot),
             // A waiter's sender is only dropped by serving it.
-            Ok(Err(_)) | Err(_) => Err(queue_timeout(member, cluster, slots, started.elapsed())),
+            Ok(Err(_)) | Err(_) => Err(QueueTimeout {
+                member: Arc::clone(member),
+                cluster: Arc::clone(cluster),
+                slots,
+                waited: started.elapsed(),
+            }),
         }
     }
 
@@ -221,16 +226,39 @@ impl LoginSlot {
     }
 }
 
-fn queue_timeout(member: &str, cluster: &str, slots: usize, waited: Duration) -> ProtocolError {
-    ProtocolError::new(
-        SqlState::CANNOT_CONNECT_NOW,
+/// A login that waited for a slot until the hold time ran out.
+#[derive(Debug, Clone)]
+pub struct QueueTimeout {
+    member: Arc<str>,
+    cluster: Arc<str>,
+    slots: usize,
+    waited: Duration,
+}
+
+impl QueueTimeout {
+    /// What happened, in a few words: the reason the event log records a
+    /// hold that ran out under.
+    pub fn reason(&self) -> String {
         format!(
-            "member {member} of cluster {cluster} is slow to accept logins: this session waited \
-             {:.1}s for one of its {slots} login slots (limits.backend_logins) and the hold time \
-             ran out; try again, or raise limits.backend_logins or limits.hold_timeout",
-            waited.as_secs_f64()
-        ),
-    )
+            "member {} of cluster {} is slow to accept logins: this session waited {:.1}s for one \
+             of its {} login slots (limits.backend_logins) and the hold time ran out",
+            self.member,
+            self.cluster,
+            self.waited.as_secs_f64(),
+            self.slots
+        )
+    }
+
+    /// The FATAL the client receives.
+    pub fn to_error(&self) -> ProtocolError {
+        ProtocolError::new(
+            SqlState::CANNOT_CONNECT_NOW,
+            format!(
+                "{}; try again, or raise limits.backend_logins or limits.hold_timeout",
+                self.reason()
+            ),
+        )
+    }
 }
 
 #[cfg(test)]
@@ -261,7 +289,7 @@ mod tests {
             slots: usize,
             accepted: Instant,
             wait: Duration,
-        ) -> Result<LoginSlot, ProtocolError> {
+        ) -> Result<LoginSlot, QueueTimeout> {
             let until = Instant::now() + wait;
             (self.gates)
                 .enter(&self.cluster, &self.member, slots, accepted, until)
@@ -281,7 +309,7 @@ mod tests {
             slots: usize,
             accepted: Instant,
             wait: Duration,
-        ) -> tokio::task::JoinHandle<Result<LoginSlot, ProtocolError>> {
+        ) -> tokio::task::JoinHandle<Result<LoginSlot, QueueTimeout>> {
             let me = self.clone();
             tokio::spawn(async move { me.enter(slots, accepted, wait).await })
         }
@@ -349,6 +377,7 @@ mod tests {
         else {
             panic!("entered a full gate");
         };
+        let e = e.to_error();
         assert_eq!(e.sqlstate, SqlState::CANNOT_CONNECT_NOW);
         assert!(e.message.contains("limits.backend_logins"), "{}", e.message);
         assert!(e.message.contains("pg1"), "{}", e.message);

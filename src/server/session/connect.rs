@@ -12,10 +12,10 @@ use std::time::{Duration, Instant};
 
 use tracing::{info, warn};
 
+use super::refusal::Refusal;
 use super::Session;
 use crate::metrics::MemberMetrics;
-use crate::protocol::{ProtocolError, SqlState};
-use crate::router::check_fit;
+use crate::router::{check_fit, NoTarget};
 use crate::server::backend;
 use crate::server::login_gate::LoginSlot;
 use crate::server::stream::BackendStream;
@@ -39,7 +39,7 @@ impl Session<'_> {
     /// The time held is everything before the attempt that succeeded
     /// (waits for a target or a login slot, failed attempts, waits for a
     /// newer view after them), none of which is the client's delay.
-    pub(super) async fn connect(&self) -> Result<Connected, ProtocolError> {
+    pub(super) async fn connect(&self) -> Result<Connected, Refusal> {
         let limits = self.limits;
         let started = Instant::now();
         let hold_until = started + limits.hold_timeout.get();
@@ -64,8 +64,8 @@ impl Session<'_> {
                 {
                     Ok(login) => login,
                     Err(e) => {
-                        warn!("{}", e.message);
-                        failure = Some(e);
+                        warn!("{}", e.reason());
+                        failure = Some(Refusal::from(e));
                         continue;
                     }
                 };
@@ -102,13 +102,15 @@ impl Session<'_> {
                         });
                     }
                     Err(e) => {
-                        warn!("{}", e.message);
-                        failure = Some(e);
+                        let refusal = Refusal::from(e);
+                        warn!("{refusal}");
+                        failure = Some(refusal);
                     }
                 }
             }
+            // A route always has a candidate, so one failed.
             let failure = failure.unwrap_or_else(|| {
-                ProtocolError::new(SqlState::INTERNAL_ERROR, "routing produced no candidate")
+                NoTarget::new(router.role(), &route.view, started.elapsed()).into()
             });
             if moved_on {
                 continue;

@@ -8,6 +8,7 @@
 //! ErrorResponse the client can read, unless the client itself is gone.
 
 mod connect;
+mod refusal;
 
 use std::borrow::Borrow;
 use std::net::SocketAddr;
@@ -22,6 +23,7 @@ use tokio::time::timeout_at;
 use tracing::{debug, info, Instrument};
 
 use self::connect::Connected;
+use self::refusal::{shutdown_error, Refusal};
 use super::authenticate::{relay_authentication, AuthError};
 use super::cancel::{self, CancelRegistration, CancelTarget, Via};
 use super::handshake::{read_opening, Failed, HandshakeError, Opened, Opening};
@@ -76,12 +78,14 @@ pub async fn run(
                     .connection_outcome(ConnectionOutcome::Cancel);
             }
             Err(NotStarted::TimedOut { encrypting }) => {
-                if !encrypting {
-                    send_error(&mut tcp, &handshake_timeout_error(&limits)).await;
+                let refusal = Refusal::TimedOut {
+                    limit: limits.handshake_timeout,
+                    encrypting,
+                };
+                if let Some(error) = refusal.client_error() {
+                    send_error(&mut tcp, &error).await;
                 }
-                return listener
-                    .metrics
-                    .connection_outcome(ConnectionOutcome::HandshakeTimeout);
+                return listener.metrics.connection_outcome(refusal.outcome());
             }
             Err(NotStarted::Ended(outcome)) => {
                 return listener.metrics.connection_outcome(outcome);
@@ -114,9 +118,9 @@ async fn start<'a>(
             match header {
                 Ok(Ok(read)) => read,
                 Ok(Err(e)) => {
-                    info!(connection = %connection, listener = %listener.listen, "refused: {}", e.message);
-                    send_error(tcp, &e).await;
-                    return Err(NotStarted::Ended(ConnectionOutcome::ProxyHeader));
+                    let refusal = Refusal::ProxyHeader(e);
+                    info!(connection = %connection, listener = %listener.listen, "refused: {refusal}");
+                    return Err(NotStarted::Ended(refuse(tcp, refusal).await));
                 }
                 Err(_) => {
                     debug!(connection = %connection, listener = %listener.listen, "no PROXY header in time");
@@ -195,22 +199,15 @@ async fn open<'t>(
             opened
         }
         Ok(Err(Failed { stream, error })) => {
-            let result = match &error {
-                HandshakeError::Protocol(_) => ConnectionOutcome::ProtocolError,
-                HandshakeError::Unanswerable(_) => ConnectionOutcome::ProtocolError,
-                HandshakeError::Tls(_) => {
-                    listener.metrics.tls_handshake(false);
-                    ConnectionOutcome::TlsError
-                }
-                HandshakeError::Closed | HandshakeError::Terminated | HandshakeError::Io(_) => {
-                    ConnectionOutcome::ClientGone
-                }
-            };
-            debug!(client = %peer, listener = %listener.listen, "handshake failed: {error}");
-            if let (HandshakeError::Protocol(e), Some(mut stream)) = (&error, stream) {
-                send_error(&mut stream, e).await;
+            if matches!(error, HandshakeError::Tls(_)) {
+                listener.metrics.tls_handshake(false);
             }
-            return Err(NotStarted::Ended(result));
+            let refusal = Refusal::Handshake(error);
+            debug!(client = %peer, listener = %listener.listen, "{refusal}");
+            return Err(NotStarted::Ended(match stream {
+                Some(mut stream) => refuse(&mut stream, refusal).await,
+                None => refusal.outcome(),
+            }));
         }
         Err(_) => {
             debug!(client = %peer, listener = %listener.listen, "handshake timed out");
@@ -264,11 +261,8 @@ impl Session<'_> {
         let shutdown = &self.listener.end_sessions;
         let connected = tokio::select! {
             connected = self.connect() => connected,
-            () = shutdown.cancelled() => Err(shutdown_error()),
-            () = client.closed() => {
-                info!("the client left before a backend was connected");
-                return Err(ConnectionOutcome::ClientGone);
-            }
+            () = shutdown.cancelled() => Err(Refusal::ShuttingDown),
+            () = client.closed() => Err(Refusal::ClientLeft),
         };
         let Connected {
             mut backend,
@@ -278,21 +272,18 @@ impl Session<'_> {
             mut login,
         } = match connected {
             Ok(connected) => connected,
-            Err(e) => {
-                info!(sqlstate = %e.sqlstate, "session refused: {}", e.message);
-                if e.sqlstate == SqlState::CANNOT_CONNECT_NOW {
-                    let reason = e.message.split(';').next().unwrap_or_default();
+            Err(refusal) => {
+                info!(
+                    outcome = refusal.outcome().as_str(),
+                    "session refused: {refusal}"
+                );
+                if let Some(reason) = refusal.hold_ran_out() {
                     let role = self.listener.router.role().as_str();
                     self.shared
                         .events
-                        .hold_timed_out(&self.listener.cluster, role, reason);
+                        .hold_timed_out(&self.listener.cluster, role, &reason);
                 }
-                send_error(&mut client, &e).await;
-                return Err(match e.sqlstate {
-                    SqlState::CANNOT_CONNECT_NOW => ConnectionOutcome::NoTarget,
-                    SqlState::ADMIN_SHUTDOWN => ConnectionOutcome::Shutdown,
-                    _ => ConnectionOutcome::BackendUnreachable,
-                });
+                return Err(refuse(&mut client, refusal).await);
             }
         };
         tracing::Span::current().record("member", &*member.name);
@@ -337,21 +328,17 @@ impl Session<'_> {
         let auth = match auth {
             Ok(Ok(auth)) => auth,
             Ok(Err(e)) => {
-                debug!("authentication ended: {e}");
-                if let AuthError::Client(e) | AuthError::Backend(e) = &e {
-                    send_error(&mut client, e).await;
-                }
-                return Err(match e {
-                    AuthError::Client(_) => ConnectionOutcome::ProtocolError,
-                    AuthError::Backend(_) => ConnectionOutcome::BackendError,
-                    AuthError::Refused => ConnectionOutcome::AuthRefused,
-                    AuthError::ClientGone | AuthError::ClientIo(_) => ConnectionOutcome::ClientGone,
-                });
+                let refusal = Refusal::Authentication(e);
+                debug!("{refusal}");
+                return Err(refuse(&mut client, refusal).await);
             }
             Err(_) => {
                 info!("handshake timed out during authentication");
-                send_error(&mut client, &handshake_timeout_error(self.limits)).await;
-                return Err(ConnectionOutcome::HandshakeTimeout);
+                let refusal = Refusal::TimedOut {
+                    limit: self.limits.handshake_timeout,
+                    encrypting: false,
+                };
+                return Err(refuse(&mut client, refusal).await);
             }
         };
         self.listener
@@ -510,6 +497,15 @@ async fn wait_for_misfit(
     }
 }
 
+/// Tells the client why it is refused, when it can be told, and returns
+/// how the connection is counted.
+async fn refuse<S: AsyncWrite + Unpin>(client: &mut S, refusal: Refusal) -> ConnectionOutcome {
+    if let Some(error) = refusal.client_error() {
+        send_error(client, &error).await;
+    }
+    refusal.outcome()
+}
+
 /// Writes `error` as a FATAL ErrorResponse and closes the connection
 /// (with close_notify under TLS), giving up after a short time (the client
 /// may not be reading).
@@ -538,24 +534,6 @@ where
         tokio::time::timeout(FINAL_FLUSH_TIMEOUT, client.shutdown()),
         tokio::time::timeout(ERROR_WRITE_TIMEOUT, backend.shutdown()),
     );
-}
-
-fn handshake_timeout_error(limits: &Limits) -> ProtocolError {
-    ProtocolError::new(
-        SqlState::CONNECTION_FAILURE,
-        format!(
-            "closing the connection: the handshake did not complete within {} (handshake_timeout)",
-            limits.handshake_timeout
-        ),
-    )
-}
-
-fn shutdown_error() -> ProtocolError {
-    ProtocolError::new(
-        SqlState::ADMIN_SHUTDOWN,
-        "terminating connection because rolegate is shutting down",
-    )
-    .with_hint("Reconnect; the connection will be served by a running rolegate.")
 }
 
 fn lost_backend(member: &Member, cluster: &str, what: &str) -> ProtocolError {

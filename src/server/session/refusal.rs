@@ -1,0 +1,208 @@
+//! Why a connection was not served: one type for every way a session ends
+//! before it relays.
+//!
+//! Each stage keeps its own typed failure (the router's [`NoTarget`], the
+//! login gate's [`QueueTimeout`], the backend's [`ConnectFailed`], the
+//! handshake's and authentication's errors); a [`Refusal`] holds one of
+//! them and knows the rest from it: the connection outcome counted in
+//! `rolegate_client_connections_total`, the FATAL the client is told (if
+//! any can be), and whether a hold ran out, for the event log. Nothing is
+//! rendered to a message and parsed back.
+
+use crate::config::Duration;
+use crate::metrics::ConnectionOutcome;
+use crate::protocol::{ProtocolError, SqlState};
+use crate::router::NoTarget;
+use crate::server::authenticate::AuthError;
+use crate::server::backend::ConnectFailed;
+use crate::server::handshake::HandshakeError;
+use crate::server::login_gate::QueueTimeout;
+
+/// Why a connection did not become a relayed session.
+#[derive(Debug)]
+pub enum Refusal {
+    /// The PROXY protocol header was missing, broken or untrusted.
+    ProxyHeader(ProtocolError),
+    /// The opening failed: a protocol error, TLS, or a client that left.
+    Handshake(HandshakeError),
+    /// The handshake (opening and login) did not finish within
+    /// `handshake_timeout`; `encrypting` when TLS was being negotiated, so
+    /// no plaintext error can be sent.
+    TimedOut { limit: Duration, encrypting: bool },
+    /// No member has the listener's role (after a hold, if the cluster
+    /// can change).
+    NoTarget(NoTarget),
+    /// The member's login slots stayed taken until the hold time ran out.
+    LoginQueue(QueueTimeout),
+    /// The member could not be reached.
+    Unreachable(ConnectFailed),
+    /// rolegate is shutting down.
+    ShuttingDown,
+    /// The client left before a backend was connected.
+    ClientLeft,
+    /// Authentication did not complete.
+    Authentication(AuthError),
+}
+
+impl Refusal {
+    /// How the connection is counted.
+    pub fn outcome(&self) -> ConnectionOutcome {
+        match self {
+            Self::ProxyHeader(_) => ConnectionOutcome::ProxyHeader,
+            Self::Handshake(HandshakeError::Protocol(_) | HandshakeError::Unanswerable(_)) => {
+                ConnectionOutcome::ProtocolError
+            }
+            Self::Handshake(HandshakeError::Tls(_)) => ConnectionOutcome::TlsError,
+            Self::Handshake(
+                HandshakeError::Closed | HandshakeError::Terminated | HandshakeError::Io(_),
+            )
+            | Self::ClientLeft => ConnectionOutcome::ClientGone,
+            Self::TimedOut { .. } => ConnectionOutcome::HandshakeTimeout,
+            Self::NoTarget(_) | Self::LoginQueue(_) => ConnectionOutcome::NoTarget,
+            Self::Unreachable(_) => ConnectionOutcome::BackendUnreachable,
+            Self::ShuttingDown => ConnectionOutcome::Shutdown,
+            Self::Authentication(e) => match e {
+                AuthError::Client(_) => ConnectionOutcome::ProtocolError,
+                AuthError::Backend(_) => ConnectionOutcome::BackendError,
+                AuthError::Refused => ConnectionOutcome::AuthRefused,
+                AuthError::ClientGone | AuthError::ClientIo(_) => ConnectionOutcome::ClientGone,
+            },
+        }
+    }
+
+    /// The FATAL the client is sent, when it can and should be told: not
+    /// to a client that left or said goodbye, not into a TLS handshake,
+    /// and not when the server already said why.
+    pub fn client_error(&self) -> Option<ProtocolError> {
+        match self {
+            Self::ProxyHeader(e)
+            | Self::Handshake(HandshakeError::Protocol(e))
+            | Self::Authentication(AuthError::Client(e) | AuthError::Backend(e)) => Some(e.clone()),
+            Self::TimedOut {
+                limit,
+                encrypting: false,
+            } => Some(handshake_timeout_error(*limit)),
+            Self::NoTarget(e) => Some(e.to_error()),
+            Self::LoginQueue(e) => Some(e.to_error()),
+            Self::Unreachable(e) => Some(e.to_error()),
+            Self::ShuttingDown => Some(shutdown_error()),
+            Self::Handshake(_)
+            | Self::TimedOut { .. }
+            | Self::ClientLeft
+            | Self::Authentication(_) => None,
+        }
+    }
+
+    /// When the session was turned away because waiting ran out (no
+    /// target, or the login queue), what it waited for: the event log
+    /// records it.
+    pub fn hold_ran_out(&self) -> Option<String> {
+        match self {
+            Self::NoTarget(e) => Some(e.reason()),
+            Self::LoginQueue(e) => Some(e.reason()),
+            _ => None,
+        }
+    }
+}
+
+impl From<NoTarget> for Refusal {
+    fn from(e: NoTarget) -> Self {
+        Self::NoTarget(e)
+    }
+}
+
+impl From<QueueTimeout> for Refusal {
+    fn from(e: QueueTimeout) -> Self {
+        Self::LoginQueue(e)
+    }
+}
+
+impl From<ConnectFailed> for Refusal {
+    fn from(e: ConnectFailed) -> Self {
+        Self::Unreachable(e)
+    }
+}
+
+impl std::fmt::Display for Refusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match (self, self.client_error()) {
+            (Self::Handshake(e), _) => write!(f, "handshake failed: {e}"),
+            (Self::Authentication(e), _) => write!(f, "authentication ended: {e}"),
+            (Self::ClientLeft, _) => f.write_str("the client left before a backend was connected"),
+            (_, Some(e)) => f.write_str(&e.message),
+            (_, None) => f.write_str("the handshake timed out during TLS negotiation"),
+        }
+    }
+}
+
+/// The FATAL of a handshake that ran out of time.
+fn handshake_timeout_error(limit: Duration) -> ProtocolError {
+    ProtocolError::new(
+        SqlState::CONNECTION_FAILURE,
+        format!(
+            "closing the connection: the handshake did not complete within {limit} (handshake_timeout)"
+        ),
+    )
+}
+
+/// The FATAL of a session that rolegate's shutdown turns away or ends.
+pub fn shutdown_error() -> ProtocolError {
+    ProtocolError::new(
+        SqlState::ADMIN_SHUTDOWN,
+        "terminating connection because rolegate is shutting down",
+    )
+    .with_hint("Reconnect; the connection will be served by a running rolegate.")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_refusal_knows_its_outcome_and_what_the_client_is_told() {
+        let limit = Duration::from_secs(10);
+        let cases = [
+            (
+                Refusal::TimedOut {
+                    limit,
+                    encrypting: false,
+                },
+                ConnectionOutcome::HandshakeTimeout,
+                Some(SqlState::CONNECTION_FAILURE),
+            ),
+            (
+                Refusal::TimedOut {
+                    limit,
+                    encrypting: true,
+                },
+                ConnectionOutcome::HandshakeTimeout,
+                None,
+            ),
+            (
+                Refusal::ShuttingDown,
+                ConnectionOutcome::Shutdown,
+                Some(SqlState::ADMIN_SHUTDOWN),
+            ),
+            (Refusal::ClientLeft, ConnectionOutcome::ClientGone, None),
+            (
+                Refusal::Handshake(HandshakeError::Terminated),
+                ConnectionOutcome::ClientGone,
+                None,
+            ),
+            (
+                Refusal::Authentication(AuthError::Refused),
+                ConnectionOutcome::AuthRefused,
+                None,
+            ),
+        ];
+        for (refusal, outcome, told) in cases {
+            assert_eq!(refusal.outcome(), outcome, "{refusal:?}");
+            assert_eq!(
+                refusal.client_error().map(|e| e.sqlstate),
+                told,
+                "{refusal:?}"
+            );
+            assert!(refusal.hold_ran_out().is_none());
+        }
+    }
+}
