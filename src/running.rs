@@ -26,7 +26,7 @@ use crate::logging::LogHandle;
 use crate::server::cancel::siblings;
 use crate::server::listener_set::{ClusterViews, ListenerSet};
 use crate::server::peer_listener;
-use crate::server::socket::bind_listener;
+use crate::server::socket::claim_listener;
 use crate::server::Shared;
 use crate::tls::{server_config, ServerTls};
 use crate::topology::{TaskEnd, Topology};
@@ -92,7 +92,7 @@ impl Running {
             background,
         };
         if let Some(fleet) = &config.fleet {
-            running.join_fleet(fleet)?;
+            running.join_fleet(fleet, inherited.predecessor)?;
         }
         running.apply(&config, &mut inherited)?;
         let shared = Arc::clone(&running.shared);
@@ -188,12 +188,13 @@ impl Running {
         });
     }
 
-    /// Joins the fleet `config` describes: binds the peer listener, and with
+    /// Joins the fleet `config` describes: binds the peer listener (beside
+    /// `predecessor`'s, if it is the process this one took over from), and with
     /// etcd starts claiming an id and following the peers. Read once per
     /// process (a change of `[fleet]` needs a restart).
-    fn join_fleet(&mut self, config: &FleetConfig) -> Result<(), String> {
+    fn join_fleet(&mut self, config: &FleetConfig, predecessor: Option<u32>) -> Result<(), String> {
         let addr = parse_socket_addr(&config.listen).map_err(|e| format!("fleet.listen: {e}"))?;
-        let socket = bind_listener(addr)
+        let socket = claim_listener(addr, predecessor)
             .map_err(|e| format!("fleet.listen: cannot listen on {addr}: {e}"))?;
         let connector = if config.etcd.is_empty() {
             None
@@ -255,7 +256,7 @@ fn bind_admin(
     let addr = parse_socket_addr(listen).map_err(|e| format!("admin.listen: {e}"))?;
     let socket = match inherited.take(&Offered::admin_key(addr)) {
         Some(socket) => TcpListener::from_std(socket),
-        None => bind_listener(addr),
+        None => claim_listener(addr, inherited.predecessor),
     }
     .map_err(|e| format!("admin.listen: cannot listen on {addr}: {e}"))?;
     Ok((addr, Arc::new(socket)))
