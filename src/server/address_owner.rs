@@ -15,18 +15,18 @@
 //! until it has let its sockets go. Anything else is refused, as a plain
 //! bind would be ("address already in use"), naming the other program
 //! where `/proc` says: the listening socket's inode from
-//! `/proc/net/tcp{,6}`, the processes holding it from `/proc/*/fd`, and
-//! their command lines. This module only reads; it never binds for good.
+//! `/proc/net/tcp{,6}`, the processes holding it from `/proc/*/fd` (see
+//! [`crate::proc_net`]). This module only probes; it never binds for good.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use socket2::{Domain, Protocol, Socket, Type};
 
-/// The most characters of another program's command line an error shows.
-const MAX_PROGRAM: usize = 160;
+use crate::proc_net::{processes_holding, Process};
+
 /// The TCP state `/proc/net/tcp` prints for a listening socket.
 const LISTEN: &str = "0A";
 
@@ -45,12 +45,6 @@ struct Holder {
     processes: Vec<Process>,
 }
 
-#[derive(Debug, Clone, PartialEq)]
-struct Process {
-    pid: u32,
-    program: Option<String>,
-}
-
 impl fmt::Display for AddressTaken {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "address already in use")?;
@@ -59,12 +53,7 @@ impl fmt::Display for AddressTaken {
             if holder.processes.is_empty() {
                 named.push(format!("a program of uid {}", holder.uid));
             }
-            for process in &holder.processes {
-                named.push(match &process.program {
-                    Some(program) => format!("pid {} ({program})", process.pid),
-                    None => format!("pid {}", process.pid),
-                });
-            }
+            named.extend(holder.processes.iter().map(Process::to_string));
         }
         named.dedup();
         if !named.is_empty() {
@@ -125,7 +114,8 @@ fn holders(addr: SocketAddr) -> Vec<Holder> {
     if sockets.is_empty() {
         return Vec::new();
     }
-    let mut processes = processes_holding(&sockets);
+    let inodes: BTreeSet<u64> = sockets.keys().copied().collect();
+    let mut processes = processes_holding(&inodes);
     sockets
         .into_iter()
         .map(|(inode, uid)| Holder {
@@ -188,67 +178,6 @@ fn clash(a: IpAddr, b: IpAddr) -> bool {
         }
         (IpAddr::V4(_), IpAddr::V6(v6)) | (IpAddr::V6(v6), IpAddr::V4(_)) => v6.is_unspecified(),
     }
-}
-
-/// For each socket inode, the processes that hold it, as far as this
-/// process may read their descriptors.
-fn processes_holding(sockets: &BTreeMap<u64, u32>) -> BTreeMap<u64, Vec<Process>> {
-    let mut found: BTreeMap<u64, Vec<Process>> = BTreeMap::new();
-    let Ok(entries) = std::fs::read_dir("/proc") else {
-        return found;
-    };
-    for entry in entries.flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|n| n.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        let Ok(fds) = std::fs::read_dir(entry.path().join("fd")) else {
-            continue;
-        };
-        let mut held: Vec<u64> = fds
-            .flatten()
-            .filter_map(|fd| std::fs::read_link(fd.path()).ok())
-            .filter_map(|target| socket_inode(&target.to_string_lossy()))
-            .filter(|inode| sockets.contains_key(inode))
-            .collect();
-        held.dedup();
-        for inode in held {
-            found.entry(inode).or_default().push(Process {
-                pid,
-                program: program(pid),
-            });
-        }
-    }
-    found
-}
-
-/// `socket:[12345]` → 12345.
-fn socket_inode(link: &str) -> Option<u64> {
-    link.strip_prefix("socket:[")?
-        .strip_suffix(']')?
-        .parse()
-        .ok()
-}
-
-/// A process's command line (or, failing that, its name), printable and
-/// bounded: it is the other program's to choose.
-fn program(pid: u32) -> Option<String> {
-    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-    let text = if cmdline.is_empty() {
-        std::fs::read_to_string(format!("/proc/{pid}/comm")).ok()?
-    } else {
-        String::from_utf8_lossy(&cmdline).replace('\0', " ")
-    };
-    let printable: String = text
-        .trim()
-        .chars()
-        .map(|c| if c.is_control() { '?' } else { c })
-        .take(MAX_PROGRAM)
-        .collect();
-    (!printable.is_empty()).then_some(printable)
 }
 
 #[cfg(test)]
