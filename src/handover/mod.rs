@@ -16,7 +16,9 @@
 //! predecessor without any file to create or clean up, and one network
 //! namespace (host, container, pod) is exactly where listening ports can
 //! clash. A peer is served only when it runs as the same user (or root),
-//! read from `SO_PEERCRED`.
+//! read from `SO_PEERCRED`. Anyone may bind an abstract name first, so a
+//! holder of another user is named in a warning ([`name_holder`]). The
+//! sockets travel in framed messages ([`frame`]).
 //!
 //! The new process asks once, at start, before binding anything. The name
 //! is held by the oldest process still running; a process that received
@@ -40,11 +42,15 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 mod frame;
+mod name_holder;
 
 /// How long a new process waits for its predecessor's answer.
 const ASK_TIMEOUT: Duration = Duration::from_secs(5);
 /// How often a process that received sockets tries to take the name over.
 const TAKE_OVER_INTERVAL: Duration = Duration::from_millis(500);
+/// Every how many tries it looks who holds the name (at the first, then
+/// each minute): one of another user is named in a warning.
+const LOOK_EVERY: u64 = 120;
 /// The most sockets one message carries (the kernel's limit per message
 /// is 253). A handover sends as many messages as its sockets need: a
 /// client listener has one socket per event loop, so a 64-CPU machine with
@@ -115,6 +121,26 @@ pub fn ask(name: &str) -> Inherited {
             return Inherited::default();
         }
     };
+    match socket_peercred(&stream) {
+        Ok(peer) if !same_user(peer.uid.as_raw()) => {
+            name_holder::warn_foreign(
+                name,
+                name_holder::Foreign {
+                    pid: peer_pid(&stream),
+                    uid: peer.uid.as_raw(),
+                },
+            );
+            return Inherited::default();
+        }
+        Ok(_) => {}
+        Err(e) => {
+            warn!(
+                name,
+                "could not tell who answered the handover ({e}); binding anew"
+            );
+            return Inherited::default();
+        }
+    }
     let predecessor = peer_pid(&stream);
     match receive(&stream) {
         Ok(sockets) => {
@@ -139,12 +165,11 @@ pub fn ask(name: &str) -> Inherited {
     }
 }
 
-/// Connects to the rolegate holding `name`, if it runs as this user.
+/// Connects to the process holding `name`.
 fn connect(name: &str) -> io::Result<UnixStream> {
     let address = UnixAddr::from_abstract_name(name.as_bytes())?;
     let stream = UnixStream::connect_addr(&address)?;
     stream.set_read_timeout(Some(ASK_TIMEOUT))?;
-    check_same_user(&stream)?;
     Ok(stream)
 }
 
@@ -229,7 +254,8 @@ impl Offered {
 }
 
 /// Serves successors under `name` until `stop`: at once when the name is
-/// free, else once the process holding it lets it go. `handed_to` learns
+/// free, else once the process holding it lets it go (warning when that
+/// process is another user's, see [`name_holder`]). `handed_to` learns
 /// the process id of each successor that took the sockets.
 pub async fn serve(
     name: String,
@@ -237,10 +263,25 @@ pub async fn serve(
     stop: CancellationToken,
     handed_to: impl Fn(u32) + Send + 'static,
 ) {
+    let mut warned = None;
+    let mut attempts: u64 = 0;
     let listener = loop {
         match bind(&name) {
             Ok(listener) => break listener,
             Err(e) if e.kind() == io::ErrorKind::AddrInUse => {
+                if attempts % LOOK_EVERY == 0 {
+                    let asked = name.clone();
+                    let holder =
+                        tokio::task::spawn_blocking(move || name_holder::foreign_holder(&asked))
+                            .await
+                            .ok()
+                            .flatten();
+                    if let Some(holder) = holder.filter(|h| Some(*h) != warned) {
+                        name_holder::warn_foreign(&name, holder);
+                        warned = Some(holder);
+                    }
+                }
+                attempts += 1;
                 tokio::select! {
                     () = tokio::time::sleep(TAKE_OVER_INTERVAL) => continue,
                     () = stop.cancelled() => return,
