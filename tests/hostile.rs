@@ -8,6 +8,7 @@ mod support;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
+use std::os::unix::process::CommandExt;
 use std::time::{Duration, Instant};
 
 use libtest_mimic::Failed;
@@ -58,6 +59,10 @@ fn main() {
         (
             "a_reload_onto_a_taken_port_is_refused_and_serving_goes_on",
             a_reload_onto_a_taken_port_is_refused_and_serving_goes_on,
+        ),
+        (
+            "a_handover_name_held_by_another_user_is_named",
+            a_handover_name_held_by_another_user_is_named,
         ),
     ];
     run_suite(tests, || StaticCluster::start("hostile"), false);
@@ -729,4 +734,80 @@ fn a_reload_onto_a_taken_port_is_refused_and_serving_goes_on(env: &Env) -> Resul
     })?;
     drop(stranger);
     Ok(())
+}
+
+/// The handover name follows the configuration's path, and anyone may bind
+/// an abstract name: here a rolegate run as `nobody` on the same path (its
+/// own ports) holds it first. The rolegate started after it (as root, its
+/// own ports) starts, and says loudly, both when it asks and while it
+/// waits to take the name over, which process of which uid holds it.
+fn a_handover_name_held_by_another_user_is_named(env: &Env) -> Result<(), Failed> {
+    const NOBODY: u32 = 65534;
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("skipped: running a process as another user needs root");
+        return Ok(());
+    }
+    let admin = |port: u16| format!("[admin]\nlisten = \"127.0.0.1:{port}\"\n\n");
+    let path = env.root.join("squatted.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "{}{}",
+            admin(free_port()),
+            env.config(free_port(), free_port(), "")
+        ),
+    )?;
+    let squatter_log = env.root.join("squatter.log");
+    let mut squatter = std::process::Command::new(env!("CARGO_BIN_EXE_rolegate"))
+        .arg("--config")
+        .arg(&path)
+        .env("RUST_LOG", "rolegate=debug")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&squatter_log)?)
+        .uid(NOBODY)
+        .gid(NOBODY)
+        .spawn()?;
+    let squatter_pid = squatter.id();
+    let outcome = (|| {
+        wait_until(Duration::from_secs(20), "the squatter to be ready", || {
+            let log = std::fs::read_to_string(&squatter_log).unwrap_or_default();
+            if let Ok(Some(status)) = squatter.try_wait() {
+                panic!("the squatter exited ({status}):\n{log}");
+            }
+            log.contains("rolegate is ready").then_some(())
+        });
+        std::fs::write(
+            &path,
+            format!(
+                "{}{}",
+                admin(free_port()),
+                env.config(free_port(), free_port(), "")
+            ),
+        )?;
+        let mut rolegate = Rolegate::spawn(&path, &env.root.join("squatted.log"));
+        rolegate.wait_ready();
+        let named = format!("is held by pid {squatter_pid} of uid {NOBODY}, another user");
+        let told = support::holds_within(Duration::from_secs(10), || {
+            rolegate.log().matches(&named).count() >= 2
+        });
+        check(
+            told,
+            format!(
+                "the log names the holder when asking and when waiting ({named:?}):\n{}",
+                rolegate.log()
+            ),
+        )?;
+        check(
+            rolegate.log().contains("@rolegate:"),
+            format!("the warning names the socket:\n{}", rolegate.log()),
+        )
+    })();
+    support::process::stop_pid(
+        i32::try_from(squatter_pid)?,
+        Signal::SIGKILL,
+        Duration::from_secs(5),
+    );
+    let _ = squatter.wait();
+    outcome
 }
