@@ -64,6 +64,10 @@ fn main() {
             "a_handover_name_held_by_another_user_is_named",
             a_handover_name_held_by_another_user_is_named,
         ),
+        (
+            "a_third_process_in_a_fleet_starts_while_the_first_drains",
+            a_third_process_in_a_fleet_starts_while_the_first_drains,
+        ),
     ];
     run_suite(tests, || StaticCluster::start("hostile"), false);
 }
@@ -810,4 +814,49 @@ fn a_handover_name_held_by_another_user_is_named(env: &Env) -> Result<(), Failed
     );
     let _ = squatter.wait();
     outcome
+}
+
+/// Two restarts in quick succession in a fleet: the first process still
+/// drains a session (and so still serves the peer port) when the third
+/// starts. The third may share every address with the process it took
+/// over from, and the peer port is one socket handed from each to the
+/// next, so it starts; were the second's peer socket its own, the first's
+/// would be a stranger to the third.
+fn a_third_process_in_a_fleet_starts_while_the_first_drains(env: &Env) -> Result<(), Failed> {
+    let peer = free_port();
+    let (first, rw, _ro) = env.rolegate(
+        "generations",
+        &format!(
+            "[limits]\nshutdown_timeout = \"30s\"\n\n[fleet]\nlisten = \"127.0.0.1:{peer}\"\nid = 1\n"
+        ),
+    );
+    let log = |n: usize| env.root.join(format!("generations-{n}.log"));
+    runtime().block_on(async {
+        let draining = connect(&conninfo(rw, "app", "app")).await?;
+        let mut second = Rolegate::spawn(&first.config_path, &log(2));
+        second.wait_ready();
+        first.signal(Signal::SIGTERM);
+        wait_until(
+            Duration::from_secs(15),
+            "the second process to take the handover name over",
+            || {
+                second
+                    .log()
+                    .contains("offering the listening sockets to a successor")
+                    .then_some(())
+            },
+        );
+        let mut third = Rolegate::spawn(&first.config_path, &log(3));
+        let started = support::holds_within(Duration::from_secs(20), || {
+            third.log().contains("rolegate is ready") || third.wait_exit(Duration::ZERO).is_some()
+        });
+        check(
+            started && third.log().contains("rolegate is ready"),
+            format!("the third process did not start:\n{}", third.log()),
+        )?;
+        draining.simple_query("select 1").await?;
+        let fresh = connect(&conninfo(rw, "app", "app")).await?;
+        fresh.simple_query("select 1").await?;
+        Ok::<_, Failed>(())
+    })
 }

@@ -240,6 +240,11 @@ impl Offered {
         format!("admin {addr}")
     }
 
+    /// The key of the fleet's peer listener on `addr`.
+    pub fn peer_key(addr: SocketAddr) -> String {
+        format!("peer {addr}")
+    }
+
     /// Replaces what is offered.
     pub fn set(&self, sockets: Vec<(String, Arc<dyn AsFd + Send + Sync>)>) {
         *self.sockets.lock().unwrap_or_else(|p| p.into_inner()) = sockets;
