@@ -152,13 +152,11 @@ mod tests {
     use crate::handover::{hand_over, receive, Offered, SOCKETS_PER_MESSAGE};
     use std::time::Duration;
 
+    /// Sockets as a handover offers them, by key.
+    type OfferedSockets = Vec<(String, Arc<dyn AsFd + Send + Sync>)>;
+
     /// Offers `count` listening sockets of their own, keyed by address.
-    fn offered_listeners(
-        count: usize,
-    ) -> (
-        Vec<Arc<std::net::TcpListener>>,
-        Vec<(String, Arc<dyn AsFd + Send + Sync>)>,
-    ) {
+    fn offered_listeners(count: usize) -> (Vec<Arc<std::net::TcpListener>>, OfferedSockets) {
         let listeners: Vec<_> = (0..count)
             .map(|_| Arc::new(std::net::TcpListener::bind("127.0.0.1:0").expect("bind")))
             .collect();
@@ -174,7 +172,7 @@ mod tests {
 
     /// What `hand_over` wrote, read back as the kernel delivers it: each
     /// read's bytes and the sockets that came with them.
-    fn captured(offered: &[(String, Arc<dyn AsFd + Send + Sync>)]) -> Vec<(Vec<u8>, Vec<OwnedFd>)> {
+    fn captured(offered: &OfferedSockets) -> Vec<(Vec<u8>, Vec<OwnedFd>)> {
         let (ours, theirs) = UnixStream::pair().expect("socket pair");
         hand_over(&ours, offered).expect("sent");
         drop(ours);
