@@ -24,6 +24,8 @@
 //! - [`reload`]: SIGHUP re-reads `proxy.toml` and applies what it can.
 //! - [`handover`]: a new process takes over the listening sockets of the
 //!   one it replaces, so restarts refuse no connection.
+//! - [`proc_net`]: which processes hold a socket, for naming another
+//!   program on rolegate's addresses.
 //! - [`tls`]: rustls configurations for clients and backends.
 //! - [`logging`]: the `tracing` subscriber.
 
@@ -36,6 +38,7 @@ pub mod fleet;
 pub mod handover;
 pub mod logging;
 pub mod metrics;
+pub mod proc_net;
 pub mod protocol;
 pub mod proxy;
 pub mod reload;

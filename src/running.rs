@@ -26,7 +26,7 @@ use crate::logging::LogHandle;
 use crate::server::cancel::siblings;
 use crate::server::listener_set::{ClusterViews, ListenerSet};
 use crate::server::peer_listener;
-use crate::server::socket::bind_listener;
+use crate::server::socket::claim_listener;
 use crate::server::Shared;
 use crate::tls::{server_config, ServerTls};
 use crate::topology::{TaskEnd, Topology};
@@ -48,6 +48,8 @@ pub struct Running {
     listeners: ListenerSet,
     admin: Arc<Admin>,
     admin_endpoint: Option<AdminEndpoint>,
+    /// The fleet's peer listener, offered to a successor with the others.
+    peer_socket: Option<Arc<TcpListener>>,
     server_tls: Option<Arc<ServerTls>>,
     log: LogHandle,
     /// The listening sockets a successor may take over.
@@ -85,6 +87,7 @@ impl Running {
             listeners: ListenerSet::default(),
             admin,
             admin_endpoint: None,
+            peer_socket: None,
             server_tls: None,
             log,
             offered: Arc::new(Offered::default()),
@@ -92,7 +95,7 @@ impl Running {
             background,
         };
         if let Some(fleet) = &config.fleet {
-            running.join_fleet(fleet)?;
+            running.join_fleet(fleet, &mut inherited)?;
         }
         running.apply(&config, &mut inherited)?;
         let shared = Arc::clone(&running.shared);
@@ -188,13 +191,23 @@ impl Running {
         });
     }
 
-    /// Joins the fleet `config` describes: binds the peer listener, and with
-    /// etcd starts claiming an id and following the peers. Read once per
-    /// process (a change of `[fleet]` needs a restart).
-    fn join_fleet(&mut self, config: &FleetConfig) -> Result<(), String> {
+    /// Joins the fleet `config` describes: takes the peer listener over
+    /// from the predecessor (or binds it), and with etcd starts claiming an
+    /// id and following the peers. Read once per process (a change of
+    /// `[fleet]` needs a restart).
+    fn join_fleet(
+        &mut self,
+        config: &FleetConfig,
+        inherited: &mut Inherited,
+    ) -> Result<(), String> {
         let addr = parse_socket_addr(&config.listen).map_err(|e| format!("fleet.listen: {e}"))?;
-        let socket = bind_listener(addr)
-            .map_err(|e| format!("fleet.listen: cannot listen on {addr}: {e}"))?;
+        let socket = match inherited.take(&Offered::peer_key(addr)) {
+            Some(socket) => TcpListener::from_std(socket),
+            None => claim_listener(addr, inherited.predecessor),
+        }
+        .map_err(|e| format!("fleet.listen: cannot listen on {addr}: {e}"))?;
+        let socket = Arc::new(socket);
+        self.peer_socket = Some(Arc::clone(&socket));
         let connector = if config.etcd.is_empty() {
             None
         } else {
@@ -228,6 +241,14 @@ impl Running {
                 ));
             }
         }
+        if let Some(socket) = &self.peer_socket {
+            if let Ok(addr) = socket.local_addr() {
+                sockets.push((
+                    Offered::peer_key(addr),
+                    Arc::clone(socket) as Arc<dyn AsFd + Send + Sync>,
+                ));
+            }
+        }
         self.offered.set(sockets);
     }
 
@@ -255,7 +276,7 @@ fn bind_admin(
     let addr = parse_socket_addr(listen).map_err(|e| format!("admin.listen: {e}"))?;
     let socket = match inherited.take(&Offered::admin_key(addr)) {
         Some(socket) => TcpListener::from_std(socket),
-        None => bind_listener(addr),
+        None => claim_listener(addr, inherited.predecessor),
     }
     .map_err(|e| format!("admin.listen: cannot listen on {addr}: {e}"))?;
     Ok((addr, Arc::new(socket)))

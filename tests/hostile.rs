@@ -1,12 +1,14 @@
 //! Hostile clients and dying backends: malformed openings, slowloris,
 //! connection floods, a backend killed mid-query, a second SIGTERM. Each
 //! case gets a protocol error or a close within `handshake_timeout`, and a
-//! healthy session beside it keeps working.
+//! healthy session beside it keeps working. And other programs on
+//! rolegate's ports: refused at start and at reload, not shared.
 
 mod support;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
+use std::os::unix::process::CommandExt;
 use std::time::{Duration, Instant};
 
 use libtest_mimic::Failed;
@@ -49,6 +51,22 @@ fn main() {
         (
             "a_second_sigterm_ends_at_once",
             a_second_sigterm_ends_at_once,
+        ),
+        (
+            "a_port_another_program_listens_on_is_refused",
+            a_port_another_program_listens_on_is_refused,
+        ),
+        (
+            "a_reload_onto_a_taken_port_is_refused_and_serving_goes_on",
+            a_reload_onto_a_taken_port_is_refused_and_serving_goes_on,
+        ),
+        (
+            "a_handover_name_held_by_another_user_is_named",
+            a_handover_name_held_by_another_user_is_named,
+        ),
+        (
+            "a_third_process_in_a_fleet_starts_while_the_first_drains",
+            a_third_process_in_a_fleet_starts_while_the_first_drains,
         ),
     ];
     run_suite(tests, || StaticCluster::start("hostile"), false);
@@ -571,4 +589,274 @@ fn a_second_sigterm_ends_at_once(env: &Env) -> Result<(), Failed> {
         .wait_exit(Duration::from_secs(10))
         .ok_or("rolegate did not exit")?;
     check(status.success(), format!("exit status {status}"))
+}
+
+/// Another program listening on `port` the way HAProxy does by default
+/// (and PgBouncer with `so_reuseport`): with `SO_REUSEPORT`, which a
+/// socket of the same user that sets it too may join.
+fn reuseport_listener(port: u16) -> Result<std::net::TcpListener, Failed> {
+    use socket2::{Domain, Socket, Type};
+    let socket = Socket::new(Domain::IPV4, Type::STREAM, None)?;
+    socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
+    socket.bind(&std::net::SocketAddr::from(([127, 0, 0, 1], port)).into())?;
+    socket.listen(16)?;
+    Ok(socket.into())
+}
+
+/// Spawns rolegate on `config` and expects it to refuse to start, with
+/// `expect` in its log.
+fn refuses_to_start(env: &Env, name: &str, config: &str, expect: &str) -> Result<(), Failed> {
+    let path = env.root.join(format!("{name}.toml"));
+    std::fs::write(&path, config)?;
+    let mut rolegate = Rolegate::spawn(&path, &env.root.join(format!("{name}.log")));
+    let status = rolegate.wait_exit(Duration::from_secs(20));
+    check(
+        status.is_some_and(|s| !s.success()),
+        format!(
+            "{name}: rolegate started beside another program ({status:?}):\n{}",
+            rolegate.log()
+        ),
+    )?;
+    check(
+        rolegate.log().contains(expect),
+        format!("{name}: the refusal says {expect:?}:\n{}", rolegate.log()),
+    )
+}
+
+/// A listener, the admin endpoint and the fleet's peer port, each on a
+/// port another program listens on with `SO_REUSEPORT`, and a listener
+/// on a port another rolegate (of another configuration) serves: each
+/// time rolegate refuses to start, naming the key, the address and the
+/// other program, instead of sharing the port with it.
+fn a_port_another_program_listens_on_is_refused(env: &Env) -> Result<(), Failed> {
+    let own = std::process::id();
+    let admin = |port: u16| format!("[admin]\nlisten = \"127.0.0.1:{port}\"\n\n");
+    let taken = free_port();
+    let _stranger = reuseport_listener(taken)?;
+    let in_use = |key: &str, port: u16, pid: u32| {
+        format!("{key}: cannot listen on 127.0.0.1:{port}: address already in use by pid {pid} (")
+    };
+    refuses_to_start(
+        env,
+        "taken-listener",
+        &format!(
+            "{}{}",
+            admin(free_port()),
+            env.config(taken, free_port(), "")
+        ),
+        &in_use("listeners[0].listen", taken, own),
+    )?;
+    refuses_to_start(
+        env,
+        "taken-admin",
+        &format!(
+            "{}{}",
+            admin(taken),
+            env.config(free_port(), free_port(), "")
+        ),
+        &in_use("admin.listen", taken, own),
+    )?;
+    refuses_to_start(
+        env,
+        "taken-peer-port",
+        &format!(
+            "{}{}",
+            admin(free_port()),
+            env.config(
+                free_port(),
+                free_port(),
+                &format!("\n[fleet]\nlisten = \"127.0.0.1:{taken}\"\nid = 1\n")
+            )
+        ),
+        &in_use("fleet.listen", taken, own),
+    )?;
+
+    let (first, rw, _ro) = env.rolegate("first-of-two", "");
+    let other = u32::try_from(first.pid())?;
+    refuses_to_start(
+        env,
+        "second-of-two",
+        &format!("{}{}", admin(free_port()), env.config(rw, free_port(), "")),
+        &in_use("listeners[0].listen", rw, other),
+    )?;
+    check(
+        first
+            .log()
+            .lines()
+            .all(|line| !line.contains("handed the listening sockets")),
+        "the first rolegate handed nothing to the second",
+    )
+}
+
+/// A reload that adds a listener on a port another program listens on
+/// (with `SO_REUSEPORT`) is refused whole, naming the key, the address
+/// and the program; the running listeners go on serving.
+fn a_reload_onto_a_taken_port_is_refused_and_serving_goes_on(env: &Env) -> Result<(), Failed> {
+    const APPLIED: &str = "SIGHUP: reloaded the configuration";
+    const REFUSED: &str = "keeping the configuration in use";
+    let (rolegate, rw, ro) = env.rolegate("reload-taken", "");
+    // Keep the [admin] table the harness wrote.
+    let admin = std::fs::read_to_string(&rolegate.config_path)?
+        .lines()
+        .take_while(|l| !l.starts_with("[clusters"))
+        .collect::<Vec<_>>()
+        .join("\n");
+    let taken = free_port();
+    let stranger = reuseport_listener(taken)?;
+    let added = format!(
+        "\n[[listeners]]\nlisten = \"127.0.0.1:{taken}\"\ncluster = \"main\"\nrole = \"primary\"\n"
+    );
+    std::fs::write(
+        &rolegate.config_path,
+        format!("{admin}\n{}", env.config(rw, ro, &added)),
+    )?;
+    rolegate.signal(Signal::SIGHUP);
+    wait_until(Duration::from_secs(15), "the reload's outcome", || {
+        let log = rolegate.log();
+        (log.contains(APPLIED) || log.contains(REFUSED)).then_some(())
+    });
+    let log = rolegate.log();
+    check(
+        log.contains(REFUSED) && !log.contains(APPLIED),
+        format!("the reload was applied beside another program:\n{log}"),
+    )?;
+    let expect = format!(
+        "listeners[2].listen: cannot listen on 127.0.0.1:{taken}: address already in use by pid {} (",
+        std::process::id()
+    );
+    check(
+        log.contains(&expect),
+        format!("the refusal says {expect:?}:\n{log}"),
+    )?;
+    runtime().block_on(async {
+        for port in [rw, ro] {
+            let client = connect(&conninfo(port, "app", "app")).await?;
+            client.simple_query("select 1").await?;
+        }
+        Ok::<_, Failed>(())
+    })?;
+    drop(stranger);
+    Ok(())
+}
+
+/// The handover name follows the configuration's path, and anyone may bind
+/// an abstract name: here a rolegate run as `nobody` on the same path (its
+/// own ports) holds it first. The rolegate started after it (as root, its
+/// own ports) starts, and says loudly, both when it asks and while it
+/// waits to take the name over, which process of which uid holds it.
+fn a_handover_name_held_by_another_user_is_named(env: &Env) -> Result<(), Failed> {
+    const NOBODY: u32 = 65534;
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("skipped: running a process as another user needs root");
+        return Ok(());
+    }
+    let admin = |port: u16| format!("[admin]\nlisten = \"127.0.0.1:{port}\"\n\n");
+    let path = env.root.join("squatted.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "{}{}",
+            admin(free_port()),
+            env.config(free_port(), free_port(), "")
+        ),
+    )?;
+    let squatter_log = env.root.join("squatter.log");
+    let mut squatter = std::process::Command::new(env!("CARGO_BIN_EXE_rolegate"))
+        .arg("--config")
+        .arg(&path)
+        .env("RUST_LOG", "rolegate=debug")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&squatter_log)?)
+        .uid(NOBODY)
+        .gid(NOBODY)
+        .spawn()?;
+    let squatter_pid = squatter.id();
+    let outcome = (|| {
+        wait_until(Duration::from_secs(20), "the squatter to be ready", || {
+            let log = std::fs::read_to_string(&squatter_log).unwrap_or_default();
+            if let Ok(Some(status)) = squatter.try_wait() {
+                panic!("the squatter exited ({status}):\n{log}");
+            }
+            log.contains("rolegate is ready").then_some(())
+        });
+        std::fs::write(
+            &path,
+            format!(
+                "{}{}",
+                admin(free_port()),
+                env.config(free_port(), free_port(), "")
+            ),
+        )?;
+        let mut rolegate = Rolegate::spawn(&path, &env.root.join("squatted.log"));
+        rolegate.wait_ready();
+        let named = format!("is held by pid {squatter_pid} of uid {NOBODY}, another user");
+        let told = support::holds_within(Duration::from_secs(10), || {
+            rolegate.log().matches(&named).count() >= 2
+        });
+        check(
+            told,
+            format!(
+                "the log names the holder when asking and when waiting ({named:?}):\n{}",
+                rolegate.log()
+            ),
+        )?;
+        check(
+            rolegate.log().contains("@rolegate:"),
+            format!("the warning names the socket:\n{}", rolegate.log()),
+        )
+    })();
+    support::process::stop_pid(
+        i32::try_from(squatter_pid)?,
+        Signal::SIGKILL,
+        Duration::from_secs(5),
+    );
+    let _ = squatter.wait();
+    outcome
+}
+
+/// Two restarts in quick succession in a fleet: the first process still
+/// drains a session (and so still serves the peer port) when the third
+/// starts. The third may share every address with the process it took
+/// over from, and the peer port is one socket handed from each to the
+/// next, so it starts; were the second's peer socket its own, the first's
+/// would be a stranger to the third.
+fn a_third_process_in_a_fleet_starts_while_the_first_drains(env: &Env) -> Result<(), Failed> {
+    let peer = free_port();
+    let (first, rw, _ro) = env.rolegate(
+        "generations",
+        &format!(
+            "[limits]\nshutdown_timeout = \"30s\"\n\n[fleet]\nlisten = \"127.0.0.1:{peer}\"\nid = 1\n"
+        ),
+    );
+    let log = |n: usize| env.root.join(format!("generations-{n}.log"));
+    runtime().block_on(async {
+        let draining = connect(&conninfo(rw, "app", "app")).await?;
+        let mut second = Rolegate::spawn(&first.config_path, &log(2));
+        second.wait_ready();
+        first.signal(Signal::SIGTERM);
+        wait_until(
+            Duration::from_secs(15),
+            "the second process to take the handover name over",
+            || {
+                second
+                    .log()
+                    .contains("offering the listening sockets to a successor")
+                    .then_some(())
+            },
+        );
+        let mut third = Rolegate::spawn(&first.config_path, &log(3));
+        let started = support::holds_within(Duration::from_secs(20), || {
+            third.log().contains("rolegate is ready") || third.wait_exit(Duration::ZERO).is_some()
+        });
+        check(
+            started && third.log().contains("rolegate is ready"),
+            format!("the third process did not start:\n{}", third.log()),
+        )?;
+        draining.simple_query("select 1").await?;
+        let fresh = connect(&conninfo(rw, "app", "app")).await?;
+        fresh.simple_query("select 1").await?;
+        Ok::<_, Failed>(())
+    })
 }

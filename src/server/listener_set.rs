@@ -32,7 +32,7 @@ use tracing::{info, warn};
 
 use super::handshake::ListenerTls;
 use super::proxy_protocol::ProxyPolicy;
-use super::socket::{bind_std_listener, tune_listener};
+use super::socket::{bind_std_listener, claim_std_listener, tune_listener};
 use super::{listener, BackendTlsSettings, ListenerContext, Shared};
 use crate::config::{parse_cidr, parse_socket_addr, Config, ListenerConfig, TlsMode};
 use crate::handover::{Inherited, Offered};
@@ -302,7 +302,8 @@ impl ListenerSet {
 
 /// The sockets of a new listener on `addr`: every one a predecessor
 /// handed over, then new ones bound beside them until each of `loops`
-/// event loops has one.
+/// event loops has one. With none handed over, the address is claimed
+/// first: anything but the predecessor listening there is refused.
 fn open_sockets(
     addr: SocketAddr,
     loops: usize,
@@ -317,7 +318,7 @@ fn open_sockets(
     let bound = match sockets.first() {
         Some(first) => first.local_addr()?,
         None => {
-            let first = bind_std_listener(addr)?;
+            let first = claim_std_listener(addr, inherited.predecessor)?;
             let bound = first.local_addr()?;
             sockets.push(Arc::new(first));
             bound

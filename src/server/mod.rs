@@ -12,6 +12,7 @@
 //! requests to the backend that issued a key, or to the fleet instance
 //! that did, whose [`peer_listener`] takes them.
 
+pub mod address_owner;
 pub mod authenticate;
 pub mod backend;
 pub mod cancel;

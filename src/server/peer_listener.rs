@@ -26,7 +26,7 @@ const MAX_CONNECTIONS: usize = 256;
 const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
 
 /// Accepts forwarded cancel requests until `stop`.
-pub async fn serve(listener: TcpListener, shared: Arc<Shared>, stop: CancellationToken) {
+pub async fn serve(listener: Arc<TcpListener>, shared: Arc<Shared>, stop: CancellationToken) {
     if let Ok(addr) = listener.local_addr() {
         info!(listen = %addr, "fleet: accepting cancel requests from peers");
     }

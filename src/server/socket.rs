@@ -4,7 +4,9 @@
 //! Listening sockets are bound with `SO_REUSEPORT`: a second rolegate
 //! started with the same configuration binds beside the running one
 //! instead of failing, which is how a restart or an upgrade starts (see
-//! [`crate::handover`] for how it then avoids resetting connections).
+//! [`crate::handover`] for how it then avoids resetting connections). An
+//! address rolegate holds no socket for yet is claimed first: only that
+//! predecessor may be listening there (see [`super::address_owner`]).
 //!
 //! `TCP_NODELAY`: queries and results are small writes that must not wait
 //! for Nagle's algorithm.
@@ -24,20 +26,37 @@ use socket2::{Domain, Protocol, SockRef, Socket, TcpKeepalive, Type};
 use tokio::net::{TcpListener, TcpStream};
 use tracing::debug;
 
+use super::address_owner::check_free;
+
 const PROBES: u32 = 4;
 /// Connections the kernel queues for a listener before rolegate accepts
 /// them (as tokio's and std's own `bind`).
 const LISTEN_BACKLOG: i32 = 1024;
 
-/// Binds a listening socket on `addr` with `SO_REUSEADDR` and
-/// `SO_REUSEPORT`, registered with the caller's runtime.
-pub fn bind_listener(addr: SocketAddr) -> io::Result<TcpListener> {
-    TcpListener::from_std(bind_std_listener(addr)?)
+/// Binds a listening socket on `addr`, which this process holds no socket
+/// for, registered with the caller's runtime: as [`claim_std_listener`].
+pub fn claim_listener(addr: SocketAddr, predecessor: Option<u32>) -> io::Result<TcpListener> {
+    TcpListener::from_std(claim_std_listener(addr, predecessor)?)
 }
 
-/// As [`bind_listener`], but not yet registered with any runtime (and
-/// non-blocking, as a runtime expects): for sockets that a loop other
-/// than the caller's accepts on.
+/// Binds the first listening socket on `addr`, which this process holds no
+/// socket for: fails as a plain bind would ("address already in use",
+/// naming the other program) when anything but `predecessor` (the process
+/// this one took over from) listens there. Not yet registered with any
+/// runtime.
+pub fn claim_std_listener(
+    addr: SocketAddr,
+    predecessor: Option<u32>,
+) -> io::Result<std::net::TcpListener> {
+    check_free(addr, predecessor)?;
+    bind_std_listener(addr)
+}
+
+/// Binds a listening socket on `addr` with `SO_REUSEADDR` and
+/// `SO_REUSEPORT`, not yet registered with any runtime (and non-blocking,
+/// as a runtime expects): beside a socket this process already holds (see
+/// [`claim_std_listener`] for the first), for a loop other than the
+/// caller's to accept on.
 pub fn bind_std_listener(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     socket.set_reuse_address(true)?;

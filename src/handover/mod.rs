@@ -16,7 +16,9 @@
 //! predecessor without any file to create or clean up, and one network
 //! namespace (host, container, pod) is exactly where listening ports can
 //! clash. A peer is served only when it runs as the same user (or root),
-//! read from `SO_PEERCRED`.
+//! read from `SO_PEERCRED`. Anyone may bind an abstract name first, so a
+//! holder of another user is named in a warning ([`name_holder`]). The
+//! sockets travel in framed messages ([`frame`]).
 //!
 //! The new process asks once, at start, before binding anything. The name
 //! is held by the oldest process still running; a process that received
@@ -24,37 +26,38 @@
 //! SIGTERM), so the next restart finds it.
 
 use std::collections::HashMap;
-use std::io::{self, IoSlice, IoSliceMut};
+use std::io;
 use std::mem::MaybeUninit;
 use std::net::SocketAddr;
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, OwnedFd};
 use std::os::linux::net::SocketAddrExt;
 use std::os::unix::net::{SocketAddr as UnixAddr, UnixListener, UnixStream};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use rustix::net::{
-    recvmsg, sendmsg, sockopt::socket_peercred, RecvAncillaryBuffer, RecvAncillaryMessage,
-    RecvFlags, SendAncillaryBuffer, SendAncillaryMessage, SendFlags,
-};
+use frame::{receive_one, send_chunk, MAX_MESSAGE};
+use rustix::net::sockopt::socket_peercred;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
+
+mod frame;
+mod name_holder;
 
 /// How long a new process waits for its predecessor's answer.
 const ASK_TIMEOUT: Duration = Duration::from_secs(5);
 /// How often a process that received sockets tries to take the name over.
 const TAKE_OVER_INTERVAL: Duration = Duration::from_millis(500);
+/// Every how many tries it looks who holds the name (at the first, then
+/// each minute): one of another user is named in a warning.
+const LOOK_EVERY: u64 = 120;
 /// The most sockets one message carries (the kernel's limit per message
 /// is 253). A handover sends as many messages as its sockets need: a
 /// client listener has one socket per event loop, so a 64-CPU machine with
 /// four listeners already offers 257.
-const SOCKETS_PER_MESSAGE: usize = 250;
+pub(crate) const SOCKETS_PER_MESSAGE: usize = 250;
 /// The most messages a successor reads (62,500 sockets).
 const MAX_MESSAGES: usize = 250;
-/// The longest list of addresses one message carries.
-const MAX_MESSAGE: usize = 64 * 1024;
-
 /// The abstract socket name of the rolegate of the configuration at `path`.
 pub fn name_for(config_path: &Path) -> String {
     let path = std::fs::canonicalize(config_path).unwrap_or_else(|_| config_path.to_owned());
@@ -102,41 +105,79 @@ impl Inherited {
 }
 
 /// Asks the running rolegate of `name` for its listening sockets. No
-/// predecessor (or one that does not answer) means nothing inherited.
+/// predecessor (or one that does not answer) means nothing inherited. A
+/// predecessor of this user that answered but whose sockets did not
+/// arrive is still known as the predecessor: its addresses may be bound
+/// beside it (see [`crate::server::address_owner`]).
 pub fn ask(name: &str) -> Inherited {
-    match try_ask(name) {
-        Ok(inherited) => {
-            if !inherited.is_empty() {
+    let stream = match connect(name) {
+        Ok(stream) => stream,
+        Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => return Inherited::default(),
+        Err(e) => {
+            warn!(
+                name,
+                "could not take over the sockets of a running rolegate ({e}); binding anew"
+            );
+            return Inherited::default();
+        }
+    };
+    match socket_peercred(&stream) {
+        Ok(peer) if !same_user(peer.uid.as_raw()) => {
+            name_holder::warn_foreign(
+                name,
+                name_holder::Foreign {
+                    pid: peer_pid(&stream),
+                    uid: peer.uid.as_raw(),
+                },
+            );
+            return Inherited::default();
+        }
+        Ok(_) => {}
+        Err(e) => {
+            warn!(
+                name,
+                "could not tell who answered the handover ({e}); binding anew"
+            );
+            return Inherited::default();
+        }
+    }
+    let predecessor = peer_pid(&stream);
+    match receive(&stream) {
+        Ok(sockets) => {
+            if !sockets.is_empty() {
                 info!(
-                    sockets = inherited.len(),
+                    sockets = sockets.len(),
                     "took over the listening sockets of the rolegate running before"
                 );
             }
-            inherited
+            Inherited {
+                sockets,
+                predecessor,
+            }
         }
-        Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => Inherited::default(),
         Err(e) => {
             warn!("could not take over the sockets of a running rolegate ({e}); binding anew");
-            Inherited::default()
+            Inherited {
+                sockets: HashMap::new(),
+                predecessor,
+            }
         }
     }
 }
 
-fn try_ask(name: &str) -> io::Result<Inherited> {
+/// Connects to the process holding `name`.
+fn connect(name: &str) -> io::Result<UnixStream> {
     let address = UnixAddr::from_abstract_name(name.as_bytes())?;
     let stream = UnixStream::connect_addr(&address)?;
     stream.set_read_timeout(Some(ASK_TIMEOUT))?;
-    check_same_user(&stream)?;
-    Ok(Inherited {
-        sockets: receive(&stream)?,
-        predecessor: peer_pid(&stream),
-    })
+    Ok(stream)
 }
 
 /// Reads the predecessor's messages until it closes the stream (or sent
 /// as many as a handover carries): each carries some sockets and the list
-/// of their keys. (Earlier builds sent a single message of at most 250
-/// sockets, which reads the same way.) A stream closed before any message
+/// of their keys, framed (see [`receive_one`]). (Earlier builds sent
+/// unframed messages, of which the first reads the same way.) A stream
+/// closed before any message
 /// is an error, as is a first message that does not read; a later one that
 /// fails leaves the sockets already received, and the rest are bound anew.
 fn receive(stream: &UnixStream) -> io::Result<HashMap<String, OwnedFd>> {
@@ -165,35 +206,6 @@ fn receive(stream: &UnixStream) -> io::Result<HashMap<String, OwnedFd>> {
         }
     }
     Ok(sockets)
-}
-
-/// One message: its sockets by key, or `None` at the end of the stream.
-fn receive_one(
-    stream: &UnixStream,
-    buffer: &mut [u8],
-    space: &mut [MaybeUninit<u8>],
-) -> io::Result<Option<Vec<(String, OwnedFd)>>> {
-    let mut control = RecvAncillaryBuffer::new(space);
-    let mut iov = [IoSliceMut::new(buffer)];
-    let message = recvmsg(stream, &mut iov, &mut control, RecvFlags::CMSG_CLOEXEC)?;
-    let mut fds: Vec<OwnedFd> = Vec::new();
-    for cmsg in control.drain() {
-        if let RecvAncillaryMessage::ScmRights(received) = cmsg {
-            fds.extend(received);
-        }
-    }
-    if message.bytes == 0 {
-        return Ok(None);
-    }
-    let keys: Vec<String> = serde_json::from_slice(&buffer[..message.bytes])
-        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
-    if keys.len() != fds.len() {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidData,
-            format!("{} addresses but {} sockets", keys.len(), fds.len()),
-        ));
-    }
-    Ok(Some(keys.into_iter().zip(fds).collect()))
 }
 
 /// The process id at the other end of `stream`, when the kernel says.
@@ -228,6 +240,11 @@ impl Offered {
         format!("admin {addr}")
     }
 
+    /// The key of the fleet's peer listener on `addr`.
+    pub fn peer_key(addr: SocketAddr) -> String {
+        format!("peer {addr}")
+    }
+
     /// Replaces what is offered.
     pub fn set(&self, sockets: Vec<(String, Arc<dyn AsFd + Send + Sync>)>) {
         *self.sockets.lock().unwrap_or_else(|p| p.into_inner()) = sockets;
@@ -242,7 +259,8 @@ impl Offered {
 }
 
 /// Serves successors under `name` until `stop`: at once when the name is
-/// free, else once the process holding it lets it go. `handed_to` learns
+/// free, else once the process holding it lets it go (warning when that
+/// process is another user's, see [`name_holder`]). `handed_to` learns
 /// the process id of each successor that took the sockets.
 pub async fn serve(
     name: String,
@@ -250,10 +268,25 @@ pub async fn serve(
     stop: CancellationToken,
     handed_to: impl Fn(u32) + Send + 'static,
 ) {
+    let mut warned = None;
+    let mut attempts: u64 = 0;
     let listener = loop {
         match bind(&name) {
             Ok(listener) => break listener,
             Err(e) if e.kind() == io::ErrorKind::AddrInUse => {
+                if attempts % LOOK_EVERY == 0 {
+                    let asked = name.clone();
+                    let holder =
+                        tokio::task::spawn_blocking(move || name_holder::foreign_holder(&asked))
+                            .await
+                            .ok()
+                            .flatten();
+                    if let Some(holder) = holder.filter(|h| Some(*h) != warned) {
+                        name_holder::warn_foreign(&name, holder);
+                        warned = Some(holder);
+                    }
+                }
+                attempts += 1;
                 tokio::select! {
                     () = tokio::time::sleep(TAKE_OVER_INTERVAL) => continue,
                     () = stop.cancelled() => return,
@@ -369,27 +402,6 @@ fn hand_over(
         }
     }
     Ok(sent)
-}
-
-fn send_chunk(
-    stream: &UnixStream,
-    chunk: &[(String, Arc<dyn AsFd + Send + Sync>)],
-) -> io::Result<()> {
-    let keys: Vec<&str> = chunk.iter().map(|(k, _)| k.as_str()).collect();
-    let body = serde_json::to_vec(&keys).map_err(io::Error::other)?;
-    let fds: Vec<BorrowedFd<'_>> = chunk.iter().map(|(_, s)| s.as_fd()).collect();
-    let mut space = vec![MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(fds.len().max(1)))];
-    let mut control = SendAncillaryBuffer::new(&mut space);
-    if !fds.is_empty() && !control.push(SendAncillaryMessage::ScmRights(&fds)) {
-        return Err(io::Error::other("the sockets do not fit one message"));
-    }
-    sendmsg(
-        stream,
-        &[IoSlice::new(&body)],
-        &mut control,
-        SendFlags::empty(),
-    )?;
-    Ok(())
 }
 
 #[cfg(test)]
