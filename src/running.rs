@@ -198,7 +198,9 @@ impl Running {
         let connector = if config.etcd.is_empty() {
             None
         } else {
-            Some(EtcdConnector::new(&config.etcd_access()).map_err(|e| format!("fleet.{e}"))?)
+            let access = config.etcd_access();
+            let connector = EtcdConnector::new(&access, &config.members_prefix());
+            Some(connector.map_err(|e| format!("fleet.{e}"))?)
         };
         let fleet = Fleet::new(config.clone());
         self.shared.join_fleet(Arc::clone(&fleet));

@@ -49,7 +49,10 @@ pub struct EtcdSource {
 
 impl EtcdSource {
     pub fn new(access: &EtcdAccess, prefix: String) -> Result<Self, String> {
-        Ok(Self::from_connector(EtcdConnector::new(access)?, prefix))
+        Ok(Self::from_connector(
+            EtcdConnector::new(access, &prefix)?,
+            prefix,
+        ))
     }
 
     /// Follows `prefix` through an existing connector.
