@@ -11,11 +11,12 @@
 use std::os::fd::AsFd;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::admin::{self, Admin, AdminState};
 use crate::config::{parse_socket_addr, Config, FleetConfig};
@@ -237,6 +238,20 @@ impl Running {
     /// one that ends unexpectedly.
     pub fn tasks(&mut self) -> &mut JoinSet<TaskEnd> {
         &mut self.topology.tasks
+    }
+
+    /// The last stage of shutdown, once the background token is cancelled:
+    /// waits up to `limit` for every background task to end, so that each
+    /// finishes its farewell (the fleet's lease revoked).
+    pub async fn farewell(&mut self, limit: Duration) {
+        let tasks = &mut self.topology.tasks;
+        let ended = async { while tasks.join_next().await.is_some() {} };
+        if tokio::time::timeout(limit, ended).await.is_err() {
+            warn!(
+                tasks = self.topology.tasks.len(),
+                "background tasks still running at exit"
+            );
+        }
     }
 
     /// The first stage of shutdown: no new connections, and the name a

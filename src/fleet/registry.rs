@@ -174,19 +174,19 @@ async fn keep_claim(fleet: &Fleet, connector: &EtcdConnector, stop: &Cancellatio
                 if let Err(reason) = outcome {
                     warn!("fleet: {reason}");
                 }
-                false
+                tokio::select! {
+                    () = tokio::time::sleep(retry) => false,
+                    () = stop.cancelled() => true,
+                }
             }
             () = stop.cancelled() => true,
         };
         if stopped {
+            // Also while etcd was away: the lease may still be alive there.
             if let Some(held) = held {
                 revoke(connector, held.lease).await;
             }
             return;
-        }
-        tokio::select! {
-            () = tokio::time::sleep(retry) => {}
-            () = stop.cancelled() => return,
         }
         retry = (retry * 2).min(RETRY_MAX);
     }
@@ -269,6 +269,8 @@ async fn keep_alive(
     }
 }
 
+/// Gives up the lease, and with it the claim, within [`REQUEST_TIMEOUT`]
+/// (the process waits for this at shutdown: see [`crate::proxy`]).
 async fn revoke(connector: &EtcdConnector, lease: i64) {
     let revoked = async {
         let mut client = connector.connect().await?;
