@@ -34,6 +34,7 @@ use std::time::Duration;
 use etcd_client::{Certificate, Client, ConnectOptions, GetOptions, Identity, TlsOptions};
 
 use crate::config::EtcdAccess;
+use crate::etcd_trouble::{refusal, EtcdTrouble, Origin, Refused};
 
 /// Bound on one request.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(3);
@@ -57,15 +58,20 @@ pub struct EtcdConnector {
     options: ConnectOptions,
     /// The prefix the connections are for, read by the probe.
     prefix: String,
+    /// The table and file the settings come from, named in refusals.
+    origin: Arc<Origin>,
+    /// Whether a client certificate is configured (`etcd_cert`).
+    client_certificate: bool,
     /// The turn of the next connection (shared by the connector's clones).
     turn: Arc<AtomicUsize>,
 }
 
 impl EtcdConnector {
-    /// Connections for the keys under `prefix`, which the probe reads.
-    /// Reads the TLS files `access` names. Errors name the file's key
-    /// without its table (`etcd_ca …`); the caller adds the table.
-    pub fn new(access: &EtcdAccess, prefix: &str) -> Result<Self, String> {
+    /// Connections for the keys under `prefix`, which the probe reads,
+    /// with the settings `access` of `origin`. Reads the TLS files `access`
+    /// names. Errors name the file's key without its table (`etcd_ca …`);
+    /// the caller adds the table.
+    pub fn new(access: &EtcdAccess, prefix: &str, origin: Origin) -> Result<Self, String> {
         let mut options = ConnectOptions::new()
             .with_connect_timeout(REQUEST_TIMEOUT)
             .with_keep_alive(KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT)
@@ -97,20 +103,27 @@ impl EtcdConnector {
             endpoints: access.endpoints.clone(),
             options,
             prefix: prefix.to_owned(),
+            origin: Arc::new(origin),
+            client_certificate: access.cert.is_some(),
             turn: Arc::new(AtomicUsize::new(0)),
         })
     }
 
     /// Connects to the member whose turn it is, or, when that one does not
     /// answer within [`PROBE_TIMEOUT`], to the next that does. The error
-    /// names every member tried and why it was passed over.
-    pub async fn connect(&self) -> Result<Client, String> {
+    /// names every member tried and why it was passed over, or, when a
+    /// member refused the configuration's credentials or certificate, that
+    /// refusal and the keys to fix.
+    pub async fn connect(&self) -> Result<Client, EtcdTrouble> {
         let count = self.endpoints.len();
         if count == 0 {
-            return Err("cannot connect to etcd: no endpoints".to_owned());
+            return Err(EtcdTrouble::Lost(
+                "cannot connect to etcd: no endpoints".to_owned(),
+            ));
         }
         let first = self.turn.fetch_add(1, Ordering::Relaxed);
         let mut passed_over = Vec::new();
+        let mut refused: Option<(Refused, String)> = None;
         for step in 0..count {
             let endpoint = &self.endpoints[(first + step) % count];
             match self.probe(endpoint).await {
@@ -119,20 +132,35 @@ impl EtcdConnector {
                     self.turn.fetch_add(step, Ordering::Relaxed);
                     return Ok(client);
                 }
-                Err(e) => passed_over.push(format!("{endpoint}: {e}")),
+                Err(e) => {
+                    let said = format!("{endpoint}: {e}");
+                    if let ProbeError::Etcd(error) = &e {
+                        if let Some(what) = refusal(error, self.client_certificate) {
+                            refused.get_or_insert((what, said.clone()));
+                        }
+                    }
+                    passed_over.push(said);
+                }
             }
         }
-        Err(format!(
-            "cannot connect to etcd ({})",
-            passed_over.join("; ")
-        ))
+        Err(match refused {
+            Some((what, detail)) => EtcdTrouble::Refused {
+                what,
+                origin: Arc::clone(&self.origin),
+                detail,
+            },
+            None => EtcdTrouble::Lost(format!(
+                "cannot connect to etcd ({})",
+                passed_over.join("; ")
+            )),
+        })
     }
 
     /// A client of `endpoint` once the member has answered a count of the
     /// keys under the prefix. The client connects lazily: without the
     /// probe, a request to a stopped member waits for the whole request
     /// timeout instead of failing.
-    async fn probe(&self, endpoint: &str) -> Result<Client, String> {
+    async fn probe(&self, endpoint: &str) -> Result<Client, ProbeError> {
         let answered = async {
             let mut client = Client::connect([endpoint], Some(self.options.clone())).await?;
             let count = GetOptions::new().with_prefix().with_count_only();
@@ -141,10 +169,19 @@ impl EtcdConnector {
         };
         match tokio::time::timeout(PROBE_TIMEOUT, answered).await {
             Ok(Ok(client)) => Ok(client),
-            Ok(Err(e)) => Err(e.to_string()),
-            Err(_) => Err(format!("no answer within {PROBE_TIMEOUT:?}")),
+            Ok(Err(e)) => Err(ProbeError::Etcd(e)),
+            Err(_) => Err(ProbeError::Silent),
         }
     }
+}
+
+/// Why one member was passed over.
+#[derive(Debug, thiserror::Error)]
+enum ProbeError {
+    #[error("{0}")]
+    Etcd(etcd_client::Error),
+    #[error("no answer within {PROBE_TIMEOUT:?}")]
+    Silent,
 }
 
 #[cfg(test)]
@@ -165,7 +202,11 @@ mod tests {
             endpoints: endpoints.clone(),
             ..EtcdAccess::default()
         };
-        let connector = EtcdConnector::new(&access, "/service/demo/").expect("connector");
+        let origin = Origin {
+            table: "clusters.demo".to_owned(),
+            file: "rolegate.toml".into(),
+        };
+        let connector = EtcdConnector::new(&access, "/service/demo/", origin).expect("connector");
         let started = std::time::Instant::now();
         let error = connector.connect().await.err().expect("no member answers");
         assert!(
@@ -173,6 +214,7 @@ mod tests {
             "took {:?}",
             started.elapsed()
         );
+        let error = error.to_string();
         for endpoint in &endpoints {
             assert!(error.contains(endpoint.as_str()), "{error}");
         }

@@ -21,6 +21,7 @@ use tracing::{info, warn};
 use crate::admin::{self, Admin, AdminState};
 use crate::config::{parse_socket_addr, Config, FleetConfig};
 use crate::etcd_access::EtcdConnector;
+use crate::etcd_trouble::Origin;
 use crate::fleet::{self, Fleet};
 use crate::handover::{self, Inherited, Offered};
 use crate::logging::LogHandle;
@@ -79,7 +80,7 @@ impl Running {
             shared.siblings.add(pid);
         }
         let mut running = Self {
-            topology: Topology::new(&background, &shared.events),
+            topology: Topology::new(&background, &shared.events, &path),
             config: config.clone(),
             path,
             shared,
@@ -200,7 +201,11 @@ impl Running {
             None
         } else {
             let access = config.etcd_access();
-            let connector = EtcdConnector::new(&access, &config.members_prefix());
+            let origin = Origin {
+                table: "fleet".to_owned(),
+                file: self.path.clone(),
+            };
+            let connector = EtcdConnector::new(&access, &config.members_prefix(), origin);
             Some(connector.map_err(|e| format!("fleet.{e}"))?)
         };
         let fleet = Fleet::new(config.clone());

@@ -16,9 +16,10 @@ use std::time::{Duration, Instant};
 use libtest_mimic::Failed;
 use nix::sys::signal::Signal;
 
+use support::certs::Ca;
 use support::harness::{check, run_suite, TestFn};
 use support::rolegate::Rolegate;
-use support::secure_etcd::SecureEtcd;
+use support::secure_etcd::{EtcdTls, SecureEtcd};
 use support::static_cluster::StaticCluster;
 use support::status_refusal::StatusRefusal;
 use support::{connect, conninfo, free_port, holds_within, runtime};
@@ -34,6 +35,18 @@ fn main() {
         (
             "a_stopped_fleet_instance_releases_its_id_at_once",
             a_stopped_fleet_instance_releases_its_id_at_once,
+        ),
+        (
+            "client_certificate_tls_with_expiring_tokens_is_followed",
+            client_certificate_tls_with_expiring_tokens_is_followed,
+        ),
+        (
+            "a_wrong_etcd_password_is_named",
+            a_wrong_etcd_password_is_named,
+        ),
+        (
+            "a_client_certificate_etcd_rejects_is_named",
+            a_client_certificate_etcd_rejects_is_named,
         ),
     ];
     run_suite(tests, || StaticCluster::start("etcd-access"), true);
@@ -83,6 +96,18 @@ impl Access {
             endpoint,
             lines: format!("etcd_user = \"{user}\"\netcd_password = \"{password}\"\n"),
         }
+    }
+
+    /// Also TLS: the CA etcd's certificate is checked against, and a
+    /// client certificate.
+    fn with_tls(mut self, ca: &std::path::Path, client: &support::certs::Pair) -> Self {
+        self.lines.push_str(&format!(
+            "etcd_ca = \"{}\"\netcd_cert = \"{}\"\netcd_key = \"{}\"\n",
+            ca.display(),
+            client.cert.display(),
+            client.key.display()
+        ));
+        self
     }
 }
 
@@ -241,4 +266,154 @@ fn a_stopped_fleet_instance_releases_its_id_at_once(env: &Env) -> Result<(), Fai
             rolegate.log()
         ),
     )
+}
+
+/// etcd as Debian runs it with TLS: client certificates required
+/// (`--client-cert-auth`), users with passwords, and tokens that live 2 s.
+/// rolegate follows the cluster for longer than several token lifetimes,
+/// idle in between, and still sees the leader key move; its fleet id stays
+/// claimed and is released at shutdown.
+fn client_certificate_tls_with_expiring_tokens_is_followed(env: &Env) -> Result<(), Failed> {
+    let dir = env.root.join("tls-etcd");
+    let etcd = SecureEtcd::start(&dir, Some(EtcdTls::new(&dir.join("certs"))), 2);
+    let tls = etcd.tls().ok_or("no TLS")?;
+    seed(&etcd, env, "sealed", "pg1");
+    etcd.user(
+        "sealed",
+        "sealed-secret",
+        &["/service/sealed/"],
+        &["/rolegate/sealed/"],
+    );
+    let access = Access::user(etcd.endpoint(), "sealed", "sealed-secret")
+        .with_tls(&tls.ca, &tls.client_for("sealed"));
+    let (mut rolegate, rw) = rolegate(env, "sealed", "sealed", &access, Some(&access));
+    writes_reach(&rolegate, rw, env.primary.port, Duration::from_secs(20))?;
+    check(
+        holds_within(Duration::from_secs(10), || fleet_id(&rolegate).is_some()),
+        format!("the fleet claimed no id over TLS\n{}", rolegate.log()),
+    )?;
+    // Three token lifetimes with nothing to read.
+    std::thread::sleep(Duration::from_secs(7));
+    seed(&etcd, env, "sealed", "pg2");
+    writes_reach(&rolegate, rw, env.replicas[0].port, Duration::from_secs(10))?;
+    std::thread::sleep(Duration::from_secs(3));
+    seed(&etcd, env, "sealed", "pg3");
+    writes_reach(&rolegate, rw, env.replicas[1].port, Duration::from_secs(10))?;
+    check(fleet_id(&rolegate).is_some(), "the fleet lost its id")?;
+    let log = rolegate.log();
+    check(
+        !log.contains("etcd is unreachable"),
+        format!("etcd was taken as lost while tokens expired:\n{log}"),
+    )?;
+    let prefix = "/rolegate/sealed/members/";
+    rolegate.signal(Signal::SIGTERM);
+    check(
+        rolegate.wait_exit(Duration::from_secs(15)).is_some(),
+        "rolegate did not exit within 15 s of SIGTERM",
+    )?;
+    let claims = etcd.keys(prefix);
+    check(
+        !claims.contains(prefix),
+        format!("the claim outlived the instance: {claims:?}"),
+    )
+}
+
+/// `/readyz`'s body (it names why rolegate is not ready).
+fn readyz(rolegate: &Rolegate) -> String {
+    rolegate
+        .admin_get("/readyz")
+        .map(|(_, body)| body)
+        .unwrap_or_default()
+}
+
+/// `/cluster`'s `no_leader_reason` of cluster `name`.
+fn no_leader_reason(rolegate: &Rolegate, name: &str) -> String {
+    let Some((_, body)) = rolegate.admin_get("/cluster") else {
+        return String::new();
+    };
+    let json = serde_json::from_str::<serde_json::Value>(&body).unwrap_or_default();
+    json["clusters"]
+        .as_array()
+        .and_then(|clusters| clusters.iter().find(|c| c["cluster"] == name))
+        .and_then(|c| c["no_leader_reason"].as_str())
+        .unwrap_or_default()
+        .to_owned()
+}
+
+/// Checks that the log, `/cluster` and `/readyz` all say that etcd refused
+/// what `key` names, for cluster `name` (and the fleet, in the log), with
+/// the config file; and that `secret` appears nowhere.
+fn refusal_is_named(
+    rolegate: &Rolegate,
+    name: &str,
+    key: &str,
+    secret: &str,
+) -> Result<(), Failed> {
+    let file = rolegate.config_path.display().to_string();
+    let wanted = format!("clusters.{name}.{key}");
+    let named = |text: &str| text.contains(&wanted) && text.contains(&file);
+    let said = holds_within(Duration::from_secs(15), || {
+        named(&rolegate.log())
+            && named(&no_leader_reason(rolegate, name))
+            && named(&readyz(rolegate))
+    });
+    let log = rolegate.log();
+    check(
+        said,
+        format!(
+            "expected {wanted} and {file} in the log, /cluster and /readyz;\n/cluster: {}\n/readyz: {}\nlog:\n{log}",
+            no_leader_reason(rolegate, name),
+            readyz(rolegate)
+        ),
+    )?;
+    check(
+        log.contains(&format!("fleet.{key}")),
+        format!("the fleet's refusal does not name fleet.{key}:\n{log}"),
+    )?;
+    let cluster = rolegate
+        .admin_get("/cluster")
+        .map(|(_, b)| b)
+        .unwrap_or_default();
+    check(
+        !log.contains(secret) && !cluster.contains(secret) && !readyz(rolegate).contains(secret),
+        "a secret was shown",
+    )
+}
+
+/// A password etcd does not accept: every place that says why rolegate
+/// cannot follow names `etcd_password` of the cluster and the file, not
+/// "no member passes Patroni's /primary check".
+fn a_wrong_etcd_password_is_named(env: &Env) -> Result<(), Failed> {
+    let etcd = SecureEtcd::start(&env.root.join("wrong-password"), None, 300);
+    seed(&etcd, env, "locked", "pg1");
+    etcd.user(
+        "locked",
+        "right-secret",
+        &["/service/locked/"],
+        &["/rolegate/locked/"],
+    );
+    let access = Access::user(etcd.endpoint(), "locked", "wrong-secret");
+    let (rolegate, _) = rolegate(env, "locked", "locked", &access, Some(&access));
+    refusal_is_named(&rolegate, "locked", "etcd_password", "wrong-secret")
+}
+
+/// A client certificate from a CA etcd does not trust: the refusal names
+/// `etcd_cert` of the cluster and the file.
+fn a_client_certificate_etcd_rejects_is_named(env: &Env) -> Result<(), Failed> {
+    let dir = env.root.join("wrong-cert");
+    let etcd = SecureEtcd::start(&dir, Some(EtcdTls::new(&dir.join("certs"))), 300);
+    let tls = etcd.tls().ok_or("no TLS")?;
+    seed(&etcd, env, "stranger", "pg1");
+    etcd.user(
+        "stranger",
+        "stranger-secret",
+        &["/service/stranger/"],
+        &["/rolegate/stranger/"],
+    );
+    let other = Ca::new("a CA etcd does not trust");
+    let client = other.issue(&dir, "stranger", "stranger", &[]);
+    let access =
+        Access::user(etcd.endpoint(), "stranger", "stranger-secret").with_tls(&tls.ca, &client);
+    let (rolegate, _) = rolegate(env, "stranger", "stranger", &access, Some(&access));
+    refusal_is_named(&rolegate, "stranger", "etcd_cert", "stranger-secret")
 }

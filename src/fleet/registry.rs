@@ -149,7 +149,7 @@ async fn keep_claim(fleet: &Fleet, connector: &EtcdConnector, stop: &Cancellatio
     let mut retry = RETRY_MIN;
     loop {
         let session = async {
-            let mut client = connector.connect().await?;
+            let mut client = connector.connect().await.map_err(|e| e.to_string())?;
             let claimed = match held {
                 Some(old) if lease_alive(&mut client, old.lease).await? => old,
                 _ => {
@@ -273,7 +273,7 @@ async fn keep_alive(
 /// (the process waits for this at shutdown: see [`crate::proxy`]).
 async fn revoke(connector: &EtcdConnector, lease: i64) {
     let revoked = async {
-        let mut client = connector.connect().await?;
+        let mut client = connector.connect().await.map_err(|e| e.to_string())?;
         within("revoking the lease", client.lease_revoke(lease)).await
     };
     match tokio::time::timeout(REQUEST_TIMEOUT, revoked).await {
