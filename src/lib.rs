@@ -12,6 +12,8 @@
 //! - [`fleet`]: instances behind one address: issued cancel keys, peers
 //!   found through etcd (or listed), cancels passed between them.
 //! - [`etcd_access`]: the one etcd connector of followers and the fleet.
+//! - [`etcd_trouble`]: why etcd cannot be followed, and which key to fix
+//!   when etcd refused the configuration's credentials or certificate.
 //! - [`router`]: which member a session goes to, and whether it still fits.
 //! - [`topology`]: the published [`topology::ClusterView`] of each cluster.
 //! - [`events`]: the timeline of what happened to each cluster.
@@ -32,6 +34,7 @@
 pub mod admin;
 pub mod config;
 pub mod etcd_access;
+pub mod etcd_trouble;
 pub mod events;
 pub mod fast_map;
 pub mod fleet;

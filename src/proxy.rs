@@ -6,7 +6,9 @@
 //! SIGHUP reloads ([`crate::reload`]). Shutdown is two stages: SIGTERM or
 //! SIGINT stops accepting and lets sessions finish for up to
 //! `shutdown_timeout`; then (or at a second signal) the remaining sessions
-//! are ended with FATAL 57P01 at a message boundary.
+//! are ended with FATAL 57P01 at a message boundary. Last, the background
+//! tasks are stopped and waited for (bounded), so that each says its
+//! farewell: the fleet's lease is revoked before the process exits.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -30,6 +32,9 @@ use crate::topology::TaskEnd;
 
 /// How long ended sessions get to write their last error and close.
 const FINAL_CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long stopped background tasks get to say goodbye: one etcd request
+/// (revoking the fleet's lease) and a little more.
+const FAREWELL_TIMEOUT: Duration = Duration::from_secs(4);
 
 /// Runs the proxy described by `config` (read from `path`, which SIGHUP
 /// re-reads) until SIGTERM or SIGINT.
@@ -111,6 +116,9 @@ pub async fn run(config: Config, path: PathBuf, log: LogHandle) -> anyhow::Resul
         }
     }
     background.cancel();
+    // The background tasks' farewells: the fleet's lease revoked, so peers
+    // forget this instance now and its id is free, not after the lease's TTL.
+    running.farewell(FAREWELL_TIMEOUT).await;
     info!("rolegate stopped");
     Ok(())
 }

@@ -11,15 +11,17 @@
 use std::os::fd::AsFd;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::admin::{self, Admin, AdminState};
 use crate::config::{parse_socket_addr, Config, FleetConfig};
 use crate::etcd_access::EtcdConnector;
+use crate::etcd_trouble::Origin;
 use crate::fleet::{self, Fleet};
 use crate::handover::{self, Inherited, Offered};
 use crate::logging::LogHandle;
@@ -80,7 +82,7 @@ impl Running {
             shared.siblings.add(pid);
         }
         let mut running = Self {
-            topology: Topology::new(&background, &shared.events),
+            topology: Topology::new(&background, &shared.events, &path),
             config: config.clone(),
             path,
             shared,
@@ -211,7 +213,13 @@ impl Running {
         let connector = if config.etcd.is_empty() {
             None
         } else {
-            Some(EtcdConnector::new(&config.etcd_access()).map_err(|e| format!("fleet.{e}"))?)
+            let access = config.etcd_access();
+            let origin = Origin {
+                table: "fleet".to_owned(),
+                file: self.path.clone(),
+            };
+            let connector = EtcdConnector::new(&access, &config.members_prefix(), origin);
+            Some(connector.map_err(|e| format!("fleet.{e}"))?)
         };
         let fleet = Fleet::new(config.clone());
         self.shared.join_fleet(Arc::clone(&fleet));
@@ -256,6 +264,20 @@ impl Running {
     /// one that ends unexpectedly.
     pub fn tasks(&mut self) -> &mut JoinSet<TaskEnd> {
         &mut self.topology.tasks
+    }
+
+    /// The last stage of shutdown, once the background token is cancelled:
+    /// waits up to `limit` for every background task to end, so that each
+    /// finishes its farewell (the fleet's lease revoked).
+    pub async fn farewell(&mut self, limit: Duration) {
+        let tasks = &mut self.topology.tasks;
+        let ended = async { while tasks.join_next().await.is_some() {} };
+        if tokio::time::timeout(limit, ended).await.is_err() {
+            warn!(
+                tasks = self.topology.tasks.len(),
+                "background tasks still running at exit"
+            );
+        }
     }
 
     /// The first stage of shutdown: no new connections, and the name a

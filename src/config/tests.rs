@@ -156,3 +156,40 @@ fn fleet_etcd_keys_are_checked_as_a_cluster_s() {
         assert_eq!(err.key, key, "{err}");
     }
 }
+
+#[test]
+fn etcd_tls_keys_with_an_http_endpoint_are_refused() {
+    let dir = std::env::temp_dir().join(format!("rolegate-config-tls-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let ca = dir.join("ca.pem");
+    std::fs::write(&ca, "not read by the check").expect("ca");
+    let cluster = |scheme: &str| {
+        format!(
+            r#"
+            [clusters.demo]
+            scope = "demo"
+            etcd = ["https://127.0.0.1:2379", "{scheme}://127.0.0.1:2380"]
+            etcd_ca = "{}"
+
+            [[listeners]]
+            listen = "127.0.0.1:6432"
+            cluster = "demo"
+            role = "primary"
+            "#,
+            ca.display()
+        )
+    };
+    parse(&cluster("https")).expect("TLS with https:// endpoints");
+    let err = parse(&cluster("http")).expect_err("TLS with an http:// endpoint");
+    assert_eq!(err.key, "clusters.demo.etcd_ca", "{err}");
+    assert!(err.message.contains("etcd[1]"), "{err}");
+    assert!(err.to_string().starts_with("proxy.toml: "), "{err}");
+
+    let fleet = format!(
+        "{MINIMAL}\n[fleet]\nlisten = \"127.0.0.1:6440\"\netcd = [\"http://127.0.0.1:2379\"]\netcd_ca = \"{}\"\n",
+        ca.display()
+    );
+    let err = parse(&fleet).expect_err("fleet TLS with an http:// endpoint");
+    assert_eq!(err.key, "fleet.etcd_ca", "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -246,6 +246,27 @@ pub(super) fn validate_etcd_access(
             "`etcd_cert` and `etcd_key` go together".to_owned(),
         ));
     }
+    // An http:// endpoint is spoken to in plain text: with TLS keys beside
+    // it the connection would fail only once rolegate runs.
+    let tls_key = [("etcd_ca", &access.ca), ("etcd_cert", &access.cert)]
+        .into_iter()
+        .find_map(|(field, path)| path.is_some().then_some(field));
+    if let Some(field) = tls_key {
+        if let Some((i, endpoint)) = access
+            .endpoints
+            .iter()
+            .enumerate()
+            .find(|(_, e)| parse_http_url(e).is_ok_and(|url| url.scheme() == "http"))
+        {
+            return Err((
+                key(field),
+                format!(
+                    "`{field}` asks for TLS, but `etcd[{i}]` ({endpoint}) is http://; \
+                     use https:// endpoints, or remove the TLS keys"
+                ),
+            ));
+        }
+    }
     for (field, path) in [
         ("etcd_ca", &access.ca),
         ("etcd_cert", &access.cert),

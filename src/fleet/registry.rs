@@ -149,7 +149,7 @@ async fn keep_claim(fleet: &Fleet, connector: &EtcdConnector, stop: &Cancellatio
     let mut retry = RETRY_MIN;
     loop {
         let session = async {
-            let mut client = connector.connect().await?;
+            let mut client = connector.connect().await.map_err(|e| e.to_string())?;
             let claimed = match held {
                 Some(old) if lease_alive(&mut client, old.lease).await? => old,
                 _ => {
@@ -174,19 +174,19 @@ async fn keep_claim(fleet: &Fleet, connector: &EtcdConnector, stop: &Cancellatio
                 if let Err(reason) = outcome {
                     warn!("fleet: {reason}");
                 }
-                false
+                tokio::select! {
+                    () = tokio::time::sleep(retry) => false,
+                    () = stop.cancelled() => true,
+                }
             }
             () = stop.cancelled() => true,
         };
         if stopped {
+            // Also while etcd was away: the lease may still be alive there.
             if let Some(held) = held {
                 revoke(connector, held.lease).await;
             }
             return;
-        }
-        tokio::select! {
-            () = tokio::time::sleep(retry) => {}
-            () = stop.cancelled() => return,
         }
         retry = (retry * 2).min(RETRY_MAX);
     }
@@ -269,9 +269,11 @@ async fn keep_alive(
     }
 }
 
+/// Gives up the lease, and with it the claim, within [`REQUEST_TIMEOUT`]
+/// (the process waits for this at shutdown: see [`crate::proxy`]).
 async fn revoke(connector: &EtcdConnector, lease: i64) {
     let revoked = async {
-        let mut client = connector.connect().await?;
+        let mut client = connector.connect().await.map_err(|e| e.to_string())?;
         within("revoking the lease", client.lease_revoke(lease)).await
     };
     match tokio::time::timeout(REQUEST_TIMEOUT, revoked).await {

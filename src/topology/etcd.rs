@@ -20,6 +20,7 @@ use tracing::{debug, info, warn};
 
 use crate::config::EtcdAccess;
 use crate::etcd_access::{EtcdConnector, REQUEST_TIMEOUT};
+use crate::etcd_trouble::{EtcdTrouble, Origin};
 
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(2);
@@ -37,8 +38,9 @@ pub enum EtcdEvent {
     Snapshot(Vec<(Vec<u8>, Vec<u8>)>),
     /// Events of one watch response, in order.
     Events(Vec<KeyEvent>),
-    /// etcd cannot be reached (or the watch broke); a resync follows.
-    Down(String),
+    /// etcd cannot be reached, refused the configuration, or the watch
+    /// broke; a resync follows.
+    Down(EtcdTrouble),
 }
 
 #[derive(Clone)]
@@ -48,8 +50,10 @@ pub struct EtcdSource {
 }
 
 impl EtcdSource {
-    pub fn new(access: &EtcdAccess, prefix: String) -> Result<Self, String> {
-        Ok(Self::from_connector(EtcdConnector::new(access)?, prefix))
+    /// Follows `prefix` with the settings `access` of `origin`.
+    pub fn new(access: &EtcdAccess, prefix: String, origin: Origin) -> Result<Self, String> {
+        let connector = EtcdConnector::new(access, &prefix, origin)?;
+        Ok(Self::from_connector(connector, prefix))
     }
 
     /// Follows `prefix` through an existing connector.
@@ -82,11 +86,22 @@ impl EtcdSource {
         &self,
         events: &mpsc::Sender<EtcdEvent>,
         backoff: &mut Duration,
-    ) -> String {
+    ) -> EtcdTrouble {
         let mut client = match self.connector.connect().await {
             Ok(client) => client,
             Err(e) => return e,
         };
+        EtcdTrouble::Lost(self.follow(&mut client, events, backoff).await)
+    }
+
+    /// Reads the prefix through `client`, then follows the watch. Returns
+    /// why it ended.
+    async fn follow(
+        &self,
+        client: &mut etcd_client::Client,
+        events: &mpsc::Sender<EtcdEvent>,
+        backoff: &mut Duration,
+    ) -> String {
         let get = client.get(self.prefix.as_str(), Some(GetOptions::new().with_prefix()));
         let response = match tokio::time::timeout(REQUEST_TIMEOUT, get).await {
             Ok(Ok(response)) => response,

@@ -34,6 +34,7 @@ use super::report::{self, ClusterReport, Sources};
 use super::rest::RestProber;
 use super::view::ClusterView;
 use crate::config::{ClusterConfig, EtcdLossPolicy, LeaderPolicy};
+use crate::etcd_trouble::{EtcdTrouble, Origin};
 use crate::events::{EventKind, EventLog};
 use crate::metrics::ClusterMetrics;
 
@@ -103,6 +104,7 @@ type SourceStarter = Box<dyn Fn(Duration, mpsc::Sender<EtcdEvent>) -> JoinHandle
 pub fn start(
     name: &str,
     config: &ClusterConfig,
+    origin: Origin,
     shutdown: CancellationToken,
     retire: CancellationToken,
     events: Arc<EventLog>,
@@ -112,7 +114,7 @@ pub fn start(
     let etcd = if config.etcd.is_empty() {
         None
     } else {
-        let source = EtcdSource::new(&config.etcd_access(), prefix)?;
+        let source = EtcdSource::new(&config.etcd_access(), prefix, origin)?;
         let stop = shutdown.clone();
         let starter: SourceStarter = Box::new(move |delay, events| {
             let (source, stop) = (source.clone(), stop.clone());
@@ -247,7 +249,7 @@ struct Follower {
     in_flight: HashSet<String>,
     last_probe: HashMap<String, Instant>,
     /// Why etcd was last unreachable, while it is.
-    etcd_trouble: Option<String>,
+    etcd_trouble: Option<EtcdTrouble>,
 }
 
 impl Follower {
@@ -457,7 +459,7 @@ impl Follower {
                         self.events.record(
                             Some(&self.cluster),
                             EventKind::EtcdReconnecting {
-                                reason: reason.clone(),
+                                reason: reason.to_string(),
                                 grace_ms: ETCD_RECONNECT_GRACE.as_millis() as u64,
                             },
                         );
@@ -501,8 +503,8 @@ impl Follower {
             EventKind::EtcdLost {
                 reason: self
                     .etcd_trouble
-                    .clone()
-                    .unwrap_or_else(|| "no reason given".to_owned()),
+                    .as_ref()
+                    .map_or_else(|| "no reason given".to_owned(), ToString::to_string),
                 on_etcd_loss: self.on_etcd_loss.as_str(),
             },
         );
@@ -525,7 +527,9 @@ impl Follower {
             _ => Instant::now(),
         };
         self.etcd = EtcdStatus::Reconnecting { since };
-        self.etcd_trouble = Some(format!("the etcd watch task failed: {why}"));
+        self.etcd_trouble = Some(EtcdTrouble::Lost(format!(
+            "the etcd watch task failed: {why}"
+        )));
         self.etcd_lost();
     }
 

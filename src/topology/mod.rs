@@ -29,6 +29,7 @@ pub mod view;
 
 use std::collections::BTreeMap;
 use std::future::Future;
+use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::Arc;
 
@@ -38,6 +39,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::info;
 
 use crate::config::{ClusterConfig, Config};
+use crate::etcd_trouble::Origin;
 use crate::events::EventLog;
 use crate::metrics::ClusterMetrics;
 
@@ -81,6 +83,8 @@ pub struct Topology {
     next_generation: u64,
     shutdown: CancellationToken,
     events: Arc<EventLog>,
+    /// The config file, named when etcd refuses a cluster's credentials.
+    config_path: PathBuf,
     /// Background tasks (the followers of Patroni clusters).
     pub tasks: JoinSet<TaskEnd>,
 }
@@ -106,12 +110,14 @@ impl TopologyPlan {
 impl Topology {
     /// A topology without clusters; [`Topology::plan`] and
     /// [`Topology::commit`] bring in those of a configuration.
-    pub fn new(shutdown: &CancellationToken, events: &Arc<EventLog>) -> Self {
+    /// `config_path` is the file the clusters' settings are read from.
+    pub fn new(shutdown: &CancellationToken, events: &Arc<EventLog>, config_path: &Path) -> Self {
         Self {
             sources: BTreeMap::new(),
             next_generation: 0,
             shutdown: shutdown.clone(),
             events: Arc::clone(events),
+            config_path: config_path.to_owned(),
             tasks: JoinSet::new(),
         }
     }
@@ -183,9 +189,14 @@ impl Topology {
             return Ok((source, None));
         }
         let retire = CancellationToken::new();
+        let origin = Origin {
+            table: format!("clusters.{name}"),
+            file: self.config_path.clone(),
+        };
         let following = follower::start(
             name,
             cluster,
+            origin,
             self.shutdown.child_token(),
             retire.clone(),
             Arc::clone(&self.events),

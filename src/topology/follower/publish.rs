@@ -9,6 +9,7 @@ use std::time::SystemTime;
 use tokio::time::Instant;
 
 use super::Follower;
+use crate::etcd_trouble::EtcdTrouble;
 use crate::events::EventKind;
 use crate::topology::fuse::{fuse, rule, EtcdStatus, FuseInput};
 use crate::topology::report::{self, ClusterReport, Sources};
@@ -16,7 +17,7 @@ use crate::topology::view::ClusterView;
 
 impl Follower {
     pub(super) fn publish(&mut self) {
-        let view = fuse(&self.fuse_input());
+        let view = self.with_refusal(fuse(&self.fuse_input()));
         let current = self.views.borrow().clone();
         if *current == view {
             self.publish_report(&view);
@@ -102,6 +103,21 @@ impl Follower {
         }
         self.publish_report(&view);
         self.views.send_replace(Arc::new(view));
+    }
+
+    /// `view`, whose reason for having no primary leads with etcd's
+    /// refusal of the configuration while etcd refuses it: the fallback's
+    /// own reason ("no member passes Patroni's /primary check") alone
+    /// would hide the key to fix.
+    fn with_refusal(&self, view: ClusterView) -> ClusterView {
+        let Some(refusal @ EtcdTrouble::Refused { .. }) = &self.etcd_trouble else {
+            return view;
+        };
+        let reason = match &view.no_leader_reason {
+            Some(reason) => format!("{refusal}; {reason}"),
+            None => refusal.to_string(),
+        };
+        view.with_no_leader_reason(reason)
     }
 
     pub(super) fn fuse_input(&self) -> FuseInput<'_> {
