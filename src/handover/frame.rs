@@ -231,14 +231,7 @@ mod tests {
             let received = receive(&theirs).expect("receive");
             sender.join().expect("sender");
             assert_eq!(received.len(), listeners.len(), "pieces of {piece} bytes");
-            for listener in &listeners {
-                let addr = listener.local_addr().expect("addr");
-                let fd = received
-                    .get(&Offered::listener_key(addr, 0))
-                    .expect("every socket arrives under its key");
-                let arrived = std::net::TcpListener::from(fd.try_clone().expect("dup"));
-                assert_eq!(arrived.local_addr().expect("addr"), addr);
-            }
+            super::super::tests::assert_every_listener_arrived(&listeners, &received);
         }
     }
 

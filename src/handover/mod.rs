@@ -408,6 +408,23 @@ fn hand_over(
 mod tests {
     use super::*;
 
+    /// Each of `listeners` is in `received` under its key, as itself.
+    pub(super) fn assert_every_listener_arrived<
+        L: std::ops::Deref<Target = std::net::TcpListener>,
+    >(
+        listeners: &[L],
+        received: &HashMap<String, OwnedFd>,
+    ) {
+        for listener in listeners {
+            let addr = listener.local_addr().expect("addr");
+            let fd = received
+                .get(&Offered::listener_key(addr, 0))
+                .expect("every socket arrives under its key");
+            let arrived = std::net::TcpListener::from(fd.try_clone().expect("dup"));
+            assert_eq!(arrived.local_addr().expect("addr"), addr);
+        }
+    }
+
     #[test]
     fn names_fit_the_abstract_namespace_and_are_stable() {
         let short = name_for(Path::new("/etc/rolegate/proxy.toml"));
@@ -449,14 +466,7 @@ mod tests {
             listeners.len()
         );
         assert_eq!(received.len(), listeners.len());
-        for listener in &listeners {
-            let addr = listener.local_addr().expect("addr");
-            let fd = received
-                .get(&Offered::listener_key(addr, 0))
-                .expect("every socket arrives under its key");
-            let arrived = std::net::TcpListener::from(fd.try_clone().expect("dup"));
-            assert_eq!(arrived.local_addr().expect("addr"), addr);
-        }
+        assert_every_listener_arrived(&listeners, &received);
     }
 
     /// With nothing to offer, one empty message still goes (earlier builds
