@@ -751,16 +751,16 @@ fn a_handover_name_held_by_another_user_is_named(env: &Env) -> Result<(), Failed
         eprintln!("skipped: running a process as another user needs root");
         return Ok(());
     }
-    let admin = |port: u16| format!("[admin]\nlisten = \"127.0.0.1:{port}\"\n\n");
     let path = env.root.join("squatted.toml");
-    std::fs::write(
-        &path,
-        format!(
-            "{}{}",
-            admin(free_port()),
-            env.config(free_port(), free_port(), "")
-        ),
-    )?;
+    // Fresh ports each time: the config path, not the ports, is shared.
+    let write_config = || {
+        let admin = format!("[admin]\nlisten = \"127.0.0.1:{}\"\n\n", free_port());
+        std::fs::write(
+            &path,
+            format!("{admin}{}", env.config(free_port(), free_port(), "")),
+        )
+    };
+    write_config()?;
     let squatter_log = env.root.join("squatter.log");
     let mut squatter = std::process::Command::new(env!("CARGO_BIN_EXE_rolegate"))
         .arg("--config")
@@ -781,14 +781,7 @@ fn a_handover_name_held_by_another_user_is_named(env: &Env) -> Result<(), Failed
             }
             log.contains("rolegate is ready").then_some(())
         });
-        std::fs::write(
-            &path,
-            format!(
-                "{}{}",
-                admin(free_port()),
-                env.config(free_port(), free_port(), "")
-            ),
-        )?;
+        write_config()?;
         let mut rolegate = Rolegate::spawn(&path, &env.root.join("squatted.log"));
         rolegate.wait_ready();
         let named = format!("is held by pid {squatter_pid} of uid {NOBODY}, another user");
