@@ -13,9 +13,12 @@
 //! is then tried against both processes' sessions, as it would be against
 //! one process holding them all. A cancel beyond the bound is dropped and
 //! counted (`rate_limited`).
+//!
+//! An IPv6 source is counted by its /64: one host is usually given a whole
+//! /64, and keying on the full address would give it 2^64 budgets.
 
 use std::collections::HashMap;
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv6Addr};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -52,6 +55,7 @@ impl CancelThrottle {
 
     /// A place for one more cancel from `source`, unless it has `limit`.
     pub fn admit(self: &Arc<Self>, source: IpAddr, limit: usize) -> Option<SourcePermit> {
+        let source = budget_of(source);
         let mut in_flight = self.lock();
         let count = in_flight.entry(source).or_insert(0);
         if *count >= limit {
@@ -67,6 +71,18 @@ impl CancelThrottle {
     /// Sources with cancels in flight (for tests and /cluster).
     pub fn sources(&self) -> usize {
         self.lock().len()
+    }
+}
+
+/// The address whose budget `source` spends: an IPv4 address (mapped or
+/// not) as it is, an IPv6 address as its /64.
+fn budget_of(source: IpAddr) -> IpAddr {
+    match source {
+        IpAddr::V4(_) => source,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6(Ipv6Addr::from(u128::from(v6) & (u128::MAX << 64))),
+        },
     }
 }
 
@@ -121,5 +137,30 @@ mod tests {
         tokio::time::sleep(FAILED_HOLD + Duration::from_millis(10)).await;
         assert!(throttle.admit(a, MAX_PER_SOURCE).is_some());
         assert_eq!(throttle.sources(), 0, "every place was given back");
+    }
+
+    #[tokio::test]
+    async fn an_ipv6_64_shares_one_budget() {
+        let throttle = CancelThrottle::new();
+        let ip = |text: &str| -> IpAddr { text.parse().expect("ip") };
+        let _held: Vec<_> = (0..MAX_PER_SOURCE)
+            .map(|i| {
+                let host = ip(&format!("2001:db8:1:2::{:x}", i + 1));
+                throttle.admit(host, MAX_PER_SOURCE).expect("a place")
+            })
+            .collect();
+        assert!(
+            throttle
+                .admit(ip("2001:db8:1:2:ffff::1"), MAX_PER_SOURCE)
+                .is_none(),
+            "another address of the same /64 has no place left"
+        );
+        assert!(
+            throttle
+                .admit(ip("2001:db8:1:3::1"), MAX_PER_SOURCE)
+                .is_some(),
+            "the next /64 is not affected"
+        );
+        assert_eq!(budget_of(ip("::ffff:10.0.0.1")), ip("10.0.0.1"));
     }
 }
