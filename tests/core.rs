@@ -869,12 +869,7 @@ fn example_alert_rules_are_valid(_env: &Env) -> Result<(), Failed> {
 
 fn sighup_reloads_limits_and_refuses_bad_files(env: &Env) -> Result<(), Failed> {
     let (rolegate, rw, ro) = env.rolegate("reload", "[limits]\nmax_client_connections = 1\n");
-    // Keep the [admin] table the harness wrote (the port the test reads).
-    let admin = std::fs::read_to_string(&rolegate.config_path)?
-        .lines()
-        .take_while(|l| !l.starts_with("[clusters"))
-        .collect::<Vec<_>>()
-        .join("\n");
+    let admin = rolegate.admin_table()?;
     let reload = |extra: &str, expect: &str, count: usize| -> Result<(), Failed> {
         std::fs::write(
             &rolegate.config_path,

@@ -696,12 +696,7 @@ fn a_reload_onto_a_taken_port_is_refused_and_serving_goes_on(env: &Env) -> Resul
     const APPLIED: &str = "SIGHUP: reloaded the configuration";
     const REFUSED: &str = "keeping the configuration in use";
     let (rolegate, rw, ro) = env.rolegate("reload-taken", "");
-    // Keep the [admin] table the harness wrote.
-    let admin = std::fs::read_to_string(&rolegate.config_path)?
-        .lines()
-        .take_while(|l| !l.starts_with("[clusters"))
-        .collect::<Vec<_>>()
-        .join("\n");
+    let admin = rolegate.admin_table()?;
     let taken = free_port();
     let stranger = reuseport_listener(taken)?;
     let added = format!(

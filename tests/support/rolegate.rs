@@ -72,6 +72,16 @@ impl Rolegate {
         });
     }
 
+    /// The `[admin]` table of the configuration the harness wrote (the
+    /// port the test reads), for a test that rewrites the rest.
+    pub fn admin_table(&self) -> std::io::Result<String> {
+        Ok(std::fs::read_to_string(&self.config_path)?
+            .lines()
+            .take_while(|l| !l.starts_with("[clusters"))
+            .collect::<Vec<_>>()
+            .join("\n"))
+    }
+
     /// `GET path` on the admin endpoint: status and body.
     pub fn admin_get(&self, path: &str) -> Option<(u16, String)> {
         super::lab::http_get(self.admin_port, path)
