@@ -28,6 +28,8 @@
 //!   one it replaces, so restarts refuse no connection.
 //! - [`proc_net`]: which processes hold a socket, for naming another
 //!   program on rolegate's addresses.
+//! - [`source_places`]: places per client address (IPv6 by its /64),
+//!   shared by the cancel throttle and the admin endpoint.
 //! - [`tls`]: rustls configurations for clients and backends.
 //! - [`logging`]: the `tracing` subscriber.
 
@@ -48,6 +50,7 @@ pub mod reload;
 pub mod router;
 pub mod running;
 pub mod server;
+pub mod source_places;
 pub mod status;
 pub mod tls;
 pub mod topology;

@@ -63,6 +63,10 @@ fn main() {
             "guessed_keys_are_rate_limited",
             guessed_keys_are_rate_limited,
         ),
+        (
+            "guesses_through_a_peer_leave_real_cancels_their_way",
+            guesses_through_a_peer_leave_real_cancels_their_way,
+        ),
         ("proxy_protocol_headers", proxy_protocol_headers),
     ];
     run_suite(
@@ -484,6 +488,72 @@ fn guessed_keys_are_rate_limited(env: &Env) -> Result<(), Failed> {
     check(
         limited > 0.0 && unknown <= 32.0,
         format!("failed guesses hold their places: {unknown} looked up, {limited} rate limited"),
+    )
+}
+
+/// Clients guessing keys of one instance at another fill the places the
+/// owner gives that forwarder's misses; a real cancel passed on the same
+/// way still reaches its session.
+fn guesses_through_a_peer_leave_real_cancels_their_way(env: &Env) -> Result<(), Failed> {
+    let (owner_peer, forwarder_peer) = (free_port(), free_port());
+    let owner = instance_at(
+        env,
+        "guessed-owner",
+        owner_peer,
+        &format!("id = 1\npeers = {{ \"2\" = \"127.0.0.1:{forwarder_peer}\" }}"),
+    );
+    let forwarder = instance_at(
+        env,
+        "guessed-forwarder",
+        forwarder_peer,
+        &format!("id = 2\npeers = {{ \"1\" = \"127.0.0.1:{owner_peer}\" }}"),
+    );
+    let mut session = wire::KeyedSession::login(owner.rw)?;
+    // Five guessing addresses, each as many guesses as the forwarder lets
+    // one address have at once: 80 misses at the owner within its hold.
+    let (pid, port) = (session.pid, forwarder.rw);
+    let guessers: Vec<_> = (2..7u8)
+        .map(|last| {
+            std::thread::spawn(move || {
+                for n in 0..16u32 {
+                    let mut stream = wire::connect_from([127, 0, 0, last], port);
+                    let guess = wire::cancel_request(pid, &n.to_be_bytes());
+                    let _ = std::io::Write::write_all(&mut stream, &guess);
+                    wire::closes(&mut stream);
+                }
+            })
+        })
+        .collect();
+    for guesser in guessers {
+        guesser.join().map_err(|_| "a guessing thread panicked")?;
+    }
+    let dropped = owner.cancels("peer", "rate_limited");
+    println!("    80 guesses passed on: the owner dropped {dropped}");
+    check(
+        dropped > 0.0,
+        format!(
+            "the guesses filled the owner's places for the forwarder's misses: {}",
+            owner.cancel_outcomes()
+        ),
+    )?;
+    std::io::Write::write_all(
+        &mut session.stream,
+        &wire::message(b'Q', b"select pg_sleep(10)\0"),
+    )?;
+    std::thread::sleep(Duration::from_millis(300));
+    let mut cancel = wire::connect(forwarder.rw);
+    std::io::Write::write_all(
+        &mut cancel,
+        &wire::cancel_request(session.pid, &session.secret),
+    )?;
+    check(wire::closes(&mut cancel), "the cancel connection closes")?;
+    let ended = wire::query_outcome(&mut session.stream)?;
+    check(
+        ended.as_deref() == Some("57014"),
+        format!(
+            "the real cancel through the forwarder: {ended:?}; owner: {}",
+            owner.cancel_outcomes()
+        ),
     )
 }
 

@@ -28,6 +28,23 @@ pub fn connect(port: u16) -> TcpStream {
     stream
 }
 
+/// As [`connect`], from the loopback address `source` (any of 127.0.0.0/8).
+pub fn connect_from(source: [u8; 4], port: u16) -> TcpStream {
+    let socket =
+        socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("socket");
+    socket
+        .bind(&std::net::SocketAddr::from((source, 0)).into())
+        .expect("bind the source address");
+    socket
+        .connect(&std::net::SocketAddr::from(([127, 0, 0, 1], port)).into())
+        .expect("connect");
+    let stream = TcpStream::from(socket);
+    stream
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .expect("timeout");
+    stream
+}
+
 /// A backend message: type byte and body.
 #[derive(Debug)]
 pub struct Msg {
@@ -188,9 +205,15 @@ pub fn query_error(session: &mut TcpStream, sql: &str) -> Result<Option<String>,
     session
         .write_all(&message(b'Q', &text))
         .map_err(|e| format!("send {sql}: {e}"))?;
+    query_outcome(session).map_err(|e| format!("{e} to {sql}"))
+}
+
+/// Reads a query's answer up to ReadyForQuery and returns the SQLSTATE of
+/// its error, if it failed; `Err` if no ReadyForQuery came.
+pub fn query_outcome(session: &mut TcpStream) -> Result<Option<String>, String> {
     let mut error = None;
     loop {
-        let msg = read_msg(session).ok_or_else(|| format!("no answer to {sql}"))?;
+        let msg = read_msg(session).ok_or("no answer")?;
         match msg.tag {
             b'E' => error = msg.field(b'C'),
             b'Z' => return Ok(error),

@@ -20,7 +20,7 @@
 //!
 //! Every outcome is counted in `rolegate_cancel_requests_total` by `via`
 //! and `outcome`; [`throttle`] bounds them per source (a client's address,
-//! or the peer's).
+//! or the peer's, whose hits and misses are bounded apart).
 
 mod delivery;
 pub mod intake;
@@ -32,8 +32,6 @@ pub use delivery::{deliver, DeliveryTime};
 pub use registry::{CancelRegistration, CancelRegistry, CancelTarget};
 pub use siblings::Siblings;
 pub use throttle::CancelThrottle;
-
-use throttle::{MAX_PER_PEER_SOURCE, MAX_PER_SOURCE};
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -82,17 +80,25 @@ pub fn relay_bound(timeout: Duration) -> Duration {
 pub async fn handle(key: CancelKey, source: SocketAddr, via: Via, shared: &Shared) {
     let started = Instant::now();
     let count = |outcome| metrics::cancel_outcome(via.as_str(), outcome);
-    let limit = match via {
-        Via::Client => MAX_PER_SOURCE,
-        Via::Peer | Via::Sibling => MAX_PER_PEER_SOURCE,
+    let target = shared.cancels.lookup(&key);
+    let permit = match via {
+        Via::Client => shared.cancel_throttle.admit_client(source.ip()),
+        Via::Peer | Via::Sibling => shared
+            .cancel_throttle
+            .admit_forwarded(source.ip(), target.is_some()),
     };
-    let Some(permit) = shared.cancel_throttle.admit(source.ip(), limit) else {
+    let Some(permit) = permit else {
         count("rate_limited");
-        debug!(client = %source, "cancel request dropped: too many from this address");
+        debug!(client = %source, via = via.as_str(), "cancel request dropped: too many from this address");
+        if via != Via::Client {
+            // Whether a forwarded cancel was dropped depends on its key:
+            // it closes about when a miss would have.
+            tokio::time::sleep_until((started + shared.cancel_delivery.typical()).into()).await;
+        }
         return;
     };
     let timeout = shared.limits().connect_timeout.get();
-    if let Some(target) = shared.cancels.lookup(&key) {
+    if let Some(target) = target {
         match forward_cancel(&target, timeout).await {
             Ok(()) => {
                 shared.cancel_delivery.record(started.elapsed());
