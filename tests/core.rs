@@ -630,13 +630,18 @@ fn keep_alive_get(stream: &mut std::net::TcpStream, path: &str) -> Result<u16, F
 }
 
 /// A scraper that keeps its connection open is served request after
-/// request, past the per-request timeout (10 s); a flood of connections
-/// gets 503 beyond the bound and leaves the endpoint serving.
+/// request, past the per-request timeout (10 s), and an idle one is let
+/// go; one address holds at most 16 connections and all at most 64, past
+/// which probes are still answered; a sign-in whose body never comes is
+/// answered, and a wrong token is answered late on every guarded path.
 fn admin_connections_are_bounded_and_timed_per_request(env: &Env) -> Result<(), Failed> {
-    let (rolegate, _rw, _ro) = env.rolegate("admin-limits", "");
-    let address = ("127.0.0.1", rolegate.admin_port);
-    let mut kept = std::net::TcpStream::connect(address)?;
-    kept.set_read_timeout(Some(Duration::from_secs(5)))?;
+    let admin_port = free_port();
+    let (mut rolegate, _rw, _ro) = env.rolegate(
+        "admin-limits",
+        &format!("\n[admin]\nlisten = \"127.0.0.1:{admin_port}\"\ntoken = \"s3cret\"\n"),
+    );
+    rolegate.admin_port = admin_port;
+    let mut kept = wire::connect(admin_port);
     let started = Instant::now();
     for round in 0..7 {
         let status = keep_alive_get(&mut kept, "/metrics").map_err(|e| {
@@ -648,22 +653,106 @@ fn admin_connections_are_bounded_and_timed_per_request(env: &Env) -> Result<(), 
         check(status == 200, format!("request {round}: {status}"))?;
         std::thread::sleep(Duration::from_secs(2));
     }
-    // 64 idle connections take every slot; the next is told so.
-    let idle: Vec<_> = (0..64)
-        .map(|_| std::net::TcpStream::connect(address))
-        .collect::<Result<_, _>>()?;
+    // From here `kept` is idle, and a second connection never says a word.
+    let mut silent = wire::connect(admin_port);
+
+    let get = |source: [u8; 4], path: &str| {
+        support::lab::http_request_from(source, admin_port, "GET", path, &[], "")
+            .map(|(status, _, body)| (status, body))
+            .ok_or_else(|| format!("GET {path} from {source:?}: no answer"))
+    };
+    let half_requests = |source: [u8; 4]| -> Result<Vec<std::net::TcpStream>, Failed> {
+        (0..::rolegate::admin::MAX_PER_ADDRESS)
+            .map(|_| {
+                let mut stream = wire::connect_from(source, admin_port);
+                stream.write_all(b"GET /metrics HTTP/1.1\r\nHo")?;
+                Ok(stream)
+            })
+            .collect()
+    };
+    let mut held = half_requests([127, 0, 0, 2])?;
     std::thread::sleep(Duration::from_millis(300));
-    let (status, body) = rolegate.admin_get("/healthz").ok_or("GET over the limit")?;
+    let (status, body) = get([127, 0, 0, 2], "/metrics")?;
     check(
-        status == 503 && body.contains("too many admin connections"),
-        format!("over the limit: {status} {body}"),
+        status == 503 && body.contains("from your address"),
+        format!("one address over its bound: {status} {body}"),
     )?;
-    drop(idle);
+    let (status, _) = get([127, 0, 0, 1], "/metrics")?;
+    check(
+        status == 200,
+        format!("another address is served: {status}"),
+    )?;
+    for last in 3..6 {
+        held.extend(half_requests([127, 0, 0, last])?);
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let (status, body) = get([127, 0, 0, 1], "/metrics")?;
+    check(
+        status == 503 && body.contains("too many admin connections (at most 64)"),
+        format!("over the bound in all: {status} {body}"),
+    )?;
+    for (source, path, expected) in [
+        ([127, 0, 0, 1], "/healthz", "ok"),
+        ([127, 0, 0, 1], "/readyz", "ready"),
+        ([127, 0, 0, 2], "/healthz", "ok"),
+    ] {
+        let (status, body) = get(source, path)?;
+        check(
+            status == 200 && body.trim() == expected,
+            format!("{path} from {source:?} while every place is held: {status} {body}"),
+        )?;
+    }
+    drop(held);
     wait_until(
         Duration::from_secs(5),
         "the admin endpoint to serve again",
         || (rolegate.admin_get("/healthz").map(|r| r.0) == Some(200)).then_some(()),
     );
+
+    // A sign-in that declares a body and never sends it is answered.
+    let mut sign_in = wire::connect(admin_port);
+    sign_in.write_all(
+        b"POST /login HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/x-www-form-urlencoded\r\nContent-Length: 100\r\n\r\n",
+    )?;
+    let mut answer = String::new();
+    std::io::Read::read_to_string(&mut sign_in, &mut answer)
+        .map_err(|e| format!("the sign-in without its body was not answered: {e}"))?;
+    check(
+        answer.starts_with("HTTP/1.1 408"),
+        format!("a sign-in without its body: {answer:?}"),
+    )?;
+
+    // A guess is answered late on every guarded path; no credential at once.
+    for path in ["/cluster", "/events", "/"] {
+        let asked = Instant::now();
+        let answer = support::lab::http_request(
+            admin_port,
+            "GET",
+            path,
+            &["Authorization: Bearer guess"],
+            "",
+        );
+        let waited = asked.elapsed();
+        check(
+            answer.as_ref().map(|a| a.0) == Some(401) && waited >= Duration::from_secs(1),
+            format!("a wrong token on {path}: {answer:?} after {waited:?}"),
+        )?;
+    }
+    let (status, body) = get([127, 0, 0, 1], "/cluster")?;
+    check(
+        status == 401 && body.contains("is required"),
+        format!("no token on /cluster: {status} {body}"),
+    )?;
+
+    // Idle connections are let go (each read bounded in time).
+    for (what, stream) in [("kept-alive", &mut kept), ("silent", &mut silent)] {
+        stream.set_read_timeout(Some(Duration::from_secs(20)))?;
+        let mut byte = [0u8; 1];
+        match std::io::Read::read(stream, &mut byte) {
+            Ok(0) => {}
+            other => return Err(format!("the {what} idle connection was kept: {other:?}").into()),
+        }
+    }
     Ok(())
 }
 

@@ -11,29 +11,48 @@ pub const COOKIE_NAME: &str = "rolegate_admin";
 /// The longest sign-in form body read; a token is far shorter.
 pub const MAX_FORM_BYTES: usize = 4096;
 
+/// What a request's credentials are worth.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Access {
+    /// The token, in the bearer header or the cookie (or none is needed).
+    Granted,
+    /// No credential at all: a first visit, not a guess.
+    Missing,
+    /// A bearer header or a cookie with another token: a guess, answered
+    /// late.
+    WrongToken,
+}
+
 /// Whether `headers` carry `token` in the bearer header or the cookie.
-/// Always true when no token is configured.
-pub fn authorized(headers: &HeaderMap, token: Option<&str>) -> bool {
+pub fn access(headers: &HeaderMap, token: Option<&str>) -> Access {
     let Some(token) = token else {
-        return true;
+        return Access::Granted;
     };
     let bearer = headers
         .get(AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "));
     if bearer.is_some_and(|given| token_matches(given, token)) {
-        return true;
+        return Access::Granted;
     }
     let encoded = cookie_value(token);
-    headers
+    let mut cookies = headers
         .get_all(COOKIE)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(';'))
         .filter_map(|pair| pair.trim().split_once('='))
-        .any(|(name, value)| {
-            name == COOKIE_NAME && constant_time_eq(value.as_bytes(), encoded.as_bytes())
-        })
+        .filter(|(name, _)| *name == COOKIE_NAME)
+        .peekable();
+    let any_cookie = cookies.peek().is_some();
+    if cookies.any(|(_, value)| constant_time_eq(value.as_bytes(), encoded.as_bytes())) {
+        return Access::Granted;
+    }
+    if bearer.is_some() || any_cookie || headers.contains_key(AUTHORIZATION) {
+        Access::WrongToken
+    } else {
+        Access::Missing
+    }
 }
 
 /// The token from a sign-in form body (`token=...`,
@@ -87,6 +106,32 @@ mod tests {
         assert!(constant_time_eq(b"secret", b"secret"));
         assert!(!constant_time_eq(b"secret", b"secreT"));
         assert!(!constant_time_eq(b"secret", b"secret2"));
+    }
+
+    fn authorized(headers: &HeaderMap, token: Option<&str>) -> bool {
+        access(headers, token) == Access::Granted
+    }
+
+    #[test]
+    fn a_wrong_credential_is_told_from_none() {
+        let token = Some("s3cret");
+        assert_eq!(access(&headers(&[]), token), Access::Missing);
+        assert_eq!(
+            access(&headers(&[("cookie", "theme=dark")]), token),
+            Access::Missing
+        );
+        assert_eq!(
+            access(&headers(&[("authorization", "Bearer guess")]), token),
+            Access::WrongToken
+        );
+        assert_eq!(
+            access(&headers(&[("authorization", "Basic Z3Vlc3M=")]), token),
+            Access::WrongToken
+        );
+        assert_eq!(
+            access(&headers(&[("cookie", "rolegate_admin=old")]), token),
+            Access::WrongToken
+        );
     }
 
     #[test]

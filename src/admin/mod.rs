@@ -19,13 +19,20 @@
 //! (see [`auth`]).
 //!
 //! It binds to loopback by default and reads only published snapshots:
-//! nothing here can slow the data path.
+//! nothing here can slow the data path. Connections are bounded in all and
+//! per client address ([`places`]); over the bounds, probes are still
+//! answered ([`over_limit`]).
 
 mod auth;
 mod json;
+mod over_limit;
+mod places;
 mod status_page;
 
+pub use places::{MAX_CONNECTIONS, MAX_PER_ADDRESS};
+
 use std::convert::Infallible;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -38,9 +45,8 @@ use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use metrics_exporter_prometheus::PrometheusHandle;
-use tokio::io::AsyncWriteExt;
 use tokio::net::TcpListener;
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
@@ -57,10 +63,10 @@ const UPKEEP_INTERVAL: Duration = Duration::from_secs(5);
 /// requests on a kept-alive connection included: per request, so a
 /// scraper that keeps its connection open is never cut mid-answer.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long a sign-in with a wrong token waits for its answer.
+/// How long a request with a wrong token (a sign-in, a bearer header, a
+/// cookie) waits for its answer: guessing costs time, and the places a
+/// guesser's waiting requests hold are its own address's (see [`places`]).
 const WRONG_TOKEN_DELAY: Duration = Duration::from_secs(1);
-/// Admin connections served at once; one more is answered 503 and closed.
-pub const MAX_CONNECTIONS: usize = 64;
 /// After this long a connection is closed once its current answer is out
 /// (or `REQUEST_TIMEOUT` later, for a client that stopped reading).
 const CONNECTION_LIFETIME: Duration = Duration::from_secs(300);
@@ -121,7 +127,7 @@ pub async fn upkeep(metrics: PrometheusHandle, stop: CancellationToken) {
 /// Serves admin requests on `listener` until `shutdown` (the process's, or
 /// a reload that moved the endpoint).
 pub async fn serve(listener: Arc<TcpListener>, admin: Arc<Admin>, shutdown: CancellationToken) {
-    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let places = places::AdminPlaces::new();
     loop {
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -134,55 +140,58 @@ pub async fn serve(listener: Arc<TcpListener>, admin: Arc<Admin>, shutdown: Canc
             },
             () = shutdown.cancelled() => return,
         };
-        let Ok(permit) = Arc::clone(&slots).try_acquire_owned() else {
-            debug!(client = %peer, "admin connection refused: {MAX_CONNECTIONS} already open");
-            tokio::spawn(refuse(stream));
-            continue;
+        let place = match places.admit(peer.ip()) {
+            places::Admission::Served(place) => place,
+            places::Admission::OverLimit(place, refusal) => {
+                debug!(client = %peer, ?refusal, "admin connection over the limit: read for a probe only");
+                let admin = Arc::clone(&admin);
+                tokio::spawn(async move {
+                    let _place = place;
+                    over_limit::answer(&admin, stream, refusal).await;
+                });
+                continue;
+            }
+            places::Admission::Closed => {
+                debug!(client = %peer, "admin connection closed unread: over every limit");
+                continue;
+            }
         };
         let admin = Arc::clone(&admin);
         tokio::spawn(async move {
-            let _permit = permit;
-            let service = service_fn(move |request| {
-                let admin = Arc::clone(&admin);
-                async move { Ok::<_, Infallible>(admin.answer(request).await) }
-            });
-            let connection = hyper::server::conn::http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(REQUEST_TIMEOUT)
-                .serve_connection(TokioIo::new(stream), service);
-            tokio::pin!(connection);
-            let served = tokio::select! {
-                served = connection.as_mut() => Some(served),
-                () = tokio::time::sleep(CONNECTION_LIFETIME) => None,
-            };
-            let served = match served {
-                Some(served) => Ok(served),
-                None => {
-                    connection.as_mut().graceful_shutdown();
-                    tokio::time::timeout(REQUEST_TIMEOUT, connection).await
-                }
-            };
-            match served {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => debug!(client = %peer, "admin connection: {e}"),
-                Err(_) => debug!(client = %peer, "admin connection stopped reading its answer"),
-            }
+            let _place = place;
+            serve_connection(admin, stream, peer).await;
         });
     }
 }
 
-/// Answers a connection over [`MAX_CONNECTIONS`] with 503 and closes it.
-async fn refuse(mut stream: tokio::net::TcpStream) {
-    let body = format!("too many admin connections (at most {MAX_CONNECTIONS}); retry shortly\n");
-    let answer = format!(
-        "HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\nRetry-After: 1\r\n\r\n{body}",
-        body.len()
-    );
-    let _ = tokio::time::timeout(Duration::from_secs(1), async {
-        stream.write_all(answer.as_bytes()).await?;
-        stream.shutdown().await
-    })
-    .await;
+/// Serves requests on one connection, each within [`REQUEST_TIMEOUT`],
+/// until the client closes it or [`CONNECTION_LIFETIME`] is up.
+async fn serve_connection(admin: Arc<Admin>, stream: tokio::net::TcpStream, peer: SocketAddr) {
+    let service = service_fn(move |request| {
+        let admin = Arc::clone(&admin);
+        async move { Ok::<_, Infallible>(admin.answer(request).await) }
+    });
+    let connection = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(REQUEST_TIMEOUT)
+        .serve_connection(TokioIo::new(stream), service);
+    tokio::pin!(connection);
+    let served = tokio::select! {
+        served = connection.as_mut() => Some(served),
+        () = tokio::time::sleep(CONNECTION_LIFETIME) => None,
+    };
+    let served = match served {
+        Some(served) => Ok(served),
+        None => {
+            connection.as_mut().graceful_shutdown();
+            tokio::time::timeout(REQUEST_TIMEOUT, connection).await
+        }
+    };
+    match served {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => debug!(client = %peer, "admin connection: {e}"),
+        Err(_) => debug!(client = %peer, "admin connection stopped reading its answer"),
+    }
 }
 
 type Answer = Response<Full<Bytes>>;
@@ -213,21 +222,22 @@ impl Admin {
                 "only GET is served (and POST /login)\n",
             );
         }
-        let authorized = auth::authorized(request.headers(), state.token.as_deref());
+        if let Some((status, body)) = state.probe(path) {
+            return text(status, body);
+        }
+        let access = auth::access(request.headers(), state.token.as_deref());
+        let guarded = matches!(path, "/" | "/cluster" | "/events");
+        if guarded && access == auth::Access::WrongToken {
+            debug!("admin request for {path} with a wrong token");
+            tokio::time::sleep(WRONG_TOKEN_DELAY).await;
+        }
+        let authorized = access == auth::Access::Granted;
         match path {
             "/metrics" => respond(
                 StatusCode::OK,
                 "text/plain; version=0.0.4; charset=utf-8",
                 self.metrics.render(),
             ),
-            "/healthz" => text(StatusCode::OK, "ok\n"),
-            "/readyz" => match state.not_ready() {
-                None => text(StatusCode::OK, "ready\n"),
-                Some(reason) => text(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    format!("not ready: {reason}\n"),
-                ),
-            },
             // The page holds no data: without the token it shows only its
             // sign-in form.
             "/" => {
@@ -243,7 +253,12 @@ impl Admin {
             }
             "/cluster" | "/events" if !authorized => text(
                 StatusCode::UNAUTHORIZED,
-                format!("a bearer token (or the status page's sign-in) is required for {path}\n"),
+                match access {
+                    auth::Access::WrongToken => format!("wrong token for {path}\n"),
+                    _ => format!(
+                        "a bearer token (or the status page's sign-in) is required for {path}\n"
+                    ),
+                },
             ),
             "/cluster" => respond(
                 StatusCode::OK,
@@ -267,12 +282,16 @@ impl Admin {
         let Some(token) = &state.token else {
             return see_other("/", None);
         };
-        let body = match Limited::new(request.into_body(), auth::MAX_FORM_BYTES)
-            .collect()
-            .await
-        {
-            Ok(body) => body.to_bytes(),
+        let body = Limited::new(request.into_body(), auth::MAX_FORM_BYTES).collect();
+        let body = match tokio::time::timeout(REQUEST_TIMEOUT, body).await {
+            Ok(Ok(body)) => body.to_bytes(),
             Err(_) => {
+                return text(
+                    StatusCode::REQUEST_TIMEOUT,
+                    format!("the sign-in form did not arrive within {REQUEST_TIMEOUT:?}\n"),
+                )
+            }
+            Ok(Err(_)) => {
                 return text(
                     StatusCode::PAYLOAD_TOO_LARGE,
                     format!(
@@ -285,7 +304,6 @@ impl Admin {
         let given = auth::token_from_form(&body).unwrap_or_default();
         if !auth::token_matches(&given, token) {
             debug!("status page sign-in with a wrong token");
-            // Guessing costs time.
             tokio::time::sleep(WRONG_TOKEN_DELAY).await;
             return text(
                 StatusCode::UNAUTHORIZED,
@@ -297,6 +315,22 @@ impl Admin {
 }
 
 impl AdminState {
+    /// The answer to a probe (`/healthz`, `/readyz`); `None` for any other
+    /// path. Probes are answered even over the connection limits.
+    fn probe(&self, path: &str) -> Option<(StatusCode, String)> {
+        match path {
+            "/healthz" => Some((StatusCode::OK, "ok\n".into())),
+            "/readyz" => Some(match self.not_ready() {
+                None => (StatusCode::OK, "ready\n".into()),
+                Some(reason) => (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!("not ready: {reason}\n"),
+                ),
+            }),
+            _ => None,
+        }
+    }
+
     /// Why rolegate is not ready, or `None` when it is.
     fn not_ready(&self) -> Option<String> {
         match self.ready_when {

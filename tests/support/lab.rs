@@ -6,7 +6,6 @@
 //! test command (`scripts/test.sh`) takes the lab down at the end.
 
 use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
@@ -208,7 +207,19 @@ pub fn http_request(
     headers: &[&str],
     body: &str,
 ) -> Option<(u16, String, String)> {
-    let mut stream = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    http_request_from([127, 0, 0, 1], port, method, path, headers, body)
+}
+
+/// As [`http_request`], from the loopback address `source`.
+pub fn http_request_from(
+    source: [u8; 4],
+    port: u16,
+    method: &str,
+    path: &str,
+    headers: &[&str],
+    body: &str,
+) -> Option<(u16, String, String)> {
+    let mut stream = super::wire::connect_from(source, port);
     stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
     let mut request = format!("{method} {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n");
     for header in headers {
