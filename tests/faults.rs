@@ -8,6 +8,7 @@
 
 mod support;
 
+use std::io::Write;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
@@ -21,7 +22,7 @@ use support::lab_suite::LabSuite;
 use support::procinfo::Usage;
 use support::rolegate::Rolegate;
 use support::routes::{reached, wait_for_readers, wait_for_writable_leader};
-use support::{churn, conninfo, leader_key, runtime, writer};
+use support::{churn, conninfo, leader_key, runtime, wire, writer};
 
 type Env = LabSuite;
 
@@ -35,6 +36,10 @@ fn main() {
         (
             "frozen_replica_patroni_leaves_the_read_rotation",
             frozen_replica_patroni_leaves_the_read_rotation,
+        ),
+        (
+            "a_member_that_left_during_the_login_gets_no_pipelined_byte",
+            a_member_that_left_during_the_login_gets_no_pipelined_byte,
         ),
         (
             "partitioned_leader_acknowledges_no_write_after_its_key_expires",
@@ -290,6 +295,109 @@ fn frozen_replica_patroni_leaves_the_read_rotation(env: &Env) -> Result<(), Fail
         );
         Ok(())
     })
+}
+
+/// A read session whose member leaves the rotation while the client is
+/// still logging in (both replicas' Patroni frozen between the SCRAM
+/// messages) is ended once the login is through, and the query the client
+/// pipelined behind its last SCRAM message never reaches the member.
+fn a_member_that_left_during_the_login_gets_no_pipelined_byte(env: &Env) -> Result<(), Failed> {
+    let (rolegate, _rw, ro) = env.default_rolegate("left-during-login");
+    let leader = env.lab.leader();
+    let replicas = replicas_of(&leader);
+    runtime().block_on(wait_for_readers(
+        &env.lab,
+        ro,
+        &replicas,
+        Duration::from_secs(20),
+    ))?;
+    let marker = "pipelined-behind-the-login";
+    let mut thaws = Vec::new();
+    let mut frozen_in_time = false;
+    let mut session = wire::connect(ro);
+    session.write_all(&wire::startup_packet(
+        3,
+        0,
+        &[("user", "app"), ("database", "app")],
+    ))?;
+    let login = wire::login_pausing(&mut session, "app", &mut || {
+        for member in &replicas {
+            env.lab.run(&["freeze", member]);
+            thaws.push(Undo {
+                lab: &env.lab,
+                args: ["thaw", member],
+            });
+        }
+        let unhealthy = |page: &str| {
+            replicas.iter().all(|member| {
+                page.lines().any(|line| {
+                    line.starts_with("rolegate_member_healthy{")
+                        && line.contains(&format!("member=\"{member}\""))
+                        && line.ends_with(" 0")
+                })
+            })
+        };
+        frozen_in_time = support::holds_within(Duration::from_secs(30), || {
+            let page = rolegate
+                .admin_get("/metrics")
+                .map(|(_, body)| body)
+                .unwrap_or_default();
+            unhealthy(&page)
+        });
+        wire::message(
+            b'Q',
+            format!("select pg_sleep(5) /* {marker} */\0").as_bytes(),
+        )
+    });
+    check(
+        frozen_in_time,
+        "both replicas failed their REST checks while the client logged in",
+    )?;
+    check(
+        login.error.is_none(),
+        format!("the login failed: {:?}", login.error),
+    )?;
+    let ended = loop {
+        match wire::read_msg(&mut session) {
+            Some(msg) if msg.tag == b'E' => break Some((msg.field(b'S'), msg.field(b'M'))),
+            Some(msg) if msg.tag == b'T' || msg.tag == b'D' => break None,
+            Some(_) => {}
+            None => break None,
+        }
+    };
+    let reached: Vec<String> = runtime().block_on(async {
+        let mut reached = Vec::new();
+        for member in &replicas {
+            let direct = support::connect(&conninfo(env.lab.pg_port(member), "app", "app")).await?;
+            let count: i64 = direct
+                .query_one(
+                    "select count(*) from pg_stat_activity where query like $1 and pid <> pg_backend_pid()",
+                    &[&format!("%{marker}%")],
+                )
+                .await?
+                .get(0);
+            if count > 0 {
+                reached.push(member.to_string());
+            }
+        }
+        Ok::<_, Failed>(reached)
+    })?;
+    drop(thaws);
+    check(
+        reached.is_empty(),
+        format!("the pipelined query reached {reached:?}"),
+    )?;
+    check(
+        matches!(&ended, Some((Some(severity), _)) if severity == "FATAL"),
+        format!("the session was not ended with a FATAL: {ended:?}"),
+    )?;
+    println!("    ended after its login: {ended:?}; the pipelined query reached no member");
+    runtime().block_on(wait_for_readers(
+        &env.lab,
+        ro,
+        &replicas,
+        Duration::from_secs(30),
+    ))
 }
 
 fn partitioned_leader_acknowledges_no_write_after_its_key_expires(env: &Env) -> Result<(), Failed> {

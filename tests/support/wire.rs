@@ -133,6 +133,17 @@ pub struct Login {
 /// Logs in on `stream` after the StartupMessage was sent, answering a
 /// SCRAM-SHA-256 exchange with `password` (and cleartext, md5-less trust).
 pub fn login(stream: &mut TcpStream, password: &str) -> Login {
+    login_pausing(stream, password, &mut Vec::new)
+}
+
+/// As [`login`], calling `before_last` before the last SCRAM message is
+/// sent and sending the bytes it returns right behind that message, in
+/// one write: what a client that pipelines its first query does.
+pub fn login_pausing(
+    stream: &mut TcpStream,
+    password: &str,
+    before_last: &mut dyn FnMut() -> Vec<u8>,
+) -> Login {
     use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
     let mut login = Login::default();
     let mut scram = None;
@@ -161,7 +172,9 @@ pub fn login(stream: &mut TcpStream, password: &str) -> Login {
                     11 => {
                         if let Some(client) = scram.as_mut() {
                             if client.update(&msg.body[4..]).is_ok() {
-                                let _ = stream.write_all(&message(b'p', client.message()));
+                                let mut bytes = message(b'p', client.message());
+                                bytes.extend(before_last());
+                                let _ = stream.write_all(&bytes);
                             }
                         }
                     }
