@@ -399,19 +399,7 @@ fn a_killed_peer_then_its_lease_expires(env: &Env) -> Result<(), Failed> {
 fn static_peers_and_a_wrong_map(env: &Env) -> Result<(), Failed> {
     // Two instances that list each other, and a third whose map is wrong:
     // it believes instance 1 is at instance 2's peer address.
-    let (peer1, peer2) = (free_port(), free_port());
-    let one = instance_at(
-        env,
-        "static1",
-        peer1,
-        &format!("id = 1\npeers = {{ \"2\" = \"127.0.0.1:{peer2}\" }}"),
-    );
-    let two = instance_at(
-        env,
-        "static2",
-        peer2,
-        &format!("id = 2\npeers = {{ \"1\" = \"127.0.0.1:{peer1}\" }}"),
-    );
+    let (one, two, peer2) = static_pair(env, "static");
     let wrong = instance(
         env,
         "static3",
@@ -448,6 +436,25 @@ fn static_peers_and_a_wrong_map(env: &Env) -> Result<(), Failed> {
             "one forward, one miss at the wrong peer, and no second forward",
         )
     })
+}
+
+/// Instances 1 and 2 of a static fleet that list each other (named
+/// `{name}1` and `{name}2`), and instance 2's peer port.
+fn static_pair(env: &Env, name: &str) -> (Instance, Instance, u16) {
+    let (peer1, peer2) = (free_port(), free_port());
+    let one = instance_at(
+        env,
+        &format!("{name}1"),
+        peer1,
+        &format!("id = 1\npeers = {{ \"2\" = \"127.0.0.1:{peer2}\" }}"),
+    );
+    let two = instance_at(
+        env,
+        &format!("{name}2"),
+        peer2,
+        &format!("id = 2\npeers = {{ \"1\" = \"127.0.0.1:{peer1}\" }}"),
+    );
+    (one, two, peer2)
 }
 
 /// As [`instance`], with the peer listener on `peer`.
@@ -495,19 +502,7 @@ fn guessed_keys_are_rate_limited(env: &Env) -> Result<(), Failed> {
 /// owner gives that forwarder's misses; a real cancel passed on the same
 /// way still reaches its session.
 fn guesses_through_a_peer_leave_real_cancels_their_way(env: &Env) -> Result<(), Failed> {
-    let (owner_peer, forwarder_peer) = (free_port(), free_port());
-    let owner = instance_at(
-        env,
-        "guessed-owner",
-        owner_peer,
-        &format!("id = 1\npeers = {{ \"2\" = \"127.0.0.1:{forwarder_peer}\" }}"),
-    );
-    let forwarder = instance_at(
-        env,
-        "guessed-forwarder",
-        forwarder_peer,
-        &format!("id = 2\npeers = {{ \"1\" = \"127.0.0.1:{owner_peer}\" }}"),
-    );
+    let (owner, forwarder, _) = static_pair(env, "guessed");
     let mut session = wire::KeyedSession::login(owner.rw)?;
     // Five guessing addresses, each as many guesses as the forwarder lets
     // one address have at once: 80 misses at the owner within its hold.
