@@ -17,7 +17,7 @@ use libtest_mimic::Failed;
 use tokio::sync::watch;
 
 use support::docker_lab::{DockerLab, MEMBERS, SHUTDOWN_TIMEOUT_SECS};
-use support::harness::{check, run_suite, TestFn};
+use support::harness::{by_name, check, run_suite, TestFn};
 use support::lab::http_get;
 use support::writer::{self, WriterStats};
 use support::{connect, connect_watched, conninfo, leader_key, runtime, sqlstate};
@@ -25,32 +25,14 @@ use support::{connect, connect_watched, conninfo, leader_key, runtime, sqlstate}
 type Env = DockerLab;
 
 fn main() {
-    let tests: &[(&str, TestFn<Env>)] = &[
-        (
-            "the_image_runs_unprivileged_and_turns_healthy",
-            the_image_runs_unprivileged_and_turns_healthy,
-        ),
-        (
-            "rw_reaches_the_primary_and_ro_a_replica",
-            rw_reaches_the_primary_and_ro_a_replica,
-        ),
-        (
-            "a_switchover_and_a_killed_leader_are_followed_without_losing_a_write",
-            a_switchover_and_a_killed_leader_are_followed_without_losing_a_write,
-        ),
-        (
-            "a_leader_off_the_network_acknowledges_no_write_after_its_key_expires",
-            a_leader_off_the_network_acknowledges_no_write_after_its_key_expires,
-        ),
-        (
-            "rolegate_cut_from_one_replica_reads_from_the_other",
-            rolegate_cut_from_one_replica_reads_from_the_other,
-        ),
-        (
-            "rolegate_cut_from_etcd_follows_through_rest_and_returns_to_the_watch",
-            rolegate_cut_from_etcd_follows_through_rest_and_returns_to_the_watch,
-        ),
-        ("docker_stop_drains_sessions", docker_stop_drains_sessions),
+    let tests: &[(&str, TestFn<Env>)] = by_name![
+        the_image_runs_unprivileged_and_turns_healthy,
+        rw_reaches_the_primary_and_ro_a_replica,
+        a_switchover_and_a_killed_leader_are_followed_without_losing_a_write,
+        a_leader_off_the_network_acknowledges_no_write_after_its_key_expires,
+        rolegate_cut_from_one_replica_reads_from_the_other,
+        rolegate_cut_from_etcd_follows_through_rest_and_returns_to_the_watch,
+        docker_stop_drains_sessions
     ];
     run_suite(tests, DockerLab::start, true);
 }

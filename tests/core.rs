@@ -13,100 +13,37 @@ use std::time::{Duration, Instant};
 use libtest_mimic::Failed;
 use nix::sys::signal::Signal;
 
-use support::harness::{check, run_suite, TestFn};
+use support::harness::{by_name, check, run_suite, TestFn};
 use support::procinfo::Usage;
 use support::rolegate::Rolegate;
 use support::static_cluster::StaticCluster;
-use support::{connect, conninfo, free_port, runtime, sqlstate, wait_until, wire};
+use support::{connect, conninfo, free_port, runtime, scenarios, sqlstate, wait_until, wire};
 
 type Env = StaticCluster;
 
 fn main() {
-    let tests: &[(&str, TestFn<Env>)] = &[
-        (
-            "rw_listener_reaches_the_primary",
-            rw_listener_reaches_the_primary,
-        ),
-        (
-            "ro_listener_alternates_between_replicas",
-            ro_listener_alternates_between_replicas,
-        ),
-        (
-            "psql_works_through_both_listeners",
-            psql_works_through_both_listeners,
-        ),
-        (
-            "wrong_scram_password_gives_the_servers_28p01",
-            wrong_scram_password_gives_the_servers_28p01,
-        ),
-        (
-            "md5_and_trust_authentication_relay",
-            md5_and_trust_authentication_relay,
-        ),
-        (
-            "cancel_reaches_the_right_replica",
-            cancel_reaches_the_right_replica,
-        ),
-        (
-            "a_cancel_is_delivered_before_its_connection_closes",
-            a_cancel_is_delivered_before_its_connection_closes,
-        ),
-        (
-            "a_terminate_is_a_quiet_goodbye",
-            a_terminate_is_a_quiet_goodbye,
-        ),
-        (
-            "too_many_connections_gives_53300",
-            too_many_connections_gives_53300,
-        ),
-        (
-            "unreachable_backend_gives_08001_naming_the_member",
-            unreachable_backend_gives_08001_naming_the_member,
-        ),
-        (
-            "hostile_first_packets_leave_other_sessions_alone",
-            hostile_first_packets_leave_other_sessions_alone,
-        ),
-        (
-            "protocol_32_startup_is_forwarded_unchanged",
-            protocol_32_startup_is_forwarded_unchanged,
-        ),
-        (
-            "handshake_timeout_cuts_silent_clients",
-            handshake_timeout_cuts_silent_clients,
-        ),
-        (
-            "sigterm_drains_then_ends_sessions_with_57p01",
-            sigterm_drains_then_ends_sessions_with_57p01,
-        ),
-        (
-            "check_config_names_the_key_and_file",
-            check_config_names_the_key_and_file,
-        ),
-        (
-            "admin_connections_are_bounded_and_timed_per_request",
-            admin_connections_are_bounded_and_timed_per_request,
-        ),
-        (
-            "admin_endpoint_serves_health_readiness_and_the_cluster",
-            admin_endpoint_serves_health_readiness_and_the_cluster,
-        ),
-        (
-            "metrics_follow_sessions_cancels_and_refusals",
-            metrics_follow_sessions_cancels_and_refusals,
-        ),
-        (
-            "example_alert_rules_are_valid",
-            example_alert_rules_are_valid,
-        ),
-        (
-            "sighup_reloads_limits_and_refuses_bad_files",
-            sighup_reloads_limits_and_refuses_bad_files,
-        ),
-        (
-            "tcp_keepalive_guards_both_connections",
-            tcp_keepalive_guards_both_connections,
-        ),
+    let tests: &[(&str, TestFn<Env>)] = by_name![
+        rw_listener_reaches_the_primary,
+        ro_listener_alternates_between_replicas,
+        psql_works_through_both_listeners,
+        wrong_scram_password_gives_the_servers_28p01,
+        md5_and_trust_authentication_relay,
+        cancel_reaches_the_right_replica,
+        a_cancel_is_delivered_before_its_connection_closes,
+        a_terminate_is_a_quiet_goodbye,
+        too_many_connections_gives_53300,
+        unreachable_backend_gives_08001_naming_the_member,
+        hostile_first_packets_leave_other_sessions_alone,
+        protocol_32_startup_is_forwarded_unchanged,
+        handshake_timeout_cuts_silent_clients,
+        sigterm_drains_then_ends_sessions_with_57p01,
+        check_config_names_the_key_and_file,
+        admin_connections_are_bounded_and_timed_per_request,
+        admin_endpoint_serves_health_readiness_and_the_cluster,
+        metrics_follow_sessions_cancels_and_refusals,
+        example_alert_rules_are_valid,
+        sighup_reloads_limits_and_refuses_bad_files,
+        tcp_keepalive_guards_both_connections
     ];
     run_suite(tests, || StaticCluster::start("core"), false);
 }
@@ -235,27 +172,8 @@ fn cancel_reaches_the_right_replica(env: &Env) -> Result<(), Failed> {
         // Two sessions so the two replicas are both in use.
         let first = connect(&conninfo(ro, "app", "app")).await?;
         let second = connect(&conninfo(ro, "app", "app")).await?;
-        for client in [&first, &second] {
-            let token = client.cancel_token();
-            let started = Instant::now();
-            let canceller = tokio::spawn(async move {
-                tokio::time::sleep(Duration::from_millis(300)).await;
-                token.cancel_query(tokio_postgres::NoTls).await
-            });
-            let err = client
-                .simple_query("select pg_sleep(30)")
-                .await
-                .err()
-                .ok_or("the sleep must be cancelled")?;
-            canceller.await?.map_err(|e| format!("cancel: {e}"))?;
-            check(
-                sqlstate(&err).as_deref() == Some("57014"),
-                format!("got {err}"),
-            )?;
-            check(
-                started.elapsed() < Duration::from_secs(15),
-                "cancel took too long",
-            )?;
+        for (client, what) in [(&first, "first"), (&second, "second")] {
+            scenarios::cancelled(client, what).await?;
             client.simple_query("select 1").await?;
         }
         Ok(())
@@ -839,13 +757,7 @@ fn metrics_follow_sessions_cancels_and_refusals(env: &Env) -> Result<(), Failed>
         )?;
         // A cancel through the replica listener.
         let reader = connect(&conninfo(ro, "app", "app")).await?;
-        let token = reader.cancel_token();
-        let canceller = tokio::spawn(async move {
-            tokio::time::sleep(Duration::from_millis(300)).await;
-            token.cancel_query(tokio_postgres::NoTls).await
-        });
-        let _ = reader.simple_query("select pg_sleep(30)").await;
-        canceller.await??;
+        scenarios::cancelled(&reader, "a read").await?;
         // Two sessions open: a third connection is refused.
         let refused = connect(&conninfo(rw, "app", "app"))
             .await

@@ -17,7 +17,7 @@ use libtest_mimic::Failed;
 use nix::sys::signal::Signal;
 
 use support::certs::Ca;
-use support::harness::{check, run_suite, TestFn};
+use support::harness::{by_name, check, run_suite, TestFn};
 use support::rolegate::Rolegate;
 use support::secure_etcd::{EtcdTls, SecureEtcd};
 use support::static_cluster::StaticCluster;
@@ -27,27 +27,12 @@ use support::{connect, conninfo, free_port, holds_within, runtime};
 type Env = StaticCluster;
 
 fn main() {
-    let tests: &[(&str, TestFn<Env>)] = &[
-        (
-            "a_read_only_etcd_user_follows_where_status_is_refused",
-            a_read_only_etcd_user_follows_where_status_is_refused,
-        ),
-        (
-            "a_stopped_fleet_instance_releases_its_id_at_once",
-            a_stopped_fleet_instance_releases_its_id_at_once,
-        ),
-        (
-            "client_certificate_tls_with_expiring_tokens_is_followed",
-            client_certificate_tls_with_expiring_tokens_is_followed,
-        ),
-        (
-            "a_wrong_etcd_password_is_named",
-            a_wrong_etcd_password_is_named,
-        ),
-        (
-            "a_client_certificate_etcd_rejects_is_named",
-            a_client_certificate_etcd_rejects_is_named,
-        ),
+    let tests: &[(&str, TestFn<Env>)] = by_name![
+        a_read_only_etcd_user_follows_where_status_is_refused,
+        a_stopped_fleet_instance_releases_its_id_at_once,
+        client_certificate_tls_with_expiring_tokens_is_followed,
+        a_wrong_etcd_password_is_named,
+        a_client_certificate_etcd_rejects_is_named
     ];
     run_suite(tests, || StaticCluster::start("etcd-access"), true);
 }

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use libtest_mimic::Failed;
 
 use support::etcd_cluster::EtcdCluster;
-use support::harness::{check, run_suite, TestFn};
+use support::harness::{by_name, check, run_suite, TestFn};
 use support::rolegate::Rolegate;
 use support::static_cluster::StaticCluster;
 use support::{connect, conninfo, free_port, runtime, sqlstate};
@@ -23,15 +23,9 @@ use support::{connect, conninfo, free_port, runtime, sqlstate};
 type Env = StaticCluster;
 
 fn main() {
-    let tests: &[(&str, TestFn<Env>)] = &[
-        (
-            "a_member_cut_off_from_its_quorum_counts_as_etcd_lost",
-            a_member_cut_off_from_its_quorum_counts_as_etcd_lost,
-        ),
-        (
-            "a_rolling_etcd_restart_ends_no_session",
-            a_rolling_etcd_restart_ends_no_session,
-        ),
+    let tests: &[(&str, TestFn<Env>)] = by_name![
+        a_member_cut_off_from_its_quorum_counts_as_etcd_lost,
+        a_rolling_etcd_restart_ends_no_session
     ];
     run_suite(tests, || StaticCluster::start("etcd-quorum"), true);
 }

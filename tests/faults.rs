@@ -16,7 +16,7 @@ use libtest_mimic::Failed;
 use tokio::sync::watch;
 
 use support::forwarder::{Forwarder, Link};
-use support::harness::{check, run_suite, TestFn};
+use support::harness::{by_name, check, run_suite, TestFn};
 use support::lab::{replicas_of, Lab, MEMBERS};
 use support::lab_suite::LabSuite;
 use support::procinfo::Usage;
@@ -27,36 +27,18 @@ use support::{churn, conninfo, leader_key, runtime, wire, writer};
 type Env = LabSuite;
 
 fn main() {
-    let tests: &[(&str, TestFn<Env>)] = &[
-        (
-            "etcd_stopped_and_restarted_under_traffic",
-            etcd_stopped_and_restarted_under_traffic,
-        ),
-        ("slow_then_stalled_etcd_link", slow_then_stalled_etcd_link),
-        (
-            "frozen_replica_patroni_leaves_the_read_rotation",
-            frozen_replica_patroni_leaves_the_read_rotation,
-        ),
-        (
-            "a_member_that_left_during_the_login_gets_no_pipelined_byte",
-            a_member_that_left_during_the_login_gets_no_pipelined_byte,
-        ),
-        (
-            "partitioned_leader_acknowledges_no_write_after_its_key_expires",
-            partitioned_leader_acknowledges_no_write_after_its_key_expires,
-        ),
-        (
-            "soak_through_switchovers_and_a_kill",
-            soak_through_switchovers_and_a_kill,
-        ),
+    let tests: &[(&str, TestFn<Env>)] = by_name![
+        etcd_stopped_and_restarted_under_traffic,
+        slow_then_stalled_etcd_link,
+        frozen_replica_patroni_leaves_the_read_rotation,
+        a_member_that_left_during_the_login_gets_no_pipelined_byte,
+        partitioned_leader_acknowledges_no_write_after_its_key_expires,
+        soak_through_switchovers_and_a_kill
     ];
     // Patroni 3.0.2 demotes even under failsafe_mode when etcd goes away
     // between a loop's read and its key update (lab/README.md), so this one
     // runs on the current stack, whose failsafe holds.
-    let failsafe: &[(&str, TestFn<Env>)] = &[(
-        "a_primary_kept_under_failsafe_stays_writable",
-        a_primary_kept_under_failsafe_stays_writable,
-    )];
+    let failsafe: &[(&str, TestFn<Env>)] = by_name![a_primary_kept_under_failsafe_stays_writable];
     let current = std::env::var("LAB_STACK").is_ok_and(|s| s == "current");
     let tests: Vec<_> = tests
         .iter()

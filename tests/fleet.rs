@@ -21,7 +21,7 @@ use tokio_postgres::{CancelToken, NoTls};
 
 use support::balancer::{header_bytes, Balancer, Header};
 use support::etcd_cluster::EtcdCluster;
-use support::harness::{check, run_suite, TestEnv, TestFn};
+use support::harness::{by_name, check, run_suite, TestEnv, TestFn};
 use support::lab_suite::LabSuite;
 use support::rolegate::Rolegate;
 use support::{connect, conninfo, free_port, holds_within, runtime, sqlstate, wait_until, wire};
@@ -41,33 +41,15 @@ impl TestEnv for Env {
 }
 
 fn main() {
-    let tests: &[(&str, TestFn<Env>)] = &[
-        (
-            "ids_are_claimed_once_and_peers_found",
-            ids_are_claimed_once_and_peers_found,
-        ),
-        (
-            "a_cancel_at_another_instance_cancels",
-            a_cancel_at_another_instance_cancels,
-        ),
-        (
-            "etcd_stopped_keeps_the_peer_table",
-            etcd_stopped_keeps_the_peer_table,
-        ),
-        (
-            "a_killed_peer_then_its_lease_expires",
-            a_killed_peer_then_its_lease_expires,
-        ),
-        ("static_peers_and_a_wrong_map", static_peers_and_a_wrong_map),
-        (
-            "guessed_keys_are_rate_limited",
-            guessed_keys_are_rate_limited,
-        ),
-        (
-            "guesses_through_a_peer_leave_real_cancels_their_way",
-            guesses_through_a_peer_leave_real_cancels_their_way,
-        ),
-        ("proxy_protocol_headers", proxy_protocol_headers),
+    let tests: &[(&str, TestFn<Env>)] = by_name![
+        ids_are_claimed_once_and_peers_found,
+        a_cancel_at_another_instance_cancels,
+        etcd_stopped_keeps_the_peer_table,
+        a_killed_peer_then_its_lease_expires,
+        static_peers_and_a_wrong_map,
+        guessed_keys_are_rate_limited,
+        guesses_through_a_peer_leave_real_cancels_their_way,
+        proxy_protocol_headers
     ];
     run_suite(
         tests,

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use libtest_mimic::Failed;
 use nix::sys::signal::Signal;
 
-use support::harness::{check, run_suite, TestFn};
+use support::harness::{by_name, check, run_suite, TestFn};
 use support::pg::PgServer;
 use support::rolegate::Rolegate;
 use support::static_cluster::StaticCluster;
@@ -27,47 +27,17 @@ type Env = StaticCluster;
 const LIMITS: &str = "[limits]\nhandshake_timeout = \"2s\"\n";
 
 fn main() {
-    let tests: &[(&str, TestFn<Env>)] = &[
-        (
-            "malformed_openings_get_an_error_or_a_close",
-            malformed_openings_get_an_error_or_a_close,
-        ),
-        (
-            "malformed_authentication_messages",
-            malformed_authentication_messages,
-        ),
-        (
-            "slowloris_connections_are_cut_at_handshake_timeout",
-            slowloris_connections_are_cut_at_handshake_timeout,
-        ),
-        (
-            "a_flood_gets_53300_and_service_recovers",
-            a_flood_gets_53300_and_service_recovers,
-        ),
-        (
-            "a_backend_killed_mid_query_gives_08006",
-            a_backend_killed_mid_query_gives_08006,
-        ),
-        (
-            "a_second_sigterm_ends_at_once",
-            a_second_sigterm_ends_at_once,
-        ),
-        (
-            "a_port_another_program_listens_on_is_refused",
-            a_port_another_program_listens_on_is_refused,
-        ),
-        (
-            "a_reload_onto_a_taken_port_is_refused_and_serving_goes_on",
-            a_reload_onto_a_taken_port_is_refused_and_serving_goes_on,
-        ),
-        (
-            "a_handover_name_held_by_another_user_is_named",
-            a_handover_name_held_by_another_user_is_named,
-        ),
-        (
-            "a_third_process_in_a_fleet_starts_while_the_first_drains",
-            a_third_process_in_a_fleet_starts_while_the_first_drains,
-        ),
+    let tests: &[(&str, TestFn<Env>)] = by_name![
+        malformed_openings_get_an_error_or_a_close,
+        malformed_authentication_messages,
+        slowloris_connections_are_cut_at_handshake_timeout,
+        a_flood_gets_53300_and_service_recovers,
+        a_backend_killed_mid_query_gives_08006,
+        a_second_sigterm_ends_at_once,
+        a_port_another_program_listens_on_is_refused,
+        a_reload_onto_a_taken_port_is_refused_and_serving_goes_on,
+        a_handover_name_held_by_another_user_is_named,
+        a_third_process_in_a_fleet_starts_while_the_first_drains
     ];
     run_suite(tests, || StaticCluster::start("hostile"), false);
 }

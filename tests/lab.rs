@@ -12,27 +12,15 @@ use std::process::Command;
 use libtest_mimic::Failed;
 use rolegate::topology::patroni_data::{MemberRecord, RestStatus};
 
-use support::harness::{check, run_suite, TestFn};
+use support::harness::{by_name, check, run_suite, TestFn};
 use support::lab::{http_get, Lab, MEMBERS};
 
 fn main() {
-    let tests: &[(&str, TestFn<Lab>)] = &[
-        (
-            "one_leader_and_two_streaming_replicas",
-            one_leader_and_two_streaming_replicas,
-        ),
-        (
-            "etcd_holds_the_leader_and_three_members",
-            etcd_holds_the_leader_and_three_members,
-        ),
-        (
-            "rest_checks_answer_as_patroni_documents",
-            rest_checks_answer_as_patroni_documents,
-        ),
-        (
-            "app_role_authenticates_with_scram",
-            app_role_authenticates_with_scram,
-        ),
+    let tests: &[(&str, TestFn<Lab>)] = by_name![
+        one_leader_and_two_streaming_replicas,
+        etcd_holds_the_leader_and_three_members,
+        rest_checks_answer_as_patroni_documents,
+        app_role_authenticates_with_scram
     ];
     run_suite(tests, Lab::ensure_up, false);
 }

@@ -14,9 +14,10 @@ use std::time::{Duration, Instant};
 use libtest_mimic::Failed;
 use nix::sys::signal::Signal;
 
-use support::harness::{check, run_suite, TestFn};
+use support::harness::{by_name, check, run_suite, TestFn};
 use support::lab_suite::LabSuite;
 use support::rolegate::Rolegate;
+use support::scenarios::cancelled;
 use support::steady_load::{LoadStats, SteadyLoad, ENOUGH_CONNECTIONS};
 use support::{
     connect, connect_watched, conninfo, free_port, holds_within, runtime, sqlstate, wait_until,
@@ -32,27 +33,12 @@ type Env = LabSuite;
 const RESTART_ASKERS: usize = 8;
 
 fn main() {
-    let tests: &[(&str, TestFn<Env>)] = &[
-        (
-            "reloads_add_change_and_remove_listeners_under_load",
-            reloads_add_change_and_remove_listeners_under_load,
-        ),
-        (
-            "a_restart_by_a_new_process_refuses_no_connection",
-            a_restart_by_a_new_process_refuses_no_connection,
-        ),
-        (
-            "a_restart_hands_over_more_sockets_than_one_message",
-            a_restart_hands_over_more_sockets_than_one_message,
-        ),
-        (
-            "a_cancel_reaches_its_session_across_a_restart",
-            a_cancel_reaches_its_session_across_a_restart,
-        ),
-        (
-            "a_new_process_that_fails_to_start_leaves_the_old_serving",
-            a_new_process_that_fails_to_start_leaves_the_old_serving,
-        ),
+    let tests: &[(&str, TestFn<Env>)] = by_name![
+        reloads_add_change_and_remove_listeners_under_load,
+        a_restart_by_a_new_process_refuses_no_connection,
+        a_restart_hands_over_more_sockets_than_one_message,
+        a_cancel_reaches_its_session_across_a_restart,
+        a_new_process_that_fails_to_start_leaves_the_old_serving
     ];
     run_suite(tests, || LabSuite::start("no-downtime"), true);
 }
@@ -408,28 +394,6 @@ fn a_restart_hands_over_more_sockets_than_one_message(env: &Env) -> Result<(), F
             format!("the new process did not take 261 sockets:\n{log}"),
         )
     })
-}
-
-/// Runs `select pg_sleep(30)` on `client` and cancels it half a second in,
-/// through the rw listener on a connection of its own, as drivers do: the
-/// query must end with 57014 (query_canceled), long before its 30 s.
-async fn cancelled(client: &tokio_postgres::Client, what: &str) -> Result<(), Failed> {
-    let token = client.cancel_token();
-    let query = tokio::time::timeout(
-        Duration::from_secs(15),
-        client.simple_query("select pg_sleep(30)"),
-    );
-    let cancel = async {
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        token.cancel_query(tokio_postgres::NoTls).await
-    };
-    let (ended, sent) = tokio::join!(query, cancel);
-    sent.map_err(|e| format!("{what}: sending the cancel: {e}"))?;
-    let ended = ended.map_err(|_| format!("{what}: not cancelled within 15 s"))?;
-    check(
-        matches!(&ended, Err(e) if sqlstate(e).as_deref() == Some("57014")),
-        format!("{what}: the query ended with {ended:?}"),
-    )
 }
 
 /// How many cancels, passed on by the other process of a restart, the

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use libtest_mimic::Failed;
 use tokio::sync::watch;
 
-use support::harness::{check, run_suite, TestFn};
+use support::harness::{by_name, check, run_suite, TestFn};
 use support::lab::{replicas_of, MEMBERS};
 use support::lab_suite::LabSuite;
 use support::rolegate::Rolegate;
@@ -25,63 +25,21 @@ type Env = LabSuite;
 
 fn main() {
     // Tests take turns with the one cluster.
-    let tests: &[(&str, TestFn<Env>)] = &[
-        (
-            "rw_reaches_the_leader_and_ro_alternates_replicas",
-            rw_reaches_the_leader_and_ro_alternates_replicas,
-        ),
-        (
-            "rest_only_cluster_routes_by_role",
-            rest_only_cluster_routes_by_role,
-        ),
-        (
-            "switchover_drains_old_write_sessions_and_holds_new_ones",
-            switchover_drains_old_write_sessions_and_holds_new_ones,
-        ),
-        (
-            "failover_to_a_candidate_is_followed_like_a_switchover",
-            failover_to_a_candidate_is_followed_like_a_switchover,
-        ),
-        (
-            "killed_leader_writes_resume_on_the_new_leader",
-            killed_leader_writes_resume_on_the_new_leader,
-        ),
-        (
-            "stopped_replica_leaves_the_rotation_and_its_sessions_end",
-            stopped_replica_leaves_the_rotation_and_its_sessions_end,
-        ),
-        (
-            "noloadbalance_member_gets_no_reads",
-            noloadbalance_member_gets_no_reads,
-        ),
-        (
-            "etcd_loss_falls_back_to_rest_checks",
-            etcd_loss_falls_back_to_rest_checks,
-        ),
-        (
-            "protocol_3_9999_is_negotiated_by_the_member",
-            protocol_3_9999_is_negotiated_by_the_member,
-        ),
-        (
-            "sync_replica_listener_follows_the_sync_key",
-            sync_replica_listener_follows_the_sync_key,
-        ),
-        (
-            "a_standby_cluster_serves_reads_and_refuses_writes",
-            a_standby_cluster_serves_reads_and_refuses_writes,
-        ),
-        (
-            "fleet_keys_follow_the_session_protocol",
-            fleet_keys_follow_the_session_protocol,
-        ),
-        (
-            "a_client_that_leaves_while_held_is_let_go",
-            a_client_that_leaves_while_held_is_let_go,
-        ),
-        (
-            "a_stalled_login_holds_up_others_only_briefly",
-            a_stalled_login_holds_up_others_only_briefly,
-        ),
+    let tests: &[(&str, TestFn<Env>)] = by_name![
+        rw_reaches_the_leader_and_ro_alternates_replicas,
+        rest_only_cluster_routes_by_role,
+        switchover_drains_old_write_sessions_and_holds_new_ones,
+        failover_to_a_candidate_is_followed_like_a_switchover,
+        killed_leader_writes_resume_on_the_new_leader,
+        stopped_replica_leaves_the_rotation_and_its_sessions_end,
+        noloadbalance_member_gets_no_reads,
+        etcd_loss_falls_back_to_rest_checks,
+        protocol_3_9999_is_negotiated_by_the_member,
+        sync_replica_listener_follows_the_sync_key,
+        a_standby_cluster_serves_reads_and_refuses_writes,
+        fleet_keys_follow_the_session_protocol,
+        a_client_that_leaves_while_held_is_let_go,
+        a_stalled_login_holds_up_others_only_briefly
     ];
     run_suite(tests, || LabSuite::start("patroni"), true);
 }

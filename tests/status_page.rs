@@ -12,7 +12,7 @@ use nix::sys::signal::Signal;
 use serde_json::Value;
 
 use support::browser;
-use support::harness::{check, run_suite, TestFn};
+use support::harness::{by_name, check, run_suite, TestFn};
 use support::lab::{http_request, MEMBERS};
 use support::lab_suite::LabSuite;
 use support::process::stop_pid;
@@ -23,19 +23,10 @@ use support::{free_port, runtime};
 type Env = LabSuite;
 
 fn main() {
-    let tests: &[(&str, TestFn<Env>)] = &[
-        (
-            "the_status_page_shows_a_switchover",
-            the_status_page_shows_a_switchover,
-        ),
-        (
-            "the_page_and_its_data_are_behind_the_token",
-            the_page_and_its_data_are_behind_the_token,
-        ),
-        (
-            "status_exits_one_without_a_primary_and_two_without_an_endpoint",
-            status_exits_one_without_a_primary_and_two_without_an_endpoint,
-        ),
+    let tests: &[(&str, TestFn<Env>)] = by_name![
+        the_status_page_shows_a_switchover,
+        the_page_and_its_data_are_behind_the_token,
+        status_exits_one_without_a_primary_and_two_without_an_endpoint
     ];
     run_suite(tests, || LabSuite::start("status-page"), true);
 }

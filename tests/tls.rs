@@ -19,10 +19,10 @@ use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 
 use support::certs::{Ca, Pair};
-use support::harness::{check, run_suite, TestEnv, TestFn};
+use support::harness::{by_name, check, run_suite, TestEnv, TestFn};
 use support::pg::PgServer;
 use support::rolegate::Rolegate;
-use support::{connect, conninfo, free_port, runtime, sqlstate, wait_until, wire};
+use support::{connect, conninfo, free_port, runtime, scenarios, sqlstate, wait_until, wire};
 
 struct Env {
     root: PathBuf,
@@ -93,51 +93,18 @@ role = "primary"
 }
 
 fn main() {
-    let tests: &[(&str, TestFn<Env>)] = &[
-        (
-            "psql_sslmode_require_authenticates_with_scram",
-            psql_sslmode_require_authenticates_with_scram,
-        ),
-        (
-            "psql_sslmode_verify_full_checks_the_certificate",
-            psql_sslmode_verify_full_checks_the_certificate,
-        ),
-        (
-            "channel_binding_require_fails_with_a_clear_message",
-            channel_binding_require_fails_with_a_clear_message,
-        ),
-        (
-            "require_mode_refuses_plaintext_with_28000",
-            require_mode_refuses_plaintext_with_28000,
-        ),
-        (
-            "direct_tls_with_alpn_gets_a_session",
-            direct_tls_with_alpn_gets_a_session,
-        ),
-        (
-            "bytes_smuggled_after_ssl_request_close_the_connection",
-            bytes_smuggled_after_ssl_request_close_the_connection,
-        ),
-        (
-            "sighup_serves_a_new_certificate_and_keeps_old_sessions",
-            sighup_serves_a_new_certificate_and_keeps_old_sessions,
-        ),
-        (
-            "backend_verify_full_and_a_wrong_ca",
-            backend_verify_full_and_a_wrong_ca,
-        ),
-        (
-            "client_ca_requires_a_client_certificate",
-            client_ca_requires_a_client_certificate,
-        ),
-        (
-            "a_slow_tls_reader_gets_every_byte_and_a_clean_close",
-            a_slow_tls_reader_gets_every_byte_and_a_clean_close,
-        ),
-        (
-            "clients_that_leave_while_held_are_let_go",
-            clients_that_leave_while_held_are_let_go,
-        ),
+    let tests: &[(&str, TestFn<Env>)] = by_name![
+        psql_sslmode_require_authenticates_with_scram,
+        psql_sslmode_verify_full_checks_the_certificate,
+        channel_binding_require_fails_with_a_clear_message,
+        require_mode_refuses_plaintext_with_28000,
+        direct_tls_with_alpn_gets_a_session,
+        bytes_smuggled_after_ssl_request_close_the_connection,
+        sighup_serves_a_new_certificate_and_keeps_old_sessions,
+        backend_verify_full_and_a_wrong_ca,
+        client_ca_requires_a_client_certificate,
+        a_slow_tls_reader_gets_every_byte_and_a_clean_close,
+        clients_that_leave_while_held_are_let_go
     ];
     run_suite(tests, Env::start, false);
 }
@@ -486,21 +453,7 @@ fn backend_verify_full_and_a_wrong_ca(env: &Env) -> Result<(), Failed> {
             .await?;
         check(row.get::<_, bool>(0), "the backend connection uses TLS")?;
         // A cancel goes over TLS as well.
-        let token = client.cancel_token();
-        let canceller = tokio::spawn(async move {
-            tokio::time::sleep(Duration::from_millis(300)).await;
-            token.cancel_query(tokio_postgres::NoTls).await
-        });
-        let err = client
-            .simple_query("select pg_sleep(30)")
-            .await
-            .err()
-            .ok_or("not cancelled")?;
-        canceller.await??;
-        check(
-            sqlstate(&err).as_deref() == Some("57014"),
-            format!("got {err}"),
-        )
+        scenarios::cancelled(&client, "a session over TLS").await
     })?;
     drop(good);
     let (_bad, port) = env.rolegate("backend-bad", "allow", &env.verify_full(&env.wrong_ca));

@@ -9,6 +9,18 @@ use libtest_mimic::{Arguments, Failed, Trial};
 
 pub type TestFn<E> = fn(&E) -> Result<(), Failed>;
 
+/// A suite's table of tests, each registered once, by its function's name:
+/// `by_name![first_test, second_test]`. (`drivers` builds its trials per
+/// driver and scenario instead, hence the allowances.)
+#[allow(unused_macros)]
+macro_rules! by_name {
+    ($($test:ident),* $(,)?) => {
+        &[$((stringify!($test), $test)),*]
+    };
+}
+#[allow(unused_imports)]
+pub(crate) use by_name;
+
 /// An environment the harness starts once per test binary.
 pub trait TestEnv: Send + Sync + 'static {
     /// A directory to remove after the environment has stopped.

@@ -22,6 +22,7 @@ pub mod process;
 pub mod procinfo;
 pub mod rolegate;
 pub mod routes;
+pub mod scenarios;
 pub mod secure_etcd;
 pub mod static_cluster;
 pub mod status_refusal;
