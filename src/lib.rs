@@ -11,9 +11,8 @@
 //!   authentication relay, byte relay, cancel routing, PROXY protocol.
 //! - [`fleet`]: instances behind one address: issued cancel keys, peers
 //!   found through etcd (or listed), cancels passed between them.
-//! - [`etcd_access`]: the one etcd connector of followers and the fleet.
-//! - [`etcd_trouble`]: why etcd cannot be followed, and which key to fix
-//!   when etcd refused the configuration's credentials or certificate.
+//! - [`etcd`]: connecting to etcd, watching a prefix, and why etcd cannot
+//!   be followed; used by the topology and the fleet alike.
 //! - [`router`]: which member a session goes to, and whether it still fits.
 //! - [`topology`]: the published [`topology::ClusterView`] of each cluster.
 //! - [`events`]: the timeline of what happened to each cluster.
@@ -23,6 +22,8 @@
 //! - [`metrics`]: every exported metric, in one place.
 //! - [`proxy`]: assembles the parts and runs them until a signal.
 //! - [`running`]: the parts a configuration makes, kept current by reloads.
+//! - [`supervisor`]: owns every long-lived task; one that ends unasked
+//!   is logged, counted and ends the process.
 //! - [`reload`]: SIGHUP re-reads `proxy.toml` and applies what it can.
 //! - [`handover`]: a new process takes over the listening sockets of the
 //!   one it replaces, so restarts refuse no connection.
@@ -35,22 +36,22 @@
 
 pub mod admin;
 pub mod config;
-pub mod etcd_access;
-pub mod etcd_trouble;
-pub mod events;
-pub mod fast_map;
-pub mod fleet;
-pub mod handover;
+pub(crate) mod etcd;
+pub(crate) mod events;
+pub(crate) mod fast_map;
+pub(crate) mod fleet;
+pub(crate) mod handover;
 pub mod logging;
 pub mod metrics;
-pub mod proc_net;
+pub(crate) mod proc_net;
 pub mod protocol;
 pub mod proxy;
-pub mod reload;
-pub mod router;
-pub mod running;
-pub mod server;
-pub mod source_places;
+pub(crate) mod reload;
+pub(crate) mod router;
+pub(crate) mod running;
+pub(crate) mod server;
+pub(crate) mod source_places;
 pub mod status;
+pub(crate) mod supervisor;
 pub mod tls;
 pub mod topology;

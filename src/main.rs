@@ -5,7 +5,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use rolegate::config::{Config, LogFormat};
+use rolegate::config::{Config, ConfigError, LogFormat};
+use rolegate::tls::TlsFiles;
 
 #[derive(Parser)]
 #[command(
@@ -67,9 +68,16 @@ fn main() -> ExitCode {
     }
 }
 
+/// Reads the configuration at `path` and loads the TLS files it names.
+fn load(path: &std::path::Path) -> Result<(Config, TlsFiles), ConfigError> {
+    let config = Config::load(path)?;
+    let tls = TlsFiles::load(&config, path)?;
+    Ok((config, tls))
+}
+
 fn check_config(path: &std::path::Path) -> ExitCode {
-    match Config::load(path) {
-        Ok(config) => {
+    match load(path) {
+        Ok((config, _)) => {
             println!(
                 "{}: ok ({} cluster(s), {} listener(s))",
                 path.display(),
@@ -125,8 +133,8 @@ fn status(
 }
 
 fn run(path: &std::path::Path, log_format: Option<LogFormat>) -> ExitCode {
-    let config = match Config::load(path) {
-        Ok(config) => config,
+    let (config, tls) = match load(path) {
+        Ok(loaded) => loaded,
         Err(e) => {
             eprintln!("rolegate: {e}");
             return ExitCode::from(2);
@@ -151,7 +159,7 @@ fn run(path: &std::path::Path, log_format: Option<LogFormat>) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(rolegate::proxy::run(config, path.to_owned(), log)) {
+    match runtime.block_on(rolegate::proxy::run(config, tls, path.to_owned(), log)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e:#}");

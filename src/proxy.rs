@@ -16,11 +16,10 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use tokio::signal::unix::{signal, SignalKind};
-use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::admin::{self, Admin, AdminState};
+use crate::admin::{Admin, AdminState};
 use crate::config::Config;
 use crate::events::EventLog;
 use crate::logging::LogHandle;
@@ -28,7 +27,7 @@ use crate::metrics;
 use crate::running::Running;
 use crate::server::loops::Loops;
 use crate::server::Shared;
-use crate::topology::TaskEnd;
+use crate::tls::TlsFiles;
 
 /// How long ended sessions get to write their last error and close.
 const FINAL_CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -38,7 +37,12 @@ const FAREWELL_TIMEOUT: Duration = Duration::from_secs(4);
 
 /// Runs the proxy described by `config` (read from `path`, which SIGHUP
 /// re-reads) until SIGTERM or SIGINT.
-pub async fn run(config: Config, path: PathBuf, log: LogHandle) -> anyhow::Result<()> {
+pub async fn run(
+    config: Config,
+    tls: TlsFiles,
+    path: PathBuf,
+    log: LogHandle,
+) -> anyhow::Result<()> {
     let metrics_handle = metrics::install().map_err(|e| anyhow::anyhow!(e))?;
     let background = CancellationToken::new();
     let loops = Loops::start(config.runtime.threads(), &background)
@@ -49,7 +53,6 @@ pub async fn run(config: Config, path: PathBuf, log: LogHandle) -> anyhow::Resul
         loops,
         Arc::clone(&events),
     ));
-    tokio::spawn(admin::upkeep(metrics_handle.clone(), background.clone()));
     let admin = Admin::new(
         metrics_handle,
         Arc::clone(&shared.sessions),
@@ -59,6 +62,7 @@ pub async fn run(config: Config, path: PathBuf, log: LogHandle) -> anyhow::Resul
     );
     let mut running = Running::start(
         config,
+        tls,
         path,
         Arc::clone(&shared),
         admin,
@@ -79,7 +83,7 @@ pub async fn run(config: Config, path: PathBuf, log: LogHandle) -> anyhow::Resul
             _ = terminate.recv() => break "SIGTERM",
             _ = interrupt.recv() => break "SIGINT",
             _ = hangup.recv() => running.reload(),
-            ended = first_failure(running.tasks()) => {
+            ended = running.first_failure() => {
                 // Background tasks never end on their own: without a follower
                 // a cluster's view would silently freeze. Stop loudly instead.
                 anyhow::bail!("{ended} unexpectedly; exiting");
@@ -121,20 +125,4 @@ pub async fn run(config: Config, path: PathBuf, log: LogHandle) -> anyhow::Resul
     running.farewell(FAREWELL_TIMEOUT).await;
     info!("rolegate stopped");
     Ok(())
-}
-
-/// Resolves when a background task (cluster follower, admin endpoint)
-/// ends unexpectedly; never, if none does. Tasks that were stopped on
-/// purpose (a retired view source, an admin endpoint moved by a reload)
-/// are passed over. Cancel-safe: a task that has not ended stays in the
-/// set.
-async fn first_failure(tasks: &mut JoinSet<TaskEnd>) -> String {
-    loop {
-        match tasks.join_next().await {
-            Some(Ok(None)) => {}
-            Some(Ok(Some(task))) => return format!("{task} stopped"),
-            Some(Err(e)) => return format!("a background task failed: {e}"),
-            None => return std::future::pending().await,
-        }
-    }
 }

@@ -20,6 +20,7 @@ use crate::events::EventKind;
 use crate::handover::Inherited;
 use crate::metrics;
 use crate::running::Running;
+use crate::tls::TlsFiles;
 
 impl Running {
     /// Re-reads the file and applies it, or records why not.
@@ -41,12 +42,13 @@ impl Running {
     fn try_reload(&mut self) -> Result<(), String> {
         let file = self.path.display().to_string();
         let new = Config::load(&self.path).map_err(|e| e.to_string())?;
+        let tls = TlsFiles::load(&new, &self.path).map_err(|e| e.to_string())?;
         if let Some(key) = restart_needed(&self.config, &new) {
             return Err(format!(
                 "{file}: {key} changed, which needs a restart; nothing was applied"
             ));
         }
-        self.apply(&new, &mut Inherited::default())
+        self.apply(&new, tls, &mut Inherited::default())
             .map_err(|e| format!("{file}: {e}; nothing was applied"))
     }
 }

@@ -14,14 +14,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
-use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::info;
 
-use crate::admin::{self, Admin, AdminState};
+use crate::admin::{self, Admin, AdminState, ListenerEntry};
 use crate::config::{parse_socket_addr, Config, FleetConfig};
-use crate::etcd_access::EtcdConnector;
-use crate::etcd_trouble::Origin;
+use crate::etcd::connector::EtcdConnector;
+use crate::etcd::trouble::Origin;
 use crate::fleet::{self, Fleet};
 use crate::handover::{self, Inherited, Offered};
 use crate::logging::LogHandle;
@@ -30,8 +29,9 @@ use crate::server::listener_set::{ClusterViews, ListenerSet};
 use crate::server::peer_listener;
 use crate::server::socket::claim_listener;
 use crate::server::Shared;
-use crate::tls::{server_config, ServerTls};
-use crate::topology::{TaskEnd, Topology};
+use crate::supervisor::{Supervisor, Task};
+use crate::tls::{ServerTls, TlsFiles};
+use crate::topology::Topology;
 
 /// The admin endpoint's socket and the task serving it.
 struct AdminEndpoint {
@@ -58,6 +58,8 @@ pub struct Running {
     offered: Arc<Offered>,
     handover_stop: CancellationToken,
     background: CancellationToken,
+    /// Every long-lived task.
+    supervisor: Supervisor,
 }
 
 impl Running {
@@ -65,6 +67,7 @@ impl Running {
     /// predecessor hands over. Errors name the key.
     pub async fn start(
         config: Config,
+        tls: TlsFiles,
         path: PathBuf,
         shared: Arc<Shared>,
         admin: Arc<Admin>,
@@ -95,38 +98,44 @@ impl Running {
             offered: Arc::new(Offered::default()),
             handover_stop: CancellationToken::new(),
             background,
+            supervisor: Supervisor::default(),
         };
         if let Some(fleet) = &config.fleet {
             running.join_fleet(fleet, &mut inherited)?;
         }
-        running.apply(&config, &mut inherited)?;
+        running.apply(&config, tls, &mut inherited)?;
         let shared = Arc::clone(&running.shared);
-        tokio::spawn(handover::serve(
+        let stop = running.handover_stop.clone();
+        let handover = handover::serve(
             name,
             Arc::clone(&running.offered),
-            running.handover_stop.clone(),
+            stop.clone(),
             move |pid| shared.siblings.add(pid),
-        ));
+        );
+        running.supervise("handover", "the handover server", stop, handover);
         if let Some(relay) = relay {
-            tokio::spawn(siblings::serve(
-                relay,
-                Arc::clone(&running.shared),
-                running.background.child_token(),
-            ));
+            let stop = running.background.child_token();
+            let serve = siblings::serve(relay, Arc::clone(&running.shared), stop.clone());
+            running.supervise("sibling_relay", "the restart's cancel relay", stop, serve);
         }
+        let stop = running.background.child_token();
+        let upkeep = admin::upkeep(running.admin.metrics.clone(), stop.clone());
+        running.supervise("metrics_upkeep", "the metrics upkeep", stop, upkeep);
         Ok(running)
     }
 
     /// Plans and commits `config`: all of it, or (on error) none of it.
-    pub fn apply(&mut self, config: &Config, inherited: &mut Inherited) -> Result<(), String> {
-        // Plan: everything that can fail.
+    pub fn apply(
+        &mut self,
+        config: &Config,
+        mut tls: TlsFiles,
+        inherited: &mut Inherited,
+    ) -> Result<(), String> {
+        // Plan: everything that can fail (the TLS files were loaded with
+        // the configuration).
         let log = self.log.plan(&config.log)?;
-        let tls = match (&config.tls.cert, &config.tls.key) {
-            (Some(_), Some(_)) => Some(server_config(&config.tls)?),
-            _ => None,
-        };
         // Listeners built now take the TLS they will have after the commit.
-        let (server_tls, tls_update) = match (tls, &self.server_tls) {
+        let (server_tls, tls_update) = match (tls.server.take(), &self.server_tls) {
             (Some(tls), Some(current)) => (Some(Arc::clone(current)), Some(tls)),
             (Some(tls), None) => (Some(Arc::new(ServerTls::new(tls))), None),
             (None, _) => (None, None),
@@ -138,9 +147,14 @@ impl Running {
                 .or_else(|| self.topology.watch(cluster))
                 .map(|(views, source)| ClusterViews { views, source })
         };
-        let listeners =
-            self.listeners
-                .plan(config, &views, server_tls.as_ref(), &self.shared, inherited)?;
+        let listeners = self.listeners.plan(
+            config,
+            &views,
+            server_tls.as_ref(),
+            &tls,
+            &self.shared,
+            inherited,
+        )?;
         let admin_socket = match &self.admin_endpoint {
             Some(endpoint) if endpoint.listen == config.admin.listen => None,
             _ => Some(bind_admin(&config.admin.listen, inherited)?),
@@ -153,7 +167,7 @@ impl Running {
         }
         self.server_tls = server_tls;
         self.shared.set_limits(config.limits.clone());
-        self.topology.commit(topology);
+        self.topology.commit(topology, &mut self.supervisor);
         self.listeners.commit(listeners, &self.shared);
         if let Some((addr, socket)) = admin_socket {
             self.serve_admin(&config.admin.listen, addr, socket);
@@ -161,7 +175,17 @@ impl Running {
         self.admin.set(AdminState {
             views: self.topology.views(),
             reports: self.topology.reports(),
-            listeners: self.listeners.contexts(),
+            listeners: self
+                .listeners
+                .contexts()
+                .iter()
+                .map(|context| ListenerEntry {
+                    listen: context.listen,
+                    cluster: Arc::clone(&context.cluster),
+                    tls: context.tls.mode,
+                    router: Arc::clone(&context.router),
+                })
+                .collect(),
             ready_when: config.admin.ready_when,
             token: config.admin.token.clone(),
             fleet: self.shared.fleet().cloned(),
@@ -178,13 +202,8 @@ impl Running {
             old.stop.cancel();
         }
         let stop = self.background.child_token();
-        let admin = Arc::clone(&self.admin);
-        let serving = Arc::clone(&socket);
-        let stopped = stop.clone();
-        self.topology.tasks.spawn(async move {
-            admin::serve(serving, admin, stopped.clone()).await;
-            (!stopped.is_cancelled()).then(|| "the admin endpoint".to_owned())
-        });
+        let serve = admin::serve(Arc::clone(&socket), Arc::clone(&self.admin), stop.clone());
+        self.supervise("admin", "the admin endpoint", stop.clone(), serve);
         info!(listen = %addr, "admin endpoint: / (status page) /metrics /healthz /readyz /cluster /events");
         self.admin_endpoint = Some(AdminEndpoint {
             listen: listen.to_owned(),
@@ -223,17 +242,13 @@ impl Running {
         };
         let fleet = Fleet::new(config.clone());
         self.shared.join_fleet(Arc::clone(&fleet));
-        let (shared, stop) = (Arc::clone(&self.shared), self.background.child_token());
-        self.topology.tasks.spawn(async move {
-            peer_listener::serve(socket, shared, stop.clone()).await;
-            (!stop.is_cancelled()).then(|| "the fleet's peer listener".to_owned())
-        });
+        let stop = self.background.child_token();
+        let serve = peer_listener::serve(socket, Arc::clone(&self.shared), stop.clone());
+        self.supervise("peer_listener", "the fleet's peer listener", stop, serve);
         if let Some(connector) = connector {
             let stop = self.background.child_token();
-            self.topology.tasks.spawn(async move {
-                fleet::registry::run(fleet, connector, stop.clone()).await;
-                (!stop.is_cancelled()).then(|| "the fleet registry".to_owned())
-            });
+            let registry = fleet::registry::run(fleet, connector, stop.clone());
+            self.supervise("fleet_registry", "the fleet registry", stop, registry);
         }
         Ok(())
     }
@@ -260,24 +275,32 @@ impl Running {
         self.offered.set(sockets);
     }
 
-    /// Background tasks (view sources, the admin endpoint), to watch for
-    /// one that ends unexpectedly.
-    pub fn tasks(&mut self) -> &mut JoinSet<TaskEnd> {
-        &mut self.topology.tasks
+    /// Runs a long-lived task of the process under the supervisor.
+    fn supervise(
+        &mut self,
+        kind: &'static str,
+        label: &str,
+        stop: CancellationToken,
+        work: impl std::future::Future<Output = ()> + Send + 'static,
+    ) {
+        let task = Task {
+            kind,
+            cluster: String::new(),
+            label: label.to_owned(),
+            stop,
+        };
+        self.supervisor.spawn(task, work);
     }
 
-    /// The last stage of shutdown, once the background token is cancelled:
-    /// waits up to `limit` for every background task to end, so that each
-    /// finishes its farewell (the fleet's lease revoked).
+    /// Resolves when a long-lived task ends unasked (see [`Supervisor`]).
+    pub async fn first_failure(&mut self) -> String {
+        self.supervisor.first_failure().await
+    }
+
+    /// The last stage of shutdown: asks every long-lived task to stop and
+    /// waits up to `limit` for their farewells (the fleet's lease revoked).
     pub async fn farewell(&mut self, limit: Duration) {
-        let tasks = &mut self.topology.tasks;
-        let ended = async { while tasks.join_next().await.is_some() {} };
-        if tokio::time::timeout(limit, ended).await.is_err() {
-            warn!(
-                tasks = self.topology.tasks.len(),
-                "background tasks still running at exit"
-            );
-        }
+        self.supervisor.farewell(limit).await;
     }
 
     /// The first stage of shutdown: no new connections, and the name a

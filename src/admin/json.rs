@@ -51,7 +51,7 @@ pub fn cluster(admin: &Admin, state: &AdminState) -> String {
                 "cluster": &*listener.cluster,
                 "role": router.role().as_str(),
                 "replica_fallback": router.fallback().as_str(),
-                "tls": listener.tls.mode.as_str(),
+                "tls": listener.tls.as_str(),
                 "targets": targets,
                 "held": router.held(),
             })

@@ -50,11 +50,11 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
-use crate::config::ReadyWhen;
+use crate::config::{ReadyWhen, TlsMode};
 use crate::events::EventLog;
 use crate::fleet::Fleet;
 use crate::metrics::SessionCounts;
-use crate::server::ListenerContext;
+use crate::router::Router;
 use crate::topology::{ClusterReport, ClusterView};
 
 /// How often the exporter's histograms are rolled and idle entries pruned.
@@ -85,11 +85,21 @@ pub struct Admin {
 pub struct AdminState {
     pub views: Vec<(String, watch::Receiver<Arc<ClusterView>>)>,
     pub reports: Vec<(String, watch::Receiver<Arc<ClusterReport>>)>,
-    pub listeners: Vec<Arc<ListenerContext>>,
+    pub listeners: Vec<ListenerEntry>,
     pub ready_when: ReadyWhen,
     pub token: Option<String>,
     /// This instance's fleet, when `[fleet]` is configured.
     pub fleet: Option<Arc<Fleet>>,
+}
+
+/// What the endpoint shows of one listener, published with each
+/// configuration: where it listens, its cluster and TLS mode, and the
+/// router that says where a new session would go now.
+pub struct ListenerEntry {
+    pub listen: SocketAddr,
+    pub cluster: Arc<str>,
+    pub tls: TlsMode,
+    pub router: Arc<Router>,
 }
 
 impl Admin {

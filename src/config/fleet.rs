@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use serde::Deserialize;
 
-use super::{parse_host_port, parse_socket_addr, Duration, EtcdAccess};
+use super::{parse_host_port, parse_socket_addr, Duration, EtcdAccess, KeyedError};
 
 /// The highest instance id: ids take 11 bits of an issued process id.
 pub const MAX_FLEET_ID: u16 = 2047;
@@ -121,67 +121,59 @@ pub fn parse_fleet_id(text: &str) -> Result<u16, String> {
 }
 
 /// The rules of `[fleet]`, as the dotted key and a message.
-pub(super) fn validate(fleet: &FleetConfig) -> Result<(), (String, String)> {
+pub(super) fn validate(fleet: &FleetConfig) -> Result<(), KeyedError> {
     let key = |field: &str| format!("fleet.{field}");
-    let listen = parse_socket_addr(&fleet.listen).map_err(|m| (key("listen"), m))?;
+    let listen = parse_socket_addr(&fleet.listen).map_err(|m| KeyedError::new(key("listen"), m))?;
     match &fleet.advertise {
         Some(advertise) => {
-            let expanded = expand_env(advertise).map_err(|m| (key("advertise"), m))?;
-            parse_host_port(&expanded).map_err(|m| (key("advertise"), m))?;
+            let expanded = expand_env(advertise).map_err(|m| KeyedError::new(key("advertise"), m))?;
+            parse_host_port(&expanded).map_err(|m| KeyedError::new(key("advertise"), m))?;
         }
         None if listen.ip().is_unspecified() => {
-            return Err((
-                key("advertise"),
-                format!(
+            return Err(KeyedError::new(key("advertise"), format!(
                     "peers cannot connect to {listen} (fleet.listen); set the address they can reach, e.g. advertise = \"${{POD_IP}}:{}\"",
                     listen.port()
-                ),
-            ))
+                )))
         }
         None => {}
     }
     if fleet.name.is_empty() || fleet.name.contains('/') {
-        return Err((
+        return Err(KeyedError::new(
             key("name"),
             format!("{:?} must be a non-empty name without '/'", fleet.name),
         ));
     }
     if !fleet.prefix.starts_with('/') || !fleet.prefix.ends_with('/') {
-        return Err((
+        return Err(KeyedError::new(
             key("prefix"),
             format!("{:?} must start and end with '/'", fleet.prefix),
         ));
     }
     if fleet.lease_ttl.get() < std::time::Duration::from_secs(2) {
-        return Err((key("lease_ttl"), "must be at least 2s".to_owned()));
+        return Err(KeyedError::new(key("lease_ttl"), "must be at least 2s"));
     }
     if fleet.etcd.is_empty() {
         let Some(id) = fleet.id else {
-            return Err((
-                key("id"),
-                "a fleet needs etcd (fleet.etcd, where instances claim their ids) or a static id (fleet.id with fleet.peers)".to_owned(),
-            ));
+            return Err(KeyedError::new(key("id"), "a fleet needs etcd (fleet.etcd, where instances claim their ids) or a static id (fleet.id with fleet.peers)"));
         };
-        parse_fleet_id(&id.to_string()).map_err(|m| (key("id"), m))?;
+        parse_fleet_id(&id.to_string()).map_err(|m| KeyedError::new(key("id"), m))?;
         for (peer, addr) in &fleet.peers {
             let peer_key = || key(&format!("peers.{peer}"));
-            let peer_id = parse_fleet_id(peer).map_err(|m| (peer_key(), m))?;
+            let peer_id = parse_fleet_id(peer).map_err(|m| KeyedError::new(peer_key(), m))?;
             if peer_id == id {
-                return Err((
+                return Err(KeyedError::new(
                     peer_key(),
                     format!("{id} is this instance's own id (fleet.id)"),
                 ));
             }
-            parse_host_port(addr).map_err(|m| (peer_key(), m))?;
+            parse_host_port(addr).map_err(|m| KeyedError::new(peer_key(), m))?;
         }
     } else {
-        super::validate::validate_etcd_access("fleet", &fleet.etcd_access())?;
+        // The etcd access itself is checked with the clusters' (in
+        // `validate`).
         if fleet.id.is_some() || !fleet.peers.is_empty() {
             let which = if fleet.id.is_some() { "id" } else { "peers" };
-            return Err((
-                key(which),
-                "with fleet.etcd, instances claim their ids in etcd; fleet.id and fleet.peers are for fleets without etcd".to_owned(),
-            ));
+            return Err(KeyedError::new(key(which), "with fleet.etcd, instances claim their ids in etcd; fleet.id and fleet.peers are for fleets without etcd"));
         }
     }
     Ok(())

@@ -70,7 +70,7 @@ pub struct Config {
 }
 
 /// How to reach one etcd: endpoints, password and TLS. Clusters and the
-/// fleet registry connect through the same code ([`crate::etcd_access`]).
+/// fleet registry connect through the same code ([`crate::etcd::connector`]).
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct EtcdAccess {
     pub endpoints: Vec<String>,
@@ -493,6 +493,34 @@ impl ReplicaFallback {
     }
 }
 
+/// What is wrong with one key of a configuration: its dotted path (e.g.
+/// `limits.hold_timeout`) and the words for it. Carried as data, so the
+/// key is never parsed back out of a message.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{key}: {message}")]
+pub struct KeyedError {
+    pub key: String,
+    pub message: String,
+}
+
+impl KeyedError {
+    pub fn new(key: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            key: key.into(),
+            message: message.into(),
+        }
+    }
+
+    /// The error as it names the file it was found in.
+    pub fn in_file(self, file: &Path) -> ConfigError {
+        ConfigError {
+            file: file.to_owned(),
+            key: self.key,
+            message: self.message,
+        }
+    }
+}
+
 /// A configuration error: which file, which key, what is wrong.
 #[derive(Debug, thiserror::Error)]
 #[error("{file}: {key}: {message}")]
@@ -516,11 +544,7 @@ impl Config {
 
     /// Parses and validates `text`; `path` is used in error messages only.
     pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
-        let error = |key: String, message: String| ConfigError {
-            file: path.to_owned(),
-            key,
-            message,
-        };
+        let error = |key: String, message: String| KeyedError::new(key, message).in_file(path);
         let deserializer = toml::Deserializer::parse(text)
             .map_err(|e| error("(syntax)".to_owned(), describe_toml_error(&e, text)))?;
         let config: Config = serde_path_to_error::deserialize(deserializer).map_err(|e| {
@@ -532,7 +556,7 @@ impl Config {
             };
             error(key, describe_toml_error(e.inner(), text))
         })?;
-        validate(&config).map_err(|(key, message)| error(key, message))?;
+        validate(&config).map_err(|e| e.in_file(path))?;
         Ok(config)
     }
 

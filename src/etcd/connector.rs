@@ -1,5 +1,5 @@
 //! Connecting to etcd: one connector for the clusters' followers
-//! ([`crate::topology::etcd`]) and the fleet registry ([`crate::fleet`]).
+//! ([`crate::etcd::watch`]) and the fleet registry ([`crate::fleet`]).
 //!
 //! Every request requires the etcd member to have a raft leader: a member
 //! cut off from its quorum otherwise keeps a watch open, answers pings and
@@ -34,7 +34,7 @@ use std::time::Duration;
 use etcd_client::{Certificate, Client, ConnectOptions, GetOptions, Identity, TlsOptions};
 
 use crate::config::EtcdAccess;
-use crate::etcd_trouble::{refusal, EtcdTrouble, Origin, Refused};
+use crate::etcd::trouble::{refusal, EtcdTrouble, Origin, Refused};
 
 /// Bound on one request.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(3);

@@ -8,7 +8,7 @@
 //! revision, so no event is lost across reconnects: the snapshot replaces
 //! whatever happened in between. Reconnects back off from 100 ms to 2 s
 //! across all configured endpoints. The connection itself (TLS, password,
-//! keepalive, leader required) is [`crate::etcd_access`]'s, shared with
+//! keepalive, leader required) is [`crate::etcd::connector`]'s, shared with
 //! the fleet registry.
 
 use std::time::Duration;
@@ -19,8 +19,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::config::EtcdAccess;
-use crate::etcd_access::{EtcdConnector, REQUEST_TIMEOUT};
-use crate::etcd_trouble::{EtcdTrouble, Origin};
+use crate::etcd::connector::{EtcdConnector, REQUEST_TIMEOUT};
+use crate::etcd::trouble::{EtcdTrouble, Origin};
 
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(2);

@@ -24,7 +24,7 @@ use std::time::{Duration, SystemTime};
 
 use serde::Serialize;
 
-pub use failover::{last_failover, FailoverPhases, Phase};
+pub use failover::{last_failover, FailoverPhases};
 pub use kind::EventKind;
 
 /// Events kept per cluster (and for the process).

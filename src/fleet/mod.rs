@@ -75,7 +75,7 @@ impl Peer {
 pub type PeerTable = BTreeMap<u16, Arc<Peer>>;
 
 /// Where a client's cancel request goes, by the instance its key names.
-pub enum Route {
+pub enum KeyOwner {
     /// This instance issued it (or no instance id is in it).
     Here,
     Peer(Arc<Peer>),
@@ -149,14 +149,15 @@ impl Fleet {
         }
     }
 
-    pub fn route(&self, pid: u32) -> Route {
+    /// Which instance issued the key of process id `pid`.
+    pub fn owner_of(&self, pid: u32) -> KeyOwner {
         let id = key::instance_of(pid);
         if id == 0 || id == self.own_id() {
-            return Route::Here;
+            return KeyOwner::Here;
         }
         match self.peers.load().get(&id) {
-            Some(peer) => Route::Peer(Arc::clone(peer)),
-            None => Route::UnknownPeer(id),
+            Some(peer) => KeyOwner::Peer(Arc::clone(peer)),
+            None => KeyOwner::UnknownPeer(id),
         }
     }
 

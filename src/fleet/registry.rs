@@ -6,7 +6,7 @@
 //! address and the key format. Two instances can never hold one id: the
 //! transaction only succeeds while the key does not exist. The members
 //! prefix is followed by the same watcher the clusters use
-//! ([`crate::topology::etcd`]), which turns it into the peer table.
+//! ([`crate::etcd::watch`]), which turns it into the peer table.
 //!
 //! While etcd is unreachable the last peer table and the claimed id stay
 //! in force; when etcd answers again and says the lease expired, the
@@ -27,8 +27,8 @@ use tracing::{info, warn};
 
 use super::Fleet;
 use crate::config::MAX_FLEET_ID;
-use crate::etcd_access::{EtcdConnector, REQUEST_TIMEOUT};
-use crate::topology::etcd::{EtcdEvent, EtcdSource, KeyEvent};
+use crate::etcd::connector::{EtcdConnector, REQUEST_TIMEOUT};
+use crate::etcd::watch::{EtcdEvent, EtcdSource, KeyEvent};
 
 /// The cancel key layout peers must share (see [`super::key`]).
 pub const KEY_FORMAT: u32 = 1;

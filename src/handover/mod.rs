@@ -95,12 +95,9 @@ impl Inherited {
         Some(listener)
     }
 
+    #[cfg(test)]
     pub fn is_empty(&self) -> bool {
         self.sockets.is_empty()
-    }
-
-    pub fn len(&self) -> usize {
-        self.sockets.len()
     }
 }
 

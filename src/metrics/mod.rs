@@ -244,6 +244,13 @@ impl EndReason {
     }
 }
 
+/// A long-lived task that ended unexpectedly; `cluster` is empty for the
+/// process's own tasks.
+pub fn background_task_failed(cluster: &str, task: &'static str) {
+    counter!(BACKGROUND_TASK_FAILURES_TOTAL, "cluster" => cluster.to_owned(), "task" => task)
+        .increment(1);
+}
+
 pub fn config_reload(ok: bool) {
     counter!(CONFIG_RELOADS_TOTAL, "outcome" => if ok { "ok" } else { "failed" }).increment(1);
 }
@@ -486,8 +493,7 @@ impl ClusterMetrics {
     }
 
     pub fn background_task_failed(&self, task: &'static str) {
-        counter!(BACKGROUND_TASK_FAILURES_TOTAL, "cluster" => self.cluster.clone(), "task" => task)
-            .increment(1);
+        background_task_failed(&self.cluster, task);
     }
 
     pub fn etcd_reconnected(&self) {

@@ -36,6 +36,7 @@ pub struct BackendTlsSettings {
 }
 
 impl BackendTlsSettings {
+    #[cfg(test)]
     pub fn disabled() -> Self {
         Self {
             mode: BackendTls::Disable,

@@ -36,6 +36,7 @@ pub struct ListenerTls {
 }
 
 impl ListenerTls {
+    #[cfg(test)]
     pub fn disabled() -> Self {
         Self {
             mode: TlsMode::Disable,

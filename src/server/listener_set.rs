@@ -38,7 +38,7 @@ use crate::config::{parse_cidr, parse_socket_addr, Config, ListenerConfig, TlsMo
 use crate::handover::{Inherited, Offered};
 use crate::metrics::ListenerMetrics;
 use crate::router::Router;
-use crate::tls::{self, ServerTls};
+use crate::tls::{ServerTls, TlsFiles};
 use crate::topology::ClusterView;
 
 /// What makes a listener's context: when any of it changes, new sessions
@@ -53,7 +53,9 @@ struct Shape {
     source: u64,
 }
 
-struct Running {
+/// A listener that is serving: its sockets, what it was built from, and
+/// its accept loops.
+struct Serving {
     shape: Shape,
     /// One per event loop (or more, when a predecessor handed over more).
     sockets: Sockets,
@@ -71,7 +73,7 @@ type Sockets = Vec<Arc<std::net::TcpListener>>;
 /// The running listeners, by address.
 #[derive(Default)]
 pub struct ListenerSet {
-    running: BTreeMap<SocketAddr, Running>,
+    serving: BTreeMap<SocketAddr, Serving>,
 }
 
 /// A cluster as a listener sees it: its views and their generation.
@@ -103,6 +105,7 @@ impl ListenerSet {
         config: &Config,
         views: &dyn Fn(&str) -> Option<ClusterViews>,
         server_tls: Option<&Arc<ServerTls>>,
+        tls_files: &TlsFiles,
         shared: &Shared,
         inherited: &mut Inherited,
     ) -> Result<ListenerPlan, String> {
@@ -123,13 +126,13 @@ impl ListenerSet {
                 tls_offered: server_tls.is_some(),
                 source: cluster_views.source,
             };
-            let running = self.running.get(&addr);
-            let sockets = match running {
-                Some(running) => running.sockets.clone(),
+            let serving = self.serving.get(&addr);
+            let sockets = match serving {
+                Some(serving) => serving.sockets.clone(),
                 None => open_sockets(addr, shared.loops.count(), inherited)
                     .map_err(|e| format!("{key}.listen: cannot listen on {addr}: {e}"))?,
             };
-            let context = if running.is_some_and(|r| r.shape == shape) {
+            let context = if serving.is_some_and(|r| r.shape == shape) {
                 None
             } else {
                 let cluster = config
@@ -137,13 +140,7 @@ impl ListenerSet {
                     .ok_or_else(|| format!("{key}.cluster: unknown cluster"))?;
                 let backend_tls = BackendTlsSettings {
                     mode: cluster.backend_tls,
-                    config: tls::backend_config(
-                        cluster.backend_tls,
-                        cluster.backend_ca.as_deref(),
-                        cluster.backend_cert.as_deref(),
-                        cluster.backend_key.as_deref(),
-                        &listener_config.cluster,
-                    )?,
+                    config: tls_files.backend(&listener_config.cluster),
                 };
                 let listen = sockets
                     .first()
@@ -165,11 +162,11 @@ impl ListenerSet {
                     ),
                     proxy: proxy_policy(listener_config, &key)?,
                     cluster: listener_config.cluster.as_str().into(),
-                    router: Router::new(
+                    router: Arc::new(Router::new(
                         listener_config.role,
                         listener_config.replica_fallback,
                         cluster_views.views,
-                    ),
+                    )),
                     end_sessions: shared.shutdown.end_sessions.child_token(),
                 }))
             };
@@ -195,14 +192,14 @@ impl ListenerSet {
         }
         let wanted: Vec<SocketAddr> = plan.planned.iter().map(|p| p.addr).collect();
         let removed: Vec<SocketAddr> = self
-            .running
+            .serving
             .keys()
             .filter(|addr| !wanted.contains(addr))
             .copied()
             .collect();
         for addr in removed {
-            if let Some(running) = self.running.remove(&addr) {
-                retire(running, shared);
+            if let Some(serving) = self.serving.remove(&addr) {
+                retire(serving, shared);
             }
         }
         for Planned {
@@ -212,17 +209,17 @@ impl ListenerSet {
             context,
         } in plan.planned
         {
-            match (self.running.get_mut(&addr), context) {
-                (Some(running), Some(context)) => {
+            match (self.serving.get_mut(&addr), context) {
+                (Some(serving), Some(context)) => {
                     info!(
                         listen = %context.listen,
                         cluster = %context.cluster,
                         role = %shape.config.role,
                         "listener changed: new sessions follow the new settings"
                     );
-                    let earlier = running.contexts.swap(context);
-                    running.earlier.push(earlier.end_sessions.clone());
-                    running.shape = shape;
+                    let earlier = serving.contexts.swap(context);
+                    serving.earlier.push(earlier.end_sessions.clone());
+                    serving.shape = shape;
                 }
                 (Some(_), None) => {}
                 (None, Some(context)) => {
@@ -249,9 +246,9 @@ impl ListenerSet {
                             )
                         })
                         .collect();
-                    self.running.insert(
+                    self.serving.insert(
                         addr,
-                        Running {
+                        Serving {
                             shape,
                             sockets,
                             contexts,
@@ -269,7 +266,7 @@ impl ListenerSet {
 
     /// Every listener's current context, for the admin endpoint.
     pub fn contexts(&self) -> Vec<Arc<ListenerContext>> {
-        self.running
+        self.serving
             .values()
             .map(|r| r.contexts.load_full())
             .collect()
@@ -277,7 +274,7 @@ impl ListenerSet {
 
     /// The listening sockets, for a successor.
     pub fn offered(&self) -> Vec<(String, Arc<dyn AsFd + Send + Sync>)> {
-        self.running
+        self.serving
             .iter()
             .flat_map(|(addr, r)| {
                 r.sockets.iter().enumerate().map(|(i, socket)| {
@@ -292,8 +289,8 @@ impl ListenerSet {
 
     /// Waits until every accept loop has ended (after shutdown began).
     pub async fn stopped(&mut self) {
-        for (_, running) in std::mem::take(&mut self.running) {
-            for task in running.tasks {
+        for (_, serving) in std::mem::take(&mut self.serving) {
+            for task in serving.tasks {
                 let _ = task.await;
             }
         }
@@ -332,15 +329,15 @@ fn open_sockets(
 
 /// Stops a removed listener: no new connections; its sessions get
 /// `shutdown_timeout`, then FATAL 57P01.
-fn retire(running: Running, shared: &Shared) {
-    running.stop.cancel();
-    let context = running.contexts.load_full();
+fn retire(serving: Serving, shared: &Shared) {
+    serving.stop.cancel();
+    let context = serving.contexts.load_full();
     let drain = shared.limits().shutdown_timeout;
     info!(
         listen = %context.listen,
         "listener removed: its open sessions may run for up to {drain} (shutdown_timeout)"
     );
-    let mut ends = running.earlier;
+    let mut ends = serving.earlier;
     ends.push(context.end_sessions.clone());
     tokio::spawn(async move {
         tokio::select! {

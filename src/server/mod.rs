@@ -171,7 +171,9 @@ pub struct ListenerContext {
     /// Set when connections start with a PROXY protocol header.
     pub proxy: Option<proxy_protocol::ProxyPolicy>,
     pub cluster: Arc<str>,
-    pub router: Router,
+    /// Shared with the admin endpoint, which shows where a new session
+    /// would go.
+    pub router: Arc<Router>,
     /// Cancelled to end this listener's sessions with FATAL 57P01: at
     /// shutdown (a child of [`Shutdown::end_sessions`]), or
     /// `shutdown_timeout` after a reload removed the listener.

@@ -14,7 +14,7 @@
 //! Without etcd, members are discovered from Patroni's `GET /cluster` on the
 //! configured REST URLs, refreshed every interval.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::SystemTime;
@@ -27,21 +27,23 @@ use tracing::{debug, error, info, warn};
 use url::Url;
 
 use super::dcs::{cluster_prefix, DcsChange, DcsState};
-use super::etcd::{EtcdEvent, EtcdSource, KeyEvent};
 use super::fuse::{EtcdStatus, RestState};
 use super::patroni_data::ClusterListing;
 use super::report::{self, ClusterReport, Sources};
 use super::rest::RestProber;
 use super::view::ClusterView;
 use crate::config::{ClusterConfig, EtcdLossPolicy, LeaderPolicy};
-use crate::etcd_trouble::{EtcdTrouble, Origin};
+use crate::etcd::trouble::Origin;
+use crate::etcd::watch::{EtcdEvent, EtcdSource, KeyEvent};
 use crate::events::{EventKind, EventLog};
 use crate::metrics::ClusterMetrics;
 
+mod etcd_link;
 mod probing;
-
-use probing::Probes;
 mod publish;
+
+use etcd_link::EtcdLink;
+use probing::RestChecks;
 
 /// Interval of the quick checks that follow an etcd event.
 pub const BURST_INTERVAL: Duration = Duration::from_millis(50);
@@ -180,34 +182,21 @@ fn follow(
         view_changed_at: report::now_rfc3339(),
         member_changed_at: HashMap::new(),
         cluster,
-        policy: config.effective_leader_policy(),
-        on_etcd_loss: config.on_etcd_loss,
-        max_replica_lag: lag,
-        health_interval: config.health_interval.get(),
-        health_timeout: config.health_timeout.get(),
-        prober,
-        rest_urls,
+        settings: FollowerSettings::from_config(config),
+        checks: RestChecks::new(prober, rest_urls),
         views,
         directory: DcsState::default(),
         prefix,
-        etcd: if etcd.is_some() {
-            EtcdStatus::Connecting
-        } else {
-            EtcdStatus::NotConfigured
-        },
+        link: EtcdLink::new(etcd.is_some()),
         rest: HashMap::new(),
         leader_since: None,
         last_leader: None,
-        bursts: HashMap::new(),
-        in_flight: HashSet::new(),
-        last_probe: HashMap::new(),
-        etcd_trouble: None,
     };
     info!(
         cluster = name,
         prefix = %follower.prefix,
-        policy = follower.policy.as_str(),
-        on_etcd_loss = follower.on_etcd_loss.as_str(),
+        policy = follower.settings.policy.as_str(),
+        on_etcd_loss = follower.settings.on_etcd_loss.as_str(),
         "following the Patroni cluster"
     );
     let (settings, settings_rx) = watch::channel(FollowerSettings::from_config(config));
@@ -219,11 +208,8 @@ fn follow(
     })
 }
 
-struct Burst {
-    until: Instant,
-    agreeing: u32,
-}
-
+/// The task's state: its settings, its link to etcd, the DCS state read
+/// from it, the REST checks and their answers, and what it published.
 struct Follower {
     metrics: ClusterMetrics,
     events: Arc<EventLog>,
@@ -231,25 +217,15 @@ struct Follower {
     view_changed_at: String,
     member_changed_at: HashMap<String, String>,
     cluster: Arc<str>,
-    policy: LeaderPolicy,
-    on_etcd_loss: EtcdLossPolicy,
-    max_replica_lag: Option<u64>,
-    health_interval: Duration,
-    health_timeout: Duration,
-    prober: RestProber,
-    rest_urls: Vec<Url>,
+    settings: FollowerSettings,
+    checks: RestChecks,
     views: watch::Sender<Arc<ClusterView>>,
     prefix: String,
     directory: DcsState,
-    etcd: EtcdStatus,
+    link: EtcdLink,
     rest: HashMap<String, RestState>,
     leader_since: Option<Instant>,
     last_leader: Option<String>,
-    bursts: HashMap<String, Burst>,
-    in_flight: HashSet<String>,
-    last_probe: HashMap<String, Instant>,
-    /// Why etcd was last unreachable, while it is.
-    etcd_trouble: Option<EtcdTrouble>,
 }
 
 impl Follower {
@@ -266,21 +242,22 @@ impl Follower {
         let start_source =
             |delay: Duration| etcd.as_ref().map(|start| start(delay, etcd_tx.clone()));
         let mut source_task = start_source(Duration::ZERO);
-        let mut probes = Probes::default();
         let (listing_tx, mut listing_rx) = mpsc::channel::<ClusterListing>(4);
-        let mut regular = tokio::time::interval(self.health_interval);
+        let mut regular = tokio::time::interval(self.settings.health_interval);
         regular.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let mut quick = tokio::time::interval(BURST_INTERVAL);
         quick.set_missed_tick_behavior(MissedTickBehavior::Delay);
         loop {
-            let urgent = !self.bursts.is_empty() || self.views.borrow().leader().is_none();
+            let leaderless = self.views.borrow().leader().is_none();
+            let urgent = self.checks.bursting() || leaderless;
             let scheduled = self.until_scheduled_switchover();
-            let grace_ends = self.etcd_grace_ends();
+            let grace_ends = self.link.grace_ends();
             tokio::select! {
                 // The view changes when a scheduled switchover falls due.
                 () = tokio::time::sleep(scheduled.unwrap_or_default()), if scheduled.is_some() => {}
                 () = tokio::time::sleep_until(grace_ends.unwrap_or_else(Instant::now)), if grace_ends.is_some() => {
-                    self.etcd_lost();
+                    let lost = self.link.grace_over(self.settings.on_etcd_loss);
+                    self.on_link(lost);
                 }
                 ended = task_end(&mut source_task) => {
                     if shutdown.is_cancelled() {
@@ -298,25 +275,22 @@ impl Follower {
                 }
                 Ok(()) = settings.changed() => {
                     let new = settings.borrow_and_update().clone();
-                    if new.health_interval != self.health_interval {
+                    if new.health_interval != self.settings.health_interval {
                         regular = tokio::time::interval(new.health_interval);
                         regular.set_missed_tick_behavior(MissedTickBehavior::Delay);
                     }
                     self.apply(new);
                 }
-                Some(event) = etcd_rx.recv(), if has_etcd => self.on_etcd(event, &mut probes),
-                Some((member, check, failed)) = probes.next() => self.on_check(&member, check, failed),
-                Some(listing) = listing_rx.recv() => self.on_listing(listing, &mut probes),
+                Some(event) = etcd_rx.recv(), if has_etcd => self.on_etcd(event),
+                Some((member, check, failed)) = self.checks.next() => self.on_check(&member, check, failed),
+                Some(listing) = listing_rx.recv() => self.on_listing(listing),
                 _ = regular.tick() => {
                     if !has_etcd {
-                        self.fetch_listing(&listing_tx);
+                        self.checks.fetch_listing(&listing_tx, &self.cluster);
                     }
-                    let members: Vec<_> = self.directory.members.keys().cloned().collect();
-                    for member in members {
-                        self.probe(&member, &mut probes);
-                    }
+                    self.checks.probe_all(&self.directory);
                 }
-                _ = quick.tick(), if urgent => self.probe_urgent(&mut probes),
+                _ = quick.tick(), if urgent => self.checks.probe_urgent(&self.directory, leaderless),
             }
             self.publish();
         }
@@ -330,10 +304,11 @@ impl Follower {
 
     /// Takes reloaded settings; the next view is fused under them.
     fn apply(&mut self, new: FollowerSettings) {
-        if new.health_timeout != self.health_timeout || new.max_replica_lag != self.max_replica_lag
+        if new.health_timeout != self.settings.health_timeout
+            || new.max_replica_lag != self.settings.max_replica_lag
         {
             match RestProber::new(new.health_timeout, new.max_replica_lag) {
-                Ok(prober) => self.prober = prober,
+                Ok(prober) => self.checks.set_prober(prober),
                 Err(e) => warn!(cluster = %self.cluster, "keeping the REST checker in use: {e}"),
             }
         }
@@ -343,173 +318,113 @@ impl Follower {
             on_etcd_loss = new.on_etcd_loss.as_str(),
             "applied reloaded cluster settings"
         );
-        self.policy = new.policy;
-        self.on_etcd_loss = new.on_etcd_loss;
-        self.max_replica_lag = new.max_replica_lag;
-        self.health_interval = new.health_interval;
-        self.health_timeout = new.health_timeout;
+        self.settings = new;
     }
 
-    fn on_etcd(&mut self, event: EtcdEvent, probes: &mut Probes) {
+    /// Records what a transition of the etcd link says, and the metric.
+    fn on_link(&mut self, event: Option<EventKind>) {
+        if let Some(event) = event {
+            self.events.record(Some(&self.cluster), event);
+        }
+        self.metrics.etcd_up(self.link.status() == EtcdStatus::Up);
+    }
+
+    fn on_etcd(&mut self, event: EtcdEvent) {
         let now = Instant::now();
-        match event {
-            EtcdEvent::Snapshot(kvs) => {
-                let mut fresh = DcsState::from_keys(
-                    &self.prefix,
-                    kvs.iter().map(|(k, v)| (k.as_slice(), v.as_slice())),
-                );
-                match self.etcd {
-                    EtcdStatus::Down { since } => {
-                        self.events.record(
-                            Some(&self.cluster),
-                            EventKind::EtcdRegained {
-                                down_ms: since.elapsed().as_millis() as u64,
-                                within_grace: false,
-                            },
-                        );
-                        self.metrics.etcd_reconnected();
-                    }
-                    EtcdStatus::Reconnecting { since } => {
-                        self.events.record(
-                            Some(&self.cluster),
-                            EventKind::EtcdRegained {
-                                down_ms: since.elapsed().as_millis() as u64,
-                                within_grace: true,
-                            },
-                        );
-                        self.metrics.etcd_reconnected();
-                    }
-                    EtcdStatus::NotConfigured | EtcdStatus::Connecting | EtcdStatus::Up => {}
-                }
-                self.etcd_trouble = None;
-                self.metrics.etcd_up(true);
-                if fresh.leader != self.directory.leader {
-                    self.leader_since = Some(now);
-                }
-                fresh.carry_failsafe_members(&self.directory);
-                self.directory = fresh;
-                self.etcd = EtcdStatus::Up;
-                self.rest
-                    .retain(|m, _| self.directory.members.contains_key(m));
-                // Everything may have changed while we were not watching.
-                let members: Vec<_> = self.directory.members.keys().cloned().collect();
-                for member in members {
-                    self.start_burst(&member, now, probes);
-                }
-            }
-            EtcdEvent::Events(events) => {
-                for event in events {
-                    let change = match event {
-                        KeyEvent::Put { key, value } => {
-                            self.directory.apply_put(&self.prefix, &key, &value)
-                        }
-                        KeyEvent::Delete { key } => self.directory.apply_delete(&self.prefix, &key),
-                    };
-                    match change {
-                        DcsChange::Leader { old, new } => {
-                            self.events.record(
-                                Some(&self.cluster),
-                                EventKind::LeaderKeyChanged {
-                                    from: old.clone(),
-                                    to: new.clone(),
-                                },
-                            );
-                            self.leader_since = Some(now);
-                            for member in old.iter().chain(new.iter()) {
-                                self.start_burst(member, now, probes);
-                            }
-                        }
-                        DcsChange::MemberRole(member) => {
-                            if self.directory.members.contains_key(&member) {
-                                self.start_burst(&member, now, probes);
-                            } else {
-                                self.rest.remove(&member);
-                                self.bursts.remove(&member);
-                            }
-                        }
-                        DcsChange::Failover => {
-                            // A switchover starts with the leader stepping
-                            // down: watch it and its candidate closely.
-                            if let Some(intent) = self.directory.failover.clone() {
-                                self.events.record(
-                                    Some(&self.cluster),
-                                    EventKind::SwitchoverRequested {
-                                        key: "failover",
-                                        leader: intent.leader.clone(),
-                                        candidate: intent.member.clone(),
-                                        scheduled_at: intent.scheduled_at.clone(),
-                                    },
-                                );
-                                for member in intent.leader.iter().chain(intent.member.iter()) {
-                                    self.start_burst(member, now, probes);
-                                }
-                            }
-                        }
-                        DcsChange::MemberData(_)
-                        | DcsChange::Sync
-                        | DcsChange::Config
-                        | DcsChange::Optime
-                        | DcsChange::Other => {}
-                    }
-                }
-            }
+        let check = match event {
+            EtcdEvent::Snapshot(kvs) => self.on_snapshot(&kvs, now),
+            EtcdEvent::Events(events) => events
+                .into_iter()
+                .flat_map(|event| self.on_key_event(event))
+                .collect(),
             EtcdEvent::Down(reason) => {
-                match self.etcd {
-                    EtcdStatus::Up => {
-                        self.events.record(
-                            Some(&self.cluster),
-                            EventKind::EtcdReconnecting {
-                                reason: reason.to_string(),
-                                grace_ms: ETCD_RECONNECT_GRACE.as_millis() as u64,
-                            },
-                        );
-                        self.etcd = EtcdStatus::Reconnecting { since: now };
-                        self.metrics.etcd_up(false);
-                    }
-                    EtcdStatus::Connecting => {
-                        // Nothing was read yet: there is no state to go on.
-                        self.etcd = EtcdStatus::Reconnecting { since: now };
-                        self.etcd_trouble = Some(reason);
-                        self.etcd_lost();
-                        return;
-                    }
-                    EtcdStatus::Reconnecting { .. } | EtcdStatus::Down { .. } => {
+                let event = self.link.failed(reason, now, self.settings.on_etcd_loss);
+                if event.is_none() {
+                    if let Some(reason) = self.link.trouble() {
                         debug!(cluster = %self.cluster, "etcd still unreachable: {reason}");
                     }
-                    EtcdStatus::NotConfigured => {}
                 }
-                self.etcd_trouble = Some(reason);
+                self.on_link(event);
+                Vec::new()
             }
-        }
-    }
-
-    /// When the grace period of a lost etcd connection ends, if one runs.
-    fn etcd_grace_ends(&self) -> Option<Instant> {
-        match self.etcd {
-            EtcdStatus::Reconnecting { since } => Some(since + ETCD_RECONNECT_GRACE),
-            _ => None,
-        }
-    }
-
-    /// etcd did not come back within the grace period (or cannot be
-    /// followed at all): from now on `on_etcd_loss` decides, counting from
-    /// the moment the connection was lost.
-    fn etcd_lost(&mut self) {
-        let EtcdStatus::Reconnecting { since } = self.etcd else {
-            return;
         };
-        self.events.record(
-            Some(&self.cluster),
-            EventKind::EtcdLost {
-                reason: self
-                    .etcd_trouble
-                    .as_ref()
-                    .map_or_else(|| "no reason given".to_owned(), ToString::to_string),
-                on_etcd_loss: self.on_etcd_loss.as_str(),
-            },
+        for member in check {
+            self.checks.start_burst(&member, now, &self.directory);
+        }
+    }
+
+    /// A full read of the prefix: replaces the DCS state; every member may
+    /// have changed while etcd was not watched, so all are to be checked.
+    fn on_snapshot(&mut self, kvs: &[(Vec<u8>, Vec<u8>)], now: Instant) -> Vec<String> {
+        let mut fresh = DcsState::from_keys(
+            &self.prefix,
+            kvs.iter().map(|(k, v)| (k.as_slice(), v.as_slice())),
         );
-        self.etcd = EtcdStatus::Down { since };
-        self.metrics.etcd_up(false);
+        let regained = self.link.read();
+        if regained.is_some() {
+            self.metrics.etcd_reconnected();
+        }
+        self.on_link(regained);
+        if fresh.leader != self.directory.leader {
+            self.leader_since = Some(now);
+        }
+        fresh.carry_failsafe_members(&self.directory);
+        self.directory = fresh;
+        self.rest
+            .retain(|m, _| self.directory.members.contains_key(m));
+        self.directory.members.keys().cloned().collect()
+    }
+
+    /// Applies one key change; returns the members to check at once.
+    fn on_key_event(&mut self, event: KeyEvent) -> Vec<String> {
+        let change = match event {
+            KeyEvent::Put { key, value } => self.directory.apply_put(&self.prefix, &key, &value),
+            KeyEvent::Delete { key } => self.directory.apply_delete(&self.prefix, &key),
+        };
+        match change {
+            DcsChange::Leader { old, new } => {
+                self.events.record(
+                    Some(&self.cluster),
+                    EventKind::LeaderKeyChanged {
+                        from: old.clone(),
+                        to: new.clone(),
+                    },
+                );
+                self.leader_since = Some(Instant::now());
+                old.into_iter().chain(new).collect()
+            }
+            DcsChange::MemberRole(member) => {
+                if self.directory.members.contains_key(&member) {
+                    vec![member]
+                } else {
+                    self.rest.remove(&member);
+                    self.checks.forget(&member);
+                    Vec::new()
+                }
+            }
+            DcsChange::Failover => {
+                // A switchover starts with the leader stepping down: watch
+                // it and its candidate closely.
+                let Some(intent) = self.directory.failover.clone() else {
+                    return Vec::new();
+                };
+                self.events.record(
+                    Some(&self.cluster),
+                    EventKind::SwitchoverRequested {
+                        key: "failover",
+                        leader: intent.leader.clone(),
+                        candidate: intent.member.clone(),
+                        scheduled_at: intent.scheduled_at.clone(),
+                    },
+                );
+                intent.leader.into_iter().chain(intent.member).collect()
+            }
+            DcsChange::MemberData(_)
+            | DcsChange::Sync
+            | DcsChange::Config
+            | DcsChange::Optime
+            | DcsChange::Other => Vec::new(),
+        }
     }
 
     /// The etcd watch task ended while the follower runs: it never does on
@@ -522,18 +437,13 @@ impl Follower {
         };
         error!(cluster = %self.cluster, "the etcd watch task ended unexpectedly ({why}); starting it again");
         self.metrics.background_task_failed("etcd_watch");
-        let since = match self.etcd {
-            EtcdStatus::Reconnecting { since } | EtcdStatus::Down { since } => since,
-            _ => Instant::now(),
-        };
-        self.etcd = EtcdStatus::Reconnecting { since };
-        self.etcd_trouble = Some(EtcdTrouble::Lost(format!(
-            "the etcd watch task failed: {why}"
-        )));
-        self.etcd_lost();
+        let lost = self
+            .link
+            .task_failed(&why, Instant::now(), self.settings.on_etcd_loss);
+        self.on_link(lost);
     }
 
-    fn on_listing(&mut self, listing: ClusterListing, probes: &mut Probes) {
+    fn on_listing(&mut self, listing: ClusterListing) {
         let mut fresh = DcsState::default();
         for member in &listing.members {
             fresh
@@ -551,7 +461,7 @@ impl Follower {
         self.rest
             .retain(|m, _| self.directory.members.contains_key(m));
         for member in new_members {
-            self.start_burst(&member, now, probes);
+            self.checks.start_burst(&member, now, &self.directory);
         }
     }
 }

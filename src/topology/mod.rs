@@ -3,7 +3,7 @@
 //!
 //! A static cluster's view is built once from the config. A Patroni
 //! cluster is followed by a task ([`follower`]) that reads etcd
-//! ([`etcd`], [`dcs`]) and Patroni's REST checks ([`rest`]) and combines
+//! ([`crate::etcd::watch`], [`dcs`]) and Patroni's REST checks ([`rest`]) and combines
 //! them with the rules in [`fuse`]. Either way, readers get a
 //! `watch::Receiver<Arc<ClusterView>>`: the router reads it for new
 //! sessions and each session watches it to learn it must end. `topology`
@@ -18,7 +18,6 @@
 //! end.
 
 pub mod dcs;
-pub mod etcd;
 pub mod follower;
 pub mod fuse;
 pub mod patroni_data;
@@ -34,21 +33,17 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use tokio::sync::watch;
-use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
 use crate::config::{ClusterConfig, Config};
-use crate::etcd_trouble::Origin;
+use crate::etcd::trouble::Origin;
 use crate::events::EventLog;
 use crate::metrics::ClusterMetrics;
+use crate::supervisor::{Supervisor, Task};
 
 pub use report::ClusterReport;
 pub use view::{ClusterView, Handover, Member, MemberRole};
-
-/// A background task of the topology: `None` when it ended on purpose (a
-/// retired source), else what it was, for the error.
-pub type TaskEnd = Option<String>;
 
 /// The view source of one cluster.
 struct Source {
@@ -85,8 +80,6 @@ pub struct Topology {
     events: Arc<EventLog>,
     /// The config file, named when etcd refuses a cluster's credentials.
     config_path: PathBuf,
-    /// Background tasks (the followers of Patroni clusters).
-    pub tasks: JoinSet<TaskEnd>,
 }
 
 /// What a reload will do to the clusters: sources to start (their tasks
@@ -118,7 +111,6 @@ impl Topology {
             shutdown: shutdown.clone(),
             events: Arc::clone(events),
             config_path: config_path.to_owned(),
-            tasks: JoinSet::new(),
         }
     }
 
@@ -217,7 +209,7 @@ impl Topology {
 
     /// Carries out a plan: starts new sources, retires old ones, hands
     /// reloaded settings to the followers that stay.
-    pub fn commit(&mut self, plan: TopologyPlan) {
+    pub fn commit(&mut self, plan: TopologyPlan, supervisor: &mut Supervisor) {
         for name in plan.retire {
             if let Some(old) = self.sources.remove(&name) {
                 info!(cluster = %name, "retiring the cluster's view source; it stops once no session uses it");
@@ -231,12 +223,13 @@ impl Topology {
         }
         for (name, source, run) in plan.start {
             if let (Some(run), SourceKind::Patroni { retire, .. }) = (run, &source.kind) {
-                let label = format!("the follower of cluster \"{name}\"");
-                let retire = retire.clone();
-                self.tasks.spawn(async move {
-                    run.await;
-                    (!retire.is_cancelled()).then_some(label)
-                });
+                let task = Task {
+                    kind: "follower",
+                    cluster: name.clone(),
+                    label: format!("the follower of cluster \"{name}\""),
+                    stop: retire.clone(),
+                };
+                supervisor.spawn(task, run);
             }
             self.sources.insert(name, source);
         }

@@ -42,7 +42,7 @@ use tracing::{debug, info, warn};
 use super::backend::open;
 use super::Shared;
 use crate::config::parse_host_port;
-use crate::fleet::{Peer, Route};
+use crate::fleet::{KeyOwner, Peer};
 use crate::metrics;
 use crate::protocol::startup::CancelKey;
 
@@ -112,12 +112,12 @@ pub async fn handle(key: CancelKey, source: SocketAddr, via: Via, shared: &Share
         }
         return;
     }
-    let route = match (via, shared.fleet()) {
-        (Via::Client, Some(fleet)) => fleet.route(key.pid),
-        _ => Route::Here,
+    let owner = match (via, shared.fleet()) {
+        (Via::Client, Some(fleet)) => fleet.owner_of(key.pid),
+        _ => KeyOwner::Here,
     };
-    match route {
-        Route::Here | Route::UnknownPeer(_) => {
+    match owner {
+        KeyOwner::Here | KeyOwner::UnknownPeer(_) => {
             // The other process of a restart may hold the session, or (in a
             // fleet) hold the id this instance does not know yet.
             let passed = match via {
@@ -127,7 +127,7 @@ pub async fn handle(key: CancelKey, source: SocketAddr, via: Via, shared: &Share
             if passed > 0 {
                 count("to_sibling");
                 debug!(client = %source, via = via.as_str(), pid = key.pid, "passed cancel request to the restart's other process");
-            } else if let Route::UnknownPeer(id) = route {
+            } else if let KeyOwner::UnknownPeer(id) = owner {
                 count("unknown_peer");
                 debug!(client = %source, peer = id, "cancel request for an instance the fleet does not know");
             } else {
@@ -140,7 +140,7 @@ pub async fn handle(key: CancelKey, source: SocketAddr, via: Via, shared: &Share
             }
             permit.hold_after_failure();
         }
-        Route::Peer(peer) => {
+        KeyOwner::Peer(peer) => {
             let Some(_in_flight) = peer.admit() else {
                 count("rate_limited");
                 debug!(

@@ -166,10 +166,12 @@ impl CancelRegistry {
         found
     }
 
+    #[cfg(test)]
     pub fn len(&self) -> usize {
         self.lock().values().map(Vec::len).sum()
     }
 
+    #[cfg(test)]
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }

@@ -197,7 +197,11 @@ mod tests {
             metrics: ListenerMetrics::new(listen.to_string(), "demo".into(), ListenerRole::Primary),
             proxy: None,
             cluster: "demo".into(),
-            router: Router::new(ListenerRole::Primary, ReplicaFallback::Hold, receiver),
+            router: Arc::new(Router::new(
+                ListenerRole::Primary,
+                ReplicaFallback::Hold,
+                receiver,
+            )),
             end_sessions: CancellationToken::new(),
         };
         let now = Instant::now();

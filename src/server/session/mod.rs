@@ -383,7 +383,6 @@ impl Session<'_> {
         let mut backend = NotifyPids::new(backend, pid_swap, &mut to_client);
         let started = Instant::now();
         let shutdown = &self.listener.end_sessions;
-        let cluster = &*self.listener.cluster;
         info!(
             held_ms = held.as_millis() as u64,
             backend_pid = cancel_registration
@@ -424,36 +423,7 @@ impl Session<'_> {
                 signal = signals => signal,
             },
         };
-        // Why the session ended, and the FATAL rolegate owes the client, if
-        // any (a backend that said why itself needs none).
-        let (reason, fatal) = match ended {
-            Ended::Relay(RelayEnd::ClientClosed) => (EndReason::Client, None),
-            Ended::Relay(RelayEnd::ClientError(e)) => {
-                debug!("client connection failed: {e}");
-                (EndReason::Client, None)
-            }
-            Ended::Relay(RelayEnd::BackendClosed) | Ended::Relay(RelayEnd::BackendError(_))
-                if relay.client_said_goodbye() =>
-            {
-                (EndReason::Client, None)
-            }
-            Ended::Relay(RelayEnd::BackendClosed) | Ended::Relay(RelayEnd::BackendError(_)) => {
-                let fatal = (!relay.backend_sent_error_last())
-                    .then(|| lost_backend(&member, cluster, "the server closed the connection"));
-                (EndReason::Backend, fatal)
-            }
-            Ended::Misfit(misfit) => {
-                let error = misfit.to_error(cluster);
-                info!("ending session: {}", error.message);
-                self.shared.events.session_ended(
-                    &self.listener.cluster,
-                    &member.name,
-                    &misfit.reason(cluster),
-                );
-                (EndReason::Demotion, Some(error))
-            }
-            Ended::Shutdown => (EndReason::Shutdown, Some(shutdown_error())),
-        };
+        let (reason, fatal) = self.end_of(ended, &relay, &member);
         if let Some(error) = fatal {
             // Boxed: a one-off stage, kept out of every session's state.
             Box::pin(relay.finish_with(&mut client, &mut backend, &error.to_fatal())).await;
@@ -468,6 +438,48 @@ impl Session<'_> {
             "session ended"
         );
         ConnectionOutcome::Session
+    }
+
+    /// Why the session ended, and the FATAL rolegate owes the client, if
+    /// any (a backend that said why itself needs none).
+    fn end_of(
+        &self,
+        ended: Ended,
+        relay: &Relay,
+        member: &Member,
+    ) -> (EndReason, Option<ProtocolError>) {
+        let cluster = &*self.listener.cluster;
+        match ended {
+            Ended::Relay(RelayEnd::ClientClosed) => (EndReason::Client, None),
+            Ended::Relay(RelayEnd::ClientError(e)) => {
+                debug!("client connection failed: {e}");
+                (EndReason::Client, None)
+            }
+            Ended::Relay(RelayEnd::BackendClosed | RelayEnd::BackendError(_))
+                if relay.client_said_goodbye() =>
+            {
+                (EndReason::Client, None)
+            }
+            Ended::Relay(end @ (RelayEnd::BackendClosed | RelayEnd::BackendError(_))) => {
+                if let RelayEnd::BackendError(e) = end {
+                    debug!("server connection failed: {e}");
+                }
+                let fatal = (!relay.backend_sent_error_last())
+                    .then(|| lost_backend(member, cluster, "the server closed the connection"));
+                (EndReason::Backend, fatal)
+            }
+            Ended::Misfit(misfit) => {
+                let error = misfit.to_error(cluster);
+                info!("ending session: {}", error.message);
+                self.shared.events.session_ended(
+                    &self.listener.cluster,
+                    &member.name,
+                    &misfit.reason(cluster),
+                );
+                (EndReason::Demotion, Some(error))
+            }
+            Ended::Shutdown => (EndReason::Shutdown, Some(shutdown_error())),
+        }
     }
 }
 

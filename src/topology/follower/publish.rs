@@ -9,7 +9,7 @@ use std::time::SystemTime;
 use tokio::time::Instant;
 
 use super::Follower;
-use crate::etcd_trouble::EtcdTrouble;
+use crate::etcd::trouble::EtcdTrouble;
 use crate::events::EventKind;
 use crate::topology::fuse::{fuse, rule, EtcdStatus, FuseInput};
 use crate::topology::report::{self, ClusterReport, Sources};
@@ -110,7 +110,7 @@ impl Follower {
     /// own reason ("no member passes Patroni's /primary check") alone
     /// would hide the key to fix.
     fn with_refusal(&self, view: ClusterView) -> ClusterView {
-        let Some(refusal @ EtcdTrouble::Refused { .. }) = &self.etcd_trouble else {
+        let Some(refusal @ EtcdTrouble::Refused { .. }) = self.link.trouble() else {
             return view;
         };
         let reason = match &view.no_leader_reason {
@@ -123,11 +123,11 @@ impl Follower {
     pub(super) fn fuse_input(&self) -> FuseInput<'_> {
         FuseInput {
             cluster: &self.cluster,
-            policy: self.policy,
-            on_etcd_loss: self.on_etcd_loss,
-            max_replica_lag: self.max_replica_lag,
+            policy: self.settings.policy,
+            on_etcd_loss: self.settings.on_etcd_loss,
+            max_replica_lag: self.settings.max_replica_lag,
             directory: &self.directory,
-            etcd: self.etcd,
+            etcd: self.link.status(),
             rest: &self.rest,
             leader_since: self.leader_since,
             previous_leader: self.last_leader.as_deref(),
@@ -137,13 +137,13 @@ impl Follower {
     }
 
     pub(super) fn publish_report(&self, view: &ClusterView) {
-        let (etcd, etcd_down_since) = report::etcd_source(self.etcd);
+        let (etcd, etcd_down_since) = report::etcd_source(self.link.status());
         let report = ClusterReport {
             cluster: self.cluster.to_string(),
             mode: "patroni",
-            leader_policy: Some(self.policy.as_str()),
-            on_etcd_loss: (self.etcd != EtcdStatus::NotConfigured)
-                .then_some(self.on_etcd_loss.as_str()),
+            leader_policy: Some(self.settings.policy.as_str()),
+            on_etcd_loss: (self.link.status() != EtcdStatus::NotConfigured)
+                .then_some(self.settings.on_etcd_loss.as_str()),
             rule: report::rule_name(rule(&self.fuse_input())),
             leader: view.leader().map(|m| m.name.to_string()),
             no_leader_reason: view.no_leader_reason.clone(),
