@@ -6,10 +6,11 @@
 //! start or reload ([`crate::tls::TlsFiles`]).
 
 use std::collections::BTreeMap;
+use std::net::SocketAddr;
 
 use super::{
     parse_cidr, parse_host_port, parse_http_url, parse_socket_addr, ClusterConfig, Config,
-    EtcdAccess, KeyedError, LeaderPolicy, ListenerRole, ReplicaFallback, TlsMode,
+    EtcdAccess, KeyedError, LeaderPolicy, ListenerConfig, ListenerRole, ReplicaFallback, TlsMode,
 };
 
 /// Checks the rules that the types alone cannot express.
@@ -35,65 +36,12 @@ pub(super) fn validate(config: &Config) -> Result<(), KeyedError> {
     }
     let mut seen = BTreeMap::new();
     for (i, listener) in config.listeners.iter().enumerate() {
-        let key = |field: &str| format!("listeners[{i}].{field}");
-        let addr =
-            parse_socket_addr(&listener.listen).map_err(|m| KeyedError::new(key("listen"), m))?;
+        let addr = validate_listener(i, listener, config)?;
         if let Some(other) = seen.insert(addr, i) {
             return Err(KeyedError::new(
-                key("listen"),
+                format!("listeners[{i}].listen"),
                 format!("{addr} is already used by listeners[{other}]"),
             ));
-        }
-        if !config.clusters.contains_key(&listener.cluster) {
-            return Err(KeyedError::new(
-                key("cluster"),
-                format!(
-                    "no cluster named {:?} is configured (known: {})",
-                    listener.cluster,
-                    config
-                        .clusters
-                        .keys()
-                        .cloned()
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                ),
-            ));
-        }
-        if listener.replica_fallback == ReplicaFallback::Primary
-            && !matches!(
-                listener.role,
-                ListenerRole::Replica | ListenerRole::SyncReplica
-            )
-        {
-            return Err(KeyedError::new(
-                key("replica_fallback"),
-                "only a listener with role = \"replica\" or \"sync-replica\" has a fallback"
-                    .to_owned(),
-            ));
-        }
-        if listener.proxy_protocol && listener.trusted_proxies.is_empty() {
-            return Err(KeyedError::new(key("trusted_proxies"), "proxy_protocol = true needs the load balancers' addresses, e.g. trusted_proxies = [\"10.0.0.0/8\"]"));
-        }
-        if !listener.proxy_protocol && !listener.trusted_proxies.is_empty() {
-            return Err(KeyedError::new(
-                key("trusted_proxies"),
-                "only a listener with proxy_protocol = true has trusted proxies",
-            ));
-        }
-        for (j, cidr) in listener.trusted_proxies.iter().enumerate() {
-            parse_cidr(cidr)
-                .map_err(|m| KeyedError::new(key(&format!("trusted_proxies[{j}]")), m))?;
-        }
-        if listener.role == ListenerRole::SyncReplica
-            && config
-                .clusters
-                .get(&listener.cluster)
-                .is_some_and(|c| c.is_static())
-        {
-            return Err(KeyedError::new(key("role"), format!(
-                    "\"sync-replica\" needs a Patroni cluster: the static cluster \"{}\" does not know its synchronous standbys",
-                    listener.cluster
-                )));
         }
     }
 
@@ -145,6 +93,67 @@ pub(super) fn validate(config: &Config) -> Result<(), KeyedError> {
         }
     }
     Ok(())
+}
+
+/// The rules of `listeners[i]`; returns its address.
+fn validate_listener(
+    i: usize,
+    listener: &ListenerConfig,
+    config: &Config,
+) -> Result<SocketAddr, KeyedError> {
+    let key = |field: &str| format!("listeners[{i}].{field}");
+    let addr =
+        parse_socket_addr(&listener.listen).map_err(|m| KeyedError::new(key("listen"), m))?;
+    if !config.clusters.contains_key(&listener.cluster) {
+        return Err(KeyedError::new(
+            key("cluster"),
+            format!(
+                "no cluster named {:?} is configured (known: {})",
+                listener.cluster,
+                config
+                    .clusters
+                    .keys()
+                    .cloned()
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        ));
+    }
+    if listener.replica_fallback == ReplicaFallback::Primary
+        && !matches!(
+            listener.role,
+            ListenerRole::Replica | ListenerRole::SyncReplica
+        )
+    {
+        return Err(KeyedError::new(
+            key("replica_fallback"),
+            "only a listener with role = \"replica\" or \"sync-replica\" has a fallback".to_owned(),
+        ));
+    }
+    if listener.proxy_protocol && listener.trusted_proxies.is_empty() {
+        return Err(KeyedError::new(key("trusted_proxies"), "proxy_protocol = true needs the load balancers' addresses, e.g. trusted_proxies = [\"10.0.0.0/8\"]"));
+    }
+    if !listener.proxy_protocol && !listener.trusted_proxies.is_empty() {
+        return Err(KeyedError::new(
+            key("trusted_proxies"),
+            "only a listener with proxy_protocol = true has trusted proxies",
+        ));
+    }
+    for (j, cidr) in listener.trusted_proxies.iter().enumerate() {
+        parse_cidr(cidr).map_err(|m| KeyedError::new(key(&format!("trusted_proxies[{j}]")), m))?;
+    }
+    if listener.role == ListenerRole::SyncReplica
+        && config
+            .clusters
+            .get(&listener.cluster)
+            .is_some_and(|c| c.is_static())
+    {
+        return Err(KeyedError::new(key("role"), format!(
+                "\"sync-replica\" needs a Patroni cluster: the static cluster \"{}\" does not know its synchronous standbys",
+                listener.cluster
+            )));
+    }
+    Ok(addr)
 }
 
 fn validate_cluster(name: &str, cluster: &ClusterConfig) -> Result<(), KeyedError> {

@@ -135,16 +135,7 @@ where
                     }
                 };
                 if let Some(answer) = answer {
-                    if code == auth::SASL
-                        && backend_tls
-                        && announces_unoffered_channel_binding(answer.body())
-                    {
-                        return Err(AuthError::Client(channel_binding_unsupported()));
-                    }
-                    backend
-                        .write_all(&answer.raw)
-                        .await
-                        .map_err(|e| AuthError::Backend(backend_gone(member, &e.to_string())))?;
+                    pass_answer(backend, &answer, code, backend_tls, member).await?;
                 }
             }
             tag::BACKEND_KEY_DATA => {
@@ -168,6 +159,25 @@ where
             _ => {}
         }
     }
+}
+
+/// Writes the client's answer to an authentication request of `code` to
+/// the server, unless it asks for channel binding the server's TLS
+/// connection cannot give (rolegate ends TLS on both sides).
+async fn pass_answer<B: AsyncWrite + Unpin>(
+    backend: &mut B,
+    answer: &Message,
+    code: u32,
+    backend_tls: bool,
+    member: &str,
+) -> Result<(), AuthError> {
+    if code == auth::SASL && backend_tls && announces_unoffered_channel_binding(answer.body()) {
+        return Err(AuthError::Client(channel_binding_unsupported()));
+    }
+    backend
+        .write_all(&answer.raw)
+        .await
+        .map_err(|e| AuthError::Backend(backend_gone(member, &e.to_string())))
 }
 
 /// An AuthenticationSASL message rewritten without SCRAM-SHA-256-PLUS, or

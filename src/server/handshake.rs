@@ -183,25 +183,35 @@ where
                 })
             }
             FirstPacket::Terminate => return fail(None, HandshakeError::Terminated),
-            FirstPacket::Startup(startup) => {
-                if tls.mode == TlsMode::Require {
-                    let error = ProtocolError::new(
-                        SqlState::INVALID_AUTHORIZATION_SPECIFICATION,
-                        "this listener requires TLS, but the connection is not encrypted",
-                    )
-                    .with_hint("Connect with sslmode=require (or verify-ca / verify-full).");
-                    return fail(Some(MaybeTls::Plain(plain)), error.into());
-                }
-                return Ok(Opened {
-                    stream: MaybeTls::Plain(plain),
-                    opening: Opening::Startup {
-                        startup,
-                        buffered: buf,
-                    },
-                });
-            }
+            FirstPacket::Startup(startup) => return unencrypted_startup(plain, tls, startup, buf),
         }
     }
+}
+
+/// A StartupMessage on a connection left unencrypted: refused where the
+/// listener requires TLS.
+fn unencrypted_startup<P>(
+    plain: P,
+    tls: &ListenerTls,
+    startup: StartupMessage,
+    buffered: BytesMut,
+) -> Result<Opened<P>, Failed<P>> {
+    let stream = MaybeTls::Plain(plain);
+    if tls.mode == TlsMode::Require {
+        let error = ProtocolError::new(
+            SqlState::INVALID_AUTHORIZATION_SPECIFICATION,
+            "this listener requires TLS, but the connection is not encrypted",
+        )
+        .with_hint("Connect with sslmode=require (or verify-ca / verify-full).");
+        return Err(Failed {
+            stream: Some(stream),
+            error: error.into(),
+        });
+    }
+    Ok(Opened {
+        stream,
+        opening: Opening::Startup { startup, buffered },
+    })
 }
 
 /// Completes a TLS handshake and reads the opening inside the tunnel.

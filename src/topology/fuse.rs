@@ -301,20 +301,8 @@ pub fn fuse(input: &FuseInput<'_>) -> ClusterView {
             });
         let unreadable_because = if role != MemberRole::Replica {
             static_exclusion(role)
-        } else if promoting(name) {
-            Some("it is being promoted")
-        } else if !healthy {
-            Some("its REST check fails")
-        } else if !record.is_streaming() {
-            Some("not streaming from the leader")
-        } else if record.tag("noloadbalance") {
-            Some("tagged noloadbalance")
-        } else if !lag_ok {
-            Some("lagging more than max_replica_lag")
-        } else if !rest_replica_ok {
-            Some("Patroni's /replica check does not pass (lag or replication state)")
         } else {
-            None
+            replica_exclusion(record, promoting(name), healthy, lag_ok, rest_replica_ok)
         };
         members.push(Member {
             name: name.as_str().into(),
@@ -341,6 +329,32 @@ pub fn fuse(input: &FuseInput<'_>) -> ClusterView {
     match reason {
         Some(reason) => view.with_no_leader_reason(reason),
         None => view,
+    }
+}
+
+/// Why a member in the replica role takes no reads, if it does not: the
+/// first of the reasons that holds, in the order a person would check.
+fn replica_exclusion(
+    record: &MemberRecord,
+    promoting: bool,
+    healthy: bool,
+    lag_ok: bool,
+    rest_replica_ok: bool,
+) -> Option<&'static str> {
+    if promoting {
+        Some("it is being promoted")
+    } else if !healthy {
+        Some("its REST check fails")
+    } else if !record.is_streaming() {
+        Some("not streaming from the leader")
+    } else if record.tag("noloadbalance") {
+        Some("tagged noloadbalance")
+    } else if !lag_ok {
+        Some("lagging more than max_replica_lag")
+    } else if !rest_replica_ok {
+        Some("Patroni's /replica check does not pass (lag or replication state)")
+    } else {
+        None
     }
 }
 
@@ -374,14 +388,6 @@ fn confirmed_leader(
 ) -> Result<String, String> {
     let directory = input.directory;
     let rest_of = |name: &str| input.rest.get(name);
-    let claimants = || -> Vec<&str> {
-        directory
-            .members
-            .keys()
-            .filter(|m| rest_of(m).is_some_and(RestState::claims_primary))
-            .map(String::as_str)
-            .collect()
-    };
     if let Some((standby_leader, _)) = directory
         .members
         .iter()
@@ -394,7 +400,7 @@ fn confirmed_leader(
     match rule {
         Rule::Waiting => Err("etcd has not been read yet".to_owned()),
         Rule::Refuse => Err("etcd is unreachable and on_etcd_loss = \"refuse\"".to_owned()),
-        Rule::Policy(LeaderPolicy::Patroni) => match claimants().as_slice() {
+        Rule::Policy(LeaderPolicy::Patroni) => match primary_claimants(input).as_slice() {
             [] => Err("no member passes Patroni's /primary check".to_owned()),
             [one] => Ok((*one).to_owned()),
             many => Err(format!(
@@ -403,57 +409,7 @@ fn confirmed_leader(
                 many.join(", ")
             )),
         },
-        Rule::Policy(policy) => {
-            if let Some(handover) = handover {
-                return Err(format!(
-                    "a switchover from {} to {} is in progress",
-                    handover.from,
-                    handover.to.as_deref().unwrap_or("another member")
-                ));
-            }
-            let Some(holder) = directory.leader.as_deref() else {
-                return failsafe_primary(input, policy).ok_or_else(|| {
-                    "the leader key is empty (an election is in progress)".to_owned()
-                });
-            };
-            // A REST answer counts only if it was read after the key moved.
-            let fresh = |read: Instant| input.leader_since.is_none_or(|since| read >= since);
-            // With REST in use, Patroni's live answer that PostgreSQL left
-            // recovery stands in for the record, which says "master" only
-            // about one HA loop later.
-            let promoted = policy == LeaderPolicy::EtcdAndPatroni
-                && rest_of(holder).is_some_and(|r| {
-                    r.status_at.is_some_and(fresh)
-                        && r.status
-                            .as_ref()
-                            .is_some_and(RestStatus::is_running_primary)
-                });
-            check_holder(directory, holder, promoted)?;
-            if policy == LeaderPolicy::EtcdAndPatroni {
-                // Confirmed by a /primary 200 read after the key moved to
-                // it. A Patroni that has answered so and then stops
-                // answering (starved of CPU, say) keeps it: while the key
-                // holds, Patroni promotes nobody else, and if Patroni is
-                // gone the key expires within ttl. A 503 does not keep it.
-                let confirmed = |r: &RestState| {
-                    (r.claims_primary() && r.answered_at.is_some_and(fresh))
-                        || (!r.reachable && r.primary_at.is_some_and(fresh))
-                };
-                if !rest_of(holder).is_some_and(confirmed) {
-                    return Err(format!(
-                        "{holder} holds the leader key but its REST /primary check has not confirmed it yet"
-                    ));
-                }
-                let others: Vec<_> = claimants().into_iter().filter(|m| *m != holder).collect();
-                if !others.is_empty() {
-                    return Err(format!(
-                        "sources disagree: etcd names {holder} but {} also passes /primary; refusing writes",
-                        others.join(", ")
-                    ));
-                }
-            }
-            Ok(holder.to_owned())
-        }
+        Rule::Policy(policy) => etcd_leader(input, policy, handover),
         Rule::Freeze { deadline } => {
             let previous = input
                 .previous_leader
@@ -471,6 +427,80 @@ fn confirmed_leader(
             Ok(previous.to_owned())
         }
     }
+}
+
+/// The leader under a policy that reads etcd: the leader-key holder, once
+/// its record (or, with REST, Patroni's live answer) says it leads and,
+/// under `etcd+patroni`, its REST check confirmed it after the key moved.
+fn etcd_leader(
+    input: &FuseInput<'_>,
+    policy: LeaderPolicy,
+    handover: Option<&Handover>,
+) -> Result<String, String> {
+    let directory = input.directory;
+    let rest_of = |name: &str| input.rest.get(name);
+    if let Some(handover) = handover {
+        return Err(format!(
+            "a switchover from {} to {} is in progress",
+            handover.from,
+            handover.to.as_deref().unwrap_or("another member")
+        ));
+    }
+    let Some(holder) = directory.leader.as_deref() else {
+        return failsafe_primary(input, policy)
+            .ok_or_else(|| "the leader key is empty (an election is in progress)".to_owned());
+    };
+    // A REST answer counts only if it was read after the key moved.
+    let fresh = |read: Instant| input.leader_since.is_none_or(|since| read >= since);
+    // With REST in use, Patroni's live answer that PostgreSQL left
+    // recovery stands in for the record, which says "master" only
+    // about one HA loop later.
+    let promoted = policy == LeaderPolicy::EtcdAndPatroni
+        && rest_of(holder).is_some_and(|r| {
+            r.status_at.is_some_and(fresh)
+                && r.status
+                    .as_ref()
+                    .is_some_and(RestStatus::is_running_primary)
+        });
+    check_holder(directory, holder, promoted)?;
+    if policy == LeaderPolicy::EtcdAndPatroni {
+        // Confirmed by a /primary 200 read after the key moved to
+        // it. A Patroni that has answered so and then stops
+        // answering (starved of CPU, say) keeps it: while the key
+        // holds, Patroni promotes nobody else, and if Patroni is
+        // gone the key expires within ttl. A 503 does not keep it.
+        let confirmed = |r: &RestState| {
+            (r.claims_primary() && r.answered_at.is_some_and(fresh))
+                || (!r.reachable && r.primary_at.is_some_and(fresh))
+        };
+        if !rest_of(holder).is_some_and(confirmed) {
+            return Err(format!(
+                "{holder} holds the leader key but its REST /primary check has not confirmed it yet"
+            ));
+        }
+        let others: Vec<_> = primary_claimants(input)
+            .into_iter()
+            .filter(|m| *m != holder)
+            .collect();
+        if !others.is_empty() {
+            return Err(format!(
+                "sources disagree: etcd names {holder} but {} also passes /primary; refusing writes",
+                others.join(", ")
+            ));
+        }
+    }
+    Ok(holder.to_owned())
+}
+
+/// The members whose REST check says they are the primary.
+fn primary_claimants<'i>(input: &'i FuseInput<'_>) -> Vec<&'i str> {
+    input
+        .directory
+        .members
+        .keys()
+        .filter(|m| input.rest.get(*m).is_some_and(RestState::claims_primary))
+        .map(String::as_str)
+        .collect()
 }
 
 /// The primary Patroni keeps under `failsafe_mode` while the leader key is

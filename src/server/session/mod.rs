@@ -272,19 +272,7 @@ impl Session<'_> {
             mut login,
         } = match connected {
             Ok(connected) => connected,
-            Err(refusal) => {
-                info!(
-                    outcome = refusal.outcome().as_str(),
-                    "session refused: {refusal}"
-                );
-                if let Some(reason) = refusal.hold_ran_out() {
-                    let role = self.listener.router.role().as_str();
-                    self.shared
-                        .events
-                        .hold_timed_out(&self.listener.cluster, role, &reason);
-                }
-                return Err(refuse(&mut client, refusal).await);
-            }
+            Err(refusal) => return Err(self.refused(&mut client, refusal).await),
         };
         tracing::Span::current().record("member", &*member.name);
 
@@ -325,19 +313,19 @@ impl Session<'_> {
         })
         .await;
         drop(login);
-        let auth = match auth {
-            Ok(Ok(auth)) => auth,
-            Ok(Err(e)) => {
-                let refusal = Refusal::Authentication(e);
-                debug!("{refusal}");
-                return Err(refuse(&mut client, refusal).await);
-            }
-            Err(_) => {
+        let auth = auth
+            .map_err(|_| {
                 info!("handshake timed out during authentication");
-                let refusal = Refusal::TimedOut {
+                Refusal::TimedOut {
                     limit: self.limits.handshake_timeout,
                     encrypting: false,
-                };
+                }
+            })
+            .and_then(|done| done.map_err(Refusal::Authentication));
+        let auth = match auth {
+            Ok(auth) => auth,
+            Err(refusal) => {
+                debug!("{refusal}");
                 return Err(refuse(&mut client, refusal).await);
             }
         };
@@ -354,6 +342,26 @@ impl Session<'_> {
             to_backend: auth.to_backend,
             to_client: auth.to_client,
         })
+    }
+
+    /// A session that found no member to serve it: logged, a hold that
+    /// ran out recorded, and the client told.
+    async fn refused<S: AsyncWrite + Unpin>(
+        &self,
+        client: &mut S,
+        refusal: Refusal,
+    ) -> ConnectionOutcome {
+        info!(
+            outcome = refusal.outcome().as_str(),
+            "session refused: {refusal}"
+        );
+        if let Some(reason) = refusal.hold_ran_out() {
+            let role = self.listener.router.role().as_str();
+            self.shared
+                .events
+                .hold_timed_out(&self.listener.cluster, role, &reason);
+        }
+        refuse(client, refusal).await
     }
 
     /// Relays an established session until it ends, and ends it the way
