@@ -10,9 +10,9 @@
 //! Each connection talks to one member, the next one in turn. A client of
 //! several endpoints spreads its requests over all of them, so while one
 //! member is down (a rolling restart, a crash) the requests that land on it
-//! keep failing: a follower whose member restarted was measured retrying
-//! that same member for 5 s, past the reconnect grace, while two members
-//! answered. In turn, the reconnect after a failure goes to another member.
+//! keep failing, for longer than the reconnect grace, while the other
+//! members answer. In turn, the reconnect after a failure goes to another
+//! member.
 //! A member is used once it has answered a read of the keys the connection
 //! is for; one that does not (stopped, cut off, without a leader) is passed
 //! over for the next, so a reconnect during a rolling restart does not wait

@@ -6,10 +6,9 @@
 //! the same instant, they start hundreds of logins on one server (a fork,
 //! the backend's start-up, SCRAM), each of which then takes about as long
 //! as all of them together. Clients' connect timeouts expire mid-login,
-//! each retry starts the work over, and the storm feeds itself: measured
-//! with 500 clients and libpq's `connect_timeout = 2`, the last client
-//! wrote again 2.8 to 7.5 s after the new leader was confirmed, after
-//! hundreds of timeouts. Let through a few at a time, logins finish at
+//! each retry starts the work over, and the storm feeds itself
+//! (BENCHMARKS.md, "Measurements behind the design"). Let through a few at
+//! a time, logins finish at
 //! the server's pace; a queued client that gives up leaves the queue
 //! without having cost the server anything (the session watches its
 //! client while it waits).
@@ -19,8 +18,8 @@
 //! the session accepted last has the most patience left, and the one
 //! accepted first is the likeliest to leave mid-login and waste it. In
 //! arrival order, sessions released together after a hold are served
-//! oldest first: measured, nearly every one timed out before its turn.
-//! So a queue is served newest first (by the time its connection was
+//! oldest first, and nearly every one times out before its turn. So a
+//! queue is served newest first (by the time its connection was
 //! accepted). With no queue, as in normal operation, order is moot; under
 //! a lasting overload the oldest wait longest, at most `hold_timeout`.
 //!

@@ -4,16 +4,16 @@
 //! runtime, and one single-threaded runtime per further thread.
 //! Each loop has its own epoll set and timers, and a session stays on the
 //! loop that accepted it, which is HAProxy's model (`nbthread`) rather than
-//! a work-stealing pool. Measured on 2 shared CPUs: with one intake of
-//! events, the CPUs sat 4-8% idle while the proxy's thread waited to be
-//! scheduled, and two work-stealing workers did not change that; two
-//! independent loops kept the CPUs busy (BENCHMARKS.md).
+//! a work-stealing pool: with one intake of events the CPUs sit idle while
+//! the proxy's thread waits to be scheduled, which work-stealing workers
+//! do not change, and independent loops keep them busy.
 //!
 //! Loop 0, the runtime `main` starts, is single-threaded like the others
 //! rather than a multi-threaded runtime with one worker: the same one
-//! thread of work, at about 5,000 fewer instructions per connection
-//! (callgrind, `pgbench -C`: 83,100 against 77,800), the work-stealing
-//! scheduler's queues and parking being of no use to a single worker.
+//! thread of work, for fewer instructions per connection, the
+//! work-stealing scheduler's queues and parking being of no use to a
+//! single worker. (Both measured: BENCHMARKS.md, "Measurements behind the
+//! design".)
 //! The price: what the main task does synchronously now holds up loop 0's
 //! sessions, where it used to have the main thread to itself. That is a
 //! reload (reading the configuration and TLS files, binding new

@@ -56,10 +56,10 @@ const BURST_AGREEMENT: u32 = 2;
 /// How long a lost etcd connection may take to come back before etcd
 /// counts as lost and `on_etcd_loss` applies. An etcd member restart, a
 /// rolling upgrade or a reset stream reconnects well within it (to the
-/// same member or another endpoint: 0.1–0.4 s here), unless the restarted
-/// member led etcd's raft and the election that follows is slow, which on a
-/// loaded machine took over 3 s; meanwhile routing goes on from the state
-/// last read, as it would between two watch events.
+/// same member or another endpoint) well within it, and so does the slow
+/// election that follows a restart of etcd's raft leader on a loaded
+/// machine; meanwhile routing goes on from the state last read, as it
+/// would between two watch events.
 pub const ETCD_RECONNECT_GRACE: Duration = Duration::from_secs(5);
 /// Pause before the etcd watch task is started again after it failed.
 const SOURCE_RESTART_DELAY: Duration = Duration::from_secs(1);
