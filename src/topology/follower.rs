@@ -13,6 +13,13 @@
 //!
 //! Without etcd, members are discovered from Patroni's `GET /cluster` on the
 //! configured REST URLs, refreshed every interval.
+//!
+//! The task's parts: its [`FollowerSettings`] (replaced whole by a reload),
+//! the link to etcd ([`etcd_link`], a state machine whose transitions
+//! return the events to record), the REST checks ([`probing`]: what to
+//! check when, and the checks under way), and the publication of what it
+//! saw ([`publish`]). The follower itself applies DCS changes and names
+//! the members to check.
 
 use std::collections::HashMap;
 use std::future::Future;
