@@ -291,6 +291,9 @@ pub async fn serve(
             }
             Err(e) => {
                 warn!("cannot offer sockets to a successor (restarts may reset connections): {e}");
+                // Serving goes on without a handover; the task ends when
+                // asked, as the supervisor expects of it.
+                stop.cancelled().await;
                 return;
             }
         }
