@@ -80,12 +80,21 @@ pub fn relay_bound(timeout: Duration) -> Duration {
 pub async fn handle(key: CancelKey, source: SocketAddr, via: Via, shared: &Shared) {
     let started = Instant::now();
     let count = |outcome| metrics::cancel_outcome(via.as_str(), outcome);
-    let target = shared.cancels.lookup(&key);
-    let permit = match via {
-        Via::Client => shared.cancel_throttle.admit_client(source.ip()),
-        Via::Peer | Via::Sibling => shared
-            .cancel_throttle
-            .admit_forwarded(source.ip(), target.is_some()),
+    // A client's place comes first: a dropped cancel costs no lookup. A
+    // forwarded one's place depends on whether its key is found here.
+    let (permit, target) = match via {
+        Via::Client => {
+            let permit = shared.cancel_throttle.admit_client(source.ip());
+            let target = permit.as_ref().and_then(|_| shared.cancels.lookup(&key));
+            (permit, target)
+        }
+        Via::Peer | Via::Sibling => {
+            let target = shared.cancels.lookup(&key);
+            let permit = shared
+                .cancel_throttle
+                .admit_forwarded(source.ip(), target.is_some());
+            (permit, target)
+        }
     };
     let Some(permit) = permit else {
         count("rate_limited");
