@@ -14,6 +14,7 @@ use libtest_mimic::Failed;
 use nix::sys::signal::Signal;
 
 use support::harness::{by_name, check, run_suite, TestFn};
+use support::pg::PgServer;
 use support::procinfo::Usage;
 use support::rolegate::Rolegate;
 use support::static_cluster::StaticCluster;
@@ -33,6 +34,7 @@ fn main() {
         a_terminate_is_a_quiet_goodbye,
         too_many_connections_gives_53300,
         unreachable_backend_gives_08001_naming_the_member,
+        a_write_session_is_refused_by_a_server_in_recovery,
         hostile_first_packets_leave_other_sessions_alone,
         protocol_32_startup_is_forwarded_unchanged,
         handshake_timeout_cuts_silent_clients,
@@ -287,6 +289,54 @@ fn unreachable_backend_gives_08001_naming_the_member(env: &Env) -> Result<(), Fa
             format!("got {err}"),
         )
     })
+}
+
+/// rolegate's view names a leader that is in recovery (a demoted leader
+/// restarted as a replica before the view moved): the server's own
+/// `in_hot_standby` at login refuses the write session with 57P03 before
+/// it opens, while a read session there is served.
+fn a_write_session_is_refused_by_a_server_in_recovery(env: &Env) -> Result<(), Failed> {
+    let standby = PgServer::start_standby(&env.root, "standby");
+    let (rw, ro) = (free_port(), free_port());
+    let config = format!(
+        "[clusters.demoted]\nprimary = \"{}\"\nreplicas = [\"{}\"]\n\n\
+         [[listeners]]\nlisten = \"127.0.0.1:{rw}\"\ncluster = \"demoted\"\nrole = \"primary\"\n\n\
+         [[listeners]]\nlisten = \"127.0.0.1:{ro}\"\ncluster = \"demoted\"\nrole = \"prefer-replica\"\n",
+        standby.address(),
+        env.replicas[0].address()
+    );
+    let rolegate = Rolegate::start(&env.root, "in-recovery", &config);
+    runtime().block_on(async {
+        let err = connect(&conninfo(rw, "app", "app"))
+            .await
+            .err()
+            .ok_or("a write session opened on a server in recovery")?;
+        let db = err
+            .as_db_error()
+            .ok_or(format!("not a server error: {err}"))?;
+        check(db.code().code() == "57P03", format!("got {err}: {db:?}"))?;
+        check(
+            db.message().contains("in recovery") && db.message().contains(&standby.address()),
+            format!("the message does not say why: {}", db.message()),
+        )?;
+        // The same server serves reads: prefer-replica reaches it when the
+        // replica is set aside.
+        let reader = connect(&conninfo(ro, "app", "app")).await?;
+        reader.query_one("select 1", &[]).await?;
+        Ok::<_, Failed>(())
+    })?;
+    let refused = rolegate.metric(
+        "rolegate_client_connections_total",
+        &format!("listener=\"127.0.0.1:{rw}\",outcome=\"no_target\""),
+    );
+    check(
+        refused == 1.0,
+        format!("refusals counted as no_target: {refused}"),
+    )?;
+    check(
+        standby.psql("select pg_is_in_recovery()") == "t",
+        "the standby left recovery",
+    )
 }
 
 fn hostile_first_packets_leave_other_sessions_alone(env: &Env) -> Result<(), Failed> {

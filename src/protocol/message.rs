@@ -44,6 +44,7 @@ pub mod tag {
     pub const AUTHENTICATION: u8 = b'R';
     pub const BACKEND_KEY_DATA: u8 = b'K';
     pub const ERROR_RESPONSE: u8 = b'E';
+    pub const PARAMETER_STATUS: u8 = b'S';
     pub const READY_FOR_QUERY: u8 = b'Z';
     pub const PASSWORD: u8 = b'p';
     pub const TERMINATE: u8 = b'X';
@@ -81,6 +82,14 @@ pub fn decode_message(
 pub fn auth_request_code(body: &[u8]) -> Option<u32> {
     let code: [u8; 4] = body.get(..4)?.try_into().ok()?;
     Some(u32::from_be_bytes(code))
+}
+
+/// The name and value of a ParameterStatus message body, if it has both.
+pub fn parameter_status(body: &[u8]) -> Option<(&[u8], &[u8])> {
+    let name_end = body.iter().position(|&b| b == 0)?;
+    let rest = &body[name_end + 1..];
+    let value_end = rest.iter().position(|&b| b == 0)?;
+    Some((&body[..name_end], &rest[..value_end]))
 }
 
 /// Authentication request codes (the code in every Authentication message).
@@ -154,5 +163,16 @@ mod tests {
     #[test]
     fn short_auth_body_has_no_code() {
         assert_eq!(auth_request_code(b"\0\0"), None);
+    }
+
+    #[test]
+    fn parameter_status_needs_both_terminators() {
+        assert_eq!(
+            parameter_status(b"in_hot_standby\0on\0"),
+            Some((&b"in_hot_standby"[..], &b"on"[..]))
+        );
+        assert_eq!(parameter_status(b"in_hot_standby\0on"), None);
+        assert_eq!(parameter_status(b"in_hot_standby"), None);
+        assert_eq!(parameter_status(b""), None);
     }
 }

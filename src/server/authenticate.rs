@@ -16,6 +16,13 @@
 //! backend's SASL mechanism list (see [`crate::protocol::sasl`]), and in a
 //! fleet BackendKeyData carries rolegate's key (see [`crate::fleet::key`]).
 //!
+//! One check is made at the end: a write session's server must not report
+//! `in_hot_standby = on`. Patroni restarts a demoted leader as a replica
+//! within a second, faster than a REST check interval while etcd is out
+//! of reach, so the view can still name it leader when it already accepts
+//! logins in recovery; PostgreSQL's own word at login closes that gap.
+//! The client is refused before it sees AuthenticationOk.
+//!
 //! Backend messages are forwarded in batches: everything the backend sent
 //! before it next waits for the client goes out in one write.
 
@@ -25,8 +32,8 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use super::login_gate::LoginSlot;
 use crate::protocol::message::auth::{self, Next};
 use crate::protocol::message::{
-    auth_request_code, decode_message, tag, Message, MAX_BACKEND_HANDSHAKE_MESSAGE,
-    MAX_CLIENT_AUTH_MESSAGE,
+    auth_request_code, decode_message, parameter_status, tag, Message,
+    MAX_BACKEND_HANDSHAKE_MESSAGE, MAX_CLIENT_AUTH_MESSAGE,
 };
 use crate::protocol::sasl::{announces_unoffered_channel_binding, without_channel_binding};
 use crate::protocol::startup::CancelKey;
@@ -51,25 +58,39 @@ pub enum AuthError {
     /// The backend refused the session and the client has its error.
     #[error("the server refused the session")]
     Refused,
+    /// A write session's server reported `in_hot_standby = on` at login:
+    /// the member rolegate took for the leader is in recovery (it was
+    /// demoted, or is about to be promoted, faster than the view moved).
+    /// PostgreSQL reports the setting from version 14 on.
+    #[error("{0}")]
+    InRecovery(ProtocolError),
     #[error("client ended the connection during authentication")]
     ClientGone,
     #[error("client connection failed during authentication: {0}")]
     ClientIo(std::io::Error),
 }
 
+/// The member a login is relayed to.
+pub struct LoginTarget<'a> {
+    /// Its name, for errors.
+    pub member: &'a str,
+    /// Whether rolegate's connection to it is encrypted, which decides
+    /// whether a client's channel-binding announcement can succeed.
+    pub tls: bool,
+    /// Whether the session is for writes: a server that reports itself
+    /// in hot standby is then refused (see [`AuthError::InRecovery`]).
+    pub for_writes: bool,
+}
+
 /// Relays authentication until the session is ready or refused.
-/// `backend_tls` says whether rolegate's connection to the member is
-/// encrypted, which decides whether a client's channel-binding
-/// announcement can succeed. `issue_key` is given the backend's cancel key
-/// and returns the one the client gets. `login` is the member's login slot,
-/// which each wait for the client's answer may give up (see
-/// [`LoginSlot::client_turn`]).
+/// `issue_key` is given the backend's cancel key and returns the one the
+/// client gets. `login` is the member's login slot, which each wait for
+/// the client's answer may give up (see [`LoginSlot::client_turn`]).
 pub async fn relay_authentication<C, B>(
     client: &mut C,
     backend: &mut B,
     mut from_client: BytesMut,
-    member: &str,
-    backend_tls: bool,
+    target: &LoginTarget<'_>,
     issue_key: &mut (dyn FnMut(CancelKey) -> CancelKey + Send),
     login: &mut LoginSlot,
 ) -> Result<Authenticated, AuthError>
@@ -77,6 +98,7 @@ where
     C: AsyncRead + AsyncWrite + Unpin,
     B: AsyncRead + AsyncWrite + Unpin,
 {
+    let member = target.member;
     // A login's backend messages (authentication, a dozen ParameterStatus,
     // BackendKeyData, ReadyForQuery) fit in well under 1 KiB; the buffers
     // grow when a server says more.
@@ -84,18 +106,13 @@ where
     let mut to_client = BytesMut::with_capacity(512);
     // A backend message that arrived while either side could speak.
     let mut spoke_first = None;
+    let mut in_hot_standby = false;
     loop {
         let msg = match spoke_first.take() {
             Some(msg) => msg,
             None => read_backend(backend, &mut from_backend, member).await?,
         };
-        match without_channel_binding_offer(&msg) {
-            Ok(Some(rewritten)) => to_client.extend_from_slice(&rewritten),
-            // Written below, with the key the client is given.
-            Ok(None) if msg.tag() == tag::BACKEND_KEY_DATA => {}
-            Ok(None) => to_client.extend_from_slice(&msg.raw),
-            Err(e) => return Err(AuthError::Backend(backend_violation(member, &e.message))),
-        }
+        queue_for_client(&msg, &mut to_client, member)?;
         match msg.tag() {
             tag::AUTHENTICATION => {
                 let code = auth_request_code(msg.body()).ok_or_else(|| {
@@ -135,7 +152,7 @@ where
                     }
                 };
                 if let Some(answer) = answer {
-                    pass_answer(backend, &answer, code, backend_tls, member).await?;
+                    pass_answer(backend, &answer, code, target.tls, member).await?;
                 }
             }
             tag::BACKEND_KEY_DATA => {
@@ -147,6 +164,14 @@ where
                 flush(client, &mut to_client).await?;
                 return Err(AuthError::Refused);
             }
+            tag::PARAMETER_STATUS => {
+                in_hot_standby = reports_hot_standby(msg.body()).unwrap_or(in_hot_standby);
+            }
+            // Nothing past the password has reached the client: it is told
+            // the refusal instead of AuthenticationOk.
+            tag::READY_FOR_QUERY if in_hot_standby && target.for_writes => {
+                return Err(AuthError::InRecovery(in_recovery(member)));
+            }
             tag::READY_FOR_QUERY => {
                 flush(client, &mut to_client).await?;
                 return Ok(Authenticated {
@@ -154,10 +179,36 @@ where
                     to_backend: from_client,
                 });
             }
-            // ParameterStatus, NoticeResponse, NegotiateProtocolVersion:
-            // the client's business.
+            // NoticeResponse, NegotiateProtocolVersion: the client's
+            // business.
             _ => {}
         }
+    }
+}
+
+/// Adds a backend message to what the client is sent next, without the
+/// channel-binding offer; BackendKeyData is left for the caller, which
+/// writes the key the client is given.
+fn queue_for_client(
+    msg: &Message,
+    to_client: &mut BytesMut,
+    member: &str,
+) -> Result<(), AuthError> {
+    match without_channel_binding_offer(msg) {
+        Ok(Some(rewritten)) => to_client.extend_from_slice(&rewritten),
+        Ok(None) if msg.tag() == tag::BACKEND_KEY_DATA => {}
+        Ok(None) => to_client.extend_from_slice(&msg.raw),
+        Err(e) => return Err(AuthError::Backend(backend_violation(member, &e.message))),
+    }
+    Ok(())
+}
+
+/// Whether a ParameterStatus body reports hot standby on (`Some(true)`)
+/// or off; `None` for every other parameter.
+fn reports_hot_standby(body: &[u8]) -> Option<bool> {
+    match parameter_status(body)? {
+        (b"in_hot_standby", value) => Some(value == b"on"),
+        _ => None,
     }
 }
 
@@ -324,6 +375,16 @@ fn channel_binding_unsupported() -> ProtocolError {
     .with_hint("Connect with channel_binding=disable, or set backend_tls = \"disable\" for this cluster if the network between rolegate and PostgreSQL is trusted.")
 }
 
+fn in_recovery(member: &str) -> ProtocolError {
+    ProtocolError::new(
+        SqlState::CANNOT_CONNECT_NOW,
+        format!(
+            "member {member} is in recovery, not the primary: the leader is changing faster than rolegate's view of it"
+        ),
+    )
+    .with_hint("Reconnect; new write sessions go to the leader once rolegate confirms it.")
+}
+
 fn backend_violation(member: &str, what: &str) -> ProtocolError {
     ProtocolError::new(
         SqlState::PROTOCOL_VIOLATION,
@@ -346,6 +407,12 @@ mod tests {
 
     use crate::protocol::message::encode as msg;
 
+    const PLAIN_PG1: LoginTarget<'static> = LoginTarget {
+        member: "pg1",
+        tls: false,
+        for_writes: false,
+    };
+
     /// Relays a login over plaintext, passing the server's key through.
     async fn relay_plain<C, B>(client: &mut C, backend: &mut B) -> Result<Authenticated, AuthError>
     where
@@ -356,8 +423,7 @@ mod tests {
             client,
             backend,
             BytesMut::new(),
-            "pg1",
-            false,
+            &PLAIN_PG1,
             &mut |k| k,
             &mut LoginSlot::default(),
         )
@@ -399,8 +465,7 @@ mod tests {
             &mut client,
             &mut backend,
             BytesMut::new(),
-            "pg1",
-            false,
+            &PLAIN_PG1,
             &mut issue_key,
             &mut LoginSlot::default(),
         )
@@ -455,8 +520,7 @@ mod tests {
                 &mut client,
                 &mut backend,
                 BytesMut::new(),
-                "pg1",
-                false,
+                &PLAIN_PG1,
                 &mut issue_key,
                 &mut LoginSlot::default(),
             ),
@@ -505,6 +569,58 @@ mod tests {
         .expect("no deadlock")
         .expect("authenticated");
         drop(server.await.expect("server"));
+    }
+
+    /// A trust login whose server reports `in_hot_standby` as `standby`,
+    /// relayed for a write or a read session: the outcome, and what
+    /// reached the client.
+    async fn login_reporting(standby: &[u8], for_writes: bool) -> (Result<(), AuthError>, Vec<u8>) {
+        let (mut client_app, mut client) = duplex(1 << 16);
+        let (mut backend, mut server_app) = duplex(1 << 16);
+        let mut login = msg(b'R', b"\0\0\0\0");
+        login.extend(msg(
+            b'S',
+            &[&b"in_hot_standby\0"[..], standby, b"\0"].concat(),
+        ));
+        login.extend(msg(b'S', b"integer_datetimes\0on\0"));
+        login.extend(msg(b'Z', b"I"));
+        server_app.write_all(&login).await.expect("write");
+        let target = LoginTarget {
+            member: "pg1",
+            tls: false,
+            for_writes,
+        };
+        let outcome = relay_authentication(
+            &mut client,
+            &mut backend,
+            BytesMut::new(),
+            &target,
+            &mut |k| k,
+            &mut LoginSlot::default(),
+        )
+        .await
+        .map(drop);
+        drop(client);
+        let mut seen = Vec::new();
+        client_app.read_to_end(&mut seen).await.expect("read");
+        (outcome, seen)
+    }
+
+    #[tokio::test]
+    async fn a_write_session_on_a_server_in_recovery_never_sees_authentication_ok() {
+        let (outcome, seen) = login_reporting(b"on", true).await;
+        assert!(
+            matches!(outcome, Err(AuthError::InRecovery(ref e)) if e.sqlstate == SqlState::CANNOT_CONNECT_NOW),
+            "{outcome:?}"
+        );
+        assert!(seen.is_empty(), "the client saw {seen:?}");
+        // A read session there, and a write session on a primary, go on.
+        for (standby, for_writes) in [(&b"on"[..], false), (b"off", true)] {
+            let (outcome, seen) = login_reporting(standby, for_writes).await;
+            assert!(outcome.is_ok(), "{outcome:?}");
+            assert!(seen.starts_with(&msg(b'R', b"\0\0\0\0")), "{seen:?}");
+            assert!(seen.ends_with(&msg(b'Z', b"I")), "{seen:?}");
+        }
     }
 
     #[tokio::test]

@@ -105,19 +105,7 @@ impl PgServer {
             "host all trustuser 127.0.0.1/32 trust\nhost all md5user 127.0.0.1/32 md5\n{hba}"
         );
         std::fs::write(data.join("pg_hba.conf"), hba).expect("write pg_hba");
-        run_ok(
-            pg_command(&bin_dir().join("pg_ctl"))
-                .arg("-D")
-                .arg(&data)
-                .arg("-l")
-                .arg(dir.join("server.log"))
-                .args(["-w", "-t", "60", "start"]),
-            "pg_ctl start",
-        );
-        let pid = std::fs::read_to_string(data.join("postmaster.pid"))
-            .ok()
-            .and_then(|s| s.lines().next().and_then(|l| l.trim().parse().ok()))
-            .expect("postmaster.pid");
+        let pid = pg_ctl_start(&dir);
         let server = Self {
             name: name.to_owned(),
             port,
@@ -128,6 +116,17 @@ impl PgServer {
         server.psql("CREATE DATABASE app OWNER app");
         server.psql("CREATE ROLE trustuser LOGIN");
         server.psql("SET password_encryption = 'md5'; CREATE ROLE md5user LOGIN PASSWORD 'md5pw'");
+        server
+    }
+
+    /// As [`PgServer::start`], then restarted in standby mode without a
+    /// primary to follow: a real server in recovery, accepting read-only
+    /// logins (`in_hot_standby = on`), as a demoted leader is.
+    pub fn start_standby(root: &Path, name: &str) -> Self {
+        let mut server = Self::start(root, name);
+        stop_pid(server.pid, Signal::SIGINT, Duration::from_secs(15));
+        std::fs::write(server.dir.join("data/standby.signal"), "").expect("write standby.signal");
+        server.pid = pg_ctl_start(&server.dir);
         server
     }
 
@@ -166,6 +165,25 @@ impl Drop for PgServer {
         stop_pid(self.pid, Signal::SIGINT, Duration::from_secs(15));
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+/// Starts the server under `dir` and returns its postmaster's pid once it
+/// accepts connections.
+fn pg_ctl_start(dir: &Path) -> i32 {
+    let data = dir.join("data");
+    run_ok(
+        pg_command(&bin_dir().join("pg_ctl"))
+            .arg("-D")
+            .arg(&data)
+            .arg("-l")
+            .arg(dir.join("server.log"))
+            .args(["-w", "-t", "60", "start"]),
+        "pg_ctl start",
+    );
+    std::fs::read_to_string(data.join("postmaster.pid"))
+        .ok()
+        .and_then(|s| s.lines().next().and_then(|l| l.trim().parse().ok()))
+        .expect("postmaster.pid")
 }
 
 fn append(path: &Path, text: &str) {

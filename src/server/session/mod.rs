@@ -24,7 +24,7 @@ use tracing::{debug, info, Instrument};
 
 use self::connect::Connected;
 use self::refusal::{shutdown_error, Refusal};
-use super::authenticate::{relay_authentication, AuthError};
+use super::authenticate::{relay_authentication, AuthError, LoginTarget};
 use super::cancel::{self, CancelRegistration, CancelTarget, Via};
 use super::handshake::{read_opening, Failed, HandshakeError, Opened, Opening};
 use super::notify_pids::NotifyPids;
@@ -285,7 +285,6 @@ impl Session<'_> {
                 .write_all(&startup.raw)
                 .await
                 .map_err(|e| AuthError::Backend(lost_backend(&member, cluster, &e.to_string())))?;
-            let backend_tls = backend.is_tls();
             let instance = self.shared.fleet().map(|fleet| fleet.own_id());
             let mut issue_key = |backend_key| {
                 let target = CancelTarget {
@@ -300,12 +299,16 @@ impl Session<'_> {
                 registration_slot = Some(registration);
                 client_key
             };
+            let target = LoginTarget {
+                member: &member.name,
+                tls: backend.is_tls(),
+                for_writes: self.listener.router.role() == ListenerRole::Primary,
+            };
             relay_authentication(
                 &mut client,
                 &mut backend,
                 buffered,
-                &member.name,
-                backend_tls,
+                &target,
                 &mut issue_key,
                 &mut login,
             )

@@ -65,6 +65,8 @@ impl Refusal {
                 AuthError::Client(_) => ConnectionOutcome::ProtocolError,
                 AuthError::Backend(_) => ConnectionOutcome::BackendError,
                 AuthError::Refused => ConnectionOutcome::AuthRefused,
+                // The member turned out not to have the listener's role.
+                AuthError::InRecovery(_) => ConnectionOutcome::NoTarget,
                 AuthError::ClientGone | AuthError::ClientIo(_) => ConnectionOutcome::ClientGone,
             },
         }
@@ -77,7 +79,9 @@ impl Refusal {
         match self {
             Self::ProxyHeader(e)
             | Self::Handshake(HandshakeError::Protocol(e))
-            | Self::Authentication(AuthError::Client(e) | AuthError::Backend(e)) => Some(e.clone()),
+            | Self::Authentication(
+                AuthError::Client(e) | AuthError::Backend(e) | AuthError::InRecovery(e),
+            ) => Some(e.clone()),
             Self::TimedOut {
                 limit,
                 encrypting: false,
