@@ -7,6 +7,8 @@
 //!
 //! - [`config`]: `proxy.toml`, its defaults and validation.
 //! - [`protocol`]: the wire format, bytes to messages and back; no I/O.
+//! - [`auth`]: logins rolegate ends itself on pooled listeners: stored
+//!   secrets, SCRAM and md5 on both sides.
 //! - [`server`]: accept, handshake, session, backend connect,
 //!   authentication relay, byte relay, cancel routing, PROXY protocol.
 //! - [`fleet`]: instances behind one address: issued cancel keys, peers
@@ -35,6 +37,7 @@
 //! - [`logging`]: the `tracing` subscriber.
 
 pub mod admin;
+pub(crate) mod auth;
 pub mod config;
 pub(crate) mod etcd;
 pub(crate) mod events;

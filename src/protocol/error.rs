@@ -22,6 +22,7 @@ impl SqlState {
     pub const PROTOCOL_VIOLATION: Self = Self("08P01");
     pub const FEATURE_NOT_SUPPORTED: Self = Self("0A000");
     pub const INVALID_AUTHORIZATION_SPECIFICATION: Self = Self("28000");
+    pub const INVALID_PASSWORD: Self = Self("28P01");
     pub const TOO_MANY_CONNECTIONS: Self = Self("53300");
     pub const ADMIN_SHUTDOWN: Self = Self("57P01");
     pub const CANNOT_CONNECT_NOW: Self = Self("57P03");

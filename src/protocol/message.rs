@@ -95,10 +95,29 @@ pub fn parameter_status(body: &[u8]) -> Option<(&[u8], &[u8])> {
 /// Authentication request codes (the code in every Authentication message).
 pub mod auth {
     pub const OK: u32 = 0;
+    pub const KERBEROS_V5: u32 = 2;
+    pub const CLEARTEXT: u32 = 3;
+    pub const MD5: u32 = 5;
+    pub const GSS: u32 = 7;
     pub const GSS_CONTINUE: u32 = 8;
     pub const SSPI: u32 = 9;
     pub const SASL: u32 = 10;
+    pub const SASL_CONTINUE: u32 = 11;
     pub const SASL_FINAL: u32 = 12;
+
+    /// The method an Authentication request code asks for, in
+    /// `pg_hba.conf`'s words, for errors.
+    pub fn method_name(code: u32) -> &'static str {
+        match code {
+            KERBEROS_V5 => "krb5",
+            CLEARTEXT => "password",
+            MD5 => "md5",
+            GSS | GSS_CONTINUE => "gss",
+            SSPI => "sspi",
+            SASL | SASL_CONTINUE | SASL_FINAL => "scram-sha-256",
+            _ => "unknown",
+        }
+    }
 
     /// Who speaks after an Authentication request with this code.
     #[derive(Debug, Clone, Copy, PartialEq, Eq)]

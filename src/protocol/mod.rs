@@ -4,6 +4,7 @@
 //! every length against a named maximum before trusting it, and either
 //! return a complete message or ask for more bytes without consuming any.
 
+pub mod encode;
 pub mod error;
 pub mod frame;
 pub mod message;

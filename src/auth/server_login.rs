@@ -1,0 +1,182 @@
+//! rolegate logging in to a server on a pooled client's behalf: the
+//! startup packet names the role and database, and the server's challenge
+//! is answered with what the client's login proved (its SCRAM ClientKey,
+//! or the stored md5 digest). No password is involved.
+//!
+//! The login reads the server's messages up to ReadyForQuery and keeps
+//! what a pooled session needs from them: the cancel key, the parameters
+//! the server reported (which the pool passes on to each client it
+//! serves), and whether it is in hot standby.
+
+use bytes::{Bytes, BytesMut};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use super::client_login::Proved;
+use super::scram::{self, ClientExchange};
+use super::secret::Secret;
+use super::md5;
+use crate::protocol::encode;
+use crate::protocol::message::auth;
+use crate::protocol::message::{
+    auth_request_code, decode_message, parameter_status, tag, MAX_BACKEND_HANDSHAKE_MESSAGE,
+};
+use crate::protocol::startup::CancelKey;
+
+/// A server session that reached ReadyForQuery.
+#[derive(Debug)]
+pub struct LoggedIn {
+    pub key: CancelKey,
+    /// The parameters the server reported, in its order.
+    pub parameters: Vec<(String, String)>,
+    pub in_hot_standby: bool,
+}
+
+/// Why a login to a server failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerLoginError {
+    /// The server refused with its own ErrorResponse (kept whole, for the
+    /// client to read as the server wrote it).
+    #[error("the server refused the login")]
+    Refused(Bytes),
+    /// The server asked for a method the stored secret cannot answer.
+    #[error("{0}")]
+    Method(String),
+    /// The server broke the protocol or the exchange did not verify.
+    #[error("{0}")]
+    Protocol(String),
+    #[error("the connection failed during the login: {0}")]
+    Io(String),
+}
+
+/// Logs in as `user` to `database` on `server`.
+pub async fn log_in<S>(
+    server: &mut S,
+    user: &str,
+    database: &str,
+    secret: &Secret,
+    proved: &Proved,
+) -> Result<LoggedIn, ServerLoginError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    write(server, &encode::startup(&[("user", user), ("database", database)])).await?;
+    let mut buf = BytesMut::with_capacity(1024);
+    let mut exchange = None;
+    let mut expected_signature = None;
+    let mut parameters = Vec::new();
+    let mut key = None;
+    loop {
+        let msg = loop {
+            if let Some(msg) = decode_message(&mut buf, MAX_BACKEND_HANDSHAKE_MESSAGE, "server")
+                .map_err(|e| ServerLoginError::Protocol(e.message))?
+            {
+                break msg;
+            }
+            match server.read_buf(&mut buf).await {
+                Ok(0) => return Err(ServerLoginError::Io("the server closed the connection".into())),
+                Ok(_) => {}
+                Err(e) => return Err(ServerLoginError::Io(e.to_string())),
+            }
+        };
+        match msg.tag() {
+            tag::AUTHENTICATION => {
+                let code = auth_request_code(msg.body())
+                    .ok_or_else(|| protocol("an Authentication message without a code"))?;
+                let data = &msg.body()[4..];
+                match (code, secret, proved) {
+                    (auth::OK, _, _) => {}
+                    (auth::SASL, Secret::Scram(_), Proved::Scram { .. }) => {
+                        let offered = data
+                            .split(|&b| b == 0)
+                            .any(|m| m == scram::MECHANISM.as_bytes());
+                        if !offered {
+                            return Err(ServerLoginError::Method(
+                                "the server does not offer SCRAM-SHA-256".into(),
+                            ));
+                        }
+                        let client = ClientExchange::new();
+                        write(
+                            server,
+                            &encode::sasl_initial_response(
+                                scram::MECHANISM,
+                                client.client_first().as_bytes(),
+                            ),
+                        )
+                        .await?;
+                        exchange = Some(client);
+                    }
+                    (auth::SASL_CONTINUE, Secret::Scram(secret), Proved::Scram { client_key }) => {
+                        let client = exchange
+                            .as_ref()
+                            .ok_or_else(|| protocol("SASLContinue before SASL"))?;
+                        let (client_final, signature) = client
+                            .client_final(data, secret, client_key)
+                            .map_err(|e| ServerLoginError::Protocol(e.to_string()))?;
+                        write(server, &encode::sasl_response(client_final.as_bytes())).await?;
+                        expected_signature = Some(signature);
+                    }
+                    (auth::SASL_FINAL, Secret::Scram(_), Proved::Scram { .. }) => {
+                        let expected = expected_signature
+                            .as_ref()
+                            .ok_or_else(|| protocol("SASLFinal before SASLContinue"))?;
+                        scram::check_server_final(data, expected)
+                            .map_err(|e| ServerLoginError::Protocol(e.to_string()))?;
+                    }
+                    (auth::MD5, Secret::Md5(stored), Proved::Md5) => {
+                        let salt: [u8; 4] = data
+                            .try_into()
+                            .map_err(|_| protocol("an MD5 request without a 4-byte salt"))?;
+                        write(server, &encode::password(&md5::answer(stored, salt))).await?;
+                    }
+                    (code, secret, _) => {
+                        return Err(ServerLoginError::Method(format!(
+                            "the server asks for authentication method {} but the stored secret is {}; \
+                             pooled logins need the server to ask for the stored secret's method",
+                            auth::method_name(code),
+                            secret.method()
+                        )));
+                    }
+                }
+            }
+            tag::PARAMETER_STATUS => {
+                if let Some((name, value)) = parameter_status(msg.body()) {
+                    parameters.push((
+                        String::from_utf8_lossy(name).into_owned(),
+                        String::from_utf8_lossy(value).into_owned(),
+                    ));
+                }
+            }
+            tag::BACKEND_KEY_DATA => {
+                key = Some(
+                    CancelKey::from_backend_key_data(msg.body())
+                        .map_err(|e| ServerLoginError::Protocol(e.message))?,
+                );
+            }
+            tag::ERROR_RESPONSE => return Err(ServerLoginError::Refused(msg.raw)),
+            tag::READY_FOR_QUERY => {
+                let key = key.ok_or_else(|| protocol("ReadyForQuery without BackendKeyData"))?;
+                let in_hot_standby = parameters
+                    .iter()
+                    .any(|(name, value)| name == "in_hot_standby" && value == "on");
+                return Ok(LoggedIn {
+                    key,
+                    parameters,
+                    in_hot_standby,
+                });
+            }
+            // NoticeResponse, NegotiateProtocolVersion: nothing to act on.
+            _ => {}
+        }
+    }
+}
+
+fn protocol(what: &str) -> ServerLoginError {
+    ServerLoginError::Protocol(what.to_owned())
+}
+
+async fn write<S: AsyncWrite + Unpin>(server: &mut S, bytes: &[u8]) -> Result<(), ServerLoginError> {
+    server
+        .write_all(bytes)
+        .await
+        .map_err(|e| ServerLoginError::Io(e.to_string()))
+}
