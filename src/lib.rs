@@ -9,6 +9,8 @@
 //! - [`protocol`]: the wire format, bytes to messages and back; no I/O.
 //! - [`auth`]: logins rolegate ends itself on pooled listeners: stored
 //!   secrets, SCRAM and md5 on both sides.
+//! - [`pool`]: server connections lent to pooled clients, per (listener,
+//!   member, database, role), and the relay that knows when one is clean.
 //! - [`server`]: accept, handshake, session, backend connect,
 //!   authentication relay, byte relay, cancel routing, PROXY protocol.
 //! - [`fleet`]: instances behind one address: issued cancel keys, peers
@@ -46,6 +48,7 @@ pub(crate) mod fleet;
 pub(crate) mod handover;
 pub mod logging;
 pub mod metrics;
+pub(crate) mod pool;
 pub(crate) mod proc_net;
 pub mod protocol;
 pub mod proxy;

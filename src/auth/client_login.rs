@@ -222,7 +222,10 @@ mod tests {
         secret: Option<Secret>,
         user: &str,
         password: &str,
-    ) -> (Result<Proved, LoginError>, Result<(), tokio_postgres::Error>) {
+    ) -> (
+        Result<Proved, LoginError>,
+        Result<(), tokio_postgres::Error>,
+    ) {
         let (client_side, mut server_side) = duplex(1 << 16);
         let config = format!("user={user} password={password} dbname=app");
         let config: tokio_postgres::Config = config.parse().expect("config");
@@ -244,7 +247,10 @@ mod tests {
             end.extend_from_slice(&encode::ready_for_query_idle());
             server_side.write_all(&end).await.expect("write");
         } else if let Some(error) = proved.as_ref().err().and_then(LoginError::to_error) {
-            server_side.write_all(&error.to_fatal()).await.expect("write");
+            server_side
+                .write_all(&error.to_fatal())
+                .await
+                .expect("write");
         }
         drop(server_side);
         (proved, driver.await.expect("driver"))
@@ -262,12 +268,21 @@ mod tests {
     async fn wrong_and_unknown_give_the_same_28p01() {
         let (secret, _) = secret_for("app", b"0123456789abcdef", 4096);
         let (wrong, driver) = driver_login(Some(Secret::Scram(secret)), "app", "nope").await;
-        assert!(matches!(wrong, Err(LoginError::WrongPassword(_))), "{wrong:?}");
+        assert!(
+            matches!(wrong, Err(LoginError::WrongPassword(_))),
+            "{wrong:?}"
+        );
         let wrong_code = driver.err().and_then(|e| e.code().cloned());
         let (unknown, driver) = driver_login(None, "ghost", "app").await;
-        assert!(matches!(unknown, Err(LoginError::WrongPassword(_))), "{unknown:?}");
+        assert!(
+            matches!(unknown, Err(LoginError::WrongPassword(_))),
+            "{unknown:?}"
+        );
         let unknown_code = driver.err().and_then(|e| e.code().cloned());
-        assert_eq!(wrong_code, Some(tokio_postgres::error::SqlState::INVALID_PASSWORD));
+        assert_eq!(
+            wrong_code,
+            Some(tokio_postgres::error::SqlState::INVALID_PASSWORD)
+        );
         assert_eq!(unknown_code, wrong_code);
     }
 

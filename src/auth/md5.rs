@@ -50,10 +50,21 @@ mod tests {
         assert_eq!(&stored[..], inner.as_bytes());
         let mut outer = inner.into_bytes();
         outer.extend_from_slice(b"salt");
-        let expected: String = Md5::digest(&outer).iter().map(|b| format!("{b:02x}")).collect();
+        let expected: String = Md5::digest(&outer)
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
         assert_eq!(answer(&stored, *b"salt"), format!("md5{expected}"));
-        assert!(verify(&stored, *b"salt", format!("md5{expected}").as_bytes()));
-        assert!(!verify(&stored, *b"tlas", format!("md5{expected}").as_bytes()));
+        assert!(verify(
+            &stored,
+            *b"salt",
+            format!("md5{expected}").as_bytes()
+        ));
+        assert!(!verify(
+            &stored,
+            *b"tlas",
+            format!("md5{expected}").as_bytes()
+        ));
         assert!(!verify(&stored, *b"salt", b"md5"));
     }
 }

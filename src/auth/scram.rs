@@ -73,10 +73,14 @@ impl ServerExchange {
         let mut fields = bare.split(',');
         let user = fields.next().unwrap_or_default();
         if user.starts_with("m=") {
-            return Err(ScramError::Malformed("mandatory extensions are not supported"));
+            return Err(ScramError::Malformed(
+                "mandatory extensions are not supported",
+            ));
         }
         if !user.starts_with("n=") {
-            return Err(ScramError::Malformed("client-first lacks the username field"));
+            return Err(ScramError::Malformed(
+                "client-first lacks the username field",
+            ));
         }
         let client_nonce = fields
             .next()
@@ -110,17 +114,22 @@ impl ServerExchange {
             .rsplit_once(",p=")
             .ok_or(ScramError::Malformed("client-final lacks the proof"))?;
         let mut fields = without_proof.split(',');
-        let binding = fields
-            .next()
-            .and_then(|f| f.strip_prefix("c="))
-            .ok_or(ScramError::Malformed("client-final lacks the channel binding"))?;
+        let binding =
+            fields
+                .next()
+                .and_then(|f| f.strip_prefix("c="))
+                .ok_or(ScramError::Malformed(
+                    "client-final lacks the channel binding",
+                ))?;
         if BASE64.decode(binding).ok().as_deref() != Some(self.gs2_header.as_bytes()) {
             return Err(ScramError::Malformed(
                 "the channel binding differs from client-first's header",
             ));
         }
         if fields.next().and_then(|f| f.strip_prefix("r=")) != Some(&self.nonce) {
-            return Err(ScramError::Malformed("client-final's nonce is not the exchange's"));
+            return Err(ScramError::Malformed(
+                "client-final's nonce is not the exchange's",
+            ));
         }
         let proof: [u8; 32] = BASE64
             .decode(proof)
@@ -155,7 +164,9 @@ fn split_gs2_header(text: &str) -> Result<(&str, &str), ScramError> {
         .find(',')
         .ok_or(ScramError::Malformed("client-first has no GS2 header"))?;
     if first != 1 {
-        return Err(ScramError::Malformed("the GS2 channel-binding flag is malformed"));
+        return Err(ScramError::Malformed(
+            "the GS2 channel-binding flag is malformed",
+        ));
     }
     let second = text[2..]
         .find(',')
@@ -170,7 +181,10 @@ fn split_gs2_header(text: &str) -> Result<(&str, &str), ScramError> {
 
 /// A nonce is printable ASCII without commas.
 fn valid_nonce(nonce: &str) -> bool {
-    !nonce.is_empty() && nonce.bytes().all(|b| (0x21..=0x7e).contains(&b) && b != b',')
+    !nonce.is_empty()
+        && nonce
+            .bytes()
+            .all(|b| (0x21..=0x7e).contains(&b) && b != b',')
 }
 
 /// rolegate's side of an exchange with a server, holding the ClientKey of
@@ -205,7 +219,9 @@ impl ClientExchange {
             .next()
             .and_then(|f| f.strip_prefix("r="))
             .filter(|n| n.len() > self.nonce.len() && n.starts_with(&self.nonce))
-            .ok_or(ScramError::Malformed("server-first's nonce does not extend ours"))?;
+            .ok_or(ScramError::Malformed(
+                "server-first's nonce does not extend ours",
+            ))?;
         let salt = fields
             .next()
             .and_then(|f| f.strip_prefix("s="))
@@ -220,10 +236,7 @@ impl ClientExchange {
             return Err(ScramError::SecretChanged);
         }
         let without_proof = format!("c=biws,r={nonce}");
-        let auth_message = format!(
-            "n=,r={},{text},{without_proof}",
-            self.nonce
-        );
+        let auth_message = format!("n=,r={},{text},{without_proof}", self.nonce);
         let signature = hmac_sha256(&secret.stored_key, auth_message.as_bytes());
         let proof = xor(client_key, &signature);
         let server_signature = hmac_sha256(&secret.server_key, auth_message.as_bytes());
@@ -353,7 +366,10 @@ mod tests {
     fn client_first_forms() {
         let (secret, _) = secret_for("x", b"salt", 4096);
         for ok in ["n,,n=,r=abc", "y,,n=app,r=abc", "n,a=app,n=app,r=abc,x=ext"] {
-            assert!(ServerExchange::start(ok.as_bytes(), &secret).is_ok(), "{ok}");
+            assert!(
+                ServerExchange::start(ok.as_bytes(), &secret).is_ok(),
+                "{ok}"
+            );
         }
         assert_eq!(
             ServerExchange::start(b"p=tls-server-end-point,,n=,r=abc", &secret).err(),
@@ -370,7 +386,10 @@ mod tests {
             b"\xff,,n=,r=abc",
         ] {
             assert!(
-                matches!(ServerExchange::start(bad, &secret), Err(ScramError::Malformed(_))),
+                matches!(
+                    ServerExchange::start(bad, &secret),
+                    Err(ScramError::Malformed(_))
+                ),
                 "{bad:?}"
             );
         }
@@ -380,7 +399,11 @@ mod tests {
     fn client_final_must_match_the_exchange() {
         let (secret, _) = secret_for("x", b"salt", 4096);
         let server = ServerExchange::start(b"n,,n=,r=abc", &secret).expect("start");
-        let nonce = server.server_first()[2..].split(',').next().expect("nonce").to_owned();
+        let nonce = server.server_first()[2..]
+            .split(',')
+            .next()
+            .expect("nonce")
+            .to_owned();
         let proof = BASE64.encode([0u8; 32]);
         for bad in [
             format!("c=biws,r={nonce}"),
@@ -389,10 +412,17 @@ mod tests {
             format!("c=biws,r={nonce},p=short"),
         ] {
             let server = ServerExchange::start(b"n,,n=,r=abc", &secret).expect("start");
-            let nonce_now = server.server_first()[2..].split(',').next().expect("n").to_owned();
+            let nonce_now = server.server_first()[2..]
+                .split(',')
+                .next()
+                .expect("n")
+                .to_owned();
             let bad = bad.replace(&nonce, &nonce_now);
             assert!(
-                matches!(server.finish(bad.as_bytes(), &secret), Err(ScramError::Malformed(_))),
+                matches!(
+                    server.finish(bad.as_bytes(), &secret),
+                    Err(ScramError::Malformed(_))
+                ),
                 "{bad}"
             );
         }
@@ -413,7 +443,11 @@ mod tests {
             Err(ScramError::Malformed(_))
         ));
         assert_eq!(
-            check_server_final(format!("v={}", BASE64.encode([1u8; 32])).as_bytes(), &[2; 32]).err(),
+            check_server_final(
+                format!("v={}", BASE64.encode([1u8; 32])).as_bytes(),
+                &[2; 32]
+            )
+            .err(),
             Some(ScramError::ServerSignature)
         );
     }

@@ -6,15 +6,15 @@
 //! The login reads the server's messages up to ReadyForQuery and keeps
 //! what a pooled session needs from them: the cancel key, the parameters
 //! the server reported (which the pool passes on to each client it
-//! serves), and whether it is in hot standby.
+//! serves, `in_hot_standby` among them).
 
 use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use super::client_login::Proved;
+use super::md5;
 use super::scram::{self, ClientExchange};
 use super::secret::Secret;
-use super::md5;
 use crate::protocol::encode;
 use crate::protocol::message::auth;
 use crate::protocol::message::{
@@ -28,7 +28,6 @@ pub struct LoggedIn {
     pub key: CancelKey,
     /// The parameters the server reported, in its order.
     pub parameters: Vec<(String, String)>,
-    pub in_hot_standby: bool,
 }
 
 /// Why a login to a server failed.
@@ -59,10 +58,13 @@ pub async fn log_in<S>(
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    write(server, &encode::startup(&[("user", user), ("database", database)])).await?;
+    write(
+        server,
+        &encode::startup(&[("user", user), ("database", database)]),
+    )
+    .await?;
     let mut buf = BytesMut::with_capacity(1024);
-    let mut exchange = None;
-    let mut expected_signature = None;
+    let mut exchange = Exchange::default();
     let mut parameters = Vec::new();
     let mut key = None;
     loop {
@@ -73,7 +75,11 @@ where
                 break msg;
             }
             match server.read_buf(&mut buf).await {
-                Ok(0) => return Err(ServerLoginError::Io("the server closed the connection".into())),
+                Ok(0) => {
+                    return Err(ServerLoginError::Io(
+                        "the server closed the connection".into(),
+                    ))
+                }
                 Ok(_) => {}
                 Err(e) => return Err(ServerLoginError::Io(e.to_string())),
             }
@@ -82,60 +88,8 @@ where
             tag::AUTHENTICATION => {
                 let code = auth_request_code(msg.body())
                     .ok_or_else(|| protocol("an Authentication message without a code"))?;
-                let data = &msg.body()[4..];
-                match (code, secret, proved) {
-                    (auth::OK, _, _) => {}
-                    (auth::SASL, Secret::Scram(_), Proved::Scram { .. }) => {
-                        let offered = data
-                            .split(|&b| b == 0)
-                            .any(|m| m == scram::MECHANISM.as_bytes());
-                        if !offered {
-                            return Err(ServerLoginError::Method(
-                                "the server does not offer SCRAM-SHA-256".into(),
-                            ));
-                        }
-                        let client = ClientExchange::new();
-                        write(
-                            server,
-                            &encode::sasl_initial_response(
-                                scram::MECHANISM,
-                                client.client_first().as_bytes(),
-                            ),
-                        )
-                        .await?;
-                        exchange = Some(client);
-                    }
-                    (auth::SASL_CONTINUE, Secret::Scram(secret), Proved::Scram { client_key }) => {
-                        let client = exchange
-                            .as_ref()
-                            .ok_or_else(|| protocol("SASLContinue before SASL"))?;
-                        let (client_final, signature) = client
-                            .client_final(data, secret, client_key)
-                            .map_err(|e| ServerLoginError::Protocol(e.to_string()))?;
-                        write(server, &encode::sasl_response(client_final.as_bytes())).await?;
-                        expected_signature = Some(signature);
-                    }
-                    (auth::SASL_FINAL, Secret::Scram(_), Proved::Scram { .. }) => {
-                        let expected = expected_signature
-                            .as_ref()
-                            .ok_or_else(|| protocol("SASLFinal before SASLContinue"))?;
-                        scram::check_server_final(data, expected)
-                            .map_err(|e| ServerLoginError::Protocol(e.to_string()))?;
-                    }
-                    (auth::MD5, Secret::Md5(stored), Proved::Md5) => {
-                        let salt: [u8; 4] = data
-                            .try_into()
-                            .map_err(|_| protocol("an MD5 request without a 4-byte salt"))?;
-                        write(server, &encode::password(&md5::answer(stored, salt))).await?;
-                    }
-                    (code, secret, _) => {
-                        return Err(ServerLoginError::Method(format!(
-                            "the server asks for authentication method {} but the stored secret is {}; \
-                             pooled logins need the server to ask for the stored secret's method",
-                            auth::method_name(code),
-                            secret.method()
-                        )));
-                    }
+                if let Some(answer) = exchange.answer(code, &msg.body()[4..], secret, proved)? {
+                    write(server, &answer).await?;
                 }
             }
             tag::PARAMETER_STATUS => {
@@ -155,17 +109,81 @@ where
             tag::ERROR_RESPONSE => return Err(ServerLoginError::Refused(msg.raw)),
             tag::READY_FOR_QUERY => {
                 let key = key.ok_or_else(|| protocol("ReadyForQuery without BackendKeyData"))?;
-                let in_hot_standby = parameters
-                    .iter()
-                    .any(|(name, value)| name == "in_hot_standby" && value == "on");
-                return Ok(LoggedIn {
-                    key,
-                    parameters,
-                    in_hot_standby,
-                });
+                return Ok(LoggedIn { key, parameters });
             }
             // NoticeResponse, NegotiateProtocolVersion: nothing to act on.
             _ => {}
+        }
+    }
+}
+
+/// Where a SCRAM exchange with the server stands.
+#[derive(Default)]
+struct Exchange {
+    client: Option<ClientExchange>,
+    expected_signature: Option<[u8; 32]>,
+}
+
+impl Exchange {
+    /// The answer to an Authentication request, if it needs one.
+    fn answer(
+        &mut self,
+        code: u32,
+        data: &[u8],
+        secret: &Secret,
+        proved: &Proved,
+    ) -> Result<Option<Bytes>, ServerLoginError> {
+        match (code, secret, proved) {
+            (auth::OK, _, _) => Ok(None),
+            (auth::SASL, Secret::Scram(_), Proved::Scram { .. }) => {
+                if !data
+                    .split(|&b| b == 0)
+                    .any(|m| m == scram::MECHANISM.as_bytes())
+                {
+                    return Err(ServerLoginError::Method(
+                        "the server does not offer SCRAM-SHA-256".into(),
+                    ));
+                }
+                let client = ClientExchange::new();
+                let first = client.client_first();
+                self.client = Some(client);
+                Ok(Some(encode::sasl_initial_response(
+                    scram::MECHANISM,
+                    first.as_bytes(),
+                )))
+            }
+            (auth::SASL_CONTINUE, Secret::Scram(secret), Proved::Scram { client_key }) => {
+                let client = self
+                    .client
+                    .as_ref()
+                    .ok_or_else(|| protocol("SASLContinue before SASL"))?;
+                let (client_final, signature) = client
+                    .client_final(data, secret, client_key)
+                    .map_err(|e| ServerLoginError::Protocol(e.to_string()))?;
+                self.expected_signature = Some(signature);
+                Ok(Some(encode::sasl_response(client_final.as_bytes())))
+            }
+            (auth::SASL_FINAL, Secret::Scram(_), Proved::Scram { .. }) => {
+                let expected = self
+                    .expected_signature
+                    .as_ref()
+                    .ok_or_else(|| protocol("SASLFinal before SASLContinue"))?;
+                scram::check_server_final(data, expected)
+                    .map_err(|e| ServerLoginError::Protocol(e.to_string()))?;
+                Ok(None)
+            }
+            (auth::MD5, Secret::Md5(stored), Proved::Md5) => {
+                let salt: [u8; 4] = data
+                    .try_into()
+                    .map_err(|_| protocol("an MD5 request without a 4-byte salt"))?;
+                Ok(Some(encode::password(&md5::answer(stored, salt))))
+            }
+            (code, secret, _) => Err(ServerLoginError::Method(format!(
+                "the server asks for authentication method {} but the stored secret is {}; \
+                 pooled logins need the server to ask for the stored secret's method",
+                auth::method_name(code),
+                secret.method()
+            ))),
         }
     }
 }
@@ -174,7 +192,10 @@ fn protocol(what: &str) -> ServerLoginError {
     ServerLoginError::Protocol(what.to_owned())
 }
 
-async fn write<S: AsyncWrite + Unpin>(server: &mut S, bytes: &[u8]) -> Result<(), ServerLoginError> {
+async fn write<S: AsyncWrite + Unpin>(
+    server: &mut S,
+    bytes: &[u8],
+) -> Result<(), ServerLoginError> {
     server
         .write_all(bytes)
         .await

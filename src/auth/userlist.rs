@@ -37,9 +37,8 @@ pub fn parse(text: &str) -> Result<HashMap<String, Secret>, UserlistError> {
         if name.is_empty() {
             return Err(error("the role name is empty".into()));
         }
-        let secret = Secret::parse(&secret).map_err(|e: SecretError| {
-            error(format!("the secret of role {name:?} is {e}"))
-        })?;
+        let secret = Secret::parse(&secret)
+            .map_err(|e: SecretError| error(format!("the secret of role {name:?} is {e}")))?;
         if roles.insert(name.clone(), secret).is_some() {
             return Err(error(format!("role {name:?} is listed twice")));
         }

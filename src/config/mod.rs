@@ -442,6 +442,55 @@ pub struct ListenerConfig {
     /// The load balancers allowed to send that header, as CIDRs.
     #[serde(default)]
     pub trusted_proxies: Vec<String>,
+    /// Set to pool server connections: rolegate ends the client's login
+    /// itself (against `auth_file`) and lends logged-in servers.
+    #[serde(default)]
+    pub pool_mode: Option<PoolMode>,
+    /// The roles and secrets of a pooled listener, in PgBouncer's
+    /// `userlist.txt` format.
+    #[serde(default)]
+    pub auth_file: Option<PathBuf>,
+    /// Servers per (member, database, role), idle or lent.
+    #[serde(default = "default_pool_size")]
+    pub pool_size: usize,
+    /// Run on a server before it is lent to the next client.
+    #[serde(default = "default_server_reset_query")]
+    pub server_reset_query: String,
+    /// An idle server unused this long is closed instead of lent.
+    #[serde(default = "default_server_idle_timeout")]
+    pub server_idle_timeout: Duration,
+    /// How long a client waits for a server of a full pool.
+    #[serde(default = "default_query_wait_timeout")]
+    pub query_wait_timeout: Duration,
+}
+
+/// How a pooled listener lends servers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PoolMode {
+    /// A server is the client's from its login until it leaves.
+    Session,
+}
+
+impl PoolMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Session => "session",
+        }
+    }
+}
+
+fn default_pool_size() -> usize {
+    20
+}
+fn default_server_reset_query() -> String {
+    "DISCARD ALL".to_owned()
+}
+fn default_server_idle_timeout() -> Duration {
+    Duration::from_secs(600)
+}
+fn default_query_wait_timeout() -> Duration {
+    Duration::from_secs(120)
 }
 
 /// The kind of member a listener sends its sessions to; mirrors libpq's

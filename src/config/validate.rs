@@ -142,6 +142,7 @@ fn validate_listener(
     for (j, cidr) in listener.trusted_proxies.iter().enumerate() {
         parse_cidr(cidr).map_err(|m| KeyedError::new(key(&format!("trusted_proxies[{j}]")), m))?;
     }
+    validate_pooling(i, listener)?;
     if listener.role == ListenerRole::SyncReplica
         && config
             .clusters
@@ -154,6 +155,39 @@ fn validate_listener(
             )));
     }
     Ok(addr)
+}
+
+/// A pooled listener names its secrets; a passthrough one has none.
+fn validate_pooling(i: usize, listener: &ListenerConfig) -> Result<(), KeyedError> {
+    let key = |field: &str| format!("listeners[{i}].{field}");
+    match (&listener.pool_mode, &listener.auth_file) {
+        (Some(_), None) => {
+            return Err(KeyedError::new(
+                key("auth_file"),
+                "a pooled listener (pool_mode) checks passwords itself: name the file of its roles' secrets, e.g. auth_file = \"/etc/rolegate/userlist.txt\"",
+            ))
+        }
+        (None, Some(_)) => {
+            return Err(KeyedError::new(
+                key("auth_file"),
+                "only a pooled listener (pool_mode = \"session\") reads an auth_file; a passthrough listener relays the login to PostgreSQL",
+            ))
+        }
+        _ => {}
+    }
+    if !(1..=10_000).contains(&listener.pool_size) {
+        return Err(KeyedError::new(
+            key("pool_size"),
+            format!("{} is out of range (1 to 10000)", listener.pool_size),
+        ));
+    }
+    if listener.server_reset_query.contains('\0') {
+        return Err(KeyedError::new(
+            key("server_reset_query"),
+            "a query cannot contain a NUL byte",
+        ));
+    }
+    Ok(())
 }
 
 fn validate_cluster(name: &str, cluster: &ClusterConfig) -> Result<(), KeyedError> {

@@ -99,7 +99,10 @@ mod tests {
             &authentication_sasl("SCRAM-SHA-256")[..],
             b"R\0\0\0\x17\0\0\0\x0aSCRAM-SHA-256\0\0"
         );
-        assert_eq!(&authentication_md5(*b"salt")[..], b"R\0\0\0\x0c\0\0\0\x05salt");
+        assert_eq!(
+            &authentication_md5(*b"salt")[..],
+            b"R\0\0\0\x0c\0\0\0\x05salt"
+        );
         assert_eq!(&ready_for_query_idle()[..], b"Z\0\0\0\x05I");
         assert_eq!(&query("DISCARD ALL")[..], b"Q\0\0\0\x10DISCARD ALL\0");
         assert_eq!(

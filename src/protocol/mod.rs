@@ -12,5 +12,6 @@ pub mod notify_pid;
 pub mod proxy_header;
 pub mod sasl;
 pub mod startup;
+pub mod walk;
 
 pub use error::{ProtocolError, SqlState};

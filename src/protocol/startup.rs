@@ -144,6 +144,11 @@ impl StartupMessage {
             .map(|v| String::from_utf8_lossy(v).into_owned())
     }
 
+    /// Every parameter, names and values as the client's bytes.
+    pub fn params(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
+        self.params.iter().map(|(n, v)| (n.as_ref(), v.as_ref()))
+    }
+
     pub fn user(&self) -> String {
         self.param_lossy("user").unwrap_or_default()
     }

@@ -375,7 +375,8 @@ fn channel_binding_unsupported() -> ProtocolError {
     .with_hint("Connect with channel_binding=disable, or set backend_tls = \"disable\" for this cluster if the network between rolegate and PostgreSQL is trusted.")
 }
 
-fn in_recovery(member: &str) -> ProtocolError {
+/// The refusal of a write session whose server is in hot standby.
+pub(crate) fn in_recovery(member: &str) -> ProtocolError {
     ProtocolError::new(
         SqlState::CANNOT_CONNECT_NOW,
         format!(

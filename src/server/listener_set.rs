@@ -37,6 +37,7 @@ use super::{listener, BackendTlsSettings, ListenerContext, Shared};
 use crate::config::{parse_cidr, parse_socket_addr, Config, ListenerConfig, TlsMode};
 use crate::handover::{Inherited, Offered};
 use crate::metrics::ListenerMetrics;
+use crate::pool::settings::PoolSettings;
 use crate::router::Router;
 use crate::tls::{ServerTls, TlsFiles};
 use crate::topology::ClusterView;
@@ -51,6 +52,9 @@ struct Shape {
     /// The generation of the cluster's view source (a new one when the
     /// cluster's members or backend TLS changed).
     source: u64,
+    /// A pooled listener's settings, its secrets read from `auth_file`
+    /// (a changed file changes the listener).
+    pool: Option<Arc<PoolSettings>>,
 }
 
 /// A listener that is serving: its sockets, what it was built from, and
@@ -125,6 +129,7 @@ impl ListenerSet {
                 tls: tls_mode,
                 tls_offered: server_tls.is_some(),
                 source: cluster_views.source,
+                pool: PoolSettings::load(listener_config, &key)?.map(Arc::new),
             };
             let serving = self.serving.get(&addr);
             let sockets = match serving {
@@ -161,6 +166,7 @@ impl ListenerSet {
                         listener_config.role,
                     ),
                     proxy: proxy_policy(listener_config, &key)?,
+                    pool: shape.pool.clone(),
                     cluster: listener_config.cluster.as_str().into(),
                     router: Arc::new(Router::new(
                         listener_config.role,

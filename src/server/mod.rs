@@ -45,6 +45,8 @@ use tokio_util::task::TaskTracker;
 use crate::config::Limits;
 use crate::events::EventLog;
 use crate::metrics::{ListenerMetrics, RelayedBytes, SessionCounts};
+use crate::pool::settings::PoolSettings;
+use crate::pool::Pools;
 use crate::router::Router;
 
 use self::cancel::{CancelRegistry, CancelThrottle, DeliveryTime, Siblings};
@@ -84,6 +86,8 @@ pub struct Shared {
     pub sessions: Arc<SessionCounts>,
     /// Each member's logins in flight, bounded by `backend_logins`.
     pub logins: LoginGates,
+    /// The server connections of pooled listeners.
+    pub pools: Pools,
     pub relayed: RelayedBytes,
     /// The event loops sessions are handed to.
     pub loops: Loops,
@@ -108,6 +112,7 @@ impl Shared {
             open_clients: Arc::new(AtomicUsize::new(0)),
             sessions: SessionCounts::new(),
             logins: LoginGates::default(),
+            pools: Pools::default(),
             relayed: RelayedBytes::new(),
         }
     }
@@ -174,6 +179,8 @@ pub struct ListenerContext {
     /// Shared with the admin endpoint, which shows where a new session
     /// would go.
     pub router: Arc<Router>,
+    /// Set on a pooled listener.
+    pub pool: Option<Arc<PoolSettings>>,
     /// Cancelled to end this listener's sessions with FATAL 57P01: at
     /// shutdown (a child of [`Shutdown::end_sessions`]), or
     /// `shutdown_timeout` after a reload removed the listener.

@@ -40,9 +40,68 @@ impl Session<'_> {
     /// (waits for a target or a login slot, failed attempts, waits for a
     /// newer view after them), none of which is the client's delay.
     pub(super) async fn connect(&self) -> Result<Connected, Refusal> {
-        let limits = self.limits;
+        let routed = self
+            .route(|member, member_metrics, hold_until| async move {
+                let login = self.login_slot(&member, hold_until).await?;
+                let backend = backend::connect(
+                    &member,
+                    &self.listener.cluster,
+                    &self.listener.backend_tls,
+                    self.limits,
+                    &member_metrics,
+                )
+                .await?;
+                Ok((backend, login))
+            })
+            .await?;
+        let ((backend, login), member, member_metrics, held) = routed;
+        Ok(Connected {
+            backend,
+            member,
+            member_metrics,
+            held,
+            login,
+        })
+    }
+
+    /// One of `member`'s login slots, waiting for one up to `hold_until`.
+    pub(super) async fn login_slot(
+        &self,
+        member: &Member,
+        hold_until: Instant,
+    ) -> Result<LoginSlot, Refusal> {
+        let slots = self.shared.backend_logins();
+        self.shared
+            .logins
+            .enter(
+                &self.listener.cluster,
+                &member.name,
+                slots,
+                self.accepted,
+                hold_until,
+            )
+            .await
+            .map_err(|e| {
+                warn!("{}", e.reason());
+                Refusal::from(e)
+            })
+    }
+
+    /// The routing loop of [`Session::connect`], with `attempt` doing what
+    /// is done with a candidate (connecting, or lending a pooled server).
+    /// An attempt that succeeds is checked against the view of now: a
+    /// member that no longer fits is given up and routed again. Returns
+    /// what the attempt made, the member, its metrics and the time held.
+    pub(super) async fn route<T, A, F>(
+        &self,
+        mut attempt: A,
+    ) -> Result<(T, Member, Arc<MemberMetrics>, Duration), Refusal>
+    where
+        A: FnMut(Member, Arc<MemberMetrics>, Instant) -> F,
+        F: std::future::Future<Output = Result<T, Refusal>>,
+    {
         let started = Instant::now();
-        let hold_until = started + limits.hold_timeout.get();
+        let hold_until = started + self.limits.hold_timeout.get();
         let router = &self.listener.router;
         let cluster = &self.listener.cluster;
         loop {
@@ -50,37 +109,12 @@ impl Session<'_> {
                 .route(hold_until.saturating_duration_since(Instant::now()))
                 .await?;
             let mut failure = None;
-            // Set when the view changed under an attempt: route again.
             let mut moved_on = false;
             for member in route.candidates {
-                // The limit in force now, so that sessions accepted before
-                // and after a reload share one gate.
-                let slots = self.shared.backend_logins();
-                let login = match self
-                    .shared
-                    .logins
-                    .enter(cluster, &member.name, slots, self.accepted, hold_until)
-                    .await
-                {
-                    Ok(login) => login,
-                    Err(e) => {
-                        warn!("{}", e.reason());
-                        failure = Some(Refusal::from(e));
-                        continue;
-                    }
-                };
-                let attempt = Instant::now();
+                let tried = Instant::now();
                 let member_metrics = self.listener.metrics.member(&member.name);
-                match backend::connect(
-                    &member,
-                    cluster,
-                    &self.listener.backend_tls,
-                    limits,
-                    &member_metrics,
-                )
-                .await
-                {
-                    Ok(backend) => {
+                match attempt(member.clone(), Arc::clone(&member_metrics), hold_until).await {
+                    Ok(made) => {
                         let now = router.view();
                         if !Arc::ptr_eq(&now, &route.view) {
                             if let Err(misfit) = check_fit(router.role(), &now, &member.name) {
@@ -93,22 +127,16 @@ impl Session<'_> {
                                 continue;
                             }
                         }
-                        return Ok(Connected {
-                            backend,
-                            member,
-                            member_metrics,
-                            held: attempt - started,
-                            login,
-                        });
+                        return Ok((made, member, member_metrics, tried - started));
                     }
-                    Err(e) => {
-                        let refusal = Refusal::from(e);
-                        warn!("{refusal}");
+                    Err(refusal) => {
+                        if !matches!(refusal, Refusal::LoginQueue(_)) {
+                            warn!("{refusal}");
+                        }
                         failure = Some(refusal);
                     }
                 }
             }
-            // A route always has a candidate, so one failed.
             let failure = failure.unwrap_or_else(|| {
                 NoTarget::new(router.role(), &route.view, started.elapsed()).into()
             });
@@ -196,6 +224,7 @@ mod tests {
             listen,
             metrics: ListenerMetrics::new(listen.to_string(), "demo".into(), ListenerRole::Primary),
             proxy: None,
+            pool: None,
             cluster: "demo".into(),
             router: Arc::new(Router::new(
                 ListenerRole::Primary,

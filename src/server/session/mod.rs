@@ -8,6 +8,7 @@
 //! ErrorResponse the client can read, unless the client itself is gone.
 
 mod connect;
+mod pooled;
 mod refusal;
 
 use std::borrow::Borrow;
@@ -87,7 +88,7 @@ pub async fn run(
                 }
                 return listener.metrics.connection_outcome(refusal.outcome());
             }
-            Err(NotStarted::Ended(outcome)) => {
+            Err(NotStarted::Ended(outcome) | NotStarted::Served(outcome)) => {
                 return listener.metrics.connection_outcome(outcome);
             }
         };
@@ -148,6 +149,13 @@ async fn start<'a>(
         accepted,
         handshake_deadline,
     };
+    if let Some(settings) = &listener.pool {
+        let outcome = session
+            .serve_pooled(client, startup, buffered, settings)
+            .instrument(span)
+            .await;
+        return Err(NotStarted::Served(outcome));
+    }
     let established = session
         .establish(client, startup, buffered)
         .instrument(span.clone())
@@ -166,6 +174,10 @@ enum NotStarted {
     TimedOut { encrypting: bool },
     /// Answered, if at all, where it ended.
     Ended(ConnectionOutcome),
+    /// A pooled session, served to its end in the one-off stage (its
+    /// relay shares the boxed future: a pooled client's state is small
+    /// next to the server it saves).
+    Served(ConnectionOutcome),
     /// A cancel request from `peer`, acted on before the connection is
     /// closed.
     Cancel { key: CancelKey, peer: SocketAddr },
@@ -525,6 +537,12 @@ async fn wait_for_misfit(
 async fn refuse<S: AsyncWrite + Unpin>(client: &mut S, refusal: Refusal) -> ConnectionOutcome {
     if let Some(error) = refusal.client_error() {
         send_error(client, &error).await;
+    } else if let Some(error) = refusal.server_error() {
+        let _ = Box::pin(tokio::time::timeout(ERROR_WRITE_TIMEOUT, async {
+            client.write_all(error).await?;
+            client.shutdown().await
+        }))
+        .await;
     }
     refusal.outcome()
 }

@@ -9,8 +9,15 @@
 //! any can be), and whether a hold ran out, for the event log. Nothing is
 //! rendered to a message and parsed back.
 
+use std::sync::Arc;
+
+use bytes::Bytes;
+
+use crate::auth::client_login::LoginError;
+use crate::auth::server_login::ServerLoginError;
 use crate::config::Duration;
 use crate::metrics::ConnectionOutcome;
+use crate::pool::PoolFull;
 use crate::protocol::{ProtocolError, SqlState};
 use crate::router::NoTarget;
 use crate::server::authenticate::AuthError;
@@ -42,6 +49,18 @@ pub enum Refusal {
     ClientLeft,
     /// Authentication did not complete.
     Authentication(AuthError),
+    /// A pooled listener's own login of the client failed.
+    PooledLogin(LoginError),
+    /// A pooled listener's pool for the member stayed full.
+    PoolFull { member: Arc<str>, full: PoolFull },
+    /// rolegate could not log in to the member for a pooled client.
+    ServerLogin {
+        member: Arc<str>,
+        error: ServerLoginError,
+    },
+    /// The server refused one of the client's startup parameters (its
+    /// ErrorResponse, passed on).
+    SettingRefused(Bytes),
 }
 
 impl Refusal {
@@ -61,6 +80,16 @@ impl Refusal {
             Self::NoTarget(_) | Self::LoginQueue(_) => ConnectionOutcome::NoTarget,
             Self::Unreachable(_) => ConnectionOutcome::BackendUnreachable,
             Self::ShuttingDown => ConnectionOutcome::Shutdown,
+            Self::PooledLogin(LoginError::WrongPassword(_)) => ConnectionOutcome::AuthRefused,
+            Self::PooledLogin(LoginError::Protocol(_)) => ConnectionOutcome::ProtocolError,
+            Self::PooledLogin(LoginError::Gone) => ConnectionOutcome::ClientGone,
+            Self::PoolFull { .. } => ConnectionOutcome::RefusedLimit,
+            Self::ServerLogin {
+                error: ServerLoginError::Refused(_),
+                ..
+            }
+            | Self::SettingRefused(_) => ConnectionOutcome::AuthRefused,
+            Self::ServerLogin { .. } => ConnectionOutcome::BackendError,
             Self::Authentication(e) => match e {
                 AuthError::Client(_) => ConnectionOutcome::ProtocolError,
                 AuthError::Backend(_) => ConnectionOutcome::BackendError,
@@ -90,10 +119,27 @@ impl Refusal {
             Self::LoginQueue(e) => Some(e.to_error()),
             Self::Unreachable(e) => Some(e.to_error()),
             Self::ShuttingDown => Some(shutdown_error()),
+            Self::PooledLogin(e) => e.to_error(),
+            Self::PoolFull { member, full } => Some(pool_full_error(member, full)),
+            Self::ServerLogin { member, error } => server_login_error(member, error),
+            Self::SettingRefused(_) => None,
             Self::Handshake(_)
             | Self::TimedOut { .. }
             | Self::ClientLeft
             | Self::Authentication(_) => None,
+        }
+    }
+
+    /// The server's own ErrorResponse, passed on to the client as it is
+    /// when rolegate has nothing to add.
+    pub fn server_error(&self) -> Option<&Bytes> {
+        match self {
+            Self::SettingRefused(error)
+            | Self::ServerLogin {
+                error: ServerLoginError::Refused(error),
+                ..
+            } => Some(error),
+            _ => None,
         }
     }
 
@@ -133,9 +179,50 @@ impl std::fmt::Display for Refusal {
             (Self::Handshake(e), _) => write!(f, "handshake failed: {e}"),
             (Self::Authentication(e), _) => write!(f, "authentication ended: {e}"),
             (Self::ClientLeft, _) => f.write_str("the client left before a backend was connected"),
+            (Self::SettingRefused(_), _) => {
+                f.write_str("the server refused one of the client's startup parameters")
+            }
+            (Self::ServerLogin { member, .. }, None) => {
+                write!(f, "member {member} refused a pooled login")
+            }
             (_, Some(e)) => f.write_str(&e.message),
             (_, None) => f.write_str("the handshake timed out during TLS negotiation"),
         }
+    }
+}
+
+/// The FATAL of a pooled client whose pool stayed full.
+fn pool_full_error(member: &str, full: &PoolFull) -> ProtocolError {
+    ProtocolError::new(
+        SqlState::TOO_MANY_CONNECTIONS,
+        format!(
+            "no server connection to member {member} came free within {:.1}s: its pool's {} servers (pool_size) were all in use",
+            full.waited.as_secs_f64(),
+            full.size
+        ),
+    )
+    .with_hint("Retry; if this persists, raise pool_size or query_wait_timeout, or find the sessions that hold servers.")
+}
+
+/// The FATAL of a pooled client rolegate could not log in to a server
+/// for; `None` when the server's own refusal is passed on instead.
+fn server_login_error(member: &str, error: &ServerLoginError) -> Option<ProtocolError> {
+    match error {
+        ServerLoginError::Refused(_) => None,
+        ServerLoginError::Method(what) => Some(
+            ProtocolError::new(
+                SqlState::INVALID_AUTHORIZATION_SPECIFICATION,
+                format!("rolegate cannot log in to member {member} for this role: {what}"),
+            )
+            .with_hint("Give the role the same method in pg_hba.conf as its stored secret (scram-sha-256 for a SCRAM secret)."),
+        ),
+        ServerLoginError::Protocol(what) | ServerLoginError::Io(what) => Some(
+            ProtocolError::new(
+                SqlState::SQLCLIENT_UNABLE_TO_ESTABLISH_SQLCONNECTION,
+                format!("rolegate could not log in to member {member}: {what}"),
+            )
+            .with_hint("Reconnect; if this persists, check the member's PostgreSQL log and that the auth_file secret is the role's current one."),
+        ),
     }
 }
 

@@ -1,0 +1,231 @@
+//! Server connections kept open and lent to pooled clients: one pool per
+//! (listener, member, database, role).
+//!
+//! A pool counts every server it opened, idle or lent, against its
+//! `pool_size`; a client that finds none idle and the count at the limit
+//! waits for one to come back, up to `query_wait_timeout`. A server comes
+//! back only when its session left it clean (see [`relay`]), after the
+//! reset query; every other server is closed, never lent again. An idle
+//! server is checked before it is lent: one that the member closed
+//! meanwhile (a restart, `idle_session_timeout`) or that spoke unasked is
+//! closed, and one idle longer than `server_idle_timeout` too.
+//!
+//! The pool does not route: the router picks the member, the pool lends
+//! a connection to it. The session checks the member still fits before
+//! it lends (see `server::session::pooled`).
+
+pub(crate) mod own_query;
+pub(crate) mod relay;
+pub(crate) mod settings;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll, Waker};
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncRead, ReadBuf};
+use tokio::sync::Notify;
+
+use crate::protocol::startup::CancelKey;
+use crate::server::stream::BackendStream;
+
+/// Which pool a server belongs to.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct PoolKey {
+    pub listener: SocketAddr,
+    pub member: Arc<str>,
+    pub database: String,
+    pub user: String,
+}
+
+/// A logged-in server connection, idle in its pool or lent to a client.
+/// Dropping it closes the connection and frees its place in the pool.
+pub struct Server {
+    pub stream: BackendStream,
+    /// The key the server issued; clients get rolegate's own.
+    pub key: CancelKey,
+    /// The parameters the server reported, kept current from every
+    /// ParameterStatus it sends.
+    pub parameters: Vec<(String, String)>,
+    idle_since: Instant,
+    /// Held for its drop, which frees the place.
+    _place: Place,
+}
+
+impl Server {
+    /// The value the server reported for `name`.
+    pub fn parameter(&self, name: &str) -> Option<&str> {
+        self.parameters
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// Records a ParameterStatus a server sent.
+pub(crate) fn record_parameter(parameters: &mut Vec<(String, String)>, name: &str, value: &str) {
+    match parameters.iter_mut().find(|(n, _)| n == name) {
+        Some((_, v)) => value.clone_into(v),
+        None => parameters.push((name.to_owned(), value.to_owned())),
+    }
+}
+
+/// One server's place in its pool's count.
+struct Place(Arc<Pool>);
+
+impl Drop for Place {
+    fn drop(&mut self) {
+        self.0.lock().open -= 1;
+        self.0.changed.notify_one();
+    }
+}
+
+#[derive(Default)]
+struct PoolState {
+    /// Most recently returned last.
+    idle: Vec<Server>,
+    /// Servers open or opening, idle or lent.
+    open: usize,
+}
+
+pub struct Pool {
+    state: Mutex<PoolState>,
+    /// A server came back or closed: a waiting client may go on.
+    changed: Notify,
+}
+
+/// What a client got from its pool.
+pub enum Lent {
+    /// An idle server, checked.
+    Idle(Server),
+    /// A place for a new server: open it and [`Opening::logged_in`] it.
+    Open(Opening),
+}
+
+/// A place taken in a pool for a server being opened; dropped unused, it
+/// frees the place.
+pub struct Opening(Place);
+
+impl Opening {
+    pub fn logged_in(
+        self,
+        stream: BackendStream,
+        key: CancelKey,
+        parameters: Vec<(String, String)>,
+    ) -> Server {
+        Server {
+            stream,
+            key,
+            parameters,
+            idle_since: Instant::now(),
+            _place: self.0,
+        }
+    }
+}
+
+/// The pool stayed full until the wait ran out.
+#[derive(Debug, Clone, Copy)]
+pub struct PoolFull {
+    pub size: usize,
+    pub waited: Duration,
+}
+
+impl Pool {
+    fn lock(&self) -> MutexGuard<'_, PoolState> {
+        // Every change under the lock is one push, pop or count: a panic
+        // elsewhere cannot leave it half-done.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// An idle server that is still sound, or a place to open one, or a
+    /// wait until `until` for either.
+    pub async fn lend(
+        self: &Arc<Self>,
+        size: usize,
+        idle_timeout: Duration,
+        until: Instant,
+    ) -> Result<Lent, PoolFull> {
+        let started = Instant::now();
+        loop {
+            let changed = self.changed.notified();
+            let stale = {
+                let mut state = self.lock();
+                let mut stale = Vec::new();
+                while let Some(mut server) = state.idle.pop() {
+                    if server.idle_since.elapsed() > idle_timeout || !quiet(&mut server.stream) {
+                        stale.push(server);
+                        continue;
+                    }
+                    drop(state);
+                    drop(stale);
+                    return Ok(Lent::Idle(server));
+                }
+                if state.open < size {
+                    state.open += 1;
+                    drop(state);
+                    drop(stale);
+                    return Ok(Lent::Open(Opening(Place(Arc::clone(self)))));
+                }
+                stale
+            };
+            // Closed outside the lock (each drop takes it).
+            let closed_some = !stale.is_empty();
+            drop(stale);
+            if closed_some {
+                continue;
+            }
+            let now = Instant::now();
+            if now >= until || tokio::time::timeout(until - now, changed).await.is_err() {
+                return Err(PoolFull {
+                    size,
+                    waited: started.elapsed(),
+                });
+            }
+        }
+    }
+
+    /// Takes a server back, idle from now.
+    pub fn give_back(&self, mut server: Server) {
+        server.idle_since = Instant::now();
+        self.lock().idle.push(server);
+        self.changed.notify_one();
+    }
+
+    /// Closes every idle server (the member left the role its pool
+    /// served); lent ones close when their sessions end with them.
+    pub fn close_idle(&self) {
+        let idle = std::mem::take(&mut self.lock().idle);
+        drop(idle);
+    }
+}
+
+/// Whether an idle server has nothing to say: a server that closed, or
+/// sent anything unasked (its FATAL before closing), is not lent.
+fn quiet(stream: &mut BackendStream) -> bool {
+    let mut byte = [0u8; 1];
+    let mut buf = ReadBuf::new(&mut byte);
+    let mut cx = Context::from_waker(Waker::noop());
+    matches!(Pin::new(stream).poll_read(&mut cx, &mut buf), Poll::Pending)
+}
+
+/// Every pool of the process, found by key at check-out (once per
+/// session or transaction, never per packet).
+#[derive(Default)]
+pub struct Pools {
+    pools: Mutex<HashMap<PoolKey, Arc<Pool>>>,
+}
+
+impl Pools {
+    /// The pool of `key`, made on first use.
+    pub fn get(&self, key: &PoolKey) -> Arc<Pool> {
+        let mut pools = self.pools.lock().unwrap_or_else(|p| p.into_inner());
+        Arc::clone(pools.entry(key.clone()).or_insert_with(|| {
+            Arc::new(Pool {
+                state: Mutex::default(),
+                changed: Notify::new(),
+            })
+        }))
+    }
+}

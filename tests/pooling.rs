@@ -1,0 +1,259 @@
+//! Pooled listeners against real PostgreSQL servers: rolegate checks
+//! passwords itself against an `auth_file` of the servers' own secrets and
+//! lends logged-in server connections, in session mode one client at a
+//! time, reset between clients.
+//!
+//! One static cluster is started for the binary; each test starts its own
+//! rolegate with a pooled listener in front of the primary.
+
+mod support;
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use libtest_mimic::Failed;
+
+use support::harness::{by_name, check, run_suite, TestEnv, TestFn};
+use support::rolegate::Rolegate;
+use support::static_cluster::StaticCluster;
+use support::{
+    connect, conninfo, free_port, holds_within, runtime, scenarios, server_message, sqlstate,
+};
+
+struct Env {
+    cluster: StaticCluster,
+    /// app's and md5user's secrets, as the primary stores them.
+    userlist: PathBuf,
+}
+
+impl TestEnv for Env {
+    fn scratch_dir(&self) -> Option<PathBuf> {
+        self.cluster.scratch_dir()
+    }
+}
+
+fn main() {
+    let tests: &[(&str, TestFn<Env>)] = by_name![
+        session_mode_lends_one_server_to_clients_in_turn_and_resets_it,
+        passwords_are_checked_by_rolegate_with_postgresql_answers,
+        a_full_pool_makes_clients_wait_then_says_which_limit,
+        cancel_and_psql_work_through_a_pooled_listener
+    ];
+    run_suite(tests, start, false);
+}
+
+fn start() -> Env {
+    let cluster = StaticCluster::start("pooling");
+    let secret = |role: &str| {
+        cluster.primary.psql(&format!(
+            "select rolpassword from pg_authid where rolname = '{role}'"
+        ))
+    };
+    let userlist = cluster.root.join("userlist.txt");
+    let text = format!(
+        "; the primary's own secrets\n\"app\" \"{}\"\n\"md5user\" \"{}\"\n",
+        secret("app"),
+        secret("md5user")
+    );
+    std::fs::write(&userlist, text).expect("write userlist");
+    Env { cluster, userlist }
+}
+
+/// A rolegate with one pooled listener on the primary; `extra` adds keys
+/// to the listener. Returns it and the listener's port.
+fn pooled(env: &Env, name: &str, extra: &str) -> (Rolegate, u16) {
+    let port = free_port();
+    let config = format!(
+        "[clusters.main]\nprimary = \"{}\"\n\n[[listeners]]\nlisten = \"127.0.0.1:{port}\"\n\
+         cluster = \"main\"\nrole = \"primary\"\npool_mode = \"session\"\nauth_file = \"{}\"\n{extra}\n",
+        env.cluster.primary.address(),
+        env.userlist.display()
+    );
+    (Rolegate::start(&env.cluster.root, name, &config), port)
+}
+
+async fn backend_pid(client: &tokio_postgres::Client) -> Result<i32, Failed> {
+    Ok(client
+        .query_one("select pg_backend_pid()", &[])
+        .await?
+        .get(0))
+}
+
+fn session_mode_lends_one_server_to_clients_in_turn_and_resets_it(env: &Env) -> Result<(), Failed> {
+    let (rolegate, port) = pooled(env, "turns", "pool_size = 1");
+    runtime().block_on(async {
+        let first = connect(&format!(
+            "{} application_name=first",
+            conninfo(port, "app", "app")
+        ))
+        .await?;
+        let pid = backend_pid(&first).await?;
+        let name: String = first.query_one("show application_name", &[]).await?.get(0);
+        check(
+            name == "first",
+            format!("the startup application_name was not set: {name:?}"),
+        )?;
+        first
+            .batch_execute(
+                "set search_path = nowhere; set timezone = 'Asia/Tokyo'; \
+                 create temp table left_behind (x int); prepare sneaky as select 1",
+            )
+            .await?;
+        drop(first);
+        // The next client gets the same server, and nothing of the first.
+        let second = tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                if let Ok(client) = connect(&conninfo(port, "app", "app")).await {
+                    return client;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+        .await
+        .map_err(|_| "no second client within 10 s")?;
+        let reused = backend_pid(&second).await?;
+        check(
+            reused == pid,
+            format!("the second client got server {reused}, not the pooled {pid}"),
+        )?;
+        let row = second
+            .query_one(
+                "select current_setting('search_path'), current_setting('TimeZone'), \
+                 current_setting('application_name'), to_regclass('pg_temp.left_behind') is null, \
+                 (select count(*) from pg_prepared_statements where name = 'sneaky')",
+                &[],
+            )
+            .await?;
+        let (path, zone, name): (String, String, String) = (row.get(0), row.get(1), row.get(2));
+        let (no_table, prepared): (bool, i64) = (row.get(3), row.get(4));
+        check(
+            path == "\"$user\", public",
+            format!("search_path leaked: {path}"),
+        )?;
+        check(zone != "Asia/Tokyo", "TimeZone leaked")?;
+        check(
+            name.is_empty(),
+            format!("application_name leaked: {name:?}"),
+        )?;
+        check(no_table, "the temp table leaked")?;
+        check(prepared == 0, "the prepared statement leaked")?;
+        // A client that leaves inside a transaction takes its server with
+        // it: the next client gets a new one.
+        second.batch_execute("begin; select 1").await?;
+        drop(second);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let third = connect(&conninfo(port, "app", "app")).await?;
+        let fresh = backend_pid(&third).await?;
+        check(
+            fresh != pid,
+            "a server left inside a transaction was lent again",
+        )?;
+        third.query_one("select 1", &[]).await?;
+        Ok::<_, Failed>(())
+    })?;
+    let sessions = || {
+        rolegate.metric(
+            "rolegate_client_connections_total",
+            &format!("listener=\"127.0.0.1:{port}\",outcome=\"session\""),
+        )
+    };
+    // The third session is counted once its task has seen the close.
+    let counted = holds_within(Duration::from_secs(5), || sessions() == 3.0);
+    check(counted, format!("sessions counted: {}", sessions()))?;
+    println!("session mode: one server lent in turn, reset between clients; a server left in a transaction closed");
+    Ok(())
+}
+
+fn passwords_are_checked_by_rolegate_with_postgresql_answers(env: &Env) -> Result<(), Failed> {
+    let (rolegate, port) = pooled(env, "passwords", "");
+    runtime().block_on(async {
+        let md5 = connect(&conninfo(port, "md5user", "md5pw")).await?;
+        md5.query_one("select 1", &[]).await?;
+        let mut answers = Vec::new();
+        for (user, password) in [("app", "wrong"), ("ghost", "app"), ("md5user", "wrong")] {
+            let started = Instant::now();
+            let err = connect(&conninfo(port, user, password))
+                .await
+                .err()
+                .ok_or(format!("{user} logged in with a wrong password"))?;
+            answers.push((
+                user,
+                sqlstate(&err),
+                server_message(&err),
+                started.elapsed(),
+            ));
+        }
+        for (user, code, message, took) in &answers {
+            check(
+                code.as_deref() == Some("28P01"),
+                format!("{user}: {code:?} {message}"),
+            )?;
+            check(
+                *message == format!("password authentication failed for user \"{user}\""),
+                format!("{user}: {message}"),
+            )?;
+            check(
+                *took >= Duration::from_millis(900),
+                format!("{user} was answered at once"),
+            )?;
+        }
+        Ok::<_, Failed>(())
+    })?;
+    let refused = rolegate.metric(
+        "rolegate_client_connections_total",
+        &format!("listener=\"127.0.0.1:{port}\",outcome=\"auth_refused\""),
+    );
+    check(refused == 3.0, format!("auth_refused counted {refused}"))?;
+    check(
+        !rolegate.log().contains("SCRAM-SHA-256$"),
+        "a secret reached the log",
+    )?;
+    println!("pooled logins: SCRAM and md5 checked by rolegate; a wrong password and an unknown role get the same 28P01 after 1 s");
+    Ok(())
+}
+
+fn a_full_pool_makes_clients_wait_then_says_which_limit(env: &Env) -> Result<(), Failed> {
+    let (_rolegate, port) = pooled(env, "full", "pool_size = 1\nquery_wait_timeout = \"1s\"");
+    runtime().block_on(async {
+        let holder = connect(&conninfo(port, "app", "app")).await?;
+        let err = connect(&conninfo(port, "app", "app"))
+            .await
+            .err()
+            .ok_or("a second client got a server of a full pool")?;
+        let message = server_message(&err);
+        check(
+            sqlstate(&err).as_deref() == Some("53300") && message.contains("pool_size"),
+            format!("got {:?}: {message}", sqlstate(&err)),
+        )?;
+        // A client that waits gets the server once the holder leaves.
+        let waiter = tokio::spawn(async move { connect(&conninfo(port, "app", "app")).await });
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        drop(holder);
+        let waiter = tokio::time::timeout(Duration::from_secs(10), waiter)
+            .await
+            .map_err(|_| "the waiting client was not served")???;
+        waiter.query_one("select 1", &[]).await?;
+        Ok(())
+    })
+}
+
+fn cancel_and_psql_work_through_a_pooled_listener(env: &Env) -> Result<(), Failed> {
+    let (_rolegate, port) = pooled(env, "cancel", "pool_size = 2");
+    runtime().block_on(async {
+        let client = connect(&conninfo(port, "app", "app")).await?;
+        let pid = backend_pid(&client).await?;
+        scenarios::cancelled(&client, "a pooled query").await?;
+        let after: i32 = backend_pid(&client).await?;
+        check(after == pid, "the cancel ended the session")?;
+        Ok::<_, Failed>(())
+    })?;
+    let out = std::process::Command::new("psql")
+        .arg(conninfo(port, "app", "app"))
+        .args(["-AtX", "-v", "ON_ERROR_STOP=1", "-c", "select 40 + 2"])
+        .env("PGCONNECT_TIMEOUT", "10")
+        .output()?;
+    check(
+        out.status.success() && String::from_utf8_lossy(&out.stdout).trim() == "42",
+        format!("psql: {}", String::from_utf8_lossy(&out.stderr)),
+    )
+}
