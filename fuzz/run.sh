@@ -11,7 +11,7 @@ cd "$(dirname "$0")"
 seconds=${1:-600}
 shift || true
 targets=("$@")
-((${#targets[@]})) || targets=(first_packet frame_tracker auth_messages patroni_data config proxy_header)
+((${#targets[@]})) || targets=(first_packet frame_tracker auth_messages patroni_data config proxy_header pooled_messages)
 failed=()
 for target in "${targets[@]}"; do
   mkdir -p "corpus/$target"

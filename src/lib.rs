@@ -39,7 +39,7 @@
 //! - [`logging`]: the `tracing` subscriber.
 
 pub mod admin;
-pub(crate) mod auth;
+pub mod auth;
 pub mod config;
 pub(crate) mod etcd;
 pub(crate) mod events;

@@ -20,7 +20,7 @@
 
 pub(crate) mod client_login;
 pub(crate) mod md5;
-pub(crate) mod scram;
-pub(crate) mod secret;
+pub mod scram;
+pub mod secret;
 pub(crate) mod server_login;
-pub(crate) mod userlist;
+pub mod userlist;

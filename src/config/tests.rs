@@ -193,3 +193,43 @@ fn etcd_tls_keys_with_an_http_endpoint_are_refused() {
     assert_eq!(err.key, "fleet.etcd_ca", "{err}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn pooling_keys_are_checked_together() {
+    let pooled = |keys: &str| format!("{MINIMAL}{keys}\n");
+    let config = parse(&pooled(
+        "pool_mode = \"session\"\nauth_file = \"users.txt\"",
+    ))
+    .expect("valid");
+    let listener = &config.listeners[0];
+    assert_eq!(listener.pool_mode, Some(PoolMode::Session));
+    assert_eq!(listener.pool_size, 20);
+    assert_eq!(listener.server_reset_query, "DISCARD ALL");
+    let cases = [
+        (
+            "pool_mode = \"session\"",
+            "listeners[0].auth_file",
+            "name the file",
+        ),
+        (
+            "auth_file = \"users.txt\"",
+            "listeners[0].auth_file",
+            "only a pooled listener",
+        ),
+        (
+            "pool_mode = \"session\"\nauth_file = \"u\"\npool_size = 0",
+            "listeners[0].pool_size",
+            "out of range",
+        ),
+        (
+            "pool_mode = \"statement\"\nauth_file = \"u\"",
+            "listeners[0].pool_mode",
+            "statement",
+        ),
+    ];
+    for (keys, key, words) in cases {
+        let err = parse(&pooled(keys)).expect_err(keys);
+        assert_eq!(err.key, key, "{keys}: {err}");
+        assert!(err.message.contains(words), "{keys}: {err}");
+    }
+}

@@ -43,3 +43,37 @@ impl PoolSettings {
         }))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn listener(auth_file: &std::path::Path) -> ListenerConfig {
+        let text = format!(
+            "listen = \"127.0.0.1:6432\"\ncluster = \"main\"\nrole = \"primary\"\n\
+             pool_mode = \"session\"\nauth_file = \"{}\"\n",
+            auth_file.display()
+        );
+        toml::from_str(&text).expect("listener")
+    }
+
+    #[test]
+    fn a_bad_auth_file_names_the_key_the_file_and_the_line() {
+        let dir = std::env::temp_dir().join(format!("rolegate-settings-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let file = dir.join("userlist.txt");
+        std::fs::write(&file, "; users\n\"app\" \"plain-password\"\n").expect("write");
+        let err = PoolSettings::load(&listener(&file), "listeners[0]").expect_err("plaintext");
+        assert!(err.starts_with("listeners[0].auth_file: "), "{err}");
+        assert!(err.contains(&file.display().to_string()), "{err}");
+        assert!(err.contains("line 2") && err.contains("plaintext"), "{err}");
+        assert!(
+            !err.contains("plain-password"),
+            "the secret is in the error: {err}"
+        );
+        let missing = dir.join("missing.txt");
+        let err = PoolSettings::load(&listener(&missing), "listeners[0]").expect_err("missing");
+        assert!(err.contains("cannot read"), "{err}");
+        std::fs::remove_dir_all(&dir).expect("clean up");
+    }
+}
