@@ -189,7 +189,7 @@ fn valid_nonce(nonce: &str) -> bool {
 
 /// rolegate's side of an exchange with a server, holding the ClientKey of
 /// the client it logs in for.
-pub struct ClientExchange {
+pub(crate) struct ClientExchange {
     nonce: String,
 }
 
