@@ -39,7 +39,8 @@ fn main() {
         a_standby_cluster_serves_reads_and_refuses_writes,
         fleet_keys_follow_the_session_protocol,
         a_client_that_leaves_while_held_is_let_go,
-        a_stalled_login_holds_up_others_only_briefly
+        a_stalled_login_holds_up_others_only_briefly,
+        pooled_sessions_follow_a_switchover_and_a_killed_leader
     ];
     run_suite(tests, || LabSuite::start("patroni"), true);
 }
@@ -928,4 +929,95 @@ fn a_stalled_login_holds_up_others_only_briefly(env: &Env) -> Result<(), Failed>
         silent,
         "the stalled login is still open, waiting for its answer",
     )
+}
+
+/// A pooled rolegate (session mode) in front of the lab: app's secret as
+/// the leader stores it (every member has the same `pg_authid`), a pooled
+/// primary and a pooled replica listener.
+fn pooled_rolegate(env: &Env, name: &str) -> (Rolegate, u16, u16) {
+    let secret = env.lab.psql(
+        &env.lab.leader(),
+        "select rolpassword from pg_authid where rolname = 'app'",
+    );
+    let userlist = env.root.join(format!("{name}-userlist.txt"));
+    std::fs::write(&userlist, format!("\"app\" \"{secret}\"\n")).expect("write userlist");
+    let pooled = format!(
+        "pool_mode = \"session\"\nauth_file = \"{}\"\npool_size = 4",
+        userlist.display()
+    );
+    let (rw, ro) = (free_port(), free_port());
+    let config = format!(
+        "[clusters.demo]\nscope = \"demo\"\nnamespace = \"/service/\"\n{}\n\n\
+         [[listeners]]\nlisten = \"127.0.0.1:{rw}\"\ncluster = \"demo\"\nrole = \"primary\"\n{pooled}\n\n\
+         [[listeners]]\nlisten = \"127.0.0.1:{ro}\"\ncluster = \"demo\"\nrole = \"replica\"\n{pooled}\n\n\
+         [limits]\nhold_timeout = \"30s\"\nhandshake_timeout = \"5s\"\n",
+        env.lab.etcd_line()
+    );
+    (Rolegate::start(&env.root, name, &config), rw, ro)
+}
+
+/// Pooled sessions through a switchover, then a `kill -9` of the new
+/// leader: writes go on the leader of the moment only (none on a server in
+/// recovery), no row acknowledged before the switchover is lost, reads
+/// stay on replicas, and the pools serve again after each change.
+fn pooled_sessions_follow_a_switchover_and_a_killed_leader(env: &Env) -> Result<(), Failed> {
+    let (rolegate, rw, ro) = pooled_rolegate(env, "pooled");
+    let first = env.lab.leader();
+    let killed = std::sync::Mutex::new(None::<String>);
+    let result = runtime().block_on(async {
+        writer::prepare(&conninfo(rw, "app", "app")).await?;
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let writer_conninfo = format!("{} connect_timeout=1", conninfo(rw, "app", "app"));
+        let writer = tokio::spawn(writer::run(writer_conninfo, 4_000_000, stop_rx));
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        env.lab.run_async(&["switchover"]).await?;
+        let second = wait_for_writable_leader(&env.lab, rw, Some(&first), Duration::from_secs(60)).await?;
+        let (port, in_recovery) = reached(ro).await?;
+        check(in_recovery, format!("a pooled read reached port {port}, not a replica"))?;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let victim = env
+            .lab
+            .run_async(&["kill-leader", "--no-restart"])
+            .await?
+            .lines()
+            .last()
+            .unwrap_or_default()
+            .to_owned();
+        *killed.lock().unwrap_or_else(|p| p.into_inner()) = Some(victim.clone());
+        check(victim == second, format!("killed {victim}, the leader was {second}"))?;
+        let third = wait_for_writable_leader(&env.lab, rw, Some(&second), Duration::from_secs(60)).await?;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let _ = stop_tx.send(true);
+        let stats = writer.await?;
+        check(stats.misrouted == 0, format!("{} writes reached a server in recovery", stats.misrouted))?;
+        let acked_before_kill: Vec<i64> = stats
+            .acknowledged
+            .iter()
+            .filter(|a| env.lab.member_of_port(a.port) != Some(second.as_str()))
+            .map(|a| a.seq)
+            .collect();
+        let missing = writer::missing_rows(&conninfo(rw, "app", "app"), &acked_before_kill).await?;
+        check(missing == 0, format!("{missing} rows acknowledged outside the killed leader are missing"))?;
+        let servers: std::collections::BTreeSet<_> = stats
+            .acknowledged
+            .iter()
+            .filter_map(|a| env.lab.member_of_port(a.port))
+            .collect();
+        check(
+            servers.contains(first.as_str()) && servers.contains(third.as_str()),
+            format!("writes reached {servers:?}, expected {first} and {third} among them"),
+        )?;
+        println!(
+            "pooled: switchover {first} -> {second}, then {second} killed -> {third}: {} rows acknowledged \
+             on {servers:?}, none in recovery, none lost outside the killed leader; longest gap {:?}",
+            stats.acknowledged.len(),
+            stats.longest_gap
+        );
+        Ok::<(), Failed>(())
+    });
+    if let Some(victim) = killed.into_inner().unwrap_or_else(|p| p.into_inner()) {
+        env.lab.run_in_cleanup(&["start-member", &victim]);
+    }
+    drop(rolegate);
+    result
 }
