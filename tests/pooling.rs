@@ -157,6 +157,17 @@ fn session_mode_lends_one_server_to_clients_in_turn_and_resets_it(env: &Env) -> 
             &format!("listener=\"127.0.0.1:{port}\",outcome=\"session\""),
         )
     };
+    let pool = format!("listener=\"127.0.0.1:{port}\",user=\"app\"");
+    let reused = rolegate.metric(
+        "rolegate_pool_lends_total",
+        &format!("{pool},server=\"idle\""),
+    );
+    check(reused >= 1.0, format!("idle lends counted: {reused}"))?;
+    let busy = rolegate.metric(
+        "rolegate_pool_servers_closed_total",
+        &format!("{pool},reason=\"busy\""),
+    );
+    check(busy == 1.0, format!("servers closed busy: {busy}"))?;
     // The third session is counted once its task has seen the close.
     let counted = holds_within(Duration::from_secs(5), || sessions() == 3.0);
     check(counted, format!("sessions counted: {}", sessions()))?;
@@ -213,7 +224,8 @@ fn passwords_are_checked_by_rolegate_with_postgresql_answers(env: &Env) -> Resul
 }
 
 fn a_full_pool_makes_clients_wait_then_says_which_limit(env: &Env) -> Result<(), Failed> {
-    let (_rolegate, port) = pooled(env, "full", "pool_size = 1\nquery_wait_timeout = \"1s\"");
+    let (rolegate, port) = pooled(env, "full", "pool_size = 1\nquery_wait_timeout = \"1s\"");
+    let pool = format!("listener=\"127.0.0.1:{port}\",user=\"app\"");
     runtime().block_on(async {
         let holder = connect(&conninfo(port, "app", "app")).await?;
         let err = connect(&conninfo(port, "app", "app"))
@@ -225,9 +237,23 @@ fn a_full_pool_makes_clients_wait_then_says_which_limit(env: &Env) -> Result<(),
             sqlstate(&err).as_deref() == Some("53300") && message.contains("pool_size"),
             format!("got {:?}: {message}", sqlstate(&err)),
         )?;
+        let timeouts = rolegate.metric("rolegate_pool_wait_timeouts_total", &pool);
+        check(
+            timeouts == 1.0,
+            format!("wait timeouts counted: {timeouts}"),
+        )?;
         // A client that waits gets the server once the holder leaves.
         let waiter = tokio::spawn(async move { connect(&conninfo(port, "app", "app")).await });
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        let waiting = || rolegate.metric("rolegate_pool_waiting_clients", &pool);
+        for _ in 0..50 {
+            if waiting() == 1.0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        check(waiting() == 1.0, format!("waiting clients: {}", waiting()))?;
+        let lent = rolegate.metric("rolegate_pool_servers", &format!("{pool},state=\"lent\""));
+        check(lent == 1.0, format!("lent servers: {lent}"))?;
         drop(holder);
         let waiter = tokio::time::timeout(Duration::from_secs(10), waiter)
             .await

@@ -25,6 +25,7 @@ use crate::config::ListenerRole;
 use crate::fast_map::FastMap;
 
 pub mod listener;
+pub mod pool;
 
 pub use listener::{ListenerMetrics, MemberMetrics};
 
@@ -72,6 +73,7 @@ pub fn install() -> Result<PrometheusHandle, String> {
 }
 
 fn describe() {
+    pool::describe();
     describe_gauge!(
         BUILD_INFO,
         "Always 1; the version label says which rolegate runs."

@@ -28,6 +28,7 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, ReadBuf};
 use tokio::sync::Notify;
 
+use crate::metrics::pool::{Closed, PoolMetrics};
 use crate::protocol::startup::CancelKey;
 use crate::server::stream::BackendStream;
 
@@ -77,8 +78,12 @@ struct Place(Arc<Pool>);
 
 impl Drop for Place {
     fn drop(&mut self) {
-        self.0.lock().open -= 1;
-        self.0.changed.notify_one();
+        let pool = &self.0;
+        let mut state = pool.lock();
+        state.open -= 1;
+        pool.metrics.servers(state.open, state.idle.len());
+        drop(state);
+        pool.changed.notify_one();
     }
 }
 
@@ -94,6 +99,7 @@ pub struct Pool {
     state: Mutex<PoolState>,
     /// A server came back or closed: a waiting client may go on.
     changed: Notify,
+    pub metrics: PoolMetrics,
 }
 
 /// What a client got from its pool.
@@ -115,6 +121,7 @@ impl Opening {
         key: CancelKey,
         parameters: Vec<(String, String)>,
     ) -> Server {
+        self.0 .0.metrics.lent(true);
         Server {
             stream,
             key,
@@ -148,36 +155,26 @@ impl Pool {
         until: Instant,
     ) -> Result<Lent, PoolFull> {
         let started = Instant::now();
+        let mut waiting = None;
         loop {
             let changed = self.changed.notified();
-            let stale = {
-                let mut state = self.lock();
-                let mut stale = Vec::new();
-                while let Some(mut server) = state.idle.pop() {
-                    if server.idle_since.elapsed() > idle_timeout || !quiet(&mut server.stream) {
-                        stale.push(server);
-                        continue;
-                    }
-                    drop(state);
-                    drop(stale);
-                    return Ok(Lent::Idle(server));
-                }
-                if state.open < size {
-                    state.open += 1;
-                    drop(state);
-                    drop(stale);
-                    return Ok(Lent::Open(Opening(Place(Arc::clone(self)))));
-                }
-                stale
-            };
-            // Closed outside the lock (each drop takes it).
+            let (lent, stale) = self.try_lend(size, idle_timeout);
             let closed_some = !stale.is_empty();
+            for _ in &stale {
+                self.metrics.closed(Closed::Stale);
+            }
+            // Closed outside the lock (each drop takes it).
             drop(stale);
+            if let Some(lent) = lent {
+                return Ok(lent);
+            }
             if closed_some {
                 continue;
             }
             let now = Instant::now();
+            let waiting = waiting.get_or_insert_with(|| Waiting::new(&self.metrics));
             if now >= until || tokio::time::timeout(until - now, changed).await.is_err() {
+                waiting.timed_out();
                 return Err(PoolFull {
                     size,
                     waited: started.elapsed(),
@@ -186,10 +183,39 @@ impl Pool {
         }
     }
 
+    /// An idle server that is still sound, or a place while the pool has
+    /// room; with the idle servers found unsound, to be closed.
+    fn try_lend(
+        self: &Arc<Self>,
+        size: usize,
+        idle_timeout: Duration,
+    ) -> (Option<Lent>, Vec<Server>) {
+        let mut state = self.lock();
+        let mut stale = Vec::new();
+        while let Some(mut server) = state.idle.pop() {
+            if server.idle_since.elapsed() > idle_timeout || !quiet(&mut server.stream) {
+                stale.push(server);
+                continue;
+            }
+            self.metrics.servers(state.open, state.idle.len());
+            self.metrics.lent(false);
+            return (Some(Lent::Idle(server)), stale);
+        }
+        if state.open < size {
+            state.open += 1;
+            self.metrics.servers(state.open, state.idle.len());
+            return (Some(Lent::Open(Opening(Place(Arc::clone(self))))), stale);
+        }
+        (None, stale)
+    }
+
     /// Takes a server back, idle from now.
     pub fn give_back(&self, mut server: Server) {
         server.idle_since = Instant::now();
-        self.lock().idle.push(server);
+        let mut state = self.lock();
+        state.idle.push(server);
+        self.metrics.servers(state.open, state.idle.len());
+        drop(state);
         self.changed.notify_one();
     }
 
@@ -197,7 +223,30 @@ impl Pool {
     /// served); lent ones close when their sessions end with them.
     pub fn close_idle(&self) {
         let idle = std::mem::take(&mut self.lock().idle);
+        for _ in &idle {
+            self.metrics.closed(Closed::Demotion);
+        }
         drop(idle);
+    }
+}
+
+/// A client counted as waiting for a full pool while this lives.
+struct Waiting<'a>(&'a PoolMetrics);
+
+impl<'a> Waiting<'a> {
+    fn new(metrics: &'a PoolMetrics) -> Self {
+        metrics.waiting(1.0);
+        Self(metrics)
+    }
+
+    fn timed_out(&self) {
+        self.0.wait_timed_out();
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.waiting(-1.0);
     }
 }
 
@@ -225,6 +274,12 @@ impl Pools {
             Arc::new(Pool {
                 state: Mutex::default(),
                 changed: Notify::new(),
+                metrics: PoolMetrics::new(
+                    key.listener.to_string(),
+                    key.member.to_string(),
+                    key.database.clone(),
+                    key.user.clone(),
+                ),
             })
         }))
     }

@@ -34,6 +34,7 @@ use crate::auth::client_login::{self, LoginError, Proved};
 use crate::auth::secret::Secret;
 use crate::auth::server_login::{self, ServerLoginError};
 use crate::config::ListenerRole;
+use crate::metrics::pool::Closed;
 use crate::metrics::{ConnectionOutcome, EndReason};
 use crate::pool::own_query::{self, Answered};
 use crate::pool::relay::{PooledRelay, RelayEnd};
@@ -314,13 +315,18 @@ impl Session<'_> {
             }
             PooledEnd::Relay(RelayEnd::Terminated | RelayEnd::ClientClosed) => {
                 debug!("the client left with its server busy: the server is closed");
+                lent.pool.metrics.closed(Closed::Busy);
                 (EndReason::Client, None)
             }
             PooledEnd::Relay(RelayEnd::ClientError(e)) => {
                 debug!("client connection failed: {e}; the server is closed");
+                lent.pool.metrics.closed(Closed::Busy);
                 (EndReason::Client, None)
             }
-            PooledEnd::Relay(RelayEnd::Protocol(e)) => (EndReason::Client, Some(e)),
+            PooledEnd::Relay(RelayEnd::Protocol(e)) => {
+                lent.pool.metrics.closed(Closed::Busy);
+                (EndReason::Client, Some(e))
+            }
             PooledEnd::Relay(RelayEnd::ServerClosed) => {
                 let error = (!relay.server_sent_error_last())
                     .then(|| lost_backend(&member, cluster, "the server closed the connection"));
@@ -338,6 +344,7 @@ impl Session<'_> {
                     &member.name,
                     &misfit.reason(cluster),
                 );
+                lent.pool.metrics.closed(Closed::Demotion);
                 lent.pool.close_idle();
                 (EndReason::Demotion, Some(error))
             }
@@ -368,7 +375,7 @@ async fn give_back(mut lent: LentServer, settings: &PoolSettings) {
     )
     .await;
     match reset {
-        Ok(Ok(Answered::Done)) => lent.pool.give_back(lent.server),
+        Ok(Ok(Answered::Done)) => return lent.pool.give_back(lent.server),
         Ok(Ok(Answered::Failed(_))) => warn!(
             "server_reset_query {:?} failed: the server is closed",
             settings.reset_query
@@ -376,6 +383,7 @@ async fn give_back(mut lent: LentServer, settings: &PoolSettings) {
         Ok(Err(e)) => debug!("reset failed, the server is closed: {e}"),
         Err(_) => warn!("server_reset_query took over {RESET_TIMEOUT:?}: the server is closed"),
     }
+    lent.pool.metrics.closed(Closed::Reset);
 }
 
 /// The client's startup parameters to set on its server; the ones a
