@@ -37,7 +37,8 @@ fn main() {
         session_mode_lends_one_server_to_clients_in_turn_and_resets_it,
         passwords_are_checked_by_rolegate_with_postgresql_answers,
         a_full_pool_makes_clients_wait_then_says_which_limit,
-        cancel_and_psql_work_through_a_pooled_listener
+        cancel_and_psql_work_through_a_pooled_listener,
+        auth_query_reads_secrets_as_postgresql_would_let_roles_in
     ];
     run_suite(tests, start, false);
 }
@@ -282,4 +283,123 @@ fn cancel_and_psql_work_through_a_pooled_listener(env: &Env) -> Result<(), Faile
         out.status.success() && String::from_utf8_lossy(&out.stdout).trim() == "42",
         format!("psql: {}", String::from_utf8_lossy(&out.stderr)),
     )
+}
+
+/// A rolegate whose pooled listener reads secrets with `auth_query` as
+/// `auth_user` (no `auth_file`); `extra` adds listener keys.
+fn queried(env: &Env, name: &str, user: &str, password: &str, extra: &str) -> (Rolegate, u16) {
+    let file = env.cluster.root.join(format!("{name}-password"));
+    std::fs::write(&file, format!("{password}\n")).expect("write the password file");
+    let port = free_port();
+    let config = format!(
+        "[clusters.main]\nprimary = \"{}\"\n\n[[listeners]]\nlisten = \"127.0.0.1:{port}\"\n\
+         cluster = \"main\"\nrole = \"primary\"\npool_mode = \"session\"\nauth_user = \"{user}\"\n\
+         auth_password_file = \"{}\"\n{extra}\n",
+        env.cluster.primary.address(),
+        file.display()
+    );
+    (Rolegate::start(&env.cluster.root, name, &config), port)
+}
+
+/// The 28P01 a login through `port` gets, or why not.
+async fn refused_login(port: u16, user: &str, password: &str) -> Result<(), Failed> {
+    let err = connect(&conninfo(port, user, password))
+        .await
+        .err()
+        .ok_or(format!("{user} logged in"))?;
+    check(
+        sqlstate(&err).as_deref() == Some("28P01"),
+        format!("{user}: {:?} {}", sqlstate(&err), server_message(&err)),
+    )
+}
+
+fn auth_query_reads_secrets_as_postgresql_would_let_roles_in(env: &Env) -> Result<(), Failed> {
+    let primary = &env.cluster.primary;
+    primary.psql(
+        "CREATE ROLE nologin_role NOLOGIN PASSWORD 'pw'; \
+         CREATE ROLE expired_role LOGIN PASSWORD 'pw' VALID UNTIL '2000-01-01'; \
+         CREATE ROLE authq LOGIN PASSWORD 'authq-secret'",
+    );
+    // In the database the clients ask for: auth_query runs there.
+    primary.psql_in(
+        "app",
+        "CREATE SCHEMA pgbouncer AUTHORIZATION authq; \
+         CREATE FUNCTION pgbouncer.get_auth(p_usename text) RETURNS TABLE(usename name, passwd text) \
+           LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog AS \
+           $$ SELECT usename, passwd FROM pg_shadow WHERE usename = p_usename $$; \
+         REVOKE ALL ON FUNCTION pgbouncer.get_auth(text) FROM PUBLIC; \
+         GRANT EXECUTE ON FUNCTION pgbouncer.get_auth(text) TO authq",
+    );
+    let (rolegate, port) = queried(env, "query", "postgres", "postgres", "");
+    runtime().block_on(async {
+        for (user, password) in [("app", "app"), ("md5user", "md5pw")] {
+            let client = connect(&conninfo(port, user, password))
+                .await
+                .map_err(|e| format!("{user}: {}", server_message(&e)))?;
+            client.query_one("select 1", &[]).await?;
+        }
+        for (user, password) in [
+            ("app", "wrong"),
+            ("ghost", "pw"),
+            ("nologin_role", "pw"),
+            ("expired_role", "pw"),
+        ] {
+            refused_login(port, user, password).await?;
+        }
+        Ok::<_, Failed>(())
+    })?;
+    // Refused by rolegate's own check (PostgreSQL's server login would
+    // refuse an expired role too, with the same SQLSTATE).
+    let log = rolegate.log();
+    for role in ["nologin_role", "expired_role"] {
+        check(
+            log.lines()
+                .any(|l| l.contains("pooled login refused") && l.contains(role)),
+            format!("{role} was not refused by the query's answer"),
+        )?;
+    }
+    // PgBouncer's recommended function, run by a role of its own.
+    let (_pgbouncer_style, port) = queried(
+        env,
+        "function",
+        "authq",
+        "authq-secret",
+        "auth_query = \"SELECT usename, passwd FROM pgbouncer.get_auth($1)\"",
+    );
+    runtime().block_on(async {
+        let client = connect(&conninfo(port, "app", "app"))
+            .await
+            .map_err(|e| format!("app through get_auth: {}", server_message(&e)))?;
+        client.query_one("select 1", &[]).await?;
+        Ok::<_, Failed>(())
+    })?;
+    // A wrong auth_user password: a clear error naming the keys, and not
+    // the password.
+    let (broken, port) = queried(env, "broken", "authq", "not-the-password", "");
+    runtime().block_on(async {
+        let err = connect(&conninfo(port, "app", "app"))
+            .await
+            .err()
+            .ok_or("logged in with a broken auth_user")?;
+        let db = err
+            .as_db_error()
+            .ok_or(format!("not a server error: {err}"))?;
+        let hint = db.hint().unwrap_or_default();
+        check(
+            db.code().code() == "08001"
+                && db.message().contains("auth_user \"authq\"")
+                && hint.contains("listeners[0].auth_user"),
+            format!("got {}: {} ({hint})", db.code().code(), db.message()),
+        )?;
+        check(
+            !db.message().contains("not-the-password") && !hint.contains("not-the-password"),
+            "the password is in the error",
+        )
+    })?;
+    check(
+        !broken.log().contains("not-the-password"),
+        "auth_user's password reached the log",
+    )?;
+    println!("auth_query: SCRAM and md5 roles in; wrong password, unknown, NOLOGIN and expired roles get 28P01; PgBouncer's get_auth works; a broken auth_user names its keys");
+    Ok(())
 }

@@ -288,7 +288,7 @@ mod tests {
 
     #[tokio::test]
     async fn md5_checks_the_answer() {
-        let stored = md5::stored_for("md5pw", "md5user");
+        let stored = md5::stored("md5pw", "md5user");
         let (proved, driver) = driver_login(Some(Secret::Md5(stored)), "md5user", "md5pw").await;
         assert!(matches!(proved, Ok(Proved::Md5)));
         driver.expect("logged in");

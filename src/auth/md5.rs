@@ -26,12 +26,15 @@ pub fn verify(stored: &[u8; 32], salt: [u8; 4], client_answer: &[u8]) -> bool {
     bool::from(answer(stored, salt).as_bytes().ct_eq(client_answer))
 }
 
-/// The stored digest PostgreSQL keeps for a password: for tests.
-#[cfg(test)]
-pub(crate) fn stored_for(password: &str, role: &str) -> [u8; 32] {
+/// The digest PostgreSQL stores for `password` of `role`: how
+/// `auth_user` answers an md5 challenge with its password.
+pub fn stored(password: &str, role: &str) -> [u8; 32] {
     let digest = Md5::digest(format!("{password}{role}"));
-    let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
-    hex.as_bytes().try_into().expect("32 hex digits")
+    let mut out = [0u8; 32];
+    for (i, byte) in digest.iter().enumerate() {
+        out[2 * i..2 * i + 2].copy_from_slice(format!("{byte:02x}").as_bytes());
+    }
+    out
 }
 
 #[cfg(test)]
@@ -42,7 +45,7 @@ mod tests {
     /// computed from the definition independently of `answer`.
     #[test]
     fn answers_as_libpq_does() {
-        let stored = stored_for("md5pw", "md5user");
+        let stored = stored("md5pw", "md5user");
         let inner: String = Md5::digest(b"md5pwmd5user")
             .iter()
             .map(|b| format!("{b:02x}"))

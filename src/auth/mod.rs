@@ -4,7 +4,8 @@
 //! (`server::authenticate`). A pooled client cannot: the server it will use
 //! is already logged in, or is logged in later on its behalf. So rolegate
 //! checks the client itself against a stored secret (PostgreSQL's own
-//! `pg_authid.rolpassword` value, from an `auth_file`) and logs in to
+//! `pg_authid.rolpassword` value, from an `auth_file` or read from the
+//! cluster by `auth_query`) and logs in to
 //! servers with what the client's proof yields:
 //!
 //! - SCRAM-SHA-256: the client's proof XOR the client signature is its
@@ -14,10 +15,13 @@
 //! - md5: the stored hash is what the server's challenge is answered with.
 //!
 //! The parts: [`secret`] (parsing stored secrets), [`userlist`] (the
-//! `auth_file`), [`scram`] and [`md5`] (the arithmetic, no I/O),
+//! `auth_file`), [`auth_query`] and [`cache`] (secrets read from the
+//! cluster as `auth_user`), [`scram`] and [`md5`] (the arithmetic, no I/O),
 //! [`client_login`] (the client's side of a pooled login) and
 //! [`server_login`] (rolegate logging in to a server).
 
+pub(crate) mod auth_query;
+pub(crate) mod cache;
 pub(crate) mod client_login;
 pub(crate) mod md5;
 pub mod scram;

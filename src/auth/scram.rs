@@ -212,7 +212,42 @@ impl ClientExchange {
         secret: &ScramSecret,
         client_key: &[u8; 32],
     ) -> Result<(String, [u8; 32]), ScramError> {
-        let text = std::str::from_utf8(server_first)
+        let ServerFirst {
+            text,
+            nonce,
+            salt,
+            iterations,
+        } = self.server_first(server_first)?;
+        if salt != secret.salt || iterations != secret.iterations {
+            return Err(ScramError::SecretChanged);
+        }
+        let without_proof = format!("c=biws,r={nonce}");
+        let auth_message = format!("n=,r={},{text},{without_proof}", self.nonce);
+        let signature = hmac_sha256(&secret.stored_key, auth_message.as_bytes());
+        let proof = xor(client_key, &signature);
+        let server_signature = hmac_sha256(&secret.server_key, auth_message.as_bytes());
+        Ok((
+            format!("{without_proof},p={}", BASE64.encode(proof)),
+            server_signature,
+        ))
+    }
+}
+
+/// A server-first message, read.
+pub(crate) struct ServerFirst<'a> {
+    text: &'a str,
+    nonce: &'a str,
+    pub salt: Vec<u8>,
+    pub iterations: u32,
+}
+
+impl ClientExchange {
+    /// Reads a server-first message: its nonce must extend ours.
+    pub(crate) fn server_first<'a>(
+        &self,
+        message: &'a [u8],
+    ) -> Result<ServerFirst<'a>, ScramError> {
+        let text = std::str::from_utf8(message)
             .map_err(|_| ScramError::Malformed("server-first is not UTF-8"))?;
         let mut fields = text.split(',');
         let nonce = fields
@@ -231,20 +266,44 @@ impl ClientExchange {
             .next()
             .and_then(|f| f.strip_prefix("i="))
             .and_then(|i| i.parse().ok())
+            .filter(|&i| i > 0)
             .ok_or(ScramError::Malformed("server-first lacks the iterations"))?;
-        if salt != secret.salt || iterations != secret.iterations {
-            return Err(ScramError::SecretChanged);
-        }
-        let without_proof = format!("c=biws,r={nonce}");
-        let auth_message = format!("n=,r={},{text},{without_proof}", self.nonce);
-        let signature = hmac_sha256(&secret.stored_key, auth_message.as_bytes());
-        let proof = xor(client_key, &signature);
-        let server_signature = hmac_sha256(&secret.server_key, auth_message.as_bytes());
-        Ok((
-            format!("{without_proof},p={}", BASE64.encode(proof)),
-            server_signature,
-        ))
+        Ok(ServerFirst {
+            text,
+            nonce,
+            salt,
+            iterations,
+        })
     }
+}
+
+/// The most PBKDF2 iterations rolegate computes for a server's challenge
+/// to `auth_user` (PostgreSQL's default is 4096; this is about 2 s of CPU).
+pub const MAX_ITERATIONS: u32 = 1 << 20;
+
+/// The secret PostgreSQL stores for `password` with this salt and
+/// iteration count, and the ClientKey: how `auth_user` logs in with its
+/// password. The password is SASLprep-normalised as PostgreSQL does, and
+/// used as it is when it is not valid for SASLprep (PostgreSQL's rule).
+pub fn keys_from_password(password: &str, salt: &[u8], iterations: u32) -> (ScramSecret, [u8; 32]) {
+    let prepared = stringprep::saslprep(password);
+    let normalised = prepared.as_deref().unwrap_or(password);
+    let mut salted = [0; 32];
+    ring::pbkdf2::derive(
+        ring::pbkdf2::PBKDF2_HMAC_SHA256,
+        std::num::NonZeroU32::new(iterations).unwrap_or(std::num::NonZeroU32::MIN),
+        salt,
+        normalised.as_bytes(),
+        &mut salted,
+    );
+    let client_key = hmac_sha256(&salted, b"Client Key");
+    let secret = ScramSecret {
+        iterations,
+        salt: salt.to_vec(),
+        stored_key: sha256(&client_key),
+        server_key: hmac_sha256(&salted, b"Server Key"),
+    };
+    (secret, client_key)
 }
 
 /// Checks the server-final message against the expected signature.
@@ -307,26 +366,11 @@ fn xor(a: &[u8; 32], b: &[u8; 32]) -> [u8; 32] {
     std::array::from_fn(|i| a[i] ^ b[i])
 }
 
-/// The secret PostgreSQL would store for `password` (ASCII, so SASLprep
-/// changes nothing), and the ClientKey: for tests.
+/// The secret PostgreSQL would store for `password`, and the ClientKey:
+/// for tests.
 #[cfg(test)]
 pub(crate) fn secret_for(password: &str, salt: &[u8], iterations: u32) -> (ScramSecret, [u8; 32]) {
-    let mut salted = [0; 32];
-    ring::pbkdf2::derive(
-        ring::pbkdf2::PBKDF2_HMAC_SHA256,
-        std::num::NonZeroU32::new(iterations).expect("iterations"),
-        salt,
-        password.as_bytes(),
-        &mut salted,
-    );
-    let client_key = hmac_sha256(&salted, b"Client Key");
-    let secret = ScramSecret {
-        iterations,
-        salt: salt.to_vec(),
-        stored_key: sha256(&client_key),
-        server_key: hmac_sha256(&salted, b"Server Key"),
-    };
-    (secret, client_key)
+    keys_from_password(password, salt, iterations)
 }
 
 #[cfg(test)]

@@ -14,7 +14,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use super::client_login::Proved;
 use super::md5;
 use super::scram::{self, ClientExchange};
-use super::secret::Secret;
+use super::secret::{ScramSecret, Secret};
 use crate::protocol::encode;
 use crate::protocol::message::auth;
 use crate::protocol::message::{
@@ -47,22 +47,32 @@ pub enum ServerLoginError {
     Io(String),
 }
 
-/// Logs in as `user` to `database` on `server`.
+/// What rolegate answers a server's challenge with.
+pub enum Credentials<'a> {
+    /// A pooled client's: its stored secret and what its login proved.
+    Proved {
+        secret: &'a Secret,
+        proved: &'a Proved,
+    },
+    /// `auth_user`'s password.
+    Password(&'a str),
+}
+
+/// Logs in as `user` to `database` on `server`, with `extra` startup
+/// parameters.
 pub async fn log_in<S>(
     server: &mut S,
     user: &str,
     database: &str,
-    secret: &Secret,
-    proved: &Proved,
+    extra: &[(&str, &str)],
+    credentials: &Credentials<'_>,
 ) -> Result<LoggedIn, ServerLoginError>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    write(
-        server,
-        &encode::startup(&[("user", user), ("database", database)]),
-    )
-    .await?;
+    let mut startup = vec![("user", user), ("database", database)];
+    startup.extend_from_slice(extra);
+    write(server, &encode::startup(&startup)).await?;
     let mut buf = BytesMut::with_capacity(1024);
     let mut exchange = Exchange::default();
     let mut parameters = Vec::new();
@@ -88,7 +98,7 @@ where
             tag::AUTHENTICATION => {
                 let code = auth_request_code(msg.body())
                     .ok_or_else(|| protocol("an Authentication message without a code"))?;
-                if let Some(answer) = exchange.answer(code, &msg.body()[4..], secret, proved)? {
+                if let Some(answer) = exchange.answer(code, &msg.body()[4..], user, credentials)? {
                     write(server, &answer).await?;
                 }
             }
@@ -130,12 +140,20 @@ impl Exchange {
         &mut self,
         code: u32,
         data: &[u8],
-        secret: &Secret,
-        proved: &Proved,
+        user: &str,
+        credentials: &Credentials<'_>,
     ) -> Result<Option<Bytes>, ServerLoginError> {
-        match (code, secret, proved) {
-            (auth::OK, _, _) => Ok(None),
-            (auth::SASL, Secret::Scram(_), Proved::Scram { .. }) => {
+        let scram = match credentials {
+            Credentials::Proved {
+                secret: Secret::Scram(_),
+                proved: Proved::Scram { .. },
+            }
+            | Credentials::Password(_) => true,
+            Credentials::Proved { .. } => false,
+        };
+        match code {
+            auth::OK => Ok(None),
+            auth::SASL if scram => {
                 if !data
                     .split(|&b| b == 0)
                     .any(|m| m == scram::MECHANISM.as_bytes())
@@ -152,18 +170,25 @@ impl Exchange {
                     first.as_bytes(),
                 )))
             }
-            (auth::SASL_CONTINUE, Secret::Scram(secret), Proved::Scram { client_key }) => {
+            auth::SASL_CONTINUE if scram => {
                 let client = self
                     .client
                     .as_ref()
                     .ok_or_else(|| protocol("SASLContinue before SASL"))?;
+                let (secret, client_key) = match credentials {
+                    Credentials::Proved {
+                        secret: Secret::Scram(secret),
+                        proved: Proved::Scram { client_key },
+                    } => (secret.clone(), *client_key),
+                    _ => keys_for_challenge(client, data, credentials)?,
+                };
                 let (client_final, signature) = client
-                    .client_final(data, secret, client_key)
+                    .client_final(data, &secret, &client_key)
                     .map_err(|e| ServerLoginError::Protocol(e.to_string()))?;
                 self.expected_signature = Some(signature);
                 Ok(Some(encode::sasl_response(client_final.as_bytes())))
             }
-            (auth::SASL_FINAL, Secret::Scram(_), Proved::Scram { .. }) => {
+            auth::SASL_FINAL if scram => {
                 let expected = self
                     .expected_signature
                     .as_ref()
@@ -172,20 +197,70 @@ impl Exchange {
                     .map_err(|e| ServerLoginError::Protocol(e.to_string()))?;
                 Ok(None)
             }
-            (auth::MD5, Secret::Md5(stored), Proved::Md5) => {
+            auth::MD5 => {
                 let salt: [u8; 4] = data
                     .try_into()
                     .map_err(|_| protocol("an MD5 request without a 4-byte salt"))?;
-                Ok(Some(encode::password(&md5::answer(stored, salt))))
+                let stored = match credentials {
+                    Credentials::Proved {
+                        secret: Secret::Md5(stored),
+                        proved: Proved::Md5,
+                    } => *stored,
+                    Credentials::Password(password) => md5::stored(password, user),
+                    Credentials::Proved { secret, .. } => {
+                        return Err(method_mismatch(code, secret))
+                    }
+                };
+                Ok(Some(encode::password(&md5::answer(&stored, salt))))
             }
-            (code, secret, _) => Err(ServerLoginError::Method(format!(
-                "the server asks for authentication method {} but the stored secret is {}; \
-                 pooled logins need the server to ask for the stored secret's method",
-                auth::method_name(code),
-                secret.method()
-            ))),
+            auth::CLEARTEXT => match credentials {
+                Credentials::Password(password) => Ok(Some(encode::password(password))),
+                Credentials::Proved { secret, .. } => Err(method_mismatch(code, secret)),
+            },
+            code => match credentials {
+                Credentials::Proved { secret, .. } => Err(method_mismatch(code, secret)),
+                Credentials::Password(_) => Err(ServerLoginError::Method(format!(
+                    "the server asks for authentication method {}, which rolegate does not speak",
+                    auth::method_name(code)
+                ))),
+            },
         }
     }
+}
+
+/// The keys a password gives for the server's salt and iterations.
+fn keys_for_challenge(
+    client: &ClientExchange,
+    server_first: &[u8],
+    credentials: &Credentials<'_>,
+) -> Result<(ScramSecret, [u8; 32]), ServerLoginError> {
+    let Credentials::Password(password) = credentials else {
+        return Err(protocol("a SCRAM challenge without SCRAM credentials"));
+    };
+    let first = client
+        .server_first(server_first)
+        .map_err(|e| ServerLoginError::Protocol(e.to_string()))?;
+    if first.iterations > scram::MAX_ITERATIONS {
+        return Err(ServerLoginError::Protocol(format!(
+            "the server asks for {} SCRAM iterations, more than rolegate computes ({})",
+            first.iterations,
+            scram::MAX_ITERATIONS
+        )));
+    }
+    Ok(scram::keys_from_password(
+        password,
+        &first.salt,
+        first.iterations,
+    ))
+}
+
+fn method_mismatch(code: u32, secret: &Secret) -> ServerLoginError {
+    ServerLoginError::Method(format!(
+        "the server asks for authentication method {} but the stored secret is {}; \
+         pooled logins need the server to ask for the stored secret's method",
+        auth::method_name(code),
+        secret.method()
+    ))
 }
 
 fn protocol(what: &str) -> ServerLoginError {

@@ -462,6 +462,23 @@ pub struct ListenerConfig {
     /// How long a client waits for a server of a full pool.
     #[serde(default = "default_query_wait_timeout")]
     pub query_wait_timeout: Duration,
+    /// The role that reads other roles' secrets from the cluster.
+    #[serde(default)]
+    pub auth_user: Option<String>,
+    /// A file holding `auth_user`'s password (one line).
+    #[serde(default)]
+    pub auth_password_file: Option<PathBuf>,
+    /// An environment variable holding `auth_user`'s password.
+    #[serde(default)]
+    pub auth_password_env: Option<String>,
+    /// The query `auth_user` runs; `$1` is the role, the secret is the
+    /// last column.
+    #[serde(default)]
+    pub auth_query: Option<String>,
+    /// How long a secret read by `auth_query` is used before it is read
+    /// again.
+    #[serde(default = "default_auth_cache_lifetime")]
+    pub auth_cache_lifetime: Duration,
 }
 
 /// How a pooled listener lends servers.
@@ -488,6 +505,9 @@ fn default_server_reset_query() -> String {
 }
 fn default_server_idle_timeout() -> Duration {
     Duration::from_secs(600)
+}
+fn default_auth_cache_lifetime() -> Duration {
+    Duration::from_secs(60)
 }
 fn default_query_wait_timeout() -> Duration {
     Duration::from_secs(120)

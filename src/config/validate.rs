@@ -157,23 +157,55 @@ fn validate_listener(
     Ok(addr)
 }
 
-/// A pooled listener names its secrets; a passthrough one has none.
+/// A pooled listener names where its secrets come from; a passthrough one
+/// has none.
 fn validate_pooling(i: usize, listener: &ListenerConfig) -> Result<(), KeyedError> {
     let key = |field: &str| format!("listeners[{i}].{field}");
-    match (&listener.pool_mode, &listener.auth_file) {
-        (Some(_), None) => {
+    let pooled_only = [
+        ("auth_file", listener.auth_file.is_some()),
+        ("auth_user", listener.auth_user.is_some()),
+        ("auth_password_file", listener.auth_password_file.is_some()),
+        ("auth_password_env", listener.auth_password_env.is_some()),
+        ("auth_query", listener.auth_query.is_some()),
+    ];
+    if listener.pool_mode.is_none() {
+        if let Some((field, _)) = pooled_only.iter().find(|(_, set)| *set) {
             return Err(KeyedError::new(
-                key("auth_file"),
-                "a pooled listener (pool_mode) checks passwords itself: name the file of its roles' secrets, e.g. auth_file = \"/etc/rolegate/userlist.txt\"",
-            ))
+                key(field),
+                "only a pooled listener (pool_mode = \"session\") reads secrets; a passthrough listener relays the login to PostgreSQL",
+            ));
         }
-        (None, Some(_)) => {
+        return Ok(());
+    }
+    if listener.auth_file.is_none() && listener.auth_user.is_none() {
+        return Err(KeyedError::new(
+            key("auth_file"),
+            "a pooled listener (pool_mode) checks passwords itself: name the file of its roles' secrets (auth_file = \"/etc/rolegate/userlist.txt\") or the role that reads them from the cluster (auth_user)",
+        ));
+    }
+    if listener.auth_user.is_none() {
+        for field in ["auth_password_file", "auth_password_env", "auth_query"] {
+            if pooled_only.iter().any(|(f, set)| *f == field && *set) {
+                return Err(KeyedError::new(
+                    key(field),
+                    "only used with auth_user, the role that runs auth_query",
+                ));
+            }
+        }
+    }
+    if listener.auth_password_file.is_some() && listener.auth_password_env.is_some() {
+        return Err(KeyedError::new(
+            key("auth_password_env"),
+            "auth_user's password comes from auth_password_file or auth_password_env, not both",
+        ));
+    }
+    if let Some(query) = &listener.auth_query {
+        if !query.contains("$1") || query.contains('\0') {
             return Err(KeyedError::new(
-                key("auth_file"),
-                "only a pooled listener (pool_mode = \"session\") reads an auth_file; a passthrough listener relays the login to PostgreSQL",
-            ))
+                key("auth_query"),
+                "the query takes the role as $1 (and no NUL byte), e.g. \"SELECT usename, passwd FROM pgbouncer.get_auth($1)\"",
+            ));
         }
-        _ => {}
     }
     if !(1..=10_000).contains(&listener.pool_size) {
         return Err(KeyedError::new(

@@ -5,12 +5,16 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
+use crate::auth::auth_query::DEFAULT_QUERY;
 use crate::auth::secret::Secret;
 use crate::auth::userlist;
 use crate::config::{ListenerConfig, PoolMode};
 
 #[derive(Debug, PartialEq)]
 pub struct PoolSettings {
+    /// The listener's dotted key (`listeners[0]`), for errors that name
+    /// what to fix.
+    pub key: String,
     pub mode: PoolMode,
     /// Roles and their secrets; a role not here is refused like a wrong
     /// password.
@@ -19,6 +23,28 @@ pub struct PoolSettings {
     pub reset_query: String,
     pub idle_timeout: Duration,
     pub wait_timeout: Duration,
+    /// Secrets read from the cluster for roles `secrets` does not list.
+    pub auth_query: Option<AuthQuerySettings>,
+}
+
+/// `auth_user` and the query it runs.
+#[derive(Debug, PartialEq)]
+pub struct AuthQuerySettings {
+    pub user: String,
+    /// `None`: the member lets `auth_user` in without one (trust).
+    pub password: Option<Password>,
+    pub query: String,
+    pub lifetime: Duration,
+}
+
+/// `auth_user`'s password: shown as `..` by `Debug`, so it reaches no log.
+#[derive(PartialEq)]
+pub struct Password(pub String);
+
+impl std::fmt::Debug for Password {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Password(..)")
+    }
 }
 
 impl PoolSettings {
@@ -26,22 +52,71 @@ impl PoolSettings {
     /// reading its `auth_file`. `key` is the listener's dotted key, for
     /// errors.
     pub fn load(listener: &ListenerConfig, key: &str) -> Result<Option<Self>, String> {
-        let (Some(mode), Some(file)) = (listener.pool_mode, &listener.auth_file) else {
+        let Some(mode) = listener.pool_mode else {
             return Ok(None);
         };
-        let text = std::fs::read_to_string(file)
-            .map_err(|e| format!("{key}.auth_file: cannot read {}: {e}", file.display()))?;
-        let secrets = userlist::parse(&text)
-            .map_err(|e| format!("{key}.auth_file: {}: {e}", file.display()))?;
+        let secrets = match &listener.auth_file {
+            None => HashMap::new(),
+            Some(file) => {
+                let text = std::fs::read_to_string(file)
+                    .map_err(|e| format!("{key}.auth_file: cannot read {}: {e}", file.display()))?;
+                userlist::parse(&text)
+                    .map_err(|e| format!("{key}.auth_file: {}: {e}", file.display()))?
+            }
+        };
+        let auth_query = match &listener.auth_user {
+            None => None,
+            Some(user) => Some(AuthQuerySettings {
+                user: user.clone(),
+                password: auth_password(listener, key)?,
+                query: listener
+                    .auth_query
+                    .clone()
+                    .unwrap_or_else(|| DEFAULT_QUERY.to_owned()),
+                lifetime: listener.auth_cache_lifetime.get(),
+            }),
+        };
         Ok(Some(Self {
+            key: key.to_owned(),
             mode,
             secrets,
             size: listener.pool_size,
             reset_query: listener.server_reset_query.clone(),
             idle_timeout: listener.server_idle_timeout.get(),
             wait_timeout: listener.query_wait_timeout.get(),
+            auth_query,
         }))
     }
+}
+
+/// `auth_user`'s password from its file (the first line) or variable;
+/// the errors name the key and never the password.
+fn auth_password(listener: &ListenerConfig, key: &str) -> Result<Option<Password>, String> {
+    if let Some(file) = &listener.auth_password_file {
+        let text = std::fs::read_to_string(file).map_err(|e| {
+            format!(
+                "{key}.auth_password_file: cannot read {}: {e}",
+                file.display()
+            )
+        })?;
+        let password = text.lines().next().unwrap_or_default();
+        if password.is_empty() {
+            return Err(format!(
+                "{key}.auth_password_file: {} is empty",
+                file.display()
+            ));
+        }
+        return Ok(Some(Password(password.to_owned())));
+    }
+    if let Some(name) = &listener.auth_password_env {
+        return match std::env::var(name) {
+            Ok(password) if !password.is_empty() => Ok(Some(Password(password))),
+            _ => Err(format!(
+                "{key}.auth_password_env: the environment variable {name} is not set (or empty)"
+            )),
+        };
+    }
+    Ok(None)
 }
 
 #[cfg(test)]

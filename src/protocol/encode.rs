@@ -3,6 +3,7 @@
 //! DEPENDENCIES.md settles (pgwire's decoders never see peer bytes).
 
 use bytes::{Bytes, BytesMut};
+use pgwire::messages::extendedquery::{Bind, Execute, Parse, Sync};
 use pgwire::messages::response::{ReadyForQuery, TransactionStatus};
 use pgwire::messages::simplequery::Query;
 use pgwire::messages::startup::{
@@ -82,6 +83,26 @@ pub fn password(text: &str) -> Bytes {
 /// A simple Query of rolegate's own (a reset, a replayed `SET`).
 pub fn query(sql: &str) -> Bytes {
     encode(&Query::new(sql.to_owned()))
+}
+
+/// One parameterised query in the extended protocol, text in and out:
+/// Parse (unnamed), Bind, Execute, Sync.
+pub fn extended_query(sql: &str, parameters: &[&str]) -> Bytes {
+    let mut out = BytesMut::new();
+    out.extend_from_slice(&encode(&Parse::new(None, sql.to_owned(), Vec::new())));
+    out.extend_from_slice(&encode(&Bind::new(
+        None,
+        None,
+        Vec::new(),
+        parameters
+            .iter()
+            .map(|p| Some(Bytes::copy_from_slice(p.as_bytes())))
+            .collect(),
+        Vec::new(),
+    )));
+    out.extend_from_slice(&encode(&Execute::new(None, 0)));
+    out.extend_from_slice(&encode(&Sync::new()));
+    out.freeze()
 }
 
 pub fn terminate() -> Bytes {

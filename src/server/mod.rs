@@ -42,6 +42,7 @@ use arc_swap::ArcSwap;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::auth::cache::SecretCache;
 use crate::config::Limits;
 use crate::events::EventLog;
 use crate::metrics::{ListenerMetrics, RelayedBytes, SessionCounts};
@@ -88,6 +89,8 @@ pub struct Shared {
     pub logins: LoginGates,
     /// The server connections of pooled listeners.
     pub pools: Pools,
+    /// Secrets pooled listeners read with `auth_query`.
+    pub secrets: SecretCache,
     pub relayed: RelayedBytes,
     /// The event loops sessions are handed to.
     pub loops: Loops,
@@ -113,6 +116,7 @@ impl Shared {
             sessions: SessionCounts::new(),
             logins: LoginGates::default(),
             pools: Pools::default(),
+            secrets: SecretCache::default(),
             relayed: RelayedBytes::new(),
         }
     }

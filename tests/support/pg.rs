@@ -132,6 +132,11 @@ impl PgServer {
 
     /// Runs SQL as the superuser over the server's unix socket.
     pub fn psql(&self, sql: &str) -> String {
+        self.psql_in("postgres", sql)
+    }
+
+    /// As [`PgServer::psql`], in `database`.
+    pub fn psql_in(&self, database: &str, sql: &str) -> String {
         let out = run_ok(
             pg_command(Path::new("/usr/bin/psql"))
                 .arg("-h")
@@ -142,7 +147,7 @@ impl PgServer {
                     "-U",
                     "postgres",
                     "-d",
-                    "postgres",
+                    database,
                 ])
                 .args(["-v", "ON_ERROR_STOP=1", "-AtX", "-c", sql]),
             "psql",

@@ -10,6 +10,7 @@
 mod connect;
 mod pooled;
 mod refusal;
+mod secrets;
 
 use std::borrow::Borrow;
 use std::net::SocketAddr;

@@ -32,7 +32,7 @@ use super::refusal::{shutdown_error, Refusal};
 use super::{lost_backend, refuse, wait_for_misfit, Session};
 use crate::auth::client_login::{self, LoginError, Proved};
 use crate::auth::secret::Secret;
-use crate::auth::server_login::{self, ServerLoginError};
+use crate::auth::server_login::{self, Credentials, ServerLoginError};
 use crate::config::ListenerRole;
 use crate::metrics::pool::Closed;
 use crate::metrics::{ConnectionOutcome, EndReason};
@@ -92,7 +92,23 @@ impl Session<'_> {
         };
         let user = startup.user();
         let database = startup.database();
-        let secret = settings.secrets.get(&user);
+        let looked_up = timeout_at(
+            self.handshake_deadline.into(),
+            self.secret_of(settings, &user, &database),
+        )
+        .await;
+        let secret = match looked_up {
+            Ok(Ok(secret)) => secret,
+            Ok(Err(refusal)) => return self.refused(&mut client, refusal).await,
+            Err(_) => {
+                let refusal = Refusal::TimedOut {
+                    limit: self.limits.handshake_timeout,
+                    encrypting: false,
+                };
+                return refuse(&mut client, refusal).await;
+            }
+        };
+        let secret = secret.as_ref();
         let login = timeout_at(
             self.handshake_deadline.into(),
             client_login::log_in(&mut client, &mut buffered, &user, secret),
@@ -188,7 +204,13 @@ impl Session<'_> {
                         let deadline = Instant::now() + self.limits.handshake_timeout.get();
                         let logged_in = timeout_at(
                             deadline.into(),
-                            server_login::log_in(&mut stream, user, database, secret, proved),
+                            server_login::log_in(
+                                &mut stream,
+                                user,
+                                database,
+                                &[],
+                                &Credentials::Proved { secret, proved },
+                            ),
                         )
                         .await
                         .unwrap_or_else(|_| {

@@ -61,6 +61,13 @@ pub enum Refusal {
     /// The server refused one of the client's startup parameters (its
     /// ErrorResponse, passed on).
     SettingRefused(Bytes),
+    /// `auth_query` answered on no member and no answer was kept.
+    AuthQuery {
+        /// The listener's dotted key.
+        listener: String,
+        user: String,
+        failure: String,
+    },
 }
 
 impl Refusal {
@@ -89,7 +96,7 @@ impl Refusal {
                 ..
             }
             | Self::SettingRefused(_) => ConnectionOutcome::AuthRefused,
-            Self::ServerLogin { .. } => ConnectionOutcome::BackendError,
+            Self::ServerLogin { .. } | Self::AuthQuery { .. } => ConnectionOutcome::BackendError,
             Self::Authentication(e) => match e {
                 AuthError::Client(_) => ConnectionOutcome::ProtocolError,
                 AuthError::Backend(_) => ConnectionOutcome::BackendError,
@@ -123,6 +130,11 @@ impl Refusal {
             Self::PoolFull { member, full } => Some(pool_full_error(member, full)),
             Self::ServerLogin { member, error } => server_login_error(member, error),
             Self::SettingRefused(_) => None,
+            Self::AuthQuery {
+                listener,
+                user,
+                failure,
+            } => Some(auth_query_error(listener, user, failure)),
             Self::Handshake(_)
             | Self::TimedOut { .. }
             | Self::ClientLeft
@@ -224,6 +236,15 @@ fn server_login_error(member: &str, error: &ServerLoginError) -> Option<Protocol
             .with_hint("Reconnect; if this persists, check the member's PostgreSQL log and that the auth_file secret is the role's current one."),
         ),
     }
+}
+
+/// The FATAL of a pooled client whose secret could not be read.
+fn auth_query_error(listener: &str, user: &str, failure: &str) -> ProtocolError {
+    ProtocolError::new(
+        SqlState::SQLCLIENT_UNABLE_TO_ESTABLISH_SQLCONNECTION,
+        format!("rolegate could not read the role's secret with auth_query as auth_user {user:?}: {failure}"),
+    )
+    .with_hint(format!("Check {listener}.auth_user, its password (auth_password_file or auth_password_env) and {listener}.auth_query; the member's log says more."))
 }
 
 /// The FATAL of a handshake that ran out of time.
