@@ -12,6 +12,9 @@
 //! (fast when they are in place); their scenarios live in
 //! `tests/drivers/psycopg_scenarios.py` and `tests/drivers/node/scenarios.js`.
 //!
+//! The scenarios run again through a second rolegate whose listeners pool
+//! server connections (session mode, `pooled::…`).
+//!
 //! When a check fails through rolegate, the same scenario is run directly
 //! against the members and both outcomes are reported: a failure through
 //! rolegate that passes directly is a rolegate bug.
@@ -114,6 +117,10 @@ struct Env {
     rolegate: Rolegate,
     rw: u16,
     ro: u16,
+    /// A rolegate whose listeners pool (session mode), and their ports.
+    pooled: Rolegate,
+    pooled_rw: u16,
+    pooled_ro: u16,
     python: PathBuf,
     counter: AtomicUsize,
     fleet: FleetEnv,
@@ -134,6 +141,7 @@ impl Env {
             "[limits]\nhold_timeout = \"30s\"\n",
         );
         let rolegate = Rolegate::start(&root, "drivers", &config);
+        let (pooled, pooled_rw, pooled_ro) = start_pooled(&lab, &root);
         let fleet = FleetEnv::start(&lab, &root);
         Self {
             fleet,
@@ -142,6 +150,9 @@ impl Env {
             rolegate,
             rw,
             ro,
+            pooled,
+            pooled_rw,
+            pooled_ro,
             python,
             counter: AtomicUsize::new(0),
         }
@@ -161,6 +172,23 @@ impl Env {
         }
     }
 
+    fn through_pooled(&self) -> Ports {
+        Ports {
+            rw: self.pooled_rw,
+            ro: self.pooled_ro,
+            how: "through a pooled rolegate".to_owned(),
+        }
+    }
+
+    /// The rolegate a trial runs through.
+    fn proxy(&self, pooled: bool) -> &Rolegate {
+        if pooled {
+            &self.pooled
+        } else {
+            &self.rolegate
+        }
+    }
+
     /// The leader's and a replica's own PostgreSQL ports.
     fn direct(&self) -> Ports {
         let leader = self.lab.leader();
@@ -176,10 +204,39 @@ impl Env {
     }
 
     fn rolegate_log_tail(&self, lines: usize) -> String {
-        let log = self.rolegate.log();
-        let all: Vec<&str> = log.lines().collect();
-        all[all.len().saturating_sub(lines)..].join("\n")
+        log_tail(&self.rolegate, lines)
     }
+}
+
+/// The last `lines` of a rolegate's log.
+fn log_tail(rolegate: &Rolegate, lines: usize) -> String {
+    let log = rolegate.log();
+    let all: Vec<&str> = log.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+/// A rolegate with pooled listeners (session mode) in front of the lab:
+/// app's secret as the leader stores it; pool_size 4 per role.
+fn start_pooled(lab: &Lab, root: &Path) -> (Rolegate, u16, u16) {
+    let secret = lab.psql(
+        &lab.leader(),
+        "select rolpassword from pg_authid where rolname = 'app'",
+    );
+    let userlist = root.join("pooled-userlist.txt");
+    std::fs::write(&userlist, format!("\"app\" \"{secret}\"\n")).expect("write userlist");
+    let pooled = format!(
+        "pool_mode = \"session\"\nauth_file = \"{}\"\npool_size = 4\n",
+        userlist.display()
+    );
+    let (rw, ro) = (free_port(), free_port());
+    let config = format!(
+        "[clusters.demo]\nscope = \"demo\"\nnamespace = \"/service/\"\n{}\n\n\
+         [[listeners]]\nlisten = \"127.0.0.1:{rw}\"\ncluster = \"demo\"\nrole = \"primary\"\n{pooled}\n\
+         [[listeners]]\nlisten = \"127.0.0.1:{ro}\"\ncluster = \"demo\"\nrole = \"replica\"\n{pooled}\n\
+         [limits]\nhold_timeout = \"30s\"\n",
+        lab.etcd_line()
+    );
+    (Rolegate::start(root, "drivers-pooled", &config), rw, ro)
 }
 
 /// Runs `tests/drivers/install.sh` and returns the venv's python.
@@ -263,14 +320,29 @@ fn main() {
         for scenario in SCENARIOS {
             add(
                 format!("{}::{scenario}", client.name()),
-                Box::new(move |env| scenario_trial(env, client, scenario)),
+                Box::new(move |env| scenario_trial(env, client, scenario, false)),
             );
         }
     }
     for scenario in PGBENCH_SCENARIOS {
         add(
             format!("pgbench::{scenario}"),
-            Box::new(move |env| scenario_trial(env, Client::Pgbench, scenario)),
+            Box::new(move |env| scenario_trial(env, Client::Pgbench, scenario, false)),
+        );
+    }
+    // The same scenarios through pooled listeners (session mode).
+    for client in DRIVERS {
+        for scenario in SCENARIOS {
+            add(
+                format!("pooled::{}::{scenario}", client.name()),
+                Box::new(move |env| scenario_trial(env, client, scenario, true)),
+            );
+        }
+    }
+    for scenario in PGBENCH_SCENARIOS {
+        add(
+            format!("pooled::pgbench::{scenario}"),
+            Box::new(move |env| scenario_trial(env, Client::Pgbench, scenario, true)),
         );
     }
     // Through a fleet of three: cancels reach another instance than the
@@ -296,7 +368,7 @@ fn main() {
     ] {
         add(
             format!("{}::{scenario}", client.name()),
-            Box::new(move |env| scenario_trial(env, client, scenario)),
+            Box::new(move |env| scenario_trial(env, client, scenario, false)),
         );
     }
     // Last: each switchover moves the leader.
@@ -318,14 +390,17 @@ fn main() {
 
 /// Runs one scenario through rolegate; on failure runs it directly against
 /// the members too and reports both.
-fn scenario_trial(env: &Env, client: Client, scenario: &str) -> Result<(), Failed> {
+fn scenario_trial(env: &Env, client: Client, scenario: &str, pooled: bool) -> Result<(), Failed> {
     let started = Instant::now();
-    let forwarded = || {
-        env.rolegate
-            .metric("rolegate_cancel_requests_total", "outcome=\"forwarded\"")
-    };
+    let proxy = env.proxy(pooled);
+    let forwarded = || proxy.metric("rolegate_cancel_requests_total", "outcome=\"forwarded\"");
     let forwarded_before = forwarded();
-    let mut checks = run_scenario(env, client, scenario, &env.through_rolegate());
+    let through = if pooled {
+        env.through_pooled()
+    } else {
+        env.through_rolegate()
+    };
+    let mut checks = run_scenario(env, client, scenario, &through);
     if scenario == "cancel" {
         // Each cancel must have travelled through rolegate to its member.
         // The counter rises once the member has closed the cancel
@@ -363,8 +438,9 @@ fn scenario_trial(env: &Env, client: Client, scenario: &str) -> Result<(), Faile
         return Ok(());
     }
     let mut message = format!(
-        "{} {scenario} through rolegate: {} of {} checks failed (expected at least {expected}):\n  {}\n",
+        "{} {scenario} {}: {} of {} checks failed (expected at least {expected}):\n  {}\n",
         client.name(),
+        through.how,
         failed.len(),
         checks.len(),
         failed.join("\n  ")
@@ -378,11 +454,7 @@ fn scenario_trial(env: &Env, client: Client, scenario: &str) -> Result<(), Faile
     if !direct_checks.is_empty() && direct_checks.iter().all(|c| c.ok) {
         message.push_str("=> works directly, fails through rolegate: a rolegate bug\n");
     }
-    let _ = writeln!(
-        message,
-        "rolegate log (tail):\n{}",
-        env.rolegate_log_tail(30)
-    );
+    let _ = writeln!(message, "rolegate log (tail):\n{}", log_tail(proxy, 30));
     Err(message.into())
 }
 
