@@ -104,7 +104,8 @@ fn main() {
         backend_verify_full_and_a_wrong_ca,
         client_ca_requires_a_client_certificate,
         a_slow_tls_reader_gets_every_byte_and_a_clean_close,
-        clients_that_leave_while_held_are_let_go
+        clients_that_leave_while_held_are_let_go,
+        a_pooled_listener_logs_tls_clients_in_with_scram
     ];
     run_suite(tests, Env::start, false);
 }
@@ -653,4 +654,56 @@ hold_timeout = "60s"
             format!("{gone} connections counted as client_gone, expected 3"),
         )
     })
+}
+
+/// A pooled listener ends the client's SCRAM itself, so TLS on both hops
+/// needs no `channel_binding=disable`: libpq's default (`prefer`) sees no
+/// SCRAM-SHA-256-PLUS offered and logs in; `require` is refused by libpq.
+fn a_pooled_listener_logs_tls_clients_in_with_scram(env: &Env) -> Result<(), Failed> {
+    let secret = env
+        .server
+        .psql("select rolpassword from pg_authid where rolname = 'app'");
+    let userlist = env.root.join("pooled-userlist.txt");
+    std::fs::write(&userlist, format!("\"app\" \"{secret}\"\n"))?;
+    let port = free_port();
+    let config = format!(
+        "[tls]\ncert = \"{}\"\nkey = \"{}\"\nmode = \"require\"\n\n\
+         [clusters.secure]\nprimary = \"{}\"\n{}\n\n\
+         [[listeners]]\nlisten = \"127.0.0.1:{port}\"\ncluster = \"secure\"\nrole = \"primary\"\n\
+         pool_mode = \"session\"\nauth_file = \"{}\"\n",
+        env.proxy_cert.cert.display(),
+        env.proxy_cert.key.display(),
+        env.server.address(),
+        env.verify_full(&env.ca),
+        userlist.display()
+    );
+    let _rolegate = Rolegate::start(&env.root, "pooled-tls", &config);
+    let out = psql(
+        &format!("{} sslmode=require", conninfo(port, "app", "app")),
+        "select ssl from pg_stat_ssl where pid = pg_backend_pid()",
+    );
+    check(out.status.success(), stderr(&out))?;
+    check(
+        stdout(&out) == "t",
+        format!("the server connection is not TLS: {}", stdout(&out)),
+    )?;
+    let out = psql(
+        &format!(
+            "{} sslmode=require channel_binding=require",
+            conninfo(port, "app", "app")
+        ),
+        "select 1",
+    );
+    check(
+        !out.status.success() && stderr(&out).contains("channel binding"),
+        format!("channel_binding=require: {}", stderr(&out)),
+    )?;
+    let out = psql(
+        &format!("{} sslmode=disable", conninfo(port, "app", "app")),
+        "select 1",
+    );
+    check(
+        !out.status.success(),
+        "a plaintext client was served by a TLS-only listener",
+    )
 }
