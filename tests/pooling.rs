@@ -38,7 +38,8 @@ fn main() {
         passwords_are_checked_by_rolegate_with_postgresql_answers,
         a_full_pool_makes_clients_wait_then_says_which_limit,
         cancel_and_psql_work_through_a_pooled_listener,
-        auth_query_reads_secrets_as_postgresql_would_let_roles_in
+        auth_query_reads_secrets_as_postgresql_would_let_roles_in,
+        idle_servers_past_their_timeout_are_closed_unasked
     ];
     run_suite(tests, start, false);
 }
@@ -402,4 +403,33 @@ fn auth_query_reads_secrets_as_postgresql_would_let_roles_in(env: &Env) -> Resul
     )?;
     println!("auth_query: SCRAM and md5 roles in; wrong password, unknown, NOLOGIN and expired roles get 28P01; PgBouncer's get_auth works; a broken auth_user names its keys");
     Ok(())
+}
+
+/// Nobody asks the pool for a server: its idle one is closed anyway once
+/// it has been idle longer than `server_idle_timeout`.
+fn idle_servers_past_their_timeout_are_closed_unasked(env: &Env) -> Result<(), Failed> {
+    let (rolegate, port) = pooled(env, "aging", "server_idle_timeout = \"1s\"");
+    let pid = runtime().block_on(async {
+        let client = connect(&conninfo(port, "app", "app")).await?;
+        backend_pid(&client).await
+    })?;
+    let pool = format!("listener=\"127.0.0.1:{port}\",user=\"app\"");
+    let closed = || {
+        rolegate.metric(
+            "rolegate_pool_servers_closed_total",
+            &format!("{pool},reason=\"stale\""),
+        )
+    };
+    check(
+        holds_within(Duration::from_secs(15), || closed() == 1.0),
+        format!("stale closes: {}", closed()),
+    )?;
+    let idle = rolegate.metric("rolegate_pool_servers", &format!("{pool},state=\"idle\""));
+    check(idle == 0.0, format!("idle servers left: {idle}"))?;
+    let gone = holds_within(Duration::from_secs(5), || {
+        env.cluster.primary.psql(&format!(
+            "select count(*) from pg_stat_activity where pid = {pid}"
+        )) == "0"
+    });
+    check(gone, format!("server {pid} is still connected"))
 }

@@ -12,7 +12,9 @@
 //!
 //! The pool does not route: the router picks the member, the pool lends
 //! a connection to it. The session checks the member still fits before
-//! it lends (see `server::session::pooled`).
+//! it lends (see `server::session::pooled`), and a sweeper per listener
+//! (`server::pool_sweeper`) closes idle servers of members that left the
+//! listener's role at once, and aged ones every few seconds.
 
 pub(crate) mod own_query;
 pub(crate) mod relay;
@@ -219,10 +221,41 @@ impl Pool {
         self.changed.notify_one();
     }
 
+    /// Closes the idle servers that have aged past `idle_timeout` or
+    /// that the member closed meanwhile.
+    fn close_stale(&self, idle_timeout: Duration) {
+        let stale: Vec<Server> = {
+            let mut state = self.lock();
+            let (stale, fresh) = std::mem::take(&mut state.idle)
+                .into_iter()
+                .partition(|s| s.idle_since.elapsed() > idle_timeout);
+            state.idle = fresh;
+            let mut stale: Vec<Server> = stale;
+            let mut i = 0;
+            while i < state.idle.len() {
+                if quiet(&mut state.idle[i].stream) {
+                    i += 1;
+                } else {
+                    stale.push(state.idle.remove(i));
+                }
+            }
+            self.metrics.servers(state.open, state.idle.len());
+            stale
+        };
+        for _ in &stale {
+            self.metrics.closed(Closed::Stale);
+        }
+    }
+
     /// Closes every idle server (the member left the role its pool
     /// served); lent ones close when their sessions end with them.
     pub fn close_idle(&self) {
-        let idle = std::mem::take(&mut self.lock().idle);
+        let idle = {
+            let mut state = self.lock();
+            let idle = std::mem::take(&mut state.idle);
+            self.metrics.servers(state.open, 0);
+            idle
+        };
         for _ in &idle {
             self.metrics.closed(Closed::Demotion);
         }
@@ -282,5 +315,28 @@ impl Pools {
                 ),
             })
         }))
+    }
+}
+
+impl Pools {
+    /// Closes, in every pool of `listener`, the idle servers of members
+    /// `keep` refuses (they left the listener's role) and the ones that
+    /// aged past `idle_timeout` or were closed by the member.
+    pub fn sweep(&self, listener: SocketAddr, idle_timeout: Duration, keep: impl Fn(&str) -> bool) {
+        let pools: Vec<(bool, Arc<Pool>)> = {
+            let pools = self.pools.lock().unwrap_or_else(|p| p.into_inner());
+            pools
+                .iter()
+                .filter(|(key, _)| key.listener == listener)
+                .map(|(key, pool)| (keep(&key.member), Arc::clone(pool)))
+                .collect()
+        };
+        for (kept, pool) in pools {
+            if kept {
+                pool.close_stale(idle_timeout);
+            } else {
+                pool.close_idle();
+            }
+        }
     }
 }

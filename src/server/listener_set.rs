@@ -33,7 +33,7 @@ use tracing::{info, warn};
 use super::handshake::ListenerTls;
 use super::proxy_protocol::ProxyPolicy;
 use super::socket::{bind_std_listener, claim_std_listener, tune_listener};
-use super::{listener, BackendTlsSettings, ListenerContext, Shared};
+use super::{listener, pool_sweeper, BackendTlsSettings, ListenerContext, Shared};
 use crate::config::{parse_cidr, parse_socket_addr, Config, ListenerConfig, TlsMode};
 use crate::handover::{Inherited, Offered};
 use crate::metrics::ListenerMetrics;
@@ -68,7 +68,7 @@ struct Serving {
     /// last changes: their sessions end with the listener too.
     earlier: Vec<CancellationToken>,
     stop: CancellationToken,
-    /// The accept loops, one per socket.
+    /// The accept loops, one per socket, and the pool sweeper.
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -237,7 +237,7 @@ impl ListenerSet {
                     );
                     let contexts = Arc::new(ArcSwap::new(context));
                     let stop = shared.shutdown.stop_accepting.child_token();
-                    let tasks = sockets
+                    let mut tasks: Vec<JoinHandle<()>> = sockets
                         .iter()
                         .enumerate()
                         .map(|(i, socket)| {
@@ -252,6 +252,10 @@ impl ListenerSet {
                             )
                         })
                         .collect();
+                    tasks.push(shared.loops.spawn_on(
+                        0,
+                        pool_sweeper::run(Arc::clone(&contexts), Arc::clone(shared), stop.clone()),
+                    ));
                     self.serving.insert(
                         addr,
                         Serving {

@@ -24,6 +24,7 @@ pub mod login_gate;
 pub mod loops;
 pub mod notify_pids;
 pub mod peer_listener;
+pub mod pool_sweeper;
 pub mod proxy_protocol;
 pub mod relay;
 pub mod session;

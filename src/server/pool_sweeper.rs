@@ -1,0 +1,54 @@
+//! Keeps a pooled listener's idle servers honest when no client asks for
+//! one: at every new view, the idle servers of members that no longer fit
+//! the listener's role are closed (a demoted leader's pool is emptied at
+//! once, not at its next lend), and every [`SWEEP_INTERVAL`] the ones idle
+//! longer than `server_idle_timeout`, or closed by the member, are closed.
+//!
+//! One task per listener, stopped with its accept loops; it reads the
+//! listener's context anew each round, so a reload that makes a listener
+//! pooled (or not) needs nothing else.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use tokio_util::sync::CancellationToken;
+
+use super::{ListenerContext, Shared};
+use crate::router::check_fit;
+
+/// How often aged idle servers are looked for.
+const SWEEP_INTERVAL: Duration = Duration::from_secs(5);
+
+pub async fn run(
+    contexts: Arc<ArcSwap<ListenerContext>>,
+    shared: Arc<Shared>,
+    stop: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(SWEEP_INTERVAL);
+    loop {
+        let context = contexts.load_full();
+        let mut views = context.router.subscribe();
+        tokio::select! {
+            () = stop.cancelled() => return,
+            _ = tick.tick() => {}
+            changed = views.changed() => {
+                if changed.is_err() {
+                    // The view source is gone (a reload replaced it): the
+                    // next round subscribes to the current one.
+                    tick.tick().await;
+                }
+            }
+        }
+        let Some(settings) = &context.pool else {
+            continue;
+        };
+        let view = context.router.view();
+        let role = context.router.role();
+        shared
+            .pools
+            .sweep(context.listen, settings.idle_timeout, |member| {
+                check_fit(role, &view, member).is_ok()
+            });
+    }
+}
