@@ -471,6 +471,13 @@ fn planned_leader_change(env: &Env, name: &str, change: &[&str]) -> Result<(), F
 /// confirmed and then served. Its connect to the dead leader is refused,
 /// and the wait for a newer view is time held, which the handshake
 /// timeout does not count.
+/// `kill -9` of the leader's Patroni and PostgreSQL, not restarted: the
+/// member killed.
+async fn kill_leader(env: &Env) -> Result<String, Failed> {
+    let said = env.lab.run_async(&["kill-leader", "--no-restart"]).await?;
+    Ok(said.lines().last().unwrap_or_default().to_owned())
+}
+
 fn killed_leader_writes_resume_on_the_new_leader(env: &Env) -> Result<(), Failed> {
     let (_rolegate, rw, _ro) =
         env.rolegate_with_limits("kill", &env.lab.etcd_line(), "handshake_timeout = \"5s\"\n");
@@ -481,14 +488,7 @@ fn killed_leader_writes_resume_on_the_new_leader(env: &Env) -> Result<(), Failed
         let writer_conninfo = format!("{} connect_timeout=1", conninfo(rw, "app", "app"));
         let writer = tokio::spawn(writer::run(writer_conninfo, 2_000_000, stop_rx));
         tokio::time::sleep(Duration::from_millis(500)).await;
-        let killed = env
-            .lab
-            .run_async(&["kill-leader", "--no-restart"])
-            .await?
-            .lines()
-            .last()
-            .unwrap_or_default()
-            .to_owned();
+        let killed = kill_leader(env).await?;
         check(killed == old_leader, format!("killed {killed}, leader was {old_leader}"))?;
         tokio::time::sleep(Duration::from_secs(1)).await;
         let patient = tokio::spawn(reached(rw));
@@ -975,14 +975,7 @@ fn pooled_sessions_follow_a_switchover_and_a_killed_leader(env: &Env) -> Result<
         let (port, in_recovery) = reached(ro).await?;
         check(in_recovery, format!("a pooled read reached port {port}, not a replica"))?;
         tokio::time::sleep(Duration::from_secs(1)).await;
-        let victim = env
-            .lab
-            .run_async(&["kill-leader", "--no-restart"])
-            .await?
-            .lines()
-            .last()
-            .unwrap_or_default()
-            .to_owned();
+        let victim = kill_leader(env).await?;
         *killed.lock().unwrap_or_else(|p| p.into_inner()) = Some(victim.clone());
         check(victim == second, format!("killed {victim}, the leader was {second}"))?;
         let third = wait_for_writable_leader(&env.lab, rw, Some(&second), Duration::from_secs(60)).await?;

@@ -42,16 +42,8 @@ impl Session<'_> {
     pub(super) async fn connect(&self) -> Result<Connected, Refusal> {
         let routed = self
             .route(|member, member_metrics, hold_until| async move {
-                let login = self.login_slot(&member, hold_until).await?;
-                let backend = backend::connect(
-                    &member,
-                    &self.listener.cluster,
-                    &self.listener.backend_tls,
-                    self.limits,
-                    &member_metrics,
-                )
-                .await?;
-                Ok((backend, login))
+                self.open_backend(&member, &member_metrics, hold_until)
+                    .await
             })
             .await?;
         let ((backend, login), member, member_metrics, held) = routed;
@@ -62,6 +54,26 @@ impl Session<'_> {
             held,
             login,
         })
+    }
+
+    /// A connection to `member`, opened behind its login gate: the slot
+    /// is held until the login that follows ends.
+    pub(super) async fn open_backend(
+        &self,
+        member: &Member,
+        member_metrics: &MemberMetrics,
+        hold_until: Instant,
+    ) -> Result<(BackendStream, LoginSlot), Refusal> {
+        let login = self.login_slot(member, hold_until).await?;
+        let backend = backend::connect(
+            member,
+            &self.listener.cluster,
+            &self.listener.backend_tls,
+            self.limits,
+            member_metrics,
+        )
+        .await?;
+        Ok((backend, login))
     }
 
     /// One of `member`'s login slots, waiting for one up to `hold_until`.

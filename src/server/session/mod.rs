@@ -36,7 +36,7 @@ use super::stream::{BackendStream, ClientStream};
 use super::when_woken::WhenWoken;
 use super::{ListenerContext, Shared};
 use crate::config::{Limits, ListenerRole};
-use crate::metrics::{ConnectionOutcome, EndReason, MemberMetrics};
+use crate::metrics::{ConnectionOutcome, EndReason, MemberMetrics, SessionGuard};
 use crate::protocol::startup::{CancelKey, StartupMessage};
 use crate::protocol::{ProtocolError, SqlState};
 use crate::router::{check_fit, Misfit};
@@ -414,18 +414,8 @@ impl Session<'_> {
                 .map(CancelRegistration::backend_pid),
             "session open"
         );
-        self.shared
-            .events
-            .session_served(&self.listener.cluster, &member.name);
-
         let role = self.listener.router.role();
-        let _counted = self.shared.sessions.open(
-            self.listener.cluster.clone(),
-            member.name.clone(),
-            role,
-            self.client.ip(),
-            member_metrics.session(),
-        );
+        let _counted = self.served(&member, &member_metrics);
         let mut relay = Relay::new(to_backend, to_client, self.shared.relayed.clone());
         // The end signals are polled only when they fire, not at every
         // packet (see `when_woken`).
@@ -492,18 +482,44 @@ impl Session<'_> {
                     .then(|| lost_backend(member, cluster, "the server closed the connection"));
                 (EndReason::Backend, fatal)
             }
-            Ended::Misfit(misfit) => {
-                let error = misfit.to_error(cluster);
-                info!("ending session: {}", error.message);
-                self.shared.events.session_ended(
-                    &self.listener.cluster,
-                    &member.name,
-                    &misfit.reason(cluster),
-                );
-                (EndReason::Demotion, Some(error))
-            }
+            Ended::Misfit(misfit) => (
+                EndReason::Demotion,
+                Some(self.misfit_error(member, &misfit)),
+            ),
             Ended::Shutdown => (EndReason::Shutdown, Some(shutdown_error())),
         }
+    }
+}
+
+impl Session<'_> {
+    /// Records a session that starts relaying on `member` (the event
+    /// timeline's first session of a new leader, the session counts); the
+    /// guard counts it until dropped.
+    fn served(&self, member: &Member, member_metrics: &MemberMetrics) -> SessionGuard {
+        self.shared
+            .events
+            .session_served(&self.listener.cluster, &member.name);
+        self.shared.sessions.open(
+            self.listener.cluster.clone(),
+            member.name.clone(),
+            self.listener.router.role(),
+            self.client.ip(),
+            member_metrics.session(),
+        )
+    }
+
+    /// The FATAL that ends a session whose member no longer fits its
+    /// listener's role, logged and recorded on the event timeline.
+    fn misfit_error(&self, member: &Member, misfit: &Misfit) -> ProtocolError {
+        let cluster = &*self.listener.cluster;
+        let error = misfit.to_error(cluster);
+        info!("ending session: {}", error.message);
+        self.shared.events.session_ended(
+            &self.listener.cluster,
+            &member.name,
+            &misfit.reason(cluster),
+        );
+        error
     }
 }
 

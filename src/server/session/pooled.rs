@@ -45,7 +45,6 @@ use crate::protocol::startup::StartupMessage;
 use crate::protocol::{ProtocolError, SqlState};
 use crate::router::{check_fit, Misfit};
 use crate::server::authenticate::{in_recovery, AuthError};
-use crate::server::backend;
 use crate::server::cancel::{CancelRegistration, CancelTarget};
 use crate::server::handshake::HandshakeError;
 use crate::server::stream::ClientStream;
@@ -192,15 +191,9 @@ impl Session<'_> {
                     })? {
                     Lent::Idle(server) => server,
                     Lent::Open(opening) => {
-                        let login = self.login_slot(&member, hold_until).await?;
-                        let mut stream = backend::connect(
-                            &member,
-                            &self.listener.cluster,
-                            &self.listener.backend_tls,
-                            self.limits,
-                            &member_metrics,
-                        )
-                        .await?;
+                        let (mut stream, login) = self
+                            .open_backend(&member, &member_metrics, hold_until)
+                            .await?;
                         let deadline = Instant::now() + self.limits.handshake_timeout.get();
                         let logged_in = timeout_at(
                             deadline.into(),
@@ -303,18 +296,9 @@ impl Session<'_> {
             backend_pid = registration.backend_pid(),
             "pooled session open"
         );
-        self.shared
-            .events
-            .session_served(&self.listener.cluster, &member.name);
         let role = self.listener.router.role();
         let member_metrics = self.listener.metrics.member(&member.name);
-        let _counted = self.shared.sessions.open(
-            self.listener.cluster.clone(),
-            member.name.clone(),
-            role,
-            self.client.ip(),
-            member_metrics.session(),
-        );
+        let _counted = self.served(&member, &member_metrics);
         let mut relay = PooledRelay::new(pipelined);
         let ended = match check_fit(role, &self.listener.router.view(), &member.name) {
             Err(misfit) => PooledEnd::Misfit(misfit),
@@ -359,13 +343,7 @@ impl Session<'_> {
                 (EndReason::Backend, Some(error))
             }
             PooledEnd::Misfit(misfit) => {
-                let error = misfit.to_error(cluster);
-                info!("ending pooled session: {}", error.message);
-                self.shared.events.session_ended(
-                    &self.listener.cluster,
-                    &member.name,
-                    &misfit.reason(cluster),
-                );
+                let error = self.misfit_error(&member, &misfit);
                 lent.pool.metrics.closed(Closed::Demotion);
                 lent.pool.close_idle();
                 (EndReason::Demotion, Some(error))
