@@ -17,7 +17,7 @@ use support::harness::{by_name, check, run_suite, TestEnv, TestFn};
 use support::rolegate::Rolegate;
 use support::static_cluster::StaticCluster;
 use support::{
-    connect, conninfo, free_port, holds_within, runtime, scenarios, server_message, sqlstate,
+    connect, conninfo, free_port, holds_within, runtime, scenarios, server_message, sqlstate, wire,
 };
 
 struct Env {
@@ -39,7 +39,8 @@ fn main() {
         a_full_pool_makes_clients_wait_then_says_which_limit,
         cancel_and_psql_work_through_a_pooled_listener,
         auth_query_reads_secrets_as_postgresql_would_let_roles_in,
-        idle_servers_past_their_timeout_are_closed_unasked
+        idle_servers_past_their_timeout_are_closed_unasked,
+        garbage_mid_session_ends_that_session_and_its_server_only
     ];
     run_suite(tests, start, false);
 }
@@ -432,4 +433,41 @@ fn idle_servers_past_their_timeout_are_closed_unasked(env: &Env) -> Result<(), F
         )) == "0"
     });
     check(gone, format!("server {pid} is still connected"))
+}
+
+/// A client that sends a message no framing can follow (a length below 4)
+/// mid-session gets 08P01; its server is closed, and the next client of a
+/// one-server pool is served by a new one.
+fn garbage_mid_session_ends_that_session_and_its_server_only(env: &Env) -> Result<(), Failed> {
+    use std::io::Write as _;
+    let (rolegate, port) = pooled(env, "garbage", "pool_size = 1");
+    {
+        let mut session = wire::KeyedSession::login(port)?;
+        session.stream.write_all(b"Q\0\0\0\x02")?;
+        let error = wire::read_msg(&mut session.stream).ok_or("no answer to the garbage")?;
+        check(
+            error.tag == b'E' && error.field(b'C').as_deref() == Some("08P01"),
+            format!(
+                "answered {:?} {:?}",
+                char::from(error.tag),
+                error.field(b'M')
+            ),
+        )?;
+        check(wire::closes(&mut session.stream), "the session stayed open")?;
+    }
+    let closed = || {
+        rolegate.metric(
+            "rolegate_pool_servers_closed_total",
+            &format!("listener=\"127.0.0.1:{port}\",reason=\"busy\""),
+        )
+    };
+    check(
+        holds_within(Duration::from_secs(5), || closed() == 1.0),
+        format!("servers closed: {}", closed()),
+    )?;
+    runtime().block_on(async {
+        let next = connect(&conninfo(port, "app", "app")).await?;
+        next.query_one("select 1", &[]).await?;
+        Ok(())
+    })
 }
