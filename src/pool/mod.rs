@@ -28,11 +28,16 @@ use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncRead, ReadBuf};
+
+/// What a pool's servers are connected by: rolegate's connections to its
+/// members (plain or TLS), named by the caller.
+pub trait Stream: AsyncRead + Unpin + Send + 'static {}
+
+impl<S: AsyncRead + Unpin + Send + 'static> Stream for S {}
 use tokio::sync::Notify;
 
 use crate::metrics::pool::{Closed, PoolMetrics};
 use crate::protocol::startup::CancelKey;
-use crate::server::stream::BackendStream;
 
 /// Which pool a server belongs to.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -45,8 +50,8 @@ pub struct PoolKey {
 
 /// A logged-in server connection, idle in its pool or lent to a client.
 /// Dropping it closes the connection and frees its place in the pool.
-pub struct Server {
-    pub stream: BackendStream,
+pub struct Server<S> {
+    pub stream: S,
     /// The key the server issued; clients get rolegate's own.
     pub key: CancelKey,
     /// The parameters the server reported, kept current from every
@@ -54,10 +59,10 @@ pub struct Server {
     pub parameters: Vec<(String, String)>,
     idle_since: Instant,
     /// Held for its drop, which frees the place.
-    _place: Place,
+    _place: Place<S>,
 }
 
-impl Server {
+impl<S> Server<S> {
     /// The value the server reported for `name`.
     pub fn parameter(&self, name: &str) -> Option<&str> {
         self.parameters
@@ -76,9 +81,9 @@ pub(crate) fn record_parameter(parameters: &mut Vec<(String, String)>, name: &st
 }
 
 /// One server's place in its pool's count.
-struct Place(Arc<Pool>);
+struct Place<S>(Arc<Pool<S>>);
 
-impl Drop for Place {
+impl<S> Drop for Place<S> {
     fn drop(&mut self) {
         let pool = &self.0;
         let mut state = pool.lock();
@@ -89,40 +94,39 @@ impl Drop for Place {
     }
 }
 
-#[derive(Default)]
-struct PoolState {
+struct PoolState<S> {
     /// Most recently returned last.
-    idle: Vec<Server>,
+    idle: Vec<Server<S>>,
     /// Servers open or opening, idle or lent.
     open: usize,
 }
 
-pub struct Pool {
-    state: Mutex<PoolState>,
+pub struct Pool<S> {
+    state: Mutex<PoolState<S>>,
     /// A server came back or closed: a waiting client may go on.
     changed: Notify,
     pub metrics: PoolMetrics,
 }
 
 /// What a client got from its pool.
-pub enum Lent {
+pub enum Lent<S> {
     /// An idle server, checked.
-    Idle(Server),
+    Idle(Server<S>),
     /// A place for a new server: open it and [`Opening::logged_in`] it.
-    Open(Opening),
+    Open(Opening<S>),
 }
 
 /// A place taken in a pool for a server being opened; dropped unused, it
 /// frees the place.
-pub struct Opening(Place);
+pub struct Opening<S>(Place<S>);
 
-impl Opening {
+impl<S> Opening<S> {
     pub fn logged_in(
         self,
-        stream: BackendStream,
+        stream: S,
         key: CancelKey,
         parameters: Vec<(String, String)>,
-    ) -> Server {
+    ) -> Server<S> {
         self.0 .0.metrics.lent(true);
         Server {
             stream,
@@ -141,13 +145,15 @@ pub struct PoolFull {
     pub waited: Duration,
 }
 
-impl Pool {
-    fn lock(&self) -> MutexGuard<'_, PoolState> {
+impl<S> Pool<S> {
+    fn lock(&self) -> MutexGuard<'_, PoolState<S>> {
         // Every change under the lock is one push, pop or count: a panic
         // elsewhere cannot leave it half-done.
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
+}
 
+impl<S: Stream> Pool<S> {
     /// An idle server that is still sound, or a place to open one, or a
     /// wait until `until` for either.
     pub async fn lend(
@@ -155,7 +161,7 @@ impl Pool {
         size: usize,
         idle_timeout: Duration,
         until: Instant,
-    ) -> Result<Lent, PoolFull> {
+    ) -> Result<Lent<S>, PoolFull> {
         let started = Instant::now();
         let mut waiting = None;
         loop {
@@ -191,7 +197,7 @@ impl Pool {
         self: &Arc<Self>,
         size: usize,
         idle_timeout: Duration,
-    ) -> (Option<Lent>, Vec<Server>) {
+    ) -> (Option<Lent<S>>, Vec<Server<S>>) {
         let mut state = self.lock();
         let mut stale = Vec::new();
         while let Some(mut server) = state.idle.pop() {
@@ -212,7 +218,7 @@ impl Pool {
     }
 
     /// Takes a server back, idle from now.
-    pub fn give_back(&self, mut server: Server) {
+    pub fn give_back(&self, mut server: Server<S>) {
         server.idle_since = Instant::now();
         let mut state = self.lock();
         state.idle.push(server);
@@ -224,13 +230,13 @@ impl Pool {
     /// Closes the idle servers that have aged past `idle_timeout` or
     /// that the member closed meanwhile.
     fn close_stale(&self, idle_timeout: Duration) {
-        let stale: Vec<Server> = {
+        let stale: Vec<Server<S>> = {
             let mut state = self.lock();
             let (stale, fresh) = std::mem::take(&mut state.idle)
                 .into_iter()
                 .partition(|s| s.idle_since.elapsed() > idle_timeout);
             state.idle = fresh;
-            let mut stale: Vec<Server> = stale;
+            let mut stale: Vec<Server<S>> = stale;
             let mut i = 0;
             while i < state.idle.len() {
                 if quiet(&mut state.idle[i].stream) {
@@ -285,7 +291,7 @@ impl Drop for Waiting<'_> {
 
 /// Whether an idle server has nothing to say: a server that closed, or
 /// sent anything unasked (its FATAL before closing), is not lent.
-fn quiet(stream: &mut BackendStream) -> bool {
+fn quiet<S: AsyncRead + Unpin>(stream: &mut S) -> bool {
     let mut byte = [0u8; 1];
     let mut buf = ReadBuf::new(&mut byte);
     let mut cx = Context::from_waker(Waker::noop());
@@ -294,18 +300,28 @@ fn quiet(stream: &mut BackendStream) -> bool {
 
 /// Every pool of the process, found by key at check-out (once per
 /// session or transaction, never per packet).
-#[derive(Default)]
-pub struct Pools {
-    pools: Mutex<HashMap<PoolKey, Arc<Pool>>>,
+pub struct Pools<S> {
+    pools: Mutex<HashMap<PoolKey, Arc<Pool<S>>>>,
 }
 
-impl Pools {
+impl<S> Default for Pools<S> {
+    fn default() -> Self {
+        Self {
+            pools: Mutex::default(),
+        }
+    }
+}
+
+impl<S: Stream> Pools<S> {
     /// The pool of `key`, made on first use.
-    pub fn get(&self, key: &PoolKey) -> Arc<Pool> {
+    pub fn get(&self, key: &PoolKey) -> Arc<Pool<S>> {
         let mut pools = self.pools.lock().unwrap_or_else(|p| p.into_inner());
         Arc::clone(pools.entry(key.clone()).or_insert_with(|| {
             Arc::new(Pool {
-                state: Mutex::default(),
+                state: Mutex::new(PoolState {
+                    idle: Vec::new(),
+                    open: 0,
+                }),
                 changed: Notify::new(),
                 metrics: PoolMetrics::new(
                     key.listener.to_string(),
@@ -318,12 +334,12 @@ impl Pools {
     }
 }
 
-impl Pools {
+impl<S: Stream> Pools<S> {
     /// Closes, in every pool of `listener`, the idle servers of members
     /// `keep` refuses (they left the listener's role) and the ones that
     /// aged past `idle_timeout` or were closed by the member.
     pub fn sweep(&self, listener: SocketAddr, idle_timeout: Duration, keep: impl Fn(&str) -> bool) {
-        let pools: Vec<(bool, Arc<Pool>)> = {
+        let pools: Vec<(bool, Arc<Pool<S>>)> = {
             let pools = self.pools.lock().unwrap_or_else(|p| p.into_inner());
             pools
                 .iter()

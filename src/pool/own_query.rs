@@ -4,7 +4,7 @@
 //! its ParameterStatus messages update what the pool knows of it.
 
 use bytes::{Bytes, BytesMut};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use super::{record_parameter, Server};
 use crate::protocol::encode;
@@ -29,7 +29,10 @@ pub struct Unusable(pub String);
 
 /// Runs `sql` as a simple query and reads up to ReadyForQuery. A server
 /// left in a transaction, or one that answered out of turn, is unusable.
-pub async fn run(server: &mut Server, sql: &str) -> Result<Answered, Unusable> {
+pub async fn run<S>(server: &mut Server<S>, sql: &str) -> Result<Answered, Unusable>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
     server
         .stream
         .write_all(&encode::query(sql))
@@ -86,7 +89,7 @@ pub async fn run(server: &mut Server, sql: &str) -> Result<Answered, Unusable> {
 /// names (letters, digits, `_` and `.`; anything else is refused before
 /// this), values are escape-string literals, whatever
 /// `standard_conforming_strings` is.
-pub fn set_statements(server: &Server, wanted: &[(String, String)]) -> Option<String> {
+pub fn set_statements<S>(server: &Server<S>, wanted: &[(String, String)]) -> Option<String> {
     let mut sql = String::new();
     for (name, value) in wanted {
         if server.parameter(name) == Some(value.as_str()) {

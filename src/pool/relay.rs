@@ -137,9 +137,10 @@ impl PooledRelay {
     }
 
     /// Relays until either side ends.
-    pub async fn run<C>(&mut self, client: &mut C, server: &mut Server) -> RelayEnd
+    pub async fn run<C, S>(&mut self, client: &mut C, server: &mut Server<S>) -> RelayEnd
     where
         C: AsyncRead + AsyncWrite + Unpin,
+        S: AsyncRead + AsyncWrite + Unpin,
     {
         let Self {
             from_client,

@@ -89,7 +89,7 @@ pub struct Shared {
     /// Each member's logins in flight, bounded by `backend_logins`.
     pub logins: LoginGates,
     /// The server connections of pooled listeners.
-    pub pools: Pools,
+    pub pools: Pools<stream::BackendStream>,
     /// Secrets pooled listeners read with `auth_query`.
     pub secrets: SecretCache,
     pub relayed: RelayedBytes,

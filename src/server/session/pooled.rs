@@ -39,7 +39,7 @@ use crate::metrics::{ConnectionOutcome, EndReason};
 use crate::pool::own_query::{self, Answered};
 use crate::pool::relay::{PooledRelay, RelayEnd};
 use crate::pool::settings::PoolSettings;
-use crate::pool::{Lent, PoolKey, Server};
+use crate::pool::{Lent, Pool, PoolKey, Server};
 use crate::protocol::encode;
 use crate::protocol::startup::StartupMessage;
 use crate::protocol::{ProtocolError, SqlState};
@@ -47,7 +47,7 @@ use crate::router::{check_fit, Misfit};
 use crate::server::authenticate::{in_recovery, AuthError};
 use crate::server::cancel::{CancelRegistration, CancelTarget};
 use crate::server::handshake::HandshakeError;
-use crate::server::stream::ClientStream;
+use crate::server::stream::{BackendStream, ClientStream};
 use crate::topology::Member;
 
 /// How long a failed password check waits before it answers: guessing
@@ -67,8 +67,8 @@ enum PooledEnd {
 
 /// A server lent to the session, with the pool it goes back to.
 struct LentServer {
-    server: Server,
-    pool: Arc<crate::pool::Pool>,
+    server: Server<BackendStream>,
+    pool: Arc<Pool<BackendStream>>,
 }
 
 impl Session<'_> {
