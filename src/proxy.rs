@@ -56,6 +56,7 @@ pub async fn run(
     let admin = Admin::new(
         metrics_handle,
         Arc::clone(&shared.sessions),
+        Arc::clone(&shared.pools),
         events,
         // Filled in by the first apply of the configuration.
         AdminState::default(),

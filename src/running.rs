@@ -184,6 +184,7 @@ impl Running {
                     cluster: Arc::clone(&context.cluster),
                     tls: context.tls.mode,
                     router: Arc::clone(&context.router),
+                    pooling: context.pool.as_ref().map(|p| (p.mode, p.size)),
                 })
                 .collect(),
             ready_when: config.admin.ready_when,

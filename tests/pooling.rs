@@ -257,6 +257,18 @@ fn a_full_pool_makes_clients_wait_then_says_which_limit(env: &Env) -> Result<(),
         check(waiting() == 1.0, format!("waiting clients: {}", waiting()))?;
         let lent = rolegate.metric("rolegate_pool_servers", &format!("{pool},state=\"lent\""));
         check(lent == 1.0, format!("lent servers: {lent}"))?;
+        // /cluster shows the pool as operators know it from SHOW POOLS.
+        let (_, body) = rolegate.admin_get("/cluster").ok_or("no /cluster")?;
+        let cluster: serde_json::Value = serde_json::from_str(&body)?;
+        let shown = &cluster["listeners"][0]["pool"];
+        check(
+            shown["mode"] == "session"
+                && shown["pool_size"] == 1
+                && shown["pools"][0]["user"] == "app"
+                && shown["pools"][0]["servers_lent"] == 1
+                && shown["pools"][0]["clients_waiting"] == 1,
+            format!("/cluster shows {shown}"),
+        )?;
         drop(holder);
         let waiter = tokio::time::timeout(Duration::from_secs(10), waiter)
             .await

@@ -5,7 +5,7 @@ use std::time::SystemTime;
 
 use serde_json::{json, Value};
 
-use super::{Admin, AdminState};
+use super::{Admin, AdminState, ListenerEntry};
 
 /// `/cluster`: each cluster's report with its sessions, and the listeners.
 pub fn cluster(admin: &Admin, state: &AdminState) -> String {
@@ -54,6 +54,7 @@ pub fn cluster(admin: &Admin, state: &AdminState) -> String {
                 "tls": listener.tls.as_str(),
                 "targets": targets,
                 "held": router.held(),
+                "pool": pooling(admin, listener),
             })
         })
         .collect();
@@ -63,6 +64,29 @@ pub fn cluster(admin: &Admin, state: &AdminState) -> String {
         "listeners": listeners,
         "fleet": state.fleet.as_ref().map(|fleet| fleet.to_json()),
     }))
+}
+
+/// A pooled listener's mode, size and pools (null for passthrough).
+fn pooling(admin: &Admin, listener: &ListenerEntry) -> Value {
+    let Some((mode, size)) = listener.pooling else {
+        return Value::Null;
+    };
+    let pools: Vec<_> = admin
+        .pools
+        .of_listener(listener.listen)
+        .into_iter()
+        .map(|(key, counts)| {
+            json!({
+                "member": &*key.member,
+                "database": key.database,
+                "user": key.user,
+                "servers_idle": counts.idle,
+                "servers_lent": counts.lent,
+                "clients_waiting": counts.waiting,
+            })
+        })
+        .collect();
+    json!({"mode": mode.as_str(), "pool_size": size, "pools": pools})
 }
 
 /// `/events?cluster=NAME&since=RFC3339`: events newest first, and each

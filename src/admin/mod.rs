@@ -50,11 +50,13 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
-use crate::config::{ReadyWhen, TlsMode};
+use crate::config::{PoolMode, ReadyWhen, TlsMode};
 use crate::events::EventLog;
 use crate::fleet::Fleet;
 use crate::metrics::SessionCounts;
+use crate::pool::Pools;
 use crate::router::Router;
+use crate::server::stream::BackendStream;
 use crate::topology::{ClusterReport, ClusterView};
 
 /// How often the exporter's histograms are rolled and idle entries pruned.
@@ -75,6 +77,8 @@ const CONNECTION_LIFETIME: Duration = Duration::from_secs(300);
 pub struct Admin {
     pub metrics: PrometheusHandle,
     pub sessions: Arc<SessionCounts>,
+    /// Pooled listeners' pools, for `/cluster`.
+    pub pools: Arc<Pools<BackendStream>>,
     pub events: Arc<EventLog>,
     /// Replaced whole by a reload.
     state: ArcSwap<AdminState>,
@@ -100,18 +104,22 @@ pub struct ListenerEntry {
     pub cluster: Arc<str>,
     pub tls: TlsMode,
     pub router: Arc<Router>,
+    /// A pooled listener's mode and `pool_size`.
+    pub pooling: Option<(PoolMode, usize)>,
 }
 
 impl Admin {
     pub fn new(
         metrics: PrometheusHandle,
         sessions: Arc<SessionCounts>,
+        pools: Arc<Pools<BackendStream>>,
         events: Arc<EventLog>,
         state: AdminState,
     ) -> Arc<Self> {
         Arc::new(Self {
             metrics,
             sessions,
+            pools,
             events,
             state: ArcSwap::from_pointee(state),
         })

@@ -23,6 +23,7 @@ pub(crate) mod settings;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
@@ -105,7 +106,17 @@ pub struct Pool<S> {
     state: Mutex<PoolState<S>>,
     /// A server came back or closed: a waiting client may go on.
     changed: Notify,
+    /// Clients waiting for a server now.
+    waiting: AtomicUsize,
     pub metrics: PoolMetrics,
+}
+
+/// A pool's counts at one moment, for `/cluster`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PoolCounts {
+    pub idle: usize,
+    pub lent: usize,
+    pub waiting: usize,
 }
 
 /// What a client got from its pool.
@@ -151,6 +162,15 @@ impl<S> Pool<S> {
         // elsewhere cannot leave it half-done.
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
+
+    pub fn counts(&self) -> PoolCounts {
+        let state = self.lock();
+        PoolCounts {
+            idle: state.idle.len(),
+            lent: state.open.saturating_sub(state.idle.len()),
+            waiting: self.waiting.load(Ordering::Relaxed),
+        }
+    }
 }
 
 impl<S: Stream> Pool<S> {
@@ -180,7 +200,7 @@ impl<S: Stream> Pool<S> {
                 continue;
             }
             let now = Instant::now();
-            let waiting = waiting.get_or_insert_with(|| Waiting::new(&self.metrics));
+            let waiting = waiting.get_or_insert_with(|| Waiting::new(&self.metrics, &self.waiting));
             if now >= until || tokio::time::timeout(until - now, changed).await.is_err() {
                 waiting.timed_out();
                 return Err(PoolFull {
@@ -270,12 +290,13 @@ impl<S: Stream> Pool<S> {
 }
 
 /// A client counted as waiting for a full pool while this lives.
-struct Waiting<'a>(&'a PoolMetrics);
+struct Waiting<'a>(&'a PoolMetrics, &'a AtomicUsize);
 
 impl<'a> Waiting<'a> {
-    fn new(metrics: &'a PoolMetrics) -> Self {
+    fn new(metrics: &'a PoolMetrics, count: &'a AtomicUsize) -> Self {
         metrics.waiting(1.0);
-        Self(metrics)
+        count.fetch_add(1, Ordering::Relaxed);
+        Self(metrics, count)
     }
 
     fn timed_out(&self) {
@@ -286,6 +307,7 @@ impl<'a> Waiting<'a> {
 impl Drop for Waiting<'_> {
     fn drop(&mut self) {
         self.0.waiting(-1.0);
+        self.1.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -323,6 +345,7 @@ impl<S: Stream> Pools<S> {
                     open: 0,
                 }),
                 changed: Notify::new(),
+                waiting: AtomicUsize::new(0),
                 metrics: PoolMetrics::new(
                     key.listener.to_string(),
                     key.member.to_string(),
@@ -331,6 +354,28 @@ impl<S: Stream> Pools<S> {
                 ),
             })
         }))
+    }
+}
+
+impl<S> Pools<S> {
+    /// The pools of `listener` and their counts, in key order.
+    pub fn of_listener(&self, listener: SocketAddr) -> Vec<(PoolKey, PoolCounts)> {
+        let pools: Vec<(PoolKey, Arc<Pool<S>>)> = {
+            let pools = self.pools.lock().unwrap_or_else(|p| p.into_inner());
+            pools
+                .iter()
+                .filter(|(key, _)| key.listener == listener)
+                .map(|(key, pool)| (key.clone(), Arc::clone(pool)))
+                .collect()
+        };
+        let mut counts: Vec<_> = pools
+            .into_iter()
+            .map(|(key, pool)| (key, pool.counts()))
+            .collect();
+        counts.sort_by(|a, b| {
+            (&a.0.member, &a.0.database, &a.0.user).cmp(&(&b.0.member, &b.0.database, &b.0.user))
+        });
+        counts
     }
 }
 

@@ -89,7 +89,7 @@ pub struct Shared {
     /// Each member's logins in flight, bounded by `backend_logins`.
     pub logins: LoginGates,
     /// The server connections of pooled listeners.
-    pub pools: Pools<stream::BackendStream>,
+    pub pools: Arc<Pools<stream::BackendStream>>,
     /// Secrets pooled listeners read with `auth_query`.
     pub secrets: SecretCache,
     pub relayed: RelayedBytes,
@@ -116,7 +116,7 @@ impl Shared {
             open_clients: Arc::new(AtomicUsize::new(0)),
             sessions: SessionCounts::new(),
             logins: LoginGates::default(),
-            pools: Pools::default(),
+            pools: Arc::default(),
             secrets: SecretCache::default(),
             relayed: RelayedBytes::new(),
         }
