@@ -12,11 +12,12 @@
 //! (`SELECT usename, passwd FROM pgbouncer.get_auth($1)`) works as it is.
 
 use bytes::BytesMut;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
 use super::secret::Secret;
+use super::server_login::next_message;
 use crate::protocol::encode;
-use crate::protocol::message::{decode_message, tag};
+use crate::protocol::message::tag;
 
 /// Roles that may log in now, and their secrets.
 pub const DEFAULT_QUERY: &str = "SELECT rolpassword FROM pg_catalog.pg_authid \
@@ -60,18 +61,9 @@ where
     let mut secret = None;
     let mut failed = None;
     loop {
-        let msg = loop {
-            if let Some(msg) = decode_message(&mut buf, MAX_ANSWER, "server")
-                .map_err(|e| QueryError::Io(e.message))?
-            {
-                break msg;
-            }
-            match server.read_buf(&mut buf).await {
-                Ok(0) => return Err(QueryError::Io("the server closed the connection".into())),
-                Ok(_) => {}
-                Err(e) => return Err(QueryError::Io(e.to_string())),
-            }
-        };
+        let msg = next_message(server, &mut buf, MAX_ANSWER)
+            .await
+            .map_err(QueryError::Io)?;
         match msg.tag() {
             DATA_ROW if secret.is_none() => secret = Some(last_column(msg.body())?),
             tag::ERROR_RESPONSE => failed = Some(error_message(msg.body())),
@@ -130,7 +122,7 @@ fn last_column(body: &[u8]) -> Result<Option<String>, QueryError> {
 }
 
 /// The `M` field of an ErrorResponse body.
-fn error_message(body: &[u8]) -> String {
+pub(crate) fn error_message(body: &[u8]) -> String {
     body.split(|&b| b == 0)
         .find_map(|field| field.strip_prefix(b"M"))
         .map(|m| String::from_utf8_lossy(m).into_owned())

@@ -18,7 +18,8 @@ use super::secret::{ScramSecret, Secret};
 use crate::protocol::encode;
 use crate::protocol::message::auth;
 use crate::protocol::message::{
-    auth_request_code, decode_message, parameter_status, tag, MAX_BACKEND_HANDSHAKE_MESSAGE,
+    auth_request_code, decode_message, parameter_status, tag, Message,
+    MAX_BACKEND_HANDSHAKE_MESSAGE,
 };
 use crate::protocol::startup::CancelKey;
 
@@ -78,22 +79,9 @@ where
     let mut parameters = Vec::new();
     let mut key = None;
     loop {
-        let msg = loop {
-            if let Some(msg) = decode_message(&mut buf, MAX_BACKEND_HANDSHAKE_MESSAGE, "server")
-                .map_err(|e| ServerLoginError::Protocol(e.message))?
-            {
-                break msg;
-            }
-            match server.read_buf(&mut buf).await {
-                Ok(0) => {
-                    return Err(ServerLoginError::Io(
-                        "the server closed the connection".into(),
-                    ))
-                }
-                Ok(_) => {}
-                Err(e) => return Err(ServerLoginError::Io(e.to_string())),
-            }
-        };
+        let msg = next_message(server, &mut buf, MAX_BACKEND_HANDSHAKE_MESSAGE)
+            .await
+            .map_err(ServerLoginError::Io)?;
         match msg.tag() {
             tag::AUTHENTICATION => {
                 let code = auth_request_code(msg.body())
@@ -261,6 +249,26 @@ fn method_mismatch(code: u32, secret: &Secret) -> ServerLoginError {
         auth::method_name(code),
         secret.method()
     ))
+}
+
+/// A server's next whole message, read into `buf` as needed, for
+/// rolegate's own exchanges with it (logins, `auth_query`, resets); the
+/// error says what went wrong, in words.
+pub(crate) async fn next_message<S: AsyncRead + Unpin>(
+    server: &mut S,
+    buf: &mut BytesMut,
+    max_len: usize,
+) -> Result<Message, String> {
+    loop {
+        if let Some(msg) = decode_message(buf, max_len, "server").map_err(|e| e.message)? {
+            return Ok(msg);
+        }
+        match server.read_buf(buf).await {
+            Ok(0) => return Err("the server closed the connection".into()),
+            Ok(_) => {}
+            Err(e) => return Err(e.to_string()),
+        }
+    }
 }
 
 fn protocol(what: &str) -> ServerLoginError {

@@ -4,11 +4,12 @@
 //! its ParameterStatus messages update what the pool knows of it.
 
 use bytes::{Bytes, BytesMut};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
 use super::{record_parameter, Server};
+use crate::auth::server_login::next_message;
 use crate::protocol::encode;
-use crate::protocol::message::{decode_message, parameter_status, tag};
+use crate::protocol::message::{parameter_status, tag};
 
 /// The largest answer message rolegate reads for its own queries.
 const MAX_ANSWER: usize = 1 << 20;
@@ -41,18 +42,9 @@ where
     let mut buf = BytesMut::with_capacity(512);
     let mut failed = None;
     loop {
-        let msg = loop {
-            if let Some(msg) =
-                decode_message(&mut buf, MAX_ANSWER, "server").map_err(|e| Unusable(e.message))?
-            {
-                break msg;
-            }
-            match server.stream.read_buf(&mut buf).await {
-                Ok(0) => return Err(Unusable("the server closed the connection".into())),
-                Ok(_) => {}
-                Err(e) => return Err(Unusable(e.to_string())),
-            }
-        };
+        let msg = next_message(&mut server.stream, &mut buf, MAX_ANSWER)
+            .await
+            .map_err(Unusable)?;
         match msg.tag() {
             tag::PARAMETER_STATUS => {
                 if let Some((name, value)) = parameter_status(msg.body()) {

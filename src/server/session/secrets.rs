@@ -99,7 +99,8 @@ impl Session<'_> {
             .await
             .map_err(|e| match e {
                 server_login::ServerLoginError::Refused(error) => {
-                    format!("auth_user was refused: {}", server_message(&error))
+                    let body = error.get(5..).unwrap_or_default();
+                    format!("auth_user was refused: {}", auth_query::error_message(body))
                 }
                 other => other.to_string(),
             })?;
@@ -115,15 +116,4 @@ impl Session<'_> {
             ))
         })
     }
-}
-
-/// The message of a whole ErrorResponse message.
-fn server_message(error: &[u8]) -> String {
-    error
-        .get(5..)
-        .unwrap_or_default()
-        .split(|&b| b == 0)
-        .find_map(|field| field.strip_prefix(b"M"))
-        .map(|m| String::from_utf8_lossy(m).into_owned())
-        .unwrap_or_else(|| "no message".to_owned())
 }
