@@ -64,30 +64,35 @@ impl LoginError {
 
 /// Runs the login of `role` with `secret` (`None`: unknown to rolegate).
 /// `buffered` holds what the client sent past its startup packet.
-pub async fn log_in<C>(
+/// Returns what the login proved, with the secret it was checked against.
+pub async fn log_in<'s, C>(
     client: &mut C,
     buffered: &mut BytesMut,
     role: &str,
-    secret: Option<&Secret>,
-) -> Result<Proved, LoginError>
+    secret: Option<&'s Secret>,
+) -> Result<(Proved, &'s Secret), LoginError>
 where
     C: AsyncRead + AsyncWrite + Unpin,
 {
-    match secret {
-        Some(Secret::Md5(stored)) => {
+    let Some(known) = secret else {
+        // Fails whatever the client answers: see the module's words.
+        scram_login(client, buffered, role, &scram::decoy(role), false).await?;
+        return Err(LoginError::WrongPassword(role.to_owned()));
+    };
+    let proved = match known {
+        Secret::Md5(stored) => {
             let salt = random_salt();
             write(client, &encode::authentication_md5(salt)).await?;
             let answer = read_password(client, buffered).await?;
             let answer = answer.body().strip_suffix(b"\0").unwrap_or(answer.body());
-            if md5::verify(stored, salt, answer) {
-                Ok(Proved::Md5)
-            } else {
-                Err(LoginError::WrongPassword(role.to_owned()))
+            if !md5::verify(stored, salt, answer) {
+                return Err(LoginError::WrongPassword(role.to_owned()));
             }
+            Proved::Md5
         }
-        Some(Secret::Scram(secret)) => scram_login(client, buffered, role, secret, true).await,
-        None => scram_login(client, buffered, role, &scram::decoy(role), false).await,
-    }
+        Secret::Scram(secret) => scram_login(client, buffered, role, secret, true).await?,
+    };
+    Ok((proved, known))
 }
 
 async fn scram_login<C>(
@@ -241,7 +246,9 @@ mod tests {
         server_side.read_exact(&mut len).await.expect("length");
         let mut startup = vec![0; u32::from_be_bytes(len) as usize - 4];
         server_side.read_exact(&mut startup).await.expect("startup");
-        let proved = log_in(&mut server_side, &mut buffered, user, secret.as_ref()).await;
+        let proved = log_in(&mut server_side, &mut buffered, user, secret.as_ref())
+            .await
+            .map(|(proved, _)| proved);
         if proved.is_ok() {
             let mut end = encode::authentication_ok().to_vec();
             end.extend_from_slice(&encode::ready_for_query_idle());

@@ -63,6 +63,14 @@ pub struct Server<S> {
     _place: Place<S>,
 }
 
+impl<S: AsyncRead + Unpin> Server<S> {
+    /// Whether an idle server may be lent: idle no longer than
+    /// `idle_timeout`, and with nothing to say (see [`quiet`]).
+    fn sound(&mut self, idle_timeout: Duration) -> bool {
+        self.idle_since.elapsed() <= idle_timeout && quiet(&mut self.stream)
+    }
+}
+
 impl<S> Server<S> {
     /// The value the server reported for `name`.
     pub fn parameter(&self, name: &str) -> Option<&str> {
@@ -221,7 +229,7 @@ impl<S: Stream> Pool<S> {
         let mut state = self.lock();
         let mut stale = Vec::new();
         while let Some(mut server) = state.idle.pop() {
-            if server.idle_since.elapsed() > idle_timeout || !quiet(&mut server.stream) {
+            if !server.sound(idle_timeout) {
                 stale.push(server);
                 continue;
             }
@@ -252,19 +260,18 @@ impl<S: Stream> Pool<S> {
     fn close_stale(&self, idle_timeout: Duration) {
         let stale: Vec<Server<S>> = {
             let mut state = self.lock();
-            let (stale, fresh) = std::mem::take(&mut state.idle)
-                .into_iter()
-                .partition(|s| s.idle_since.elapsed() > idle_timeout);
+            let (fresh, stale) = std::mem::take(&mut state.idle).into_iter().fold(
+                (Vec::new(), Vec::new()),
+                |(mut fresh, mut stale), mut server| {
+                    if server.sound(idle_timeout) {
+                        fresh.push(server);
+                    } else {
+                        stale.push(server);
+                    }
+                    (fresh, stale)
+                },
+            );
             state.idle = fresh;
-            let mut stale: Vec<Server<S>> = stale;
-            let mut i = 0;
-            while i < state.idle.len() {
-                if quiet(&mut state.idle[i].stream) {
-                    i += 1;
-                } else {
-                    stale.push(state.idle.remove(i));
-                }
-            }
             self.metrics.servers(state.open, state.idle.len());
             stale
         };

@@ -113,8 +113,8 @@ impl Session<'_> {
             client_login::log_in(&mut client, &mut buffered, &user, secret),
         )
         .await;
-        let proved = match login {
-            Ok(Ok(proved)) => proved,
+        let (proved, secret) = match login {
+            Ok(Ok(passed)) => passed,
             Ok(Err(e)) => {
                 if matches!(e, LoginError::WrongPassword(_)) {
                     info!("pooled login refused: {e}");
@@ -129,10 +129,6 @@ impl Session<'_> {
                 };
                 return refuse(&mut client, refusal).await;
             }
-        };
-        // A login that passed had a secret.
-        let Some(secret) = secret else {
-            return refuse(&mut client, Refusal::ClientLeft).await;
         };
         let lent = tokio::select! {
             lent = self.lend(&user, &database, secret, &proved, settings) => lent,
