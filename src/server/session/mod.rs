@@ -25,7 +25,8 @@ use tokio::time::timeout_at;
 use tracing::{debug, info, Instrument};
 
 use self::connect::Connected;
-use self::refusal::{shutdown_error, Refusal};
+pub(super) use self::refusal::send_error;
+use self::refusal::{refuse, shutdown_error, Refusal, ERROR_WRITE_TIMEOUT};
 use super::authenticate::{relay_authentication, AuthError, LoginTarget};
 use super::cancel::{self, CancelRegistration, CancelTarget, Via};
 use super::handshake::{read_opening, Failed, HandshakeError, Opened, Opening};
@@ -42,8 +43,6 @@ use crate::protocol::{ProtocolError, SqlState};
 use crate::router::{check_fit, Misfit};
 use crate::topology::{ClusterView, Member};
 
-/// How long rolegate tries to deliver its own error to a client.
-const ERROR_WRITE_TIMEOUT: Duration = Duration::from_secs(1);
 /// How long an ended session's last bytes may take to reach the client.
 const FINAL_FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -547,34 +546,6 @@ async fn wait_for_misfit(
             return misfit;
         }
     }
-}
-
-/// Tells the client why it is refused, when it can be told, and returns
-/// how the connection is counted.
-async fn refuse<S: AsyncWrite + Unpin>(client: &mut S, refusal: Refusal) -> ConnectionOutcome {
-    if let Some(error) = refusal.client_error() {
-        send_error(client, &error).await;
-    } else if let Some(error) = refusal.server_error() {
-        let _ = Box::pin(tokio::time::timeout(ERROR_WRITE_TIMEOUT, async {
-            client.write_all(error).await?;
-            client.shutdown().await
-        }))
-        .await;
-    }
-    refusal.outcome()
-}
-
-/// Writes `error` as a FATAL ErrorResponse and closes the connection
-/// (with close_notify under TLS), giving up after a short time (the client
-/// may not be reading).
-pub(super) async fn send_error<S: AsyncWrite + Unpin>(client: &mut S, error: &ProtocolError) {
-    let bytes = error.to_fatal();
-    // Boxed: a rare path, kept out of every session's state machine.
-    let _ = Box::pin(tokio::time::timeout(ERROR_WRITE_TIMEOUT, async {
-        client.write_all(&bytes).await?;
-        client.shutdown().await
-    }))
-    .await;
 }
 
 /// Ends both connections of a relayed session, however it ended: what was

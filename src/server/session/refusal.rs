@@ -15,6 +15,8 @@ use bytes::Bytes;
 
 use crate::auth::client_login::LoginError;
 use crate::auth::server_login::ServerLoginError;
+use tokio::io::{AsyncWrite, AsyncWriteExt};
+
 use crate::config::Duration;
 use crate::metrics::ConnectionOutcome;
 use crate::pool::PoolFull;
@@ -264,6 +266,43 @@ pub fn shutdown_error() -> ProtocolError {
         "terminating connection because rolegate is shutting down",
     )
     .with_hint("Reconnect; the connection will be served by a running rolegate.")
+}
+
+/// How long rolegate tries to deliver its own error to a client.
+pub(super) const ERROR_WRITE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Tells the client why it is refused, when it can be told (rolegate's
+/// FATAL, or the server's own ErrorResponse passed on), and returns how
+/// the connection is counted.
+pub(super) async fn refuse<S: AsyncWrite + Unpin>(
+    client: &mut S,
+    refusal: Refusal,
+) -> ConnectionOutcome {
+    if let Some(error) = refusal.client_error() {
+        send_error(client, &error).await;
+    } else if let Some(error) = refusal.server_error() {
+        send_and_close(client, error).await;
+    }
+    refusal.outcome()
+}
+
+/// Writes `error` as a FATAL ErrorResponse and closes the connection
+/// (with close_notify under TLS), giving up after a short time (the client
+/// may not be reading).
+pub(in crate::server) async fn send_error<S: AsyncWrite + Unpin>(
+    client: &mut S,
+    error: &ProtocolError,
+) {
+    send_and_close(client, &error.to_fatal()).await;
+}
+
+async fn send_and_close<S: AsyncWrite + Unpin>(client: &mut S, bytes: &[u8]) {
+    // Boxed: a rare path, kept out of every session's state machine.
+    let _ = Box::pin(tokio::time::timeout(ERROR_WRITE_TIMEOUT, async {
+        client.write_all(bytes).await?;
+        client.shutdown().await
+    }))
+    .await;
 }
 
 #[cfg(test)]
