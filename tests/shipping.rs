@@ -1055,11 +1055,14 @@ fn grafana_dashboard_queries_only_documented_metrics() {
 /// `pub name:` fields of the structs in src/config/ that derive
 /// `Deserialize`: the keys of proxy.toml.
 fn config_keys() -> BTreeMap<String, Vec<String>> {
-    // `[limits]` and `[fleet]` have files of their own; mod.rs goes last,
-    // as reading stops at its tests.
+    // `[limits]`, `[fleet]` and `[[listeners]]` have files of their own;
+    // mod.rs goes last, as reading stops at its tests.
     let fleet = read("src/config/fleet.rs");
     let fleet = fleet.split("#[cfg(test)]").next().unwrap_or_default();
-    let source = read("src/config/limits.rs") + fleet + &read("src/config/mod.rs");
+    let source = read("src/config/limits.rs")
+        + fleet
+        + &read("src/config/listener.rs")
+        + &read("src/config/mod.rs");
     let mut keys: BTreeMap<String, Vec<String>> = BTreeMap::new();
     let mut derives_deserialize = false;
     let mut current: Option<String> = None;
