@@ -12,10 +12,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use super::{ListenerContext, Shared};
 use crate::router::check_fit;
+use crate::topology::ClusterView;
 
 /// How often aged idle servers are looked for.
 const SWEEP_INTERVAL: Duration = Duration::from_secs(5);
@@ -26,19 +28,24 @@ pub async fn run(
     stop: CancellationToken,
 ) {
     let mut tick = tokio::time::interval(SWEEP_INTERVAL);
+    let mut context = contexts.load_full();
+    let mut views = fresh_subscription(&context);
     loop {
-        let context = contexts.load_full();
-        let mut views = context.router.subscribe();
         tokio::select! {
             () = stop.cancelled() => return,
             _ = tick.tick() => {}
             changed = views.changed() => {
                 if changed.is_err() {
-                    // The view source is gone (a reload replaced it): the
-                    // next round subscribes to the current one.
+                    // The view source is gone (a reload replaced it):
+                    // wait for the next tick and the current context.
                     tick.tick().await;
                 }
             }
+        }
+        let now = contexts.load_full();
+        if !Arc::ptr_eq(&now, &context) {
+            context = now;
+            views = fresh_subscription(&context);
         }
         let Some(settings) = &context.pool else {
             continue;
@@ -51,4 +58,13 @@ pub async fn run(
                 check_fit(role, &view, member).is_ok()
             });
     }
+}
+
+/// The router's views, with the current one counted as seen: a clone of
+/// the router's receiver would report every view published since the
+/// router was made as new, and the loop would never wait.
+fn fresh_subscription(context: &ListenerContext) -> watch::Receiver<Arc<ClusterView>> {
+    let mut views = context.router.subscribe();
+    views.mark_unchanged();
+    views
 }
