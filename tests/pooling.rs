@@ -8,29 +8,18 @@
 
 mod support;
 
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use libtest_mimic::Failed;
 
-use support::harness::{by_name, check, run_suite, TestEnv, TestFn};
+use support::harness::{by_name, check, run_suite, TestFn};
+use support::pooled::PooledCluster;
 use support::rolegate::Rolegate;
-use support::static_cluster::StaticCluster;
 use support::{
     connect, conninfo, free_port, holds_within, runtime, scenarios, server_message, sqlstate, wire,
 };
 
-struct Env {
-    cluster: StaticCluster,
-    /// app's and md5user's secrets, as the primary stores them.
-    userlist: PathBuf,
-}
-
-impl TestEnv for Env {
-    fn scratch_dir(&self) -> Option<PathBuf> {
-        self.cluster.scratch_dir()
-    }
-}
+type Env = PooledCluster;
 
 fn main() {
     let tests: &[(&str, TestFn<Env>)] = by_name![
@@ -46,33 +35,12 @@ fn main() {
 }
 
 fn start() -> Env {
-    let cluster = StaticCluster::start("pooling");
-    let secret = |role: &str| {
-        cluster.primary.psql(&format!(
-            "select rolpassword from pg_authid where rolname = '{role}'"
-        ))
-    };
-    let userlist = cluster.root.join("userlist.txt");
-    let text = format!(
-        "; the primary's own secrets\n\"app\" \"{}\"\n\"md5user\" \"{}\"\n",
-        secret("app"),
-        secret("md5user")
-    );
-    std::fs::write(&userlist, text).expect("write userlist");
-    Env { cluster, userlist }
+    PooledCluster::start("pooling")
 }
 
-/// A rolegate with one pooled listener on the primary; `extra` adds keys
-/// to the listener. Returns it and the listener's port.
+/// A rolegate with one session-pooled listener on the primary.
 fn pooled(env: &Env, name: &str, extra: &str) -> (Rolegate, u16) {
-    let port = free_port();
-    let config = format!(
-        "[clusters.main]\nprimary = \"{}\"\n\n[[listeners]]\nlisten = \"127.0.0.1:{port}\"\n\
-         cluster = \"main\"\nrole = \"primary\"\npool_mode = \"session\"\nauth_file = \"{}\"\n{extra}\n",
-        env.cluster.primary.address(),
-        env.userlist.display()
-    );
-    (Rolegate::start(&env.cluster.root, name, &config), port)
+    env.rolegate(name, "session", extra)
 }
 
 async fn backend_pid(client: &tokio_postgres::Client) -> Result<i32, Failed> {

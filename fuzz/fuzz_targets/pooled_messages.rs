@@ -24,12 +24,16 @@ fn walk(pieces: &[&[u8]]) -> (Vec<u8>, Vec<(u8, Vec<u8>)>, bool) {
             &mut input,
             &mut output,
             "fuzz",
-            |tag, _| match tag {
+            |tag, _, _| match tag {
                 b'Z' | b'S' => Seen::Watch,
                 b'X' => Seen::Drop,
                 _ => Seen::Pass,
             },
-            |tag, body| shown.push((tag, body.to_vec())),
+            |tag, message, out| {
+                shown.push((tag, message[5..].to_vec()));
+                out.extend_from_slice(message);
+                Ok(())
+            },
         );
         if walked.is_err() {
             return (output.to_vec(), shown, true);
@@ -63,4 +67,7 @@ fuzz_target!(|input: (Vec<u8>, Vec<u8>, String)| {
     if let Ok(exchange) = ServerExchange::start(text.as_bytes(), &secret) {
         let _ = exchange.finish(&stream, &secret);
     }
+    let _ = rolegate::protocol::rewrite::parse(&stream);
+    let _ = rolegate::protocol::rewrite::bind(&stream);
+    let _ = rolegate::protocol::rewrite::target(&stream);
 });

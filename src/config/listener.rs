@@ -42,6 +42,10 @@ pub struct ListenerConfig {
     /// Run on a server before it is lent to the next client.
     #[serde(default = "default_server_reset_query")]
     pub server_reset_query: String,
+    /// Statements kept prepared per server in transaction mode; the
+    /// least recently used one is closed to make room.
+    #[serde(default = "default_max_prepared_statements")]
+    pub max_prepared_statements: usize,
     /// An idle server unused this long is closed instead of lent.
     #[serde(default = "default_server_idle_timeout")]
     pub server_idle_timeout: Duration,
@@ -73,18 +77,24 @@ pub struct ListenerConfig {
 pub enum PoolMode {
     /// A server is the client's from its login until it leaves.
     Session,
+    /// A server is the client's for one transaction at a time.
+    Transaction,
 }
 
 impl PoolMode {
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Session => "session",
+            Self::Transaction => "transaction",
         }
     }
 }
 
 fn default_pool_size() -> usize {
     20
+}
+fn default_max_prepared_statements() -> usize {
+    200
 }
 fn default_server_reset_query() -> String {
     "DISCARD ALL".to_owned()

@@ -172,7 +172,7 @@ fn validate_pooling(i: usize, listener: &ListenerConfig) -> Result<(), KeyedErro
         if let Some((field, _)) = pooled_only.iter().find(|(_, set)| *set) {
             return Err(KeyedError::new(
                 key(field),
-                "only a pooled listener (pool_mode = \"session\") reads secrets; a passthrough listener relays the login to PostgreSQL",
+                "only a pooled listener (pool_mode = \"session\" or \"transaction\") reads secrets; a passthrough listener relays the login to PostgreSQL",
             ));
         }
         return Ok(());
@@ -211,6 +211,15 @@ fn validate_pooling(i: usize, listener: &ListenerConfig) -> Result<(), KeyedErro
         return Err(KeyedError::new(
             key("pool_size"),
             format!("{} is out of range (1 to 10000)", listener.pool_size),
+        ));
+    }
+    if !(1..=100_000).contains(&listener.max_prepared_statements) {
+        return Err(KeyedError::new(
+            key("max_prepared_statements"),
+            format!(
+                "{} is out of range (1 to 100000)",
+                listener.max_prepared_statements
+            ),
         ));
     }
     if listener.server_reset_query.contains('\0') {

@@ -4,11 +4,14 @@
 
 use metrics::{counter, describe_counter, describe_gauge, gauge, Counter, Gauge};
 
+use crate::pool::session_state::Pin;
+
 pub const POOL_SERVERS: &str = "rolegate_pool_servers";
 pub const POOL_WAITING_CLIENTS: &str = "rolegate_pool_waiting_clients";
 pub const POOL_LENDS_TOTAL: &str = "rolegate_pool_lends_total";
 pub const POOL_WAIT_TIMEOUTS_TOTAL: &str = "rolegate_pool_wait_timeouts_total";
 pub const POOL_SERVERS_CLOSED_TOTAL: &str = "rolegate_pool_servers_closed_total";
+pub const POOL_PINS_TOTAL: &str = "rolegate_pool_pins_total";
 
 pub(super) fn describe() {
     describe_gauge!(
@@ -29,7 +32,11 @@ pub(super) fn describe() {
     );
     describe_counter!(
         POOL_SERVERS_CLOSED_TOTAL,
-        "Servers closed instead of lent again, by reason: busy (the client left mid-request or inside a transaction), reset (the reset query failed), stale (closed by the member or idle too long), demotion (the member left the pool's role)."
+        "Servers closed instead of lent again, by reason: busy (the client left mid-request or inside a transaction), reset (the reset query failed), stale (closed by the member or idle too long), demotion (the member left the pool's role), cancelled (a cancel was sent to it during the transaction)."
+    );
+    describe_counter!(
+        POOL_PINS_TOTAL,
+        "Transaction-pooled clients pinned to their server for the rest of their session, by cause (set, listen, prepare, with_hold_cursor, temp_table, load, advisory_lock, unread, discard, unsure)."
     );
 }
 
@@ -40,6 +47,7 @@ pub enum Closed {
     Reset,
     Stale,
     Demotion,
+    Cancelled,
 }
 
 impl Closed {
@@ -49,6 +57,7 @@ impl Closed {
             Self::Reset => "reset",
             Self::Stale => "stale",
             Self::Demotion => "demotion",
+            Self::Cancelled => "cancelled",
         }
     }
 }
@@ -114,5 +123,11 @@ impl PoolMetrics {
         let mut labels: Vec<(&'static str, String)> = self.labels.to_vec();
         labels.push(("reason", why.as_str().to_owned()));
         counter!(POOL_SERVERS_CLOSED_TOTAL, &labels).increment(1);
+    }
+
+    pub fn pinned(&self, why: Pin) {
+        let mut labels: Vec<(&'static str, String)> = self.labels.to_vec();
+        labels.push(("cause", why.as_str().to_owned()));
+        counter!(POOL_PINS_TOTAL, &labels).increment(1);
     }
 }

@@ -18,7 +18,10 @@
 
 pub(crate) mod own_query;
 pub(crate) mod relay;
+pub(crate) mod session_state;
 pub(crate) mod settings;
+pub(crate) mod statements;
+pub(crate) mod transaction;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -39,6 +42,7 @@ use tokio::sync::Notify;
 
 use crate::metrics::pool::{Closed, PoolMetrics};
 use crate::protocol::startup::CancelKey;
+use statements::ServerStatements;
 
 /// Which pool a server belongs to.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -58,6 +62,10 @@ pub struct Server<S> {
     /// The parameters the server reported, kept current from every
     /// ParameterStatus it sends.
     pub parameters: Vec<(String, String)>,
+    /// The settings rolegate gave it for its client (startup parameters).
+    pub settings: Vec<(String, String)>,
+    /// The statements of rolegate's it has prepared (transaction mode).
+    pub prepared: ServerStatements,
     idle_since: Instant,
     /// Held for its drop, which frees the place.
     _place: Place<S>,
@@ -151,6 +159,8 @@ impl<S> Opening<S> {
             stream,
             key,
             parameters,
+            settings: Vec::new(),
+            prepared: ServerStatements::default(),
             idle_since: Instant::now(),
             _place: self.0,
         }

@@ -76,19 +76,31 @@ where
     }
 }
 
-/// `SET name TO 'value'` statements for the startup parameters a server
-/// does not already have, or `None` when it has them all. Names are GUC
-/// names (letters, digits, `_` and `.`; anything else is refused before
+/// The statements that give a server a client's startup parameters:
+/// `SET name TO 'value'` for each it does not have yet (as set by
+/// rolegate for an earlier client, or as it reported), `RESET name` for
+/// what rolegate set for an earlier client that this one did not ask
+/// for; `None` when there is nothing to do. Names are GUC names
+/// (letters, digits, `_` and `.`; anything else is refused before
 /// this), values are escape-string literals, whatever
 /// `standard_conforming_strings` is.
 pub fn set_statements<S>(server: &Server<S>, wanted: &[(String, String)]) -> Option<String> {
     let mut sql = String::new();
     for (name, value) in wanted {
-        if server.parameter(name) == Some(value.as_str()) {
+        let set_before = server.settings.iter().find(|(n, _)| n == name);
+        let now = set_before
+            .map(|(_, v)| v.as_str())
+            .or_else(|| server.parameter(name));
+        if now == Some(value.as_str()) {
             continue;
         }
         let quoted = value.replace('\\', "\\\\").replace('\'', "''");
         sql.push_str(&format!("SET {name} TO E'{quoted}';"));
+    }
+    for (name, _) in &server.settings {
+        if !wanted.iter().any(|(n, _)| n == name) {
+            sql.push_str(&format!("RESET {name};"));
+        }
     }
     (!sql.is_empty()).then_some(sql)
 }

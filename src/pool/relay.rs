@@ -24,6 +24,7 @@ use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use super::{record_parameter, Server};
+use crate::protocol::frame::HEADER_LEN;
 use crate::protocol::message::{parameter_status, tag};
 use crate::protocol::walk::{Seen, Walker};
 use crate::protocol::ProtocolError;
@@ -164,8 +165,11 @@ impl PooledRelay {
                     from_client,
                     to_server,
                     "client",
-                    |kind, _| counters.client_header(kind, &mut terminated),
-                    |_, _| {},
+                    |kind, _, _| counters.client_header(kind, &mut terminated),
+                    |_, message, out| {
+                        out.extend_from_slice(message);
+                        Ok(())
+                    },
                 ) {
                     return RelayEnd::Protocol(e);
                 }
@@ -188,8 +192,12 @@ impl PooledRelay {
                     from_server,
                     to_client,
                     "server",
-                    |kind, _| counters.server_header(kind),
-                    |kind, body| counters.server_message(kind, body, parameters),
+                    |kind, _, _| counters.server_header(kind),
+                    |kind, message, out| {
+                        counters.server_message(kind, &message[HEADER_LEN..], parameters);
+                        out.extend_from_slice(message);
+                        Ok(())
+                    },
                 ) {
                     return RelayEnd::Protocol(e);
                 }
@@ -237,7 +245,10 @@ impl PooledRelay {
 
 /// Writes what was walked out and clears it, so that a write cut short
 /// by the caller leaves the unwritten bytes visible to the clean check.
-async fn write_out<W: AsyncWrite + Unpin>(writer: &mut W, out: &mut BytesMut) -> io::Result<()> {
+pub(super) async fn write_out<W: AsyncWrite + Unpin>(
+    writer: &mut W,
+    out: &mut BytesMut,
+) -> io::Result<()> {
     if !out.is_empty() {
         writer.write_all(out).await?;
         out.clear();

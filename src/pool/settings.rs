@@ -21,6 +21,7 @@ pub struct PoolSettings {
     pub secrets: HashMap<String, Secret>,
     pub size: usize,
     pub reset_query: String,
+    pub max_prepared: usize,
     pub idle_timeout: Duration,
     pub wait_timeout: Duration,
     /// Secrets read from the cluster for roles `secrets` does not list.
@@ -82,6 +83,7 @@ impl PoolSettings {
             secrets,
             size: listener.pool_size,
             reset_query: listener.server_reset_query.clone(),
+            max_prepared: listener.max_prepared_statements,
             idle_timeout: listener.server_idle_timeout.get(),
             wait_timeout: listener.query_wait_timeout.get(),
             auth_query,

@@ -3,8 +3,8 @@
 //! DEPENDENCIES.md settles (pgwire's decoders never see peer bytes).
 
 use bytes::{Bytes, BytesMut};
-use pgwire::messages::extendedquery::{Bind, Execute, Parse, Sync};
-use pgwire::messages::response::{ReadyForQuery, TransactionStatus};
+use pgwire::messages::extendedquery::{Bind, CloseComplete, Execute, Parse, ParseComplete, Sync};
+use pgwire::messages::response::{CommandComplete, ReadyForQuery, TransactionStatus};
 use pgwire::messages::simplequery::Query;
 use pgwire::messages::startup::{
     Authentication, ParameterStatus, Password, SASLInitialResponse, SASLResponse, Startup,
@@ -78,6 +78,32 @@ pub fn sasl_response(data: &[u8]) -> Bytes {
 
 pub fn password(text: &str) -> Bytes {
     encode(&Password::new(text.to_owned()))
+}
+
+/// ReadyForQuery with the status a server last reported (`I`, `T`, `E`).
+pub fn ready_for_query(status: u8) -> Bytes {
+    let status = match status {
+        b'T' => TransactionStatus::Transaction,
+        b'E' => TransactionStatus::Error,
+        _ => TransactionStatus::Idle,
+    };
+    encode(&ReadyForQuery::new(status))
+}
+
+/// What a Parse rolegate answers itself gets: the statement is prepared
+/// on the server already.
+pub fn parse_complete() -> Bytes {
+    encode(&ParseComplete::new())
+}
+
+/// What a Close of a client's statement gets: rolegate forgets the name,
+/// the server keeps the statement for others.
+pub fn close_complete() -> Bytes {
+    encode(&CloseComplete::new())
+}
+
+pub fn command_complete(tag: &str) -> Bytes {
+    encode(&CommandComplete::new(tag.to_owned()))
 }
 
 /// A simple Query of rolegate's own (a reset, a replayed `SET`).

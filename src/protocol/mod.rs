@@ -10,6 +10,7 @@ pub mod frame;
 pub mod message;
 pub mod notify_pid;
 pub mod proxy_header;
+pub mod rewrite;
 pub mod sasl;
 pub mod startup;
 pub mod walk;

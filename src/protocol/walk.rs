@@ -13,7 +13,8 @@ use bytes::BytesMut;
 use super::frame::HEADER_LEN;
 use super::{ProtocolError, SqlState};
 
-/// Messages up to this length are shown whole when asked for.
+/// Messages up to this length are shown whole when asked for, unless a
+/// walker is made with another limit.
 pub const WATCHED_BODY_LIMIT: usize = 64 * 1024;
 
 /// What a walker's owner decides for a message whose header it sees.
@@ -28,15 +29,38 @@ pub enum Seen {
 }
 
 /// Where one direction's message stream stands.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Walker {
     /// Bytes of a passed-through body still to come.
     streaming: usize,
     /// The body being dropped is this many bytes from its end.
     dropping: usize,
+    /// The longest message held whole when watched.
+    limit: usize,
+}
+
+impl Default for Walker {
+    fn default() -> Self {
+        Self::with_limit(WATCHED_BODY_LIMIT)
+    }
 }
 
 impl Walker {
+    /// A walker that holds watched messages of up to `limit` bytes whole;
+    /// longer ones pass through unseen.
+    pub fn with_limit(limit: usize) -> Self {
+        Self {
+            streaming: 0,
+            dropping: 0,
+            limit,
+        }
+    }
+
+    /// The longest message this walker holds whole.
+    pub fn limit(&self) -> usize {
+        self.limit
+    }
+
     /// True when nothing of a message is in flight: the next byte starts
     /// a new message.
     pub fn at_boundary(&self, pending: &BytesMut) -> bool {
@@ -44,16 +68,18 @@ impl Walker {
     }
 
     /// Moves what can be moved from `input` to `output`. `header` decides
-    /// per message type and length; `whole` sees each watched message's
-    /// type and body. Incomplete headers and watched messages stay in
-    /// `input` for the next read.
+    /// per message type and length (and may put messages of its own into
+    /// the output first); `whole` gets each watched message, header
+    /// included, and writes to the output what goes on in its place (the
+    /// message itself, usually), or refuses it. Incomplete headers and watched messages
+    /// stay in `input` for the next read.
     pub fn walk(
         &mut self,
         input: &mut BytesMut,
         output: &mut BytesMut,
         side: &str,
-        mut header: impl FnMut(u8, usize) -> Seen,
-        mut whole: impl FnMut(u8, &[u8]),
+        mut header: impl FnMut(u8, usize, &mut BytesMut) -> Seen,
+        mut whole: impl FnMut(u8, &[u8], &mut BytesMut) -> Result<(), ProtocolError>,
     ) -> Result<(), ProtocolError> {
         loop {
             if self.streaming > 0 {
@@ -86,14 +112,13 @@ impl Walker {
                     ),
                 ));
             }
-            match header(tag, len) {
-                Seen::Watch if len <= WATCHED_BODY_LIMIT => {
+            match header(tag, len, output) {
+                Seen::Watch if len <= self.limit => {
                     if input.len() < len + 1 {
                         return Ok(());
                     }
                     let message = input.split_to(len + 1);
-                    whole(tag, &message[HEADER_LEN..]);
-                    output.extend_from_slice(&message);
+                    whole(tag, &message, output)?;
                 }
                 Seen::Drop => {
                     let n = (len + 1).min(input.len());
@@ -130,17 +155,18 @@ mod tests {
                 &mut input,
                 &mut output,
                 "server",
-                |_, _| Seen::Pass,
-                |_, _| {},
+                |_, _, _| Seen::Pass,
+                pass,
             )
             .expect("walk");
         assert_eq!(output.len(), 50, "the row's first half streamed on");
         input.extend_from_slice(&row[50..]);
         input.extend_from_slice(&ready[..3]);
-        let watch = |tag, _| if tag == b'Z' { Seen::Watch } else { Seen::Pass };
+        let watch = |tag, _, _: &mut BytesMut| if tag == b'Z' { Seen::Watch } else { Seen::Pass };
         walker
-            .walk(&mut input, &mut output, "server", watch, |t, b| {
-                seen.push((t, b.to_vec()))
+            .walk(&mut input, &mut output, "server", watch, |t, m, out| {
+                seen.push((t, m[HEADER_LEN..].to_vec()));
+                pass(t, m, out)
             })
             .expect("walk");
         assert_eq!(output.len(), row.len());
@@ -148,8 +174,9 @@ mod tests {
         assert!(!walker.at_boundary(&input));
         input.extend_from_slice(&ready[3..]);
         walker
-            .walk(&mut input, &mut output, "server", watch, |t, b| {
-                seen.push((t, b.to_vec()))
+            .walk(&mut input, &mut output, "server", watch, |t, m, out| {
+                seen.push((t, m[HEADER_LEN..].to_vec()));
+                pass(t, m, out)
             })
             .expect("walk");
         assert_eq!(seen, vec![(b'Z', b"I".to_vec())]);
@@ -163,9 +190,9 @@ mod tests {
         let mut input = BytesMut::from(&msg(b'X', b"")[..]);
         input.extend_from_slice(&msg(b'Q', b"select 1\0"));
         let mut output = BytesMut::new();
-        let drop_x = |tag, _| if tag == b'X' { Seen::Drop } else { Seen::Pass };
+        let drop_x = |tag, _, _: &mut BytesMut| if tag == b'X' { Seen::Drop } else { Seen::Pass };
         walker
-            .walk(&mut input, &mut output, "client", drop_x, |_, _| {})
+            .walk(&mut input, &mut output, "client", drop_x, pass)
             .expect("walk");
         assert_eq!(&output[..], &msg(b'Q', b"select 1\0")[..]);
         let mut input = BytesMut::from(&b"Q\0\0\0\x02"[..]);
@@ -174,9 +201,14 @@ mod tests {
                 &mut input,
                 &mut output,
                 "client",
-                |_, _| Seen::Pass,
-                |_, _| {}
+                |_, _, _| Seen::Pass,
+                pass
             )
             .is_err());
+    }
+
+    fn pass(_: u8, message: &[u8], out: &mut BytesMut) -> Result<(), ProtocolError> {
+        out.extend_from_slice(message);
+        Ok(())
     }
 }

@@ -90,6 +90,9 @@ pub struct Shared {
     pub logins: LoginGates,
     /// The server connections of pooled listeners.
     pub pools: Arc<Pools<stream::BackendStream>>,
+    /// Transaction-pooled clients' named statements, one server-side name
+    /// per distinct statement.
+    pub statements: Arc<crate::pool::statements::Registry>,
     /// Secrets pooled listeners read with `auth_query`.
     pub secrets: SecretCache,
     pub relayed: RelayedBytes,
@@ -117,6 +120,7 @@ impl Shared {
             sessions: SessionCounts::new(),
             logins: LoginGates::default(),
             pools: Arc::default(),
+            statements: Arc::default(),
             secrets: SecretCache::default(),
             relayed: RelayedBytes::new(),
         }

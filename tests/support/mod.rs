@@ -18,6 +18,7 @@ pub mod lab;
 pub mod lab_suite;
 pub mod leader_key;
 pub mod pg;
+pub mod pooled;
 pub mod process;
 pub mod procinfo;
 pub mod rolegate;

@@ -29,7 +29,7 @@ pub mod siblings;
 mod throttle;
 
 pub use delivery::{deliver, DeliveryTime};
-pub use registry::{CancelRegistration, CancelRegistry, CancelTarget};
+pub use registry::{CancelRegistration, CancelRegistry, CancelTarget, MovingTarget};
 pub use siblings::Siblings;
 pub use throttle::CancelThrottle;
 

@@ -44,10 +44,58 @@ pub struct CancelTarget {
     pub tls: BackendTlsSettings,
 }
 
+/// Where a transaction-pooled client's cancels go: the server running
+/// its transaction now, or nowhere between transactions.
+#[derive(Default)]
+pub struct MovingTarget(Mutex<Moving>);
+
+#[derive(Default)]
+struct Moving {
+    now: Option<CancelTarget>,
+    /// A cancel was sent to `now` since it was set.
+    cancelled: bool,
+}
+
+impl MovingTarget {
+    fn lock(&self) -> MutexGuard<'_, Moving> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The client's transaction runs on `target` from now.
+    pub fn set(&self, target: CancelTarget) {
+        *self.lock() = Moving {
+            now: Some(target),
+            cancelled: false,
+        };
+    }
+
+    /// The transaction is over: cancels go nowhere until the next one.
+    /// True when a cancel was sent to its server meanwhile: the signal
+    /// may still be on its way, so that server must not run another
+    /// client's query (the caller closes it).
+    pub fn clear(&self) -> bool {
+        let mut moving = self.lock();
+        moving.now = None;
+        std::mem::take(&mut moving.cancelled)
+    }
+
+    fn take_for_cancel(&self) -> Option<CancelTarget> {
+        let mut moving = self.lock();
+        let target = moving.now.clone()?;
+        moving.cancelled = true;
+        Some(target)
+    }
+}
+
+enum Target {
+    Fixed(CancelTarget),
+    Moving(Arc<MovingTarget>),
+}
+
 struct Entry {
     registration: u64,
     secret: Bytes,
-    target: CancelTarget,
+    target: Target,
 }
 
 type Entries = FastMap<u32, Vec<Entry>>;
@@ -121,15 +169,41 @@ impl CancelRegistry {
         target: CancelTarget,
         instance: Option<u16>,
     ) -> CancelRegistration {
+        let backend_key = target.backend_key.clone();
+        self.insert(Target::Fixed(target), &backend_key, instance)
+    }
+
+    /// Registers a transaction-pooled client: a key of rolegate's own
+    /// (for fleet instance `instance`, 0 outside a fleet), its cancels
+    /// sent wherever `target` says at the time.
+    pub fn register_moving(
+        self: &Arc<Self>,
+        target: Arc<MovingTarget>,
+        instance: u16,
+    ) -> CancelRegistration {
+        // No server's key stands behind it: a fresh key of the usual size.
+        let placeholder = CancelKey {
+            pid: 0,
+            secret: Bytes::from_static(&[0; 4]),
+        };
+        self.insert(Target::Moving(target), &placeholder, Some(instance))
+    }
+
+    fn insert(
+        self: &Arc<Self>,
+        target: Target,
+        backend_key: &CancelKey,
+        instance: Option<u16>,
+    ) -> CancelRegistration {
         let registration = self.next_registration.fetch_add(1, Ordering::Relaxed);
-        let backend_pid = target.backend_key.pid;
+        let backend_pid = backend_key.pid;
         // Drawn before the lock: the random bytes are a syscall, and every
         // session's registration and every cancel take this lock.
-        let drawn = instance.map(|id| (id, key::issue(id, target.backend_key.secret.len())));
+        let drawn = instance.map(|id| (id, key::issue(id, backend_key.secret.len())));
         let mut entries = self.lock();
         let client_key = match drawn {
-            None => target.backend_key.clone(),
-            Some((id, drawn)) => issue_unused(&entries, id, drawn, &target.backend_key),
+            None => backend_key.clone(),
+            Some((id, drawn)) => issue_unused(&entries, id, drawn, backend_key),
         };
         // Nearly every process id has one session: a Vec's first push
         // would reserve four entries (over 500 bytes per idle session).
@@ -150,7 +224,8 @@ impl CancelRegistry {
         }
     }
 
-    /// The session a client key belongs to, if it is registered here.
+    /// Where a cancel with this client key goes, if the key is
+    /// registered here and (for a pooled client) a transaction runs.
     pub fn lookup(&self, client_key: &CancelKey) -> Option<CancelTarget> {
         let entries = self.lock();
         let mut found = None;
@@ -160,10 +235,13 @@ impl CancelRegistry {
             let same = entry.secret.len() == client_key.secret.len()
                 && bool::from(entry.secret.as_ref().ct_eq(client_key.secret.as_ref()));
             if same && found.is_none() {
-                found = Some(entry.target.clone());
+                found = Some(&entry.target);
             }
         }
-        found
+        match found? {
+            Target::Fixed(target) => Some(target.clone()),
+            Target::Moving(moving) => moving.take_for_cancel(),
+        }
     }
 
     #[cfg(test)]
@@ -266,5 +344,22 @@ mod tests {
         assert!(registry.lookup(&wrong).is_none());
         wrong.secret = Bytes::from_static(b"abcdabcd");
         assert!(registry.lookup(&wrong).is_none());
+    }
+
+    #[test]
+    fn a_moving_target_is_cancelled_only_while_a_transaction_runs() {
+        let registry = CancelRegistry::new();
+        let moving = Arc::new(MovingTarget::default());
+        let reg = registry.register_moving(Arc::clone(&moving), 3);
+        let key = reg.client_key().clone();
+        assert_eq!(key::instance_of(key.pid), 3);
+        assert!(registry.lookup(&key).is_none(), "between transactions");
+        assert!(!moving.clear());
+        moving.set(target("pg2", 7));
+        assert_eq!(registry.lookup(&key).map(|t| t.member), Some("pg2".into()));
+        assert!(moving.clear(), "a cancel went to that server");
+        assert!(registry.lookup(&key).is_none());
+        moving.set(target("pg3", 8));
+        assert!(!moving.clear(), "no cancel this time");
     }
 }

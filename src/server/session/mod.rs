@@ -11,6 +11,7 @@ mod connect;
 mod pooled;
 mod refusal;
 mod secrets;
+mod transactions;
 
 use std::borrow::Borrow;
 use std::net::SocketAddr;

@@ -33,7 +33,7 @@ use super::{lost_backend, refuse, wait_for_misfit, Session};
 use crate::auth::client_login::{self, LoginError, Proved};
 use crate::auth::secret::Secret;
 use crate::auth::server_login::{self, Credentials, ServerLoginError};
-use crate::config::ListenerRole;
+use crate::config::{ListenerRole, PoolMode};
 use crate::metrics::pool::Closed;
 use crate::metrics::{ConnectionOutcome, EndReason};
 use crate::pool::own_query::{self, Answered};
@@ -45,7 +45,7 @@ use crate::protocol::startup::StartupMessage;
 use crate::protocol::{ProtocolError, SqlState};
 use crate::router::{check_fit, Misfit};
 use crate::server::authenticate::{in_recovery, AuthError};
-use crate::server::cancel::{CancelRegistration, CancelTarget};
+use crate::server::cancel::{CancelRegistration, CancelTarget, MovingTarget};
 use crate::server::handshake::HandshakeError;
 use crate::server::stream::{BackendStream, ClientStream};
 use crate::topology::Member;
@@ -54,7 +54,7 @@ use crate::topology::Member;
 /// passwords through rolegate costs a second a try per connection.
 const WRONG_PASSWORD_DELAY: Duration = Duration::from_secs(1);
 /// How long the reset query may take before the server is closed instead.
-const RESET_TIMEOUT: Duration = Duration::from_secs(5);
+pub(super) const RESET_TIMEOUT: Duration = Duration::from_secs(5);
 /// Startup parameters that are not session settings.
 const NOT_SETTINGS: &[&str] = &["user", "database"];
 
@@ -66,9 +66,19 @@ enum PooledEnd {
 }
 
 /// A server lent to the session, with the pool it goes back to.
-struct LentServer {
-    server: Server<BackendStream>,
-    pool: Arc<Pool<BackendStream>>,
+pub(super) struct LentServer {
+    pub(super) server: Server<BackendStream>,
+    pub(super) pool: Arc<Pool<BackendStream>>,
+}
+
+/// What a pooled client's login established, for the servers it gets
+/// later (transaction mode lends one per transaction).
+pub(super) struct Login<'a> {
+    pub(super) user: &'a str,
+    pub(super) database: &'a str,
+    pub(super) secret: &'a Secret,
+    pub(super) proved: &'a Proved,
+    pub(super) wanted: &'a [(String, String)],
 }
 
 impl Session<'_> {
@@ -140,13 +150,36 @@ impl Session<'_> {
             Err(refusal) => return self.refused(&mut client, refusal).await,
         };
         tracing::Span::current().record("member", &*member.name);
-        match self.greet(&mut client, &mut lent, &member, &wanted).await {
+        let moving = (settings.mode == PoolMode::Transaction).then(Arc::default);
+        match self
+            .greet(&mut client, &mut lent, &member, &wanted, moving.clone())
+            .await
+        {
             Ok(registration) => {
                 self.listener
                     .metrics
                     .handshake_duration(self.accepted.elapsed().saturating_sub(held));
-                self.relay_pooled(client, lent, member, buffered, registration, settings)
-                    .await
+                let Some(moving) = moving else {
+                    return self
+                        .relay_pooled(client, lent, member, buffered, registration, settings)
+                        .await;
+                };
+                let login = Login {
+                    user: &user,
+                    database: &database,
+                    secret,
+                    proved: &proved,
+                    wanted: &wanted,
+                };
+                self.relay_transactions(
+                    client,
+                    (lent, member),
+                    buffered,
+                    (registration, moving),
+                    &login,
+                    settings,
+                )
+                .await
             }
             Err(refusal) => {
                 // The server said no to a setting: it is still clean.
@@ -160,7 +193,7 @@ impl Session<'_> {
 
     /// A server for the session: routed like a passthrough session, each
     /// candidate's pool lending one.
-    async fn lend(
+    pub(super) async fn lend(
         &self,
         user: &str,
         database: &str,
@@ -231,37 +264,26 @@ impl Session<'_> {
     /// Sets the client's startup parameters on the server and greets the
     /// client: AuthenticationOk, the server's parameters, a cancel key of
     /// rolegate's own, ReadyForQuery.
+    /// `moving` is where a transaction-pooled client's cancels will go.
     async fn greet<C: AsyncWrite + Unpin>(
         &self,
         client: &mut C,
         lent: &mut LentServer,
         member: &Member,
         wanted: &[(String, String)],
+        moving: Option<Arc<MovingTarget>>,
     ) -> Result<CancelRegistration, Refusal> {
-        if let Some(sql) = own_query::set_statements(&lent.server, wanted) {
-            match own_query::run(&mut lent.server, &sql).await {
-                Ok(Answered::Done) => {}
-                Ok(Answered::Failed(error)) => return Err(Refusal::SettingRefused(error)),
-                Err(e) => {
-                    return Err(Refusal::Authentication(AuthError::Backend(lost_backend(
-                        member,
-                        &self.listener.cluster,
-                        &e.0,
-                    ))))
-                }
-            }
-        }
-        let target = CancelTarget {
-            member: member.name.clone(),
-            host: member.host.clone(),
-            port: member.port,
-            backend_key: lent.server.key.clone(),
-            tls: self.listener.backend_tls.clone(),
-        };
+        self.give_settings(lent, member, wanted).await?;
         // Always a key of rolegate's own: the server's outlives the
         // client's session with it.
         let instance = self.shared.fleet().map_or(0, |fleet| fleet.own_id());
-        let registration = self.shared.cancels.register(target, Some(instance));
+        let registration = match moving {
+            Some(moving) => self.shared.cancels.register_moving(moving, instance),
+            None => self
+                .shared
+                .cancels
+                .register(self.cancel_target(lent, member), Some(instance)),
+        };
         let mut greeting = BytesMut::with_capacity(512);
         greeting.extend_from_slice(&encode::authentication_ok());
         for (name, value) in &lent.server.parameters {
@@ -362,16 +384,59 @@ impl Session<'_> {
     }
 }
 
+impl Session<'_> {
+    /// Gives the server the client's startup parameters (and takes back
+    /// what an earlier client had).
+    pub(super) async fn give_settings(
+        &self,
+        lent: &mut LentServer,
+        member: &Member,
+        wanted: &[(String, String)],
+    ) -> Result<(), Refusal> {
+        let Some(sql) = own_query::set_statements(&lent.server, wanted) else {
+            return Ok(());
+        };
+        match own_query::run(&mut lent.server, &sql).await {
+            Ok(Answered::Done) => {
+                lent.server.settings = wanted.to_vec();
+                Ok(())
+            }
+            Ok(Answered::Failed(error)) => Err(Refusal::SettingRefused(error)),
+            Err(e) => Err(Refusal::Authentication(AuthError::Backend(lost_backend(
+                member,
+                &self.listener.cluster,
+                &e.0,
+            )))),
+        }
+    }
+
+    /// Where a cancel for a query on `lent` goes.
+    pub(super) fn cancel_target(&self, lent: &LentServer, member: &Member) -> CancelTarget {
+        CancelTarget {
+            member: member.name.clone(),
+            host: member.host.clone(),
+            port: member.port,
+            backend_key: lent.server.key.clone(),
+            tls: self.listener.backend_tls.clone(),
+        }
+    }
+}
+
 /// Resets a server and gives it back to its pool; one whose reset does
-/// not come back clean in time is closed.
-async fn give_back(mut lent: LentServer, settings: &PoolSettings) {
+/// not come back clean in time is closed. What rolegate knew of its
+/// settings and statements is gone with the reset.
+pub(super) async fn give_back(mut lent: LentServer, settings: &PoolSettings) {
     let reset = tokio::time::timeout(
         RESET_TIMEOUT,
         own_query::run(&mut lent.server, &settings.reset_query),
     )
     .await;
     match reset {
-        Ok(Ok(Answered::Done)) => return lent.pool.give_back(lent.server),
+        Ok(Ok(Answered::Done)) => {
+            lent.server.settings.clear();
+            lent.server.prepared.clear();
+            return lent.pool.give_back(lent.server);
+        }
         Ok(Ok(Answered::Failed(_))) => warn!(
             "server_reset_query {:?} failed: the server is closed",
             settings.reset_query
