@@ -368,7 +368,22 @@ impl Session<'_> {
             }
             PooledEnd::Shutdown => (EndReason::Shutdown, Some(shutdown_error())),
         };
-        if let Some(error) = fatal.filter(|_| relay.client_at_boundary()) {
+        let fatal = fatal.filter(|_| relay.client_at_boundary());
+        self.close_pooled(&mut client, fatal, reason, started, "pooled session")
+            .await
+    }
+
+    /// Ends a pooled session: `fatal` (when the client can be sent a
+    /// message now), the close, the count and the log line.
+    pub(super) async fn close_pooled<S: AsyncWrite + Unpin>(
+        &self,
+        client: &mut S,
+        fatal: Option<ProtocolError>,
+        reason: EndReason,
+        started: Instant,
+        what: &str,
+    ) -> ConnectionOutcome {
+        if let Some(error) = fatal {
             let _ =
                 tokio::time::timeout(Duration::from_secs(1), client.write_all(&error.to_fatal()))
                     .await;
@@ -378,7 +393,7 @@ impl Session<'_> {
         info!(
             reason = reason.as_str(),
             duration_ms = started.elapsed().as_millis() as u64,
-            "pooled session ended"
+            "{what} ended"
         );
         ConnectionOutcome::Session
     }

@@ -20,10 +20,10 @@
 //! the next client's query.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use bytes::BytesMut;
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tracing::{debug, info};
 
 use super::pooled::{give_back, LentServer, Login};
@@ -140,19 +140,9 @@ impl Session<'_> {
             }
         };
         drop(registration);
-        if let Some(error) = fatal.filter(|_| relay.client_at_boundary()) {
-            let _ =
-                tokio::time::timeout(Duration::from_secs(1), client.write_all(&error.to_fatal()))
-                    .await;
-        }
-        let _ = tokio::time::timeout(Duration::from_secs(5), client.shutdown()).await;
-        self.listener.metrics.session_ended(reason);
-        info!(
-            reason = reason.as_str(),
-            duration_ms = started.elapsed().as_millis() as u64,
-            "transaction-pooled session ended"
-        );
-        ConnectionOutcome::Session
+        let fatal = fatal.filter(|_| relay.client_at_boundary());
+        self.close_pooled(&mut client, fatal, reason, started, "transaction-pooled session")
+            .await
     }
 
     /// Waits for the client's next transaction and borrows a server for
