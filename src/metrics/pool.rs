@@ -4,8 +4,6 @@
 
 use metrics::{counter, describe_counter, describe_gauge, gauge, Counter, Gauge};
 
-use crate::pool::session_state::Pin;
-
 pub const POOL_SERVERS: &str = "rolegate_pool_servers";
 pub const POOL_WAITING_CLIENTS: &str = "rolegate_pool_waiting_clients";
 pub const POOL_LENDS_TOTAL: &str = "rolegate_pool_lends_total";
@@ -125,9 +123,10 @@ impl PoolMetrics {
         counter!(POOL_SERVERS_CLOSED_TOTAL, &labels).increment(1);
     }
 
-    pub fn pinned(&self, why: Pin) {
+    /// A client was pinned to its server; `cause` is the pin's label.
+    pub fn pinned(&self, cause: &'static str) {
         let mut labels: Vec<(&'static str, String)> = self.labels.to_vec();
-        labels.push(("cause", why.as_str().to_owned()));
+        labels.push(("cause", cause.to_owned()));
         counter!(POOL_PINS_TOTAL, &labels).increment(1);
     }
 }

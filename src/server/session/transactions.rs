@@ -111,7 +111,7 @@ impl Session<'_> {
                     cause = pin.as_str(),
                     "client pinned to its server for the rest of its session"
                 );
-                lent.pool.metrics.pinned(pin);
+                lent.pool.metrics.pinned(pin.as_str());
             }
             match step {
                 Step::Transaction(TransactionEnd::Idle) => {
@@ -141,8 +141,14 @@ impl Session<'_> {
         };
         drop(registration);
         let fatal = fatal.filter(|_| relay.client_at_boundary());
-        self.close_pooled(&mut client, fatal, reason, started, "transaction-pooled session")
-            .await
+        self.close_pooled(
+            &mut client,
+            fatal,
+            reason,
+            started,
+            "transaction-pooled session",
+        )
+        .await
     }
 
     /// Waits for the client's next transaction and borrows a server for
