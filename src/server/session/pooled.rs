@@ -54,13 +54,14 @@ use crate::topology::Member;
 /// passwords through rolegate costs a second a try per connection.
 const WRONG_PASSWORD_DELAY: Duration = Duration::from_secs(1);
 /// How long the reset query may take before the server is closed instead.
-pub(super) const RESET_TIMEOUT: Duration = Duration::from_secs(5);
+const RESET_TIMEOUT: Duration = Duration::from_secs(5);
 /// Startup parameters that are not session settings.
 const NOT_SETTINGS: &[&str] = &["user", "database"];
 
-/// How a pooled session's relay stage ended.
-enum PooledEnd {
-    Relay(RelayEnd),
+/// How a pooled relay stage ended: by itself, because its member stopped
+/// fitting the listener's role, or because rolegate ends its sessions.
+pub(super) enum WhileFit<T> {
+    Ended(T),
     Misfit(Misfit),
     Shutdown,
 }
@@ -314,59 +315,51 @@ impl Session<'_> {
             backend_pid = registration.backend_pid(),
             "pooled session open"
         );
-        let role = self.listener.router.role();
         let member_metrics = self.listener.metrics.member(&member.name);
         let _counted = self.served(&member, &member_metrics);
         let mut relay = PooledRelay::new(pipelined);
-        let ended = match check_fit(role, &self.listener.router.view(), &member.name) {
-            Err(misfit) => PooledEnd::Misfit(misfit),
-            Ok(()) => tokio::select! {
-                end = relay.run(&mut client, &mut lent.server) => PooledEnd::Relay(end),
-                misfit = wait_for_misfit(self.listener.router.subscribe(), role, &member.name) => {
-                    PooledEnd::Misfit(misfit)
-                }
-                () = self.listener.end_sessions.cancelled() => PooledEnd::Shutdown,
-            },
-        };
+        let ended = self
+            .while_fit(&member, relay.run(&mut client, &mut lent.server))
+            .await;
         drop(registration);
         let cluster = &*self.listener.cluster;
         let (reason, fatal) = match ended {
-            PooledEnd::Relay(RelayEnd::Terminated | RelayEnd::ClientClosed)
+            WhileFit::Ended(RelayEnd::Terminated | RelayEnd::ClientClosed)
                 if relay.server_is_clean() =>
             {
                 give_back(lent, settings).await;
                 (EndReason::Client, None)
             }
-            PooledEnd::Relay(RelayEnd::Terminated | RelayEnd::ClientClosed) => {
+            WhileFit::Ended(RelayEnd::Terminated | RelayEnd::ClientClosed) => {
                 debug!("the client left with its server busy: the server is closed");
                 lent.pool.metrics.closed(Closed::Busy);
                 (EndReason::Client, None)
             }
-            PooledEnd::Relay(RelayEnd::ClientError(e)) => {
+            WhileFit::Ended(RelayEnd::ClientError(e)) => {
                 debug!("client connection failed: {e}; the server is closed");
                 lent.pool.metrics.closed(Closed::Busy);
                 (EndReason::Client, None)
             }
-            PooledEnd::Relay(RelayEnd::Protocol(e)) => {
+            WhileFit::Ended(RelayEnd::Protocol(e)) => {
                 lent.pool.metrics.closed(Closed::Busy);
                 (EndReason::Client, Some(e))
             }
-            PooledEnd::Relay(RelayEnd::ServerClosed) => {
+            WhileFit::Ended(RelayEnd::ServerClosed) => {
                 let error = (!relay.server_sent_error_last())
                     .then(|| lost_backend(&member, cluster, "the server closed the connection"));
                 (EndReason::Backend, error)
             }
-            PooledEnd::Relay(RelayEnd::ServerError(e)) => {
+            WhileFit::Ended(RelayEnd::ServerError(e)) => {
                 let error = lost_backend(&member, cluster, &e.to_string());
                 (EndReason::Backend, Some(error))
             }
-            PooledEnd::Misfit(misfit) => {
+            WhileFit::Misfit(misfit) => {
                 let error = self.misfit_error(&member, &misfit);
                 lent.pool.metrics.closed(Closed::Demotion);
                 lent.pool.close_idle();
                 (EndReason::Demotion, Some(error))
             }
-            PooledEnd::Shutdown => (EndReason::Shutdown, Some(shutdown_error())),
+            WhileFit::Shutdown => (EndReason::Shutdown, Some(shutdown_error())),
         };
         let fatal = fatal.filter(|_| relay.client_at_boundary());
         self.close_pooled(&mut client, fatal, reason, started, "pooled session")
@@ -400,6 +393,27 @@ impl Session<'_> {
 }
 
 impl Session<'_> {
+    /// Runs `relay` while `member` fits the listener's role and sessions
+    /// are not being ended. The view is checked first: what the client
+    /// pipelined must not reach a member that no longer fits.
+    pub(super) async fn while_fit<T>(
+        &self,
+        member: &Member,
+        relay: impl std::future::Future<Output = T>,
+    ) -> WhileFit<T> {
+        let role = self.listener.router.role();
+        if let Err(misfit) = check_fit(role, &self.listener.router.view(), &member.name) {
+            return WhileFit::Misfit(misfit);
+        }
+        tokio::select! {
+            end = relay => WhileFit::Ended(end),
+            misfit = wait_for_misfit(self.listener.router.subscribe(), role, &member.name) => {
+                WhileFit::Misfit(misfit)
+            }
+            () = self.listener.end_sessions.cancelled() => WhileFit::Shutdown,
+        }
+    }
+
     /// Gives the server the client's startup parameters (and takes back
     /// what an earlier client had).
     pub(super) async fn give_settings(

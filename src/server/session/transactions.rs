@@ -26,16 +26,15 @@ use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tracing::{debug, info};
 
-use super::pooled::{give_back, LentServer, Login};
+use super::pooled::{give_back, LentServer, Login, WhileFit};
 use super::refusal::{refuse, shutdown_error};
-use super::{lost_backend, wait_for_misfit, Session};
+use super::{lost_backend, Session};
 use crate::metrics::pool::Closed;
 use crate::metrics::{ConnectionOutcome, EndReason};
 use crate::pool::relay::RelayEnd;
 use crate::pool::settings::PoolSettings;
 use crate::pool::transaction::{TransactionEnd, TransactionRelay};
 use crate::protocol::ProtocolError;
-use crate::router::{check_fit, Misfit};
 use crate::server::cancel::{CancelRegistration, MovingTarget};
 use crate::topology::Member;
 
@@ -45,13 +44,6 @@ enum Next {
     ClientLeft,
     /// No server: the client was sent why, and the session ends.
     Refused,
-    Shutdown,
-}
-
-/// How one transaction (or the wait before it) ended.
-enum Step {
-    Transaction(TransactionEnd),
-    Misfit(Misfit),
     Shutdown,
 }
 
@@ -70,7 +62,6 @@ impl Session<'_> {
         let started = Instant::now();
         let (registration, moving) = cancels;
         info!("transaction-pooled session open");
-        let role = self.listener.router.role();
         let mut relay = TransactionRelay::new(
             pipelined,
             Arc::clone(&self.shared.statements),
@@ -94,16 +85,9 @@ impl Session<'_> {
             let counted = self.served(&member, &member_metrics);
             moving.set(self.cancel_target(&lent, &member));
             let pinned_before = relay.pinned().is_some();
-            let step = match check_fit(role, &self.listener.router.view(), &member.name) {
-                Err(misfit) => Step::Misfit(misfit),
-                Ok(()) => tokio::select! {
-                    end = relay.run(&mut client, &mut lent.server) => Step::Transaction(end),
-                    misfit = wait_for_misfit(self.listener.router.subscribe(), role, &member.name) => {
-                        Step::Misfit(misfit)
-                    }
-                    () = self.listener.end_sessions.cancelled() => Step::Shutdown,
-                },
-            };
+            let step = self
+                .while_fit(&member, relay.run(&mut client, &mut lent.server))
+                .await;
             let cancelled = moving.clear();
             drop(counted);
             if let (false, Some(pin)) = (pinned_before, relay.pinned()) {
@@ -114,7 +98,7 @@ impl Session<'_> {
                 lent.pool.metrics.pinned(pin.as_str());
             }
             match step {
-                Step::Transaction(TransactionEnd::Idle) => {
+                WhileFit::Ended(TransactionEnd::Idle) => {
                     if cancelled {
                         debug!("a cancel was sent to this server: it is closed");
                         lent.pool.metrics.closed(Closed::Cancelled);
@@ -122,18 +106,18 @@ impl Session<'_> {
                         lent.pool.give_back(lent.server);
                     }
                 }
-                Step::Transaction(TransactionEnd::Ended(end)) => {
+                WhileFit::Ended(TransactionEnd::Ended(end)) => {
                     break self
                         .end_with_server(&relay, end, lent, &member, cancelled, settings)
                         .await;
                 }
-                Step::Misfit(misfit) => {
+                WhileFit::Misfit(misfit) => {
                     let error = self.misfit_error(&member, &misfit);
                     lent.pool.metrics.closed(Closed::Demotion);
                     lent.pool.close_idle();
                     break (EndReason::Demotion, Some(error));
                 }
-                Step::Shutdown => {
+                WhileFit::Shutdown => {
                     lent.pool.metrics.closed(Closed::Busy);
                     break (EndReason::Shutdown, Some(shutdown_error()));
                 }
