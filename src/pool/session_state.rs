@@ -123,8 +123,12 @@ fn forgets(words: &Words) -> bool {
 
 /// Functions that change the session wherever they are called.
 fn function_pin(sql: &[u8]) -> Option<Pin> {
-    let lower = sql.to_ascii_lowercase();
-    let has = |needle: &[u8]| lower.windows(needle.len()).any(|w| w == needle);
+    // Compared in place: this runs for every query, and a copy of the
+    // text would be an allocation each time.
+    let has = |needle: &[u8]| {
+        sql.windows(needle.len())
+            .any(|w| w.eq_ignore_ascii_case(needle))
+    };
     if has(b"set_config") {
         return Some(Pin::Set);
     }

@@ -56,11 +56,6 @@ impl Walker {
         }
     }
 
-    /// The longest message this walker holds whole.
-    pub fn limit(&self) -> usize {
-        self.limit
-    }
-
     /// True when nothing of a message is in flight: the next byte starts
     /// a new message.
     pub fn at_boundary(&self, pending: &BytesMut) -> bool {
